@@ -1,0 +1,477 @@
+//! Flights: one shared upstream future per key, owned by the callers waiting for it.
+//!
+//! A flight holds the upstream future and the list of its waiters. There is no spawned
+//! task: whichever waiter is polled drives the upstream future, with a waker that wakes
+//! every waiter, so the flight makes progress as long as anyone waits and does not depend
+//! on the caller that started it. Waiters count references: when the last one leaves before
+//! the result, the upstream future is dropped and the flight leaves the in-flight map in
+//! that same call, so a later caller starts a new flight instead of joining a dead one.
+//!
+//! A panic while polling the upstream future (or in the storability predicate) is caught
+//! and becomes an error of kind panicked for every waiter; nobody is left waiting.
+
+use std::future::Future;
+use std::hash::Hash;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Wake, Waker};
+
+use dashmap::mapref::entry::Entry as MapEntry;
+use dashmap::DashMap;
+use tokio::time::Instant;
+
+use super::store::{Entry, Lookup, Storable, Store};
+use crate::error::{Error, ErrorKind};
+use crate::metrics::CacheMetrics;
+
+/// The upstream call of one flight.
+pub(crate) type Upstream<V> = Pin<Box<dyn Future<Output = Result<V, Error>> + Send>>;
+
+/// Decides whether a successful response is stored, and for how long.
+pub(crate) type StorableFn<V> = Arc<dyn Fn(&V) -> Storable + Send + Sync>;
+
+/// State shared by every clone of one cache layer and its services.
+pub(crate) struct Core<K, V> {
+    pub(crate) store: Store<K, V>,
+    pub(crate) flights: FlightMap<K, V>,
+    pub(crate) storable: StorableFn<V>,
+    pub(crate) metrics: CacheMetrics,
+}
+
+/// The in-flight map, bounded by `max`.
+pub(crate) struct FlightMap<K, V> {
+    map: DashMap<K, Arc<Flight<K, V>>>,
+    len: AtomicUsize,
+    max: usize,
+}
+
+/// What [`FlightMap::join_or_start`] did. `F` is the upstream maker, handed back when no
+/// flight took it.
+pub(crate) enum Joined<K, V, F>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Started a new flight; the caller is its first waiter.
+    Started(Waiter<K, V>),
+    /// Joined a flight already under way (or just finished).
+    Coalesced(Waiter<K, V>),
+    /// A flight finished and stored its result between the caller's look-up and its
+    /// arrival here: the stored entry answers.
+    Stored(Arc<Entry<V>>),
+    /// A flight is under way and joining was not wanted.
+    Busy(F),
+    /// The map is full: the caller should go upstream on its own.
+    Full(F),
+}
+
+impl<K, V> FlightMap<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    pub(crate) fn new(max: usize) -> Self {
+        FlightMap {
+            map: DashMap::new(),
+            len: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Joins the flight for `key` (when `join` is true), or starts one with the upstream
+    /// future `start` makes.
+    pub(crate) fn join_or_start<F>(
+        &self,
+        core: &Arc<Core<K, V>>,
+        key: K,
+        join: bool,
+        start: F,
+    ) -> Joined<K, V, F>
+    where
+        F: FnOnce() -> Upstream<V>,
+    {
+        let entry = self.map.entry(key);
+        if let MapEntry::Occupied(occupied) = &entry {
+            if !join {
+                return Joined::Busy(start);
+            }
+            if let Some(waiter) = Flight::join(occupied.get()) {
+                return Joined::Coalesced(waiter);
+            }
+            // Abandoned by its last waiter, which is about to remove it: replace it.
+        }
+        let vacant = matches!(entry, MapEntry::Vacant(_));
+        if vacant {
+            // A flight stores its result before it leaves the map, so with the key's slot
+            // locked and empty, anything it stored is visible now.
+            if let Lookup::Fresh(stored) = core.store.lookup(entry.key(), Instant::now()) {
+                return Joined::Stored(stored);
+            }
+            if self.len.load(Ordering::Relaxed) >= self.max {
+                return Joined::Full(start);
+            }
+        }
+        let flight = Flight::new(core, entry.key().clone(), start());
+        let waiter = Flight::first_waiter(&flight);
+        entry.insert(flight);
+        if vacant {
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
+        Joined::Started(waiter)
+    }
+
+    /// Removes `flight` if it is still the one registered under its key.
+    fn remove(&self, flight: &Arc<Flight<K, V>>) {
+        if self
+            .map
+            .remove_if(&flight.key, |_, current| Arc::ptr_eq(current, flight))
+            .is_some()
+        {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Detaches the flight for `key`: its waiters still get its result, but it is not
+    /// stored and later callers start a new flight.
+    pub(crate) fn detach(&self, key: &K) {
+        if let Some((_, flight)) = self.map.remove(key) {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            flight.lock().no_store = true;
+        }
+    }
+
+    /// Detaches every flight.
+    pub(crate) fn detach_all(&self) {
+        self.map.retain(|_, flight| {
+            flight.lock().no_store = true;
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            false
+        });
+    }
+
+    /// Flights under way.
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+}
+
+/// One upstream call shared by its waiters.
+pub(crate) struct Flight<K, V> {
+    key: K,
+    core: Arc<Core<K, V>>,
+    state: Mutex<State<V>>,
+    /// Wakes every waiter; handed to the upstream future when it is polled.
+    waker: Waker,
+    started: Instant,
+}
+
+struct State<V> {
+    upstream: Option<Upstream<V>>,
+    /// A waiter is polling the upstream future right now (it is out of `upstream`).
+    polling: bool,
+    outcome: Option<Result<V, Error>>,
+    /// The last waiter left before the outcome: nobody may join any more.
+    abandoned: bool,
+    /// The result must not be stored (the key was invalidated meanwhile).
+    no_store: bool,
+    /// The upstream future asked to be polled and nobody has polled it since.
+    needs_poll: bool,
+    waiters: usize,
+    wakers: Slots,
+}
+
+/// Waker slots, one per waiter, reused through a free list.
+#[derive(Default)]
+struct Slots {
+    slots: Vec<Option<Waker>>,
+    free: Vec<usize>,
+    registered: usize,
+}
+
+impl Slots {
+    fn insert(&mut self) -> usize {
+        match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: usize) {
+        if self.slots[slot].take().is_some() {
+            self.registered -= 1;
+        }
+        self.free.push(slot);
+    }
+
+    fn register(&mut self, slot: usize, waker: &Waker) {
+        match &mut self.slots[slot] {
+            Some(current) if current.will_wake(waker) => {}
+            Some(current) => current.clone_from(waker),
+            empty @ None => {
+                *empty = Some(waker.clone());
+                self.registered += 1;
+            }
+        }
+    }
+
+    fn take_all(&mut self) -> Vec<Waker> {
+        if self.registered == 0 {
+            return Vec::new();
+        }
+        self.registered = 0;
+        self.slots.iter_mut().filter_map(Option::take).collect()
+    }
+}
+
+struct FlightWaker<K, V> {
+    flight: Weak<Flight<K, V>>,
+}
+
+impl<K, V> Wake for FlightWaker<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Some(flight) = self.flight.upgrade() {
+            let wakers = {
+                let mut state = flight.lock();
+                state.needs_poll = true;
+                state.wakers.take_all()
+            };
+            wakers.into_iter().for_each(Waker::wake);
+        }
+    }
+}
+
+impl<K, V> Flight<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn new(core: &Arc<Core<K, V>>, key: K, upstream: Upstream<V>) -> Arc<Self> {
+        Arc::new_cyclic(|weak| Flight {
+            key,
+            core: core.clone(),
+            state: Mutex::new(State {
+                upstream: Some(upstream),
+                polling: false,
+                outcome: None,
+                abandoned: false,
+                no_store: false,
+                needs_poll: true,
+                waiters: 0,
+                wakers: Slots::default(),
+            }),
+            waker: Waker::from(Arc::new(FlightWaker {
+                flight: weak.clone(),
+            })),
+            started: Instant::now(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<V>> {
+        // Nothing panics while holding the lock, but a poisoned lock must not hang anyone.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds a waiter, unless the flight was abandoned.
+    fn join(this: &Arc<Self>) -> Option<Waiter<K, V>> {
+        let mut state = this.lock();
+        if state.abandoned {
+            return None;
+        }
+        Some(Self::add_waiter(this, &mut state))
+    }
+
+    /// The first waiter of a flight nobody else has seen yet.
+    fn first_waiter(this: &Arc<Self>) -> Waiter<K, V> {
+        let mut state = this.lock();
+        Self::add_waiter(this, &mut state)
+    }
+
+    fn add_waiter(this: &Arc<Self>, state: &mut State<V>) -> Waiter<K, V> {
+        state.waiters += 1;
+        let slot = state.wakers.insert();
+        Waiter {
+            flight: this.clone(),
+            slot,
+        }
+    }
+
+    /// Drives the upstream future on behalf of one waiter.
+    fn poll_for(self: &Arc<Self>, slot: usize, cx: &mut Context<'_>) -> Poll<Result<V, Error>> {
+        let mut upstream = {
+            let mut state = self.lock();
+            if let Some(outcome) = &state.outcome {
+                return Poll::Ready(outcome.clone());
+            }
+            state.wakers.register(slot, cx.waker());
+            if state.polling {
+                // Another waiter is polling; the flight's waker reaches us when it moves.
+                return Poll::Pending;
+            }
+            match state.upstream.take() {
+                Some(upstream) => {
+                    state.polling = true;
+                    state.needs_poll = false;
+                    upstream
+                }
+                None => return Poll::Pending,
+            }
+        };
+
+        let mut flight_cx = Context::from_waker(&self.waker);
+        let polled = catch_unwind(AssertUnwindSafe(|| {
+            match upstream.as_mut().poll(&mut flight_cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(result) => {
+                    let storable = match &result {
+                        Ok(value) => (self.core.storable)(value),
+                        Err(_) => Storable::No,
+                    };
+                    Poll::Ready((result, storable))
+                }
+            }
+        }));
+        match polled {
+            Ok(Poll::Pending) => {
+                let mut state = self.lock();
+                state.upstream = Some(upstream);
+                state.polling = false;
+                Poll::Pending
+            }
+            Ok(Poll::Ready((result, storable))) => {
+                drop(upstream);
+                Poll::Ready(self.finish(result, storable))
+            }
+            Err(payload) => {
+                let error = Error::panicked(&*payload);
+                // Dropping a future that panicked may panic again; keep that contained.
+                let _ = catch_unwind(AssertUnwindSafe(move || drop(upstream)));
+                Poll::Ready(self.finish(Err(error), Storable::No))
+            }
+        }
+    }
+
+    /// Records the outcome, stores it if allowed, leaves the map and wakes every waiter.
+    fn finish(self: &Arc<Self>, result: Result<V, Error>, storable: Storable) -> Result<V, Error> {
+        let core = &self.core;
+        let now = Instant::now();
+        core.metrics
+            .flight_duration
+            .record(now.saturating_duration_since(self.started).as_secs_f64());
+        let entry = match &result {
+            Ok(value) => core.store.entry_for_value(value.clone(), storable, now),
+            Err(error) => {
+                if error.is(ErrorKind::Panicked) {
+                    core.metrics.upstream_panicked.increment(1);
+                } else {
+                    core.metrics.upstream_error.increment(1);
+                }
+                core.store.entry_for_error(error.clone(), now)
+            }
+        };
+        let wakers = {
+            let mut state = self.lock();
+            state.polling = false;
+            state.outcome = Some(result.clone());
+            if let (false, Some(entry)) = (state.no_store, entry) {
+                // Under the flight's lock, so an invalidation either sees this entry in the
+                // store or marks the flight before it is stored.
+                core.store.insert(self.key.clone(), entry);
+            }
+            state.wakers.take_all()
+        };
+        core.flights.remove(self);
+        wakers.into_iter().for_each(Waker::wake);
+        result
+    }
+
+    /// A waiter leaves. The last one before the outcome drops the upstream future and
+    /// removes the flight from the map.
+    fn leave(self: &Arc<Self>, slot: usize) {
+        let (upstream, wakers) = {
+            let mut state = self.lock();
+            state.waiters -= 1;
+            state.wakers.remove(slot);
+            if state.waiters == 0 && state.outcome.is_none() {
+                state.abandoned = true;
+                (state.upstream.take(), Vec::new())
+            } else if state.needs_poll && state.outcome.is_none() {
+                // The leaver may have been the one woken to poll; pass that on.
+                (None, state.wakers.take_all())
+            } else {
+                (None, Vec::new())
+            }
+        };
+        if let Some(upstream) = upstream {
+            self.core.flights.remove(self);
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(upstream)));
+        }
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// One caller's membership in a flight. Dropping it leaves the flight.
+pub(crate) struct Waiter<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    flight: Arc<Flight<K, V>>,
+    slot: usize,
+}
+
+impl<K, V> Waiter<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    pub(crate) fn metrics(&self) -> &CacheMetrics {
+        &self.flight.core.metrics
+    }
+}
+
+impl<K, V> Future for Waiter<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    type Output = Result<V, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.flight.poll_for(self.slot, cx)
+    }
+}
+
+impl<K, V> Drop for Waiter<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        self.flight.leave(self.slot);
+    }
+}
+
+impl<K, V> std::fmt::Debug for Waiter<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiter").field("slot", &self.slot).finish()
+    }
+}

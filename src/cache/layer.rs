@@ -1,0 +1,311 @@
+use std::fmt;
+use std::hash::Hash;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::flight::{Core, FlightMap, StorableFn};
+use super::service::Cache;
+use super::store::{Lifetime, Storable, Store, StoreConfig, Weigher};
+use crate::metrics::CacheMetrics;
+
+/// Maps a request to its cache key; `None` bypasses the cache.
+pub(crate) type KeyFn<Req, K> = Arc<dyn Fn(&Req) -> Option<K> + Send + Sync>;
+
+/// Default bound on stored entries.
+pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
+/// Default bound on flights under way at once.
+pub const DEFAULT_MAX_FLIGHTS: usize = 10_000;
+
+/// A [`Layer`] that puts a single-flight cache in front of a service.
+///
+/// Built with [`CacheLayer::builder`]. All state (the store, the in-flight map, the metric
+/// handles) is created once by [`CacheBuilder::build`]: every clone of the layer and every
+/// service it makes share it, however many times `layer()` is called.
+pub struct CacheLayer<Req, K, V> {
+    pub(crate) core: Arc<Core<K, V>>,
+    pub(crate) key_fn: KeyFn<Req, K>,
+}
+
+impl<Req, K, V> Clone for CacheLayer<Req, K, V> {
+    fn clone(&self) -> Self {
+        CacheLayer {
+            core: self.core.clone(),
+            key_fn: self.key_fn.clone(),
+        }
+    }
+}
+
+impl<Req, K, V> fmt::Debug for CacheLayer<Req, K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheLayer").finish_non_exhaustive()
+    }
+}
+
+impl<Req, K, V> CacheLayer<Req, K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Starts a builder with the key function: requests it maps to `None` bypass the cache.
+    pub fn builder<F>(key: F) -> CacheBuilder<Req, K, V>
+    where
+        F: Fn(&Req) -> Option<K> + Send + Sync + 'static,
+    {
+        CacheBuilder {
+            key_fn: Arc::new(key),
+            name: "default".to_owned(),
+            max_capacity: DEFAULT_MAX_ENTRIES,
+            weigher: None,
+            ttl: None,
+            idle: None,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            negative_ttl: None,
+            storable: Arc::new(|_: &V| Storable::Default),
+            max_flights: DEFAULT_MAX_FLIGHTS,
+            _req: PhantomData,
+        }
+    }
+
+    /// A handle to the shared store, usable outside the service.
+    pub fn handle(&self) -> CacheHandle<K, V> {
+        CacheHandle {
+            core: self.core.clone(),
+        }
+    }
+}
+
+impl<S, Req, K, V> Layer<S> for CacheLayer<Req, K, V> {
+    type Service = Cache<S, Req, K, V>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Cache::from_parts(inner, self.core.clone(), self.key_fn.clone())
+    }
+}
+
+/// Configures a [`CacheLayer`].
+///
+/// ```
+/// use std::time::Duration;
+/// use towerguard::cache::{CacheLayer, Storable};
+///
+/// let layer = CacheLayer::builder(|user_id: &u64| Some(*user_id))
+///     .name("profiles")
+///     .max_entries(50_000)
+///     .ttl(Duration::from_secs(60))
+///     .stale_while_revalidate(Duration::from_secs(30))
+///     .stale_if_error(Duration::from_secs(600))
+///     .storable(|profile: &String| {
+///         if profile.is_empty() { Storable::No } else { Storable::Default }
+///     })
+///     .build();
+/// # let _ = layer;
+/// ```
+pub struct CacheBuilder<Req, K, V> {
+    key_fn: KeyFn<Req, K>,
+    name: String,
+    max_capacity: u64,
+    weigher: Option<Weigher<K, V>>,
+    ttl: Option<Duration>,
+    idle: Option<Duration>,
+    stale_while_revalidate: Duration,
+    stale_if_error: Duration,
+    negative_ttl: Option<Duration>,
+    storable: StorableFn<V>,
+    max_flights: usize,
+    _req: PhantomData<fn(&Req)>,
+}
+
+impl<Req, K, V> fmt::Debug for CacheBuilder<Req, K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("name", &self.name)
+            .field("max_capacity", &self.max_capacity)
+            .field("weighted", &self.weigher.is_some())
+            .field("ttl", &self.ttl)
+            .field("idle", &self.idle)
+            .field("stale_while_revalidate", &self.stale_while_revalidate)
+            .field("stale_if_error", &self.stale_if_error)
+            .field("negative_ttl", &self.negative_ttl)
+            .field("max_flights", &self.max_flights)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Req, K, V> CacheBuilder<Req, K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// The instance name, the `name` label of every metric (default `"default"`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Bounds the store to `max` entries (default [`DEFAULT_MAX_ENTRIES`]); beyond it the
+    /// least useful entries are evicted. `0` stores nothing (flights still coalesce).
+    pub fn max_entries(mut self, max: u64) -> Self {
+        self.max_capacity = max;
+        self.weigher = None;
+        self
+    }
+
+    /// Bounds the store by weight instead of count: the entries' weights, as `weigher`
+    /// gives them, add up to at most `max`. A stored error weighs 1.
+    pub fn max_weight<W>(mut self, max: u64, weigher: W) -> Self
+    where
+        W: Fn(&K, &V) -> u32 + Send + Sync + 'static,
+    {
+        self.max_capacity = max;
+        self.weigher = Some(Arc::new(weigher));
+        self
+    }
+
+    /// How long a stored response stays fresh by default (default: until evicted).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Expires an entry nobody has read for `idle`, whatever its TTL.
+    pub fn time_to_idle(mut self, idle: Duration) -> Self {
+        self.idle = Some(idle);
+        self
+    }
+
+    /// Default stale-while-revalidate window: past its TTL, an entry is still served for
+    /// `window` while one background refresh replaces it. Needs a TTL to mean anything.
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.stale_while_revalidate = window;
+        self
+    }
+
+    /// Default stale-if-error window: past its TTL, an entry is served for `window` more
+    /// when the flight that should replace it fails.
+    pub fn stale_if_error(mut self, window: Duration) -> Self {
+        self.stale_if_error = window;
+        self
+    }
+
+    /// Negative caching: store errors for `ttl`, answering the same error meanwhile.
+    /// Off by default: errors reach every waiter and are not stored.
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.negative_ttl = Some(ttl);
+        self
+    }
+
+    /// Decides, per successful response, whether it is stored and with what lifetime
+    /// (default: every response, with the default lifetime). A response that is not stored
+    /// still reaches every caller of its flight.
+    pub fn storable<P>(mut self, predicate: P) -> Self
+    where
+        P: Fn(&V) -> Storable + Send + Sync + 'static,
+    {
+        self.storable = Arc::new(predicate);
+        self
+    }
+
+    /// Bounds the flights under way at once (default [`DEFAULT_MAX_FLIGHTS`]). A miss that
+    /// finds the bound reached goes upstream on its own, uncoalesced, and counts as bypass.
+    pub fn max_flights(mut self, max: usize) -> Self {
+        self.max_flights = max;
+        self
+    }
+
+    /// Builds the layer and its shared state.
+    pub fn build(self) -> CacheLayer<Req, K, V> {
+        let metrics = CacheMetrics::register(&self.name);
+        let default_life = match self.ttl {
+            Some(ttl) => Lifetime::fresh_for(ttl),
+            None => Lifetime::forever(),
+        }
+        .stale_while_revalidate(self.stale_while_revalidate)
+        .stale_if_error(self.stale_if_error);
+        let store = Store::new(
+            StoreConfig {
+                max_capacity: self.max_capacity,
+                weigher: self.weigher,
+                default_life,
+                idle: self.idle,
+                negative_ttl: self.negative_ttl,
+            },
+            metrics.clone(),
+        );
+        CacheLayer {
+            core: Arc::new(Core {
+                store,
+                flights: FlightMap::new(self.max_flights),
+                storable: self.storable,
+                metrics,
+            }),
+            key_fn: self.key_fn,
+        }
+    }
+}
+
+/// A handle to a cache's shared store and flights, usable outside the service.
+///
+/// Cheap to clone. Invalidating a key also detaches its flight under way: the callers
+/// already waiting still get its result, but it is not stored, and the next caller starts
+/// a new flight.
+pub struct CacheHandle<K, V> {
+    core: Arc<Core<K, V>>,
+}
+
+impl<K, V> Clone for CacheHandle<K, V> {
+    fn clone(&self) -> Self {
+        CacheHandle {
+            core: self.core.clone(),
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for CacheHandle<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheHandle").finish_non_exhaustive()
+    }
+}
+
+impl<K, V> CacheHandle<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Removes `key`'s entry and detaches its flight.
+    pub fn invalidate(&self, key: &K) {
+        self.core.flights.detach(key);
+        self.core.store.invalidate(key);
+    }
+
+    /// Removes every entry and detaches every flight.
+    pub fn invalidate_all(&self) {
+        self.core.flights.detach_all();
+        self.core.store.invalidate_all();
+    }
+
+    /// Entries in the store. The store applies writes in batches: call
+    /// [`run_pending_tasks`](Self::run_pending_tasks) first for an exact figure.
+    pub fn entry_count(&self) -> u64 {
+        self.core.store.entry_count()
+    }
+
+    /// Weighted size of the store (entries, when there is no weigher). Same caveat as
+    /// [`entry_count`](Self::entry_count).
+    pub fn weighted_size(&self) -> u64 {
+        self.core.store.weighted_size()
+    }
+
+    /// Applies the store's pending writes, evictions and invalidations now.
+    pub fn run_pending_tasks(&self) {
+        self.core.store.run_pending_tasks();
+    }
+
+    /// Flights under way: keys with an upstream call in progress.
+    pub fn flights_in_progress(&self) -> usize {
+        self.core.flights.len()
+    }
+}

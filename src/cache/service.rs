@@ -1,0 +1,172 @@
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::time::Instant;
+use tower::util::Oneshot;
+use tower_service::Service;
+
+use super::flight::{Core, Joined, Upstream};
+use super::future::ResponseFuture;
+use super::layer::KeyFn;
+use super::store::Lookup;
+use crate::error::{BoxError, Error};
+
+/// A single-flight cache in front of the service `S`. Made by [`CacheLayer`].
+///
+/// [`CacheLayer`]: super::CacheLayer
+pub struct Cache<S, Req, K, V> {
+    inner: S,
+    core: Arc<Core<K, V>>,
+    key_fn: KeyFn<Req, K>,
+}
+
+impl<S, Req, K, V> Cache<S, Req, K, V> {
+    pub(crate) fn from_parts(inner: S, core: Arc<Core<K, V>>, key_fn: KeyFn<Req, K>) -> Self {
+        Cache {
+            inner,
+            core,
+            key_fn,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the cache and returns the wrapped service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, Req, K, V> Clone for Cache<S, Req, K, V> {
+    fn clone(&self) -> Self {
+        Cache {
+            inner: self.inner.clone(),
+            core: self.core.clone(),
+            key_fn: self.key_fn.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, Req, K, V> fmt::Debug for Cache<S, Req, K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The upstream call of a flight: drive a clone of the service to ready, then call it.
+fn upstream<S, Req>(service: S, req: Req) -> Upstream<S::Response>
+where
+    S: Service<Req> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    Req: Send + 'static,
+{
+    let call = Oneshot::new(service, req);
+    Box::pin(async move { call.await.map_err(Error::inner) })
+}
+
+impl<S, Req, K, V> Service<Req> for Cache<S, Req, K, V>
+where
+    S: Service<Req, Response = V> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    Req: Send + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    type Response = V;
+    type Error = Error;
+    type Future = ResponseFuture<S, Req, K, V>;
+
+    /// Always ready: hits never touch the inner service, and misses drive their own clone
+    /// of it to readiness inside the flight. Nothing is reserved here.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let core = &self.core;
+        let metrics = &core.metrics;
+        let Some(key) = (self.key_fn)(&req) else {
+            metrics.bypass.increment(1);
+            return ResponseFuture::bypass(Oneshot::new(self.inner.clone(), req));
+        };
+        match core.store.lookup(&key, Instant::now()) {
+            Lookup::Fresh(entry) => {
+                metrics.hit.increment(1);
+                ResponseFuture::ready(entry.value.clone())
+            }
+            Lookup::Stale(entry) => {
+                metrics.stale.increment(1);
+                self.refresh(key, req);
+                ResponseFuture::ready(entry.value.clone())
+            }
+            Lookup::Miss { fallback } => {
+                let inner = self.inner.clone();
+                let start = move || upstream(inner, req);
+                match core.flights.join_or_start(core, key, true, start) {
+                    Joined::Started(waiter) => {
+                        metrics.miss.increment(1);
+                        ResponseFuture::waiting(waiter, fallback)
+                    }
+                    Joined::Coalesced(waiter) => {
+                        metrics.coalesced.increment(1);
+                        ResponseFuture::waiting(waiter, fallback)
+                    }
+                    Joined::Stored(entry) => {
+                        metrics.hit.increment(1);
+                        ResponseFuture::ready(entry.value.clone())
+                    }
+                    Joined::Full(start) | Joined::Busy(start) => {
+                        metrics.bypass.increment(1);
+                        ResponseFuture::upstream(start())
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<S, Req, K, V> Cache<S, Req, K, V>
+where
+    S: Service<Req, Response = V> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    Req: Send + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Starts a background refresh of `key` with `req`, unless a flight for it is under way
+    /// or there is no runtime to run it on.
+    fn refresh(&self, key: K, req: Req) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = self.inner.clone();
+        let start = move || upstream(inner, req);
+        if let Joined::Started(waiter) = self
+            .core
+            .flights
+            .join_or_start(&self.core, key, false, start)
+        {
+            self.core.metrics.refreshes.increment(1);
+            runtime.spawn(async move {
+                // The outcome is stored by the flight; a failed refresh leaves the stale
+                // entry in place until its windows close.
+                let _ = waiter.await;
+            });
+        }
+    }
+}

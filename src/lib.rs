@@ -1,0 +1,41 @@
+//! Tower layers that keep an async service fast and standing under load.
+//!
+//! | layer | what it is for |
+//! |---|---|
+//! | [`cache`] | single-flight cache: one shared upstream call per key, results kept in a bounded store |
+//!
+//! Every layer fails with the crate's one [`Error`] type, whose [`ErrorKind`] says what
+//! happened; stacked towerguard layers pass each other's errors through unchanged. Every
+//! layer exports metrics through the [`metrics`](https://docs.rs/metrics) facade, listed in
+//! [`metrics::METRICS`](crate::metrics::METRICS).
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use towerguard::cache::CacheLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), towerguard::Error> {
+//! let service = ServiceBuilder::new()
+//!     .layer(
+//!         CacheLayer::builder(|path: &String| Some(path.clone()))
+//!             .ttl(Duration::from_secs(30))
+//!             .build(),
+//!     )
+//!     .service(service_fn(|path: String| async move {
+//!         Ok::<_, std::io::Error>(path.len())
+//!     }));
+//! assert_eq!(service.oneshot("/index.html".to_owned()).await?, 11);
+//! # Ok(())
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod cache;
+mod error;
+pub mod metrics;
+
+pub use error::{BoxError, Error, ErrorKind};

@@ -1,0 +1,187 @@
+//! Metrics every layer exports through the [`metrics`] facade, and their names.
+//!
+//! Each layer instance registers its instrument handles once, when the layer is built,
+//! with a fixed `name` label that the user chooses (default `"default"`). The request path
+//! only performs atomic updates on those handles: no allocation, no string formatting, no
+//! registry look-up.
+//!
+//! Names follow `towerguard_<layer>_<what>`, in base units (`_seconds`), with `_total` on
+//! counters. [`METRICS`] lists every metric the crate emits; the README's table is the
+//! same list.
+//!
+//! Install any `metrics` recorder (for example `metrics-exporter-prometheus`) before you
+//! build the layers, and their metrics appear under these names.
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+
+/// The kind of a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricType {
+    /// A monotonically increasing count.
+    Counter,
+    /// A value that goes up and down.
+    Gauge,
+    /// A distribution of observations.
+    Histogram,
+}
+
+/// One metric the crate emits.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricInfo {
+    /// The metric's full name.
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: MetricType,
+    /// Label names, besides `name` which every metric carries.
+    pub labels: &'static [&'static str],
+    /// What one unit of the value is.
+    pub unit: &'static str,
+    /// What the metric means.
+    pub help: &'static str,
+}
+
+/// The cache's request counter, labelled by `result`.
+pub const CACHE_REQUESTS: &str = "towerguard_cache_requests_total";
+/// How long each upstream flight took, from start to result.
+pub const CACHE_FLIGHT_DURATION: &str = "towerguard_cache_flight_duration_seconds";
+/// Upstream flights that ended in an error, labelled by `kind`.
+pub const CACHE_UPSTREAM_ERRORS: &str = "towerguard_cache_upstream_errors_total";
+/// Background refreshes started by stale-while-revalidate.
+pub const CACHE_REFRESHES: &str = "towerguard_cache_refreshes_total";
+/// Stale entries served because their refresh failed (stale-if-error).
+pub const CACHE_STALE_IF_ERROR: &str = "towerguard_cache_stale_if_error_total";
+/// Entries in the store.
+pub const CACHE_ENTRIES: &str = "towerguard_cache_entries";
+/// Weighted size of the store (the weigher's unit; entries when there is no weigher).
+pub const CACHE_WEIGHTED_SIZE: &str = "towerguard_cache_weighted_size";
+/// Entries removed from the store, labelled by `cause`.
+pub const CACHE_EVICTIONS: &str = "towerguard_cache_evictions_total";
+
+/// Every metric the crate emits.
+pub const METRICS: &[MetricInfo] = &[
+    MetricInfo {
+        name: CACHE_REQUESTS,
+        kind: MetricType::Counter,
+        labels: &["result"],
+        unit: "requests",
+        help: "requests by result: hit, stale, miss, coalesced, bypass",
+    },
+    MetricInfo {
+        name: CACHE_FLIGHT_DURATION,
+        kind: MetricType::Histogram,
+        labels: &[],
+        unit: "seconds",
+        help: "time from the start of an upstream flight to its result",
+    },
+    MetricInfo {
+        name: CACHE_UPSTREAM_ERRORS,
+        kind: MetricType::Counter,
+        labels: &["kind"],
+        unit: "flights",
+        help: "flights that ended in an error: error, panicked",
+    },
+    MetricInfo {
+        name: CACHE_REFRESHES,
+        kind: MetricType::Counter,
+        labels: &[],
+        unit: "flights",
+        help: "background refreshes started by stale-while-revalidate",
+    },
+    MetricInfo {
+        name: CACHE_STALE_IF_ERROR,
+        kind: MetricType::Counter,
+        labels: &[],
+        unit: "responses",
+        help: "stale entries served because the flight that should replace them failed",
+    },
+    MetricInfo {
+        name: CACHE_ENTRIES,
+        kind: MetricType::Gauge,
+        labels: &[],
+        unit: "entries",
+        help: "entries in the store, sampled after each store write",
+    },
+    MetricInfo {
+        name: CACHE_WEIGHTED_SIZE,
+        kind: MetricType::Gauge,
+        labels: &[],
+        unit: "weigher units",
+        help: "weighted size of the store, sampled after each store write",
+    },
+    MetricInfo {
+        name: CACHE_EVICTIONS,
+        kind: MetricType::Counter,
+        labels: &["cause"],
+        unit: "entries",
+        help: "entries removed by cause: size, expired, invalidated",
+    },
+];
+
+/// Instrument handles of one cache layer instance.
+#[derive(Debug, Clone)]
+pub(crate) struct CacheMetrics {
+    pub(crate) hit: Counter,
+    pub(crate) stale: Counter,
+    pub(crate) miss: Counter,
+    pub(crate) coalesced: Counter,
+    pub(crate) bypass: Counter,
+    pub(crate) flight_duration: Histogram,
+    pub(crate) upstream_error: Counter,
+    pub(crate) upstream_panicked: Counter,
+    pub(crate) refreshes: Counter,
+    pub(crate) stale_if_error: Counter,
+    pub(crate) entries: Gauge,
+    pub(crate) weighted_size: Gauge,
+    pub(crate) evicted_size: Counter,
+    pub(crate) evicted_expired: Counter,
+    pub(crate) evicted_invalidated: Counter,
+}
+
+impl CacheMetrics {
+    pub(crate) fn register(name: &str) -> Self {
+        describe();
+        let name = name.to_owned();
+        let requests = |result: &'static str| metrics::counter!(CACHE_REQUESTS, "name" => name.clone(), "result" => result);
+        let evictions = |cause: &'static str| metrics::counter!(CACHE_EVICTIONS, "name" => name.clone(), "cause" => cause);
+        let errors = |kind: &'static str| metrics::counter!(CACHE_UPSTREAM_ERRORS, "name" => name.clone(), "kind" => kind);
+        CacheMetrics {
+            hit: requests("hit"),
+            stale: requests("stale"),
+            miss: requests("miss"),
+            coalesced: requests("coalesced"),
+            bypass: requests("bypass"),
+            flight_duration: metrics::histogram!(CACHE_FLIGHT_DURATION, "name" => name.clone()),
+            upstream_error: errors("error"),
+            upstream_panicked: errors("panicked"),
+            refreshes: metrics::counter!(CACHE_REFRESHES, "name" => name.clone()),
+            stale_if_error: metrics::counter!(CACHE_STALE_IF_ERROR, "name" => name.clone()),
+            entries: metrics::gauge!(CACHE_ENTRIES, "name" => name.clone()),
+            weighted_size: metrics::gauge!(CACHE_WEIGHTED_SIZE, "name" => name.clone()),
+            evicted_size: evictions("size"),
+            evicted_expired: evictions("expired"),
+            evicted_invalidated: evictions("invalidated"),
+        }
+    }
+}
+
+/// Registers descriptions and units with the installed recorder.
+fn describe() {
+    for info in METRICS {
+        let unit = match info.unit {
+            "seconds" => Some(Unit::Seconds),
+            _ => None,
+        };
+        match (info.kind, unit) {
+            (MetricType::Counter, Some(unit)) => {
+                metrics::describe_counter!(info.name, unit, info.help)
+            }
+            (MetricType::Counter, None) => metrics::describe_counter!(info.name, info.help),
+            (MetricType::Gauge, Some(unit)) => metrics::describe_gauge!(info.name, unit, info.help),
+            (MetricType::Gauge, None) => metrics::describe_gauge!(info.name, info.help),
+            (MetricType::Histogram, Some(unit)) => {
+                metrics::describe_histogram!(info.name, unit, info.help)
+            }
+            (MetricType::Histogram, None) => metrics::describe_histogram!(info.name, info.help),
+        }
+    }
+}
