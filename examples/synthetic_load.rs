@@ -191,7 +191,9 @@ fn parse_args() -> Result<Args, String> {
             "--scenario" => args.scenario = Some(it.next().ok_or("--scenario needs a name")?),
             "--json" => args.json = Some(it.next().ok_or("--json needs a file")?),
             "--help" | "-h" => {
-                return Err("usage: synthetic_load [--quick] [--scenario stampede] [--json FILE]".into())
+                return Err(
+                    "usage: synthetic_load [--quick] [--scenario stampede] [--json FILE]".into(),
+                )
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -227,7 +229,10 @@ async fn main() {
         "{:<28} {:>10} {:>8} {:>8} {:>9}   {:>10} {:>8} {:>8} {:>9}",
         "system", "upstream", "ok", "errors", "wall ms", "upstream", "ok", "errors", "wall ms"
     );
-    println!("{:<28} {:^38}   {:^38}", "", "all stay", "first requester disconnects");
+    println!(
+        "{:<28} {:^38}   {:^38}",
+        "", "all stay", "first requester disconnects"
+    );
     let mut results: BTreeMap<&str, (Outcome, Outcome)> = BTreeMap::new();
     for system in SYSTEMS {
         let mut stay = Vec::new();
