@@ -265,10 +265,10 @@ async fn main() {
         let mut out = String::from("{\n  \"stampede\": {\n");
         let last = results.len() - 1;
         for (i, (system, (stay, leave))) in results.iter().enumerate() {
-            let _ = write!(
+            let _ = writeln!(
                 out,
                 "    \"{}\": {{\"upstream_calls\": {}, \"ok\": {}, \"errors\": {}, \"wall_ms\": {:.3}, \
-                 \"first_disconnects\": {{\"upstream_calls\": {}, \"ok\": {}, \"errors\": {}, \"wall_ms\": {:.3}}}}}{}\n",
+                 \"first_disconnects\": {{\"upstream_calls\": {}, \"ok\": {}, \"errors\": {}, \"wall_ms\": {:.3}}}}}{}",
                 json_escape(system),
                 stay.upstream_calls,
                 stay.ok,
