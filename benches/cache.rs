@@ -28,10 +28,22 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The upstream's error type: cloneable, as the coalesce layer requires.
+#[derive(Clone, Debug)]
+struct UpstreamError;
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream error")
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
 /// An upstream that counts its calls and yields once before answering.
 fn upstream(
     calls: Arc<AtomicUsize>,
-) -> impl Service<u64, Response = Arc<str>, Error = Infallible, Future = impl Send>
+) -> impl Service<u64, Response = Arc<str>, Error = UpstreamError, Future = impl Send>
        + Clone
        + Send
        + 'static {
@@ -39,14 +51,10 @@ fn upstream(
         calls.fetch_add(1, Ordering::Relaxed);
         async move {
             tokio::task::yield_now().await;
-            Ok::<_, Infallible>(Arc::from(format!("value-{key}")))
+            Ok::<_, UpstreamError>(Arc::from(format!("value-{key}")))
         }
     })
 }
-
-/// A cloneable error, which the coalesce layer requires.
-#[derive(Clone, Debug)]
-struct CloneError;
 
 fn hit(c: &mut Criterion) {
     let rt = runtime();
@@ -165,112 +173,78 @@ fn hit_two_tasks(c: &mut Criterion) {
     group.finish();
 }
 
+/// 1,000 tasks call `svc` for key 1 at once; waits for every answer.
+async fn stampede<S>(svc: S)
+where
+    S: Service<u64, Response = Arc<str>> + Clone + Send + 'static,
+    S::Error: std::fmt::Debug + Send,
+    S::Future: Send,
+{
+    let mut set = JoinSet::new();
+    for _ in 0..CALLERS {
+        let svc = svc.clone();
+        set.spawn(async move { svc.oneshot(1).await.unwrap() });
+    }
+    while let Some(r) = set.join_next().await {
+        black_box(r.unwrap());
+    }
+}
+
+/// moka's `get_with` in front of the upstream, as a service.
+fn moka_get_with(
+    calls: Arc<AtomicUsize>,
+) -> impl Service<u64, Response = Arc<str>, Error = Infallible, Future = impl Send>
+       + Clone
+       + Send
+       + 'static {
+    let cache: moka::future::Cache<u64, Arc<str>> = moka::future::Cache::new(10_000);
+    let inner = upstream(calls);
+    service_fn(move |key: u64| {
+        let (cache, inner) = (cache.clone(), inner.clone());
+        async move {
+            let init = async move { inner.oneshot(key).await.unwrap() };
+            Ok::<_, Infallible>(cache.get_with(key, init).await)
+        }
+    })
+}
+
 fn stampede_group(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("stampede_1000");
     group.sample_size(20);
     let mut upstream_calls = Vec::new();
 
-    let calls = Arc::new(AtomicUsize::new(0));
-    let iterations = Arc::new(AtomicUsize::new(0));
-    group.bench_function("towerguard", |b| {
-        b.to_async(&rt).iter(|| {
-            iterations.fetch_add(1, Ordering::Relaxed);
-            let svc = towerguard::cache::CacheLayer::builder(|k: &u64| Some(*k))
-                .build()
-                .layer(upstream(calls.clone()));
-            async move {
-                let mut set = JoinSet::new();
-                for _ in 0..CALLERS {
-                    let svc = svc.clone();
-                    set.spawn(async move { svc.oneshot(1).await.unwrap() });
-                }
-                while let Some(r) = set.join_next().await {
-                    black_box(r.unwrap());
-                }
-            }
-        })
-    });
-    upstream_calls.push(("towerguard", calls.clone(), iterations.clone()));
-
-    let calls = Arc::new(AtomicUsize::new(0));
-    let iterations = Arc::new(AtomicUsize::new(0));
-    group.bench_function("moka_get_with", |b| {
-        b.to_async(&rt).iter(|| {
-            iterations.fetch_add(1, Ordering::Relaxed);
-            let cache: moka::future::Cache<u64, Arc<str>> = moka::future::Cache::new(10_000);
-            let svc = upstream(calls.clone());
-            async move {
-                let mut set = JoinSet::new();
-                for _ in 0..CALLERS {
-                    let cache = cache.clone();
-                    let svc = svc.clone();
-                    set.spawn(async move {
-                        cache
-                            .get_with(1, async move { svc.oneshot(1).await.unwrap() })
-                            .await
-                    });
-                }
-                while let Some(r) = set.join_next().await {
-                    black_box(r.unwrap());
-                }
-            }
-        })
-    });
-    upstream_calls.push(("moka_get_with", calls.clone(), iterations.clone()));
-
-    let calls = Arc::new(AtomicUsize::new(0));
-    let iterations = Arc::new(AtomicUsize::new(0));
-    group.bench_function("tower_resilience_coalesce", |b| {
-        b.to_async(&rt).iter(|| {
-            iterations.fetch_add(1, Ordering::Relaxed);
-            let counter = calls.clone();
-            let inner = service_fn(move |key: u64| {
-                counter.fetch_add(1, Ordering::Relaxed);
-                async move {
-                    tokio::task::yield_now().await;
-                    Ok::<Arc<str>, CloneError>(Arc::from(format!("value-{key}")))
-                }
+    // Each contender is built fresh (cold) for every stampede over a shared call counter.
+    macro_rules! contender {
+        ($name:literal, $build:expr) => {{
+            let calls = Arc::new(AtomicUsize::new(0));
+            let iterations = Arc::new(AtomicUsize::new(0));
+            group.bench_function($name, |b| {
+                b.to_async(&rt).iter(|| {
+                    iterations.fetch_add(1, Ordering::Relaxed);
+                    stampede($build(calls.clone()))
+                })
             });
-            let svc = tower_resilience::coalesce::CoalesceLayer::new(|k: &u64| *k).layer(inner);
-            async move {
-                let mut set = JoinSet::new();
-                for _ in 0..CALLERS {
-                    let svc = svc.clone();
-                    set.spawn(async move { svc.oneshot(1).await.unwrap() });
-                }
-                while let Some(r) = set.join_next().await {
-                    black_box(r.unwrap());
-                }
-            }
-        })
+            upstream_calls.push(($name, calls, iterations));
+        }};
+    }
+    contender!("towerguard", |calls| {
+        towerguard::cache::CacheLayer::builder(|k: &u64| Some(*k))
+            .build()
+            .layer(upstream(calls))
     });
-    upstream_calls.push(("tower_resilience_coalesce", calls, iterations));
-
-    let calls = Arc::new(AtomicUsize::new(0));
-    let iterations = Arc::new(AtomicUsize::new(0));
-    group.bench_function("tower_resilience_cache", |b| {
-        b.to_async(&rt).iter(|| {
-            iterations.fetch_add(1, Ordering::Relaxed);
-            let svc = tower_resilience::cache::CacheLayer::builder()
-                .max_size(10_000)
-                .key_extractor(|k: &u64| *k)
-                .build()
-                .unwrap()
-                .layer(upstream(calls.clone()));
-            async move {
-                let mut set = JoinSet::new();
-                for _ in 0..CALLERS {
-                    let svc = svc.clone();
-                    set.spawn(async move { svc.oneshot(1).await.unwrap() });
-                }
-                while let Some(r) = set.join_next().await {
-                    black_box(r.unwrap());
-                }
-            }
-        })
+    contender!("moka_get_with", moka_get_with);
+    contender!("tower_resilience_coalesce", |calls| {
+        tower_resilience::coalesce::CoalesceLayer::new(|k: &u64| *k).layer(upstream(calls))
     });
-    upstream_calls.push(("tower_resilience_cache", calls, iterations));
+    contender!("tower_resilience_cache", |calls| {
+        tower_resilience::cache::CacheLayer::builder()
+            .max_size(10_000)
+            .key_extractor(|k: &u64| *k)
+            .build()
+            .unwrap()
+            .layer(upstream(calls))
+    });
     group.finish();
 
     for (name, calls, iterations) in upstream_calls {
