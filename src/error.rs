@@ -14,6 +14,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A boxed error, as used by tower.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -79,6 +80,7 @@ struct Inner {
     kind: ErrorKind,
     message: Option<String>,
     source: Option<Arc<dyn StdError + Send + Sync + 'static>>,
+    retry_after: Option<Duration>,
 }
 
 impl Error {
@@ -89,6 +91,7 @@ impl Error {
                 kind,
                 message: None,
                 source: None,
+                retry_after: None,
             }),
         }
     }
@@ -113,6 +116,7 @@ impl Error {
                     kind: ErrorKind::Inner,
                     message: None,
                     source: Some(Arc::from(other)),
+                    retry_after: None,
                 }),
             },
         }
@@ -131,8 +135,27 @@ impl Error {
                 kind: ErrorKind::Panicked,
                 message,
                 source: None,
+                retry_after: None,
             }),
         }
+    }
+
+    /// An error of `kind` that suggests retrying after `after` (sent as `Retry-After` when
+    /// the error becomes an HTTP response).
+    pub fn with_retry_after(kind: ErrorKind, after: Duration) -> Self {
+        Error {
+            inner: Arc::new(Inner {
+                kind,
+                message: None,
+                source: None,
+                retry_after: Some(after),
+            }),
+        }
+    }
+
+    /// How long the caller should wait before trying again, when the layer knows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.inner.retry_after
     }
 
     /// What went wrong.
@@ -166,6 +189,9 @@ impl fmt::Debug for Error {
         }
         if let Some(source) = &self.inner.source {
             d.field("source", source);
+        }
+        if let Some(after) = &self.inner.retry_after {
+            d.field("retry_after", after);
         }
         d.finish()
     }

@@ -3,6 +3,9 @@
 //! | layer | what it is for |
 //! |---|---|
 //! | [`cache`] | single-flight cache: one shared upstream call per key, results kept in a bounded store |
+//! | [`limit`] | concurrency limit shared by every clone: static or adaptive, reject or bounded queue |
+//! | [`timeout`] | timeouts measured from `call` that cancel the work and tell it so |
+//! | [`http`] | HTTP semantics: errors mapped to 503 / 504 responses |
 //!
 //! Every layer fails with the crate's one [`Error`] type, whose [`ErrorKind`] says what
 //! happened; stacked towerguard layers pass each other's errors through unchanged. Every
@@ -36,6 +39,9 @@
 
 pub mod cache;
 mod error;
+pub mod http;
+pub mod limit;
 pub mod metrics;
+pub mod timeout;
 
 pub use error::{BoxError, Error, ErrorKind};

@@ -57,6 +57,23 @@ pub const CACHE_WEIGHTED_SIZE: &str = "towerguard_cache_weighted_size";
 /// Entries removed from the store, labelled by `cause`.
 pub const CACHE_EVICTIONS: &str = "towerguard_cache_evictions_total";
 
+/// Requests holding a permit of the concurrency limit.
+pub const LIMIT_IN_FLIGHT: &str = "towerguard_limit_in_flight";
+/// The current concurrency limit (moves when adaptive).
+pub const LIMIT_LIMIT: &str = "towerguard_limit_limit";
+/// Requests waiting in the limit's queue.
+pub const LIMIT_QUEUE_DEPTH: &str = "towerguard_limit_queue_depth";
+/// Requests admitted by the limit.
+pub const LIMIT_ADMITTED: &str = "towerguard_limit_admitted_total";
+/// Requests rejected by the limit, labelled by `reason`.
+pub const LIMIT_REJECTED: &str = "towerguard_limit_rejected_total";
+/// How long admitted requests waited in the queue.
+pub const LIMIT_QUEUE_WAIT: &str = "towerguard_limit_queue_wait_seconds";
+/// Requests whose timeout expired.
+pub const TIMEOUT_TIMEOUTS: &str = "towerguard_timeout_timeouts_total";
+/// Time from `call` to the response or the timeout, labelled by `outcome`.
+pub const TIMEOUT_DURATION: &str = "towerguard_timeout_duration_seconds";
+
 /// Every metric the crate emits.
 pub const METRICS: &[MetricInfo] = &[
     MetricInfo {
@@ -115,6 +132,62 @@ pub const METRICS: &[MetricInfo] = &[
         unit: "entries",
         help: "entries removed by cause: size, expired, invalidated",
     },
+    MetricInfo {
+        name: LIMIT_IN_FLIGHT,
+        kind: MetricType::Gauge,
+        labels: &[],
+        unit: "requests",
+        help: "requests holding a permit",
+    },
+    MetricInfo {
+        name: LIMIT_LIMIT,
+        kind: MetricType::Gauge,
+        labels: &[],
+        unit: "requests",
+        help: "the current concurrency limit",
+    },
+    MetricInfo {
+        name: LIMIT_QUEUE_DEPTH,
+        kind: MetricType::Gauge,
+        labels: &[],
+        unit: "requests",
+        help: "requests waiting for a permit",
+    },
+    MetricInfo {
+        name: LIMIT_ADMITTED,
+        kind: MetricType::Counter,
+        labels: &[],
+        unit: "requests",
+        help: "requests given a permit",
+    },
+    MetricInfo {
+        name: LIMIT_REJECTED,
+        kind: MetricType::Counter,
+        labels: &["reason"],
+        unit: "requests",
+        help: "requests rejected: full, queue_full, queue_timeout",
+    },
+    MetricInfo {
+        name: LIMIT_QUEUE_WAIT,
+        kind: MetricType::Histogram,
+        labels: &[],
+        unit: "seconds",
+        help: "time queued requests waited for a permit",
+    },
+    MetricInfo {
+        name: TIMEOUT_TIMEOUTS,
+        kind: MetricType::Counter,
+        labels: &[],
+        unit: "requests",
+        help: "requests whose timeout expired",
+    },
+    MetricInfo {
+        name: TIMEOUT_DURATION,
+        kind: MetricType::Histogram,
+        labels: &["outcome"],
+        unit: "seconds",
+        help: "time from call to response or expiry: ok, error, timed_out",
+    },
 ];
 
 /// Instrument handles of one cache layer instance.
@@ -160,6 +233,60 @@ impl CacheMetrics {
             evicted_size: evictions("size"),
             evicted_expired: evictions("expired"),
             evicted_invalidated: evictions("invalidated"),
+        }
+    }
+}
+
+/// Instrument handles of one concurrency limit instance.
+#[derive(Debug, Clone)]
+pub(crate) struct LimitMetrics {
+    pub(crate) in_flight: Gauge,
+    pub(crate) limit: Gauge,
+    pub(crate) queue_depth: Gauge,
+    pub(crate) admitted: Counter,
+    pub(crate) rejected_full: Counter,
+    pub(crate) rejected_queue_full: Counter,
+    pub(crate) rejected_queue_timeout: Counter,
+    pub(crate) queue_wait: Histogram,
+}
+
+impl LimitMetrics {
+    pub(crate) fn register(name: &str) -> Self {
+        describe();
+        let name = name.to_owned();
+        let rejected = |reason: &'static str| metrics::counter!(LIMIT_REJECTED, "name" => name.clone(), "reason" => reason);
+        LimitMetrics {
+            in_flight: metrics::gauge!(LIMIT_IN_FLIGHT, "name" => name.clone()),
+            limit: metrics::gauge!(LIMIT_LIMIT, "name" => name.clone()),
+            queue_depth: metrics::gauge!(LIMIT_QUEUE_DEPTH, "name" => name.clone()),
+            admitted: metrics::counter!(LIMIT_ADMITTED, "name" => name.clone()),
+            rejected_full: rejected("full"),
+            rejected_queue_full: rejected("queue_full"),
+            rejected_queue_timeout: rejected("queue_timeout"),
+            queue_wait: metrics::histogram!(LIMIT_QUEUE_WAIT, "name" => name.clone()),
+        }
+    }
+}
+
+/// Instrument handles of one timeout instance.
+#[derive(Debug, Clone)]
+pub(crate) struct TimeoutMetrics {
+    pub(crate) timeouts: Counter,
+    pub(crate) ok: Histogram,
+    pub(crate) error: Histogram,
+    pub(crate) timed_out: Histogram,
+}
+
+impl TimeoutMetrics {
+    pub(crate) fn register(name: &str) -> Self {
+        describe();
+        let name = name.to_owned();
+        let duration = |outcome: &'static str| metrics::histogram!(TIMEOUT_DURATION, "name" => name.clone(), "outcome" => outcome);
+        TimeoutMetrics {
+            timeouts: metrics::counter!(TIMEOUT_TIMEOUTS, "name" => name.clone()),
+            ok: duration("ok"),
+            error: duration("error"),
+            timed_out: duration("timed_out"),
         }
     }
 }

@@ -1,0 +1,72 @@
+//! Shared by the pass-through benches: a runtime and a driver that sends requests through
+//! a service from one task or from two at once.
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::fmt::Debug;
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::measurement::WallTime;
+use criterion::BenchmarkGroup;
+use tokio::runtime::Runtime;
+use tokio::task::JoinSet;
+use tower::{service_fn, Service, ServiceExt};
+
+pub fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The innermost service: always ready, answers at once.
+pub fn echo() -> impl Service<u64, Response = u64, Error = Infallible, Future = impl Send>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    service_fn(|n: u64| std::future::ready(Ok::<_, Infallible>(n)))
+}
+
+/// `ready` + `call` + `.await`, `iters` times in all, split over `tasks` tasks each with its
+/// own clone of `svc`.
+pub async fn drive<S>(svc: S, iters: u64, tasks: u64) -> Duration
+where
+    S: Service<u64> + Clone + Send + 'static,
+    S::Error: Debug + Send,
+    S::Response: Send,
+    S::Future: Send,
+{
+    let start = std::time::Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..tasks {
+        let mut svc = svc.clone();
+        set.spawn(async move {
+            for i in 0..iters.div_ceil(tasks) {
+                let ready = svc.ready().await.unwrap();
+                black_box(ready.call(black_box(i)).await.unwrap());
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    start.elapsed()
+}
+
+/// Registers `name/1_task` and `name/2_tasks` for `svc`.
+pub fn bench<S>(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, name: &str, svc: S)
+where
+    S: Service<u64> + Clone + Send + 'static,
+    S::Error: Debug + Send,
+    S::Response: Send,
+    S::Future: Send,
+{
+    for tasks in [1u64, 2] {
+        let id = format!("{name}/{tasks}_task{}", if tasks > 1 { "s" } else { "" });
+        group.bench_function(id, |b| {
+            b.to_async(rt)
+                .iter_custom(|iters| drive(svc.clone(), iters, tasks))
+        });
+    }
+}

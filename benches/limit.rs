@@ -1,0 +1,55 @@
+//! Pass-through overhead of a concurrency limit that never fills, beside tower's
+//! `ConcurrencyLimit` and tower-resilience's bulkhead, in the same run.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tower::Layer;
+
+fn limit(c: &mut Criterion) {
+    let rt = common::runtime();
+    let mut group = c.benchmark_group("limit");
+    common::bench(&mut group, &rt, "bare", common::echo());
+    common::bench(
+        &mut group,
+        &rt,
+        "towerguard_static",
+        towerguard::limit::ConcurrencyLimitLayer::new(1_000).layer(common::echo()),
+    );
+    common::bench(
+        &mut group,
+        &rt,
+        "towerguard_vegas",
+        towerguard::limit::ConcurrencyLimitLayer::builder()
+            .adaptive(towerguard::limit::adaptive::Vegas::new(1_000, 1, 10_000))
+            .build()
+            .layer(common::echo()),
+    );
+    common::bench(
+        &mut group,
+        &rt,
+        "tower_concurrency_limit",
+        tower::limit::ConcurrencyLimitLayer::new(1_000).layer(common::echo()),
+    );
+    common::bench(
+        &mut group,
+        &rt,
+        "tower_resilience_bulkhead",
+        tower_resilience::bulkhead::BulkheadLayer::builder()
+            .max_concurrent_calls(1_000)
+            .build()
+            .unwrap()
+            .layer(common::echo()),
+    );
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = limit
+}
+criterion_main!(benches);

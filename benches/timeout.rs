@@ -1,0 +1,46 @@
+//! Pass-through overhead of a timeout that never fires, beside tower's `Timeout` and
+//! tower-resilience's time limiter, in the same run.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tower::Layer;
+
+fn timeout(c: &mut Criterion) {
+    let rt = common::runtime();
+    let mut group = c.benchmark_group("timeout");
+    let limit = Duration::from_secs(1);
+    common::bench(&mut group, &rt, "bare", common::echo());
+    common::bench(
+        &mut group,
+        &rt,
+        "towerguard",
+        towerguard::timeout::TimeoutLayer::new(limit).layer(common::echo()),
+    );
+    common::bench(
+        &mut group,
+        &rt,
+        "tower_timeout",
+        tower::timeout::TimeoutLayer::new(limit).layer(common::echo()),
+    );
+    common::bench(
+        &mut group,
+        &rt,
+        "tower_resilience_time_limiter",
+        tower_resilience::timelimiter::TimeLimiterLayer::builder()
+            .timeout_duration(limit)
+            .build()
+            .layer(common::echo()),
+    );
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = timeout
+}
+criterion_main!(benches);

@@ -1,0 +1,33 @@
+//! HTTP semantics for the generic layers.
+//!
+//! [`ErrorResponseLayer`] turns the crate's errors into HTTP responses, so a stack of
+//! towerguard layers has `Error = Infallible` and goes straight into axum's
+//! `Router::layer` or a hyper server, without `HandleErrorLayer`:
+//!
+//! | error kind | status |
+//! |---|---|
+//! | overloaded | 503 Service Unavailable, with `Retry-After` |
+//! | budget exhausted | 503 Service Unavailable, with `Retry-After` |
+//! | cancelled | 503 Service Unavailable |
+//! | timed out | 504 Gateway Timeout |
+//! | panicked | 500 Internal Server Error |
+//! | inner service error | 502 Bad Gateway |
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//! use towerguard::http::ErrorResponseLayer;
+//! use towerguard::limit::ConcurrencyLimitLayer;
+//! use towerguard::timeout::TimeoutLayer;
+//!
+//! let guard = ServiceBuilder::new()
+//!     .layer(ErrorResponseLayer::new())
+//!     .layer(TimeoutLayer::new(Duration::from_secs(2)).http_extensions())
+//!     .layer(ConcurrencyLimitLayer::new(64));
+//! // axum: Router::new().route(...).layer(guard)
+//! # let _ = guard;
+//! ```
+
+mod error;
+
+pub use self::error::{error_response, ErrorResponse, ErrorResponseFuture, ErrorResponseLayer};

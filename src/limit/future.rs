@@ -1,0 +1,192 @@
+//! The concurrency limit's response future.
+
+use std::fmt;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower_service::Service;
+
+use super::limiter::{Outcome, Permit, Ticket};
+use super::release::Release;
+use crate::error::{BoxError, Error, ErrorKind};
+
+pin_project! {
+    /// Response future of [`ConcurrencyLimit`](super::ConcurrencyLimit).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it returns its permit, or gives up its place in the queue.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponseFuture<S, Req, M>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req>,
+        retry_after: Duration,
+        _release: std::marker::PhantomData<fn() -> M>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Rejected,
+        Queued {
+            ticket: Ticket,
+            service: Option<S>,
+            request: Option<Req>,
+            #[pin]
+            deadline: Option<Sleep>,
+        },
+        Running {
+            #[pin]
+            future: S::Future,
+            permit: Option<Permit>,
+        },
+        Done,
+    }
+}
+
+impl<S, Req, M> ResponseFuture<S, Req, M>
+where
+    S: Service<Req>,
+{
+    fn new(state: State<S, Req>, retry_after: Duration) -> Self {
+        ResponseFuture {
+            state,
+            retry_after,
+            _release: std::marker::PhantomData,
+        }
+    }
+
+    pub(crate) fn running(future: S::Future, permit: Permit, retry_after: Duration) -> Self {
+        let permit = Some(permit);
+        Self::new(State::Running { future, permit }, retry_after)
+    }
+
+    pub(crate) fn queued(
+        ticket: Ticket,
+        service: S,
+        request: Req,
+        max_wait: Option<Duration>,
+        retry_after: Duration,
+    ) -> Self {
+        let state = State::Queued {
+            ticket,
+            service: Some(service),
+            request: Some(request),
+            deadline: max_wait.map(tokio::time::sleep),
+        };
+        Self::new(state, retry_after)
+    }
+
+    pub(crate) fn rejected(retry_after: Duration) -> Self {
+        Self::new(State::Rejected, retry_after)
+    }
+}
+
+/// What a finished request tells the adaptive algorithm.
+fn outcome_of<T>(result: &Result<T, Error>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Success,
+        Err(e) if e.is(ErrorKind::TimedOut) || e.is(ErrorKind::Overloaded) => Outcome::Dropped,
+        Err(_) => Outcome::Ignore,
+    }
+}
+
+impl<S, Req, M> Future for ResponseFuture<S, Req, M>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    M: Release<S::Response>,
+{
+    type Output = Result<M::Output, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut state = this.state;
+        let retry_after = *this.retry_after;
+        let overloaded = || Error::with_retry_after(ErrorKind::Overloaded, retry_after);
+        loop {
+            match state.as_mut().project() {
+                StateProj::Rejected => {
+                    state.set(State::Done);
+                    return Poll::Ready(Err(overloaded()));
+                }
+                StateProj::Queued {
+                    ticket,
+                    service,
+                    request,
+                    deadline,
+                } => {
+                    let permit = match ticket.poll_granted(cx.waker()) {
+                        Some(permit) => permit,
+                        None => match deadline.as_pin_mut().map(|d| d.poll(cx)) {
+                            Some(Poll::Ready(())) => match ticket.time_out() {
+                                Ok(permit) => permit,
+                                Err(_) => {
+                                    state.set(State::Done);
+                                    return Poll::Ready(Err(overloaded()));
+                                }
+                            },
+                            _ => return Poll::Pending,
+                        },
+                    };
+                    let (Some(mut service), Some(request)) = (service.take(), request.take())
+                    else {
+                        state.set(State::Done);
+                        return Poll::Ready(Err(Error::new(ErrorKind::Cancelled)));
+                    };
+                    let future = service.call(request);
+                    state.set(State::Running {
+                        future,
+                        permit: Some(permit),
+                    });
+                }
+                StateProj::Running { future, permit } => {
+                    let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+                    let result = match polled {
+                        Ok(Poll::Pending) => return Poll::Pending,
+                        Ok(Poll::Ready(result)) => result.map_err(Error::inner),
+                        Err(payload) => Err(Error::panicked(&*payload)),
+                    };
+                    let Some(mut permit) = permit.take() else {
+                        state.set(State::Done);
+                        return Poll::Ready(Err(Error::new(ErrorKind::Cancelled)));
+                    };
+                    permit.record(outcome_of(&result));
+                    // Drops the inner future; the release mode decides when the permit goes.
+                    state.set(State::Done);
+                    return Poll::Ready(result.map(|response| M::attach(response, permit)));
+                }
+                StateProj::Done => panic!("limit::ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+impl<S, Req, M> fmt::Debug for ResponseFuture<S, Req, M>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Rejected => "rejected",
+            State::Queued { .. } => "queued",
+            State::Running { .. } => "running",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}

@@ -1,0 +1,471 @@
+//! The shared limiter: permits counted in one atomic, a bounded FIFO queue, and an optional
+//! adaptive algorithm.
+//!
+//! The fast path is one compare-and-swap on the in-flight count; the queue's lock is taken
+//! only when the limit is reached or somebody is already waiting. A released permit is
+//! handed straight to the first waiter, so a queued request cannot be overtaken by a newly
+//! arrived one while it waits.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::adaptive::{Algorithm, Sample};
+use crate::metrics::LimitMetrics;
+
+/// Why the limit turned a request away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rejection {
+    /// Every permit is taken and there is no queue.
+    Full,
+    /// The queue is at its length bound.
+    QueueFull,
+    /// The request waited the queue's maximum wait.
+    QueueTimeout,
+}
+
+pub(crate) struct Limiter {
+    in_flight: AtomicUsize,
+    limit: AtomicUsize,
+    queued: AtomicUsize,
+    max_queue: usize,
+    max_wait: Option<Duration>,
+    queue: Mutex<VecDeque<Arc<Slot>>>,
+    next_id: AtomicU64,
+    algorithm: Option<Adaptive>,
+    pub(crate) metrics: LimitMetrics,
+}
+
+/// An adaptive algorithm and the lock-free window that feeds it.
+struct Adaptive {
+    algorithm: Mutex<Box<dyn Algorithm>>,
+    window: u64,
+    count: AtomicU64,
+    latency_nanos: AtomicU64,
+    max_in_flight: AtomicUsize,
+    dropped: AtomicBool,
+}
+
+impl Adaptive {
+    fn new(algorithm: Box<dyn Algorithm>) -> Self {
+        Adaptive {
+            window: algorithm.window().max(1) as u64,
+            algorithm: Mutex::new(algorithm),
+            count: AtomicU64::new(0),
+            latency_nanos: AtomicU64::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            dropped: AtomicBool::new(false),
+        }
+    }
+
+    /// Adds `sample` to the window; the sample that fills it gets the window's average.
+    fn add(&self, sample: Sample) -> Option<Sample> {
+        if self.window == 1 {
+            return Some(sample);
+        }
+        let nanos = u64::try_from(sample.latency.as_nanos()).unwrap_or(u64::MAX);
+        self.latency_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.max_in_flight
+            .fetch_max(sample.in_flight, Ordering::Relaxed);
+        if sample.dropped {
+            self.dropped.store(true, Ordering::Relaxed);
+        }
+        if self.count.fetch_add(1, Ordering::AcqRel) + 1 != self.window {
+            return None;
+        }
+        // This sample closed the window: take it and start the next. Samples that land
+        // while this runs count towards the next window.
+        let count = self.count.swap(0, Ordering::AcqRel).max(1);
+        let nanos = self.latency_nanos.swap(0, Ordering::Relaxed);
+        Some(Sample::new(
+            Duration::from_nanos(nanos / count),
+            self.max_in_flight.swap(0, Ordering::Relaxed),
+            self.dropped.swap(false, Ordering::Relaxed),
+        ))
+    }
+}
+
+impl fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limiter")
+            .field("in_flight", &self.in_flight.load(Ordering::Relaxed))
+            .field("limit", &self.limit.load(Ordering::Relaxed))
+            .field("queued", &self.queued.load(Ordering::Relaxed))
+            .field("max_queue", &self.max_queue)
+            .field("max_wait", &self.max_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A queued request's place in line.
+struct Slot {
+    id: u64,
+    granted: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Slot {
+    fn grant(&self) {
+        self.granted.store(true, Ordering::Release);
+        let waker = lock(&self.waker).take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Limiter {
+    pub(crate) fn new(
+        limit: usize,
+        max_queue: usize,
+        max_wait: Option<Duration>,
+        algorithm: Option<Box<dyn Algorithm>>,
+        metrics: LimitMetrics,
+    ) -> Self {
+        let limit = algorithm
+            .as_ref()
+            .map_or(limit, |a| a.initial_limit())
+            .max(1);
+        let algorithm = algorithm.map(Adaptive::new);
+        metrics.limit.set(limit as f64);
+        Limiter {
+            in_flight: AtomicUsize::new(0),
+            limit: AtomicUsize::new(limit),
+            queued: AtomicUsize::new(0),
+            max_queue,
+            max_wait,
+            queue: Mutex::new(VecDeque::new()),
+            next_id: AtomicU64::new(0),
+            algorithm,
+            metrics,
+        }
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.limit.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn max_wait(&self) -> Option<Duration> {
+        self.max_wait
+    }
+
+    fn try_increment(&self) -> Option<usize> {
+        let limit = self.limit.load(Ordering::SeqCst);
+        let mut current = self.in_flight.load(Ordering::SeqCst);
+        loop {
+            if current >= limit {
+                return None;
+            }
+            match self.in_flight.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return Some(current + 1),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    fn admitted(self: &Arc<Self>, in_flight: usize) -> Permit {
+        self.metrics.admitted.increment(1);
+        self.metrics.in_flight.increment(1.0);
+        Permit {
+            limiter: self.clone(),
+            // Only adaptive limits need the latency: spare the clock read otherwise.
+            started: self.algorithm.as_ref().map(|_| Instant::now()),
+            in_flight,
+            outcome: Outcome::Ignore,
+        }
+    }
+
+    /// Takes a permit, or a place in the queue, or says why not.
+    pub(crate) fn acquire(self: &Arc<Self>) -> Result<Acquired, Rejection> {
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            if let Some(in_flight) = self.try_increment() {
+                return Ok(Acquired::Permit(self.admitted(in_flight)));
+            }
+        }
+        if self.max_queue == 0 {
+            self.metrics.rejected_full.increment(1);
+            return Err(Rejection::Full);
+        }
+        let mut queue = lock(&self.queue);
+        if queue.len() >= self.max_queue {
+            drop(queue);
+            self.metrics.rejected_queue_full.increment(1);
+            return Err(Rejection::QueueFull);
+        }
+        let slot = Arc::new(Slot {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            granted: AtomicBool::new(false),
+            waker: Mutex::new(None),
+        });
+        queue.push_back(slot.clone());
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.metrics.queue_depth.increment(1.0);
+        // A permit may have come free after the fast path looked: hand out what is free.
+        self.drain(&mut queue);
+        Ok(Acquired::Queued(Ticket {
+            limiter: self.clone(),
+            slot,
+            enqueued: Instant::now(),
+            done: false,
+        }))
+    }
+
+    /// Grants permits to the front of the queue while there are permits free.
+    fn drain(&self, queue: &mut VecDeque<Arc<Slot>>) {
+        while !queue.is_empty() && self.try_increment().is_some() {
+            if let Some(slot) = queue.pop_front() {
+                self.dequeued();
+                slot.grant();
+            }
+        }
+    }
+
+    fn dequeued(&self) {
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.queue_depth.decrement(1.0);
+    }
+
+    /// Returns a permit: to the first waiter if the limit allows, else to the pool.
+    fn release(&self) {
+        self.metrics.in_flight.decrement(1.0);
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            let mut queue = lock(&self.queue);
+            if self.in_flight.load(Ordering::SeqCst) <= self.limit.load(Ordering::SeqCst) {
+                if let Some(slot) = queue.pop_front() {
+                    // The permit passes to the waiter: the in-flight count stays.
+                    self.dequeued();
+                    slot.grant();
+                    return;
+                }
+            }
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // A request may have queued between the check above and the decrement.
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            let mut queue = lock(&self.queue);
+            self.drain(&mut queue);
+        }
+    }
+
+    fn sample(&self, sample: Sample) {
+        let Some(adaptive) = &self.algorithm else {
+            return;
+        };
+        let Some(sample) = adaptive.add(sample) else {
+            return;
+        };
+        let current = self.limit.load(Ordering::SeqCst);
+        let next = lock(&adaptive.algorithm).update(current, sample).max(1);
+        if next != current {
+            self.limit.store(next, Ordering::SeqCst);
+            self.metrics.limit.set(next as f64);
+            if next > current && self.queued.load(Ordering::SeqCst) > 0 {
+                let mut queue = lock(&self.queue);
+                self.drain(&mut queue);
+            }
+        }
+    }
+}
+
+/// What [`Limiter::acquire`] gave.
+pub(crate) enum Acquired {
+    Permit(Permit),
+    Queued(Ticket),
+}
+
+/// How a request ended, for the adaptive algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Not a sample: ended before a response (dropped by the caller) or failed in a way
+    /// that says nothing about load.
+    Ignore,
+    Success,
+    Dropped,
+}
+
+/// One admitted request's share of the limit. Dropping it returns the permit.
+pub struct Permit {
+    limiter: Arc<Limiter>,
+    started: Option<Instant>,
+    in_flight: usize,
+    outcome: Outcome,
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Permit {
+    /// Records how the request ended; the sample is taken when the permit is returned.
+    pub(crate) fn record(&mut self, outcome: Outcome) {
+        self.outcome = outcome;
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let sample = match (self.outcome, self.started) {
+            (Outcome::Ignore, _) | (_, None) => None,
+            (outcome, Some(started)) => Some(Sample::new(
+                started.elapsed(),
+                self.in_flight,
+                outcome == Outcome::Dropped,
+            )),
+        };
+        self.limiter.release();
+        if let Some(sample) = sample {
+            self.limiter.sample(sample);
+        }
+    }
+}
+
+/// A place in the queue. Dropping it gives the place up (or the permit, if one was
+/// granted meanwhile).
+pub(crate) struct Ticket {
+    limiter: Arc<Limiter>,
+    slot: Arc<Slot>,
+    enqueued: Instant,
+    done: bool,
+}
+
+impl Ticket {
+    /// The permit, once granted; registers `waker` otherwise.
+    pub(crate) fn poll_granted(&mut self, waker: &Waker) -> Option<Permit> {
+        if !self.slot.granted.load(Ordering::Acquire) {
+            let mut slot_waker = lock(&self.slot.waker);
+            match &mut *slot_waker {
+                Some(current) if current.will_wake(waker) => {}
+                other => *other = Some(waker.clone()),
+            }
+            drop(slot_waker);
+            if !self.slot.granted.load(Ordering::Acquire) {
+                return None;
+            }
+        }
+        Some(self.take_permit())
+    }
+
+    fn take_permit(&mut self) -> Permit {
+        self.done = true;
+        let limiter = &self.limiter;
+        limiter
+            .metrics
+            .queue_wait
+            .record(self.enqueued.elapsed().as_secs_f64());
+        limiter.metrics.admitted.increment(1);
+        limiter.metrics.in_flight.increment(1.0);
+        Permit {
+            limiter: limiter.clone(),
+            started: limiter.algorithm.as_ref().map(|_| Instant::now()),
+            in_flight: limiter.in_flight(),
+            outcome: Outcome::Ignore,
+        }
+    }
+
+    /// Gives up the place after the maximum wait; a permit granted at the last moment is
+    /// returned instead of the rejection.
+    pub(crate) fn time_out(&mut self) -> Result<Permit, Rejection> {
+        if let Some(permit) = self.leave() {
+            return Ok(permit);
+        }
+        self.limiter.metrics.rejected_queue_timeout.increment(1);
+        Err(Rejection::QueueTimeout)
+    }
+
+    /// Leaves the queue; returns the permit if one was granted before leaving.
+    fn leave(&mut self) -> Option<Permit> {
+        if self.done {
+            return None;
+        }
+        let mut queue = lock(&self.limiter.queue);
+        if self.slot.granted.load(Ordering::Acquire) {
+            drop(queue);
+            return Some(self.take_permit());
+        }
+        if let Some(index) = queue.iter().position(|s| s.id == self.slot.id) {
+            queue.remove(index);
+            self.limiter.dequeued();
+        }
+        self.done = true;
+        None
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // A permit granted to a request that is gone goes back (or to the next in line).
+        drop(self.leave());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Windowed(usize);
+
+    impl Algorithm for Windowed {
+        fn initial_limit(&self) -> usize {
+            10
+        }
+        fn window(&self) -> usize {
+            self.0
+        }
+        fn update(&mut self, current: usize, _sample: Sample) -> usize {
+            current
+        }
+    }
+
+    #[test]
+    fn the_window_averages_latency_takes_the_peak_in_flight_and_any_drop() {
+        let adaptive = Adaptive::new(Box::new(Windowed(4)));
+        let ms = Duration::from_millis;
+        assert_eq!(adaptive.add(Sample::new(ms(1), 3, false)), None);
+        assert_eq!(adaptive.add(Sample::new(ms(3), 7, true)), None);
+        assert_eq!(adaptive.add(Sample::new(ms(5), 2, false)), None);
+        let closed = adaptive.add(Sample::new(ms(7), 1, false));
+        assert_eq!(closed, Some(Sample::new(ms(4), 7, true)));
+        // The next window starts empty.
+        for _ in 0..3 {
+            assert_eq!(adaptive.add(Sample::new(ms(2), 1, false)), None);
+        }
+        let closed = adaptive.add(Sample::new(ms(2), 1, false));
+        assert_eq!(closed, Some(Sample::new(ms(2), 1, false)));
+    }
+
+    #[test]
+    fn a_window_of_one_passes_every_sample_through() {
+        let adaptive = Adaptive::new(Box::new(Windowed(1)));
+        let sample = Sample::new(Duration::from_millis(9), 4, false);
+        assert_eq!(adaptive.add(sample), Some(sample));
+    }
+}

@@ -1,0 +1,65 @@
+//! Concurrency limits: static or adaptive, reject at once or wait in a bounded queue.
+//!
+//! [`ConcurrencyLimitLayer`] bounds how many requests run at once in the service it wraps.
+//!
+//! - **One limit across clones.** The limiter is created when the layer is built, so every
+//!   clone of the layer and of its services shares it. A limit of 10 is 10 across axum's
+//!   per-request clones and across every route the layer is applied to.
+//! - **Taken in `call`, never in `poll_ready`.** A connection that keeps a ready service
+//!   idle holds nothing. The permit is returned when the response future ends (success,
+//!   error, panic) or is dropped; with [`ConcurrencyLimitLayer::until_body_end`], when the
+//!   HTTP response body ends.
+//! - **When full**: reject at once (the default) or wait in a FIFO queue bounded in length
+//!   and in wait; then fail with [`ErrorKind::Overloaded`], carrying a `Retry-After` hint.
+//! - **Adaptive**: an [`adaptive::Algorithm`] ([`adaptive::Aimd`], [`adaptive::Vegas`])
+//!   moves the limit within its bounds from the latency and drops of finished requests.
+//! - **No spurious overload**: admission is an atomic compare-and-swap, not a semaphore
+//!   poll, so tokio's cooperative budget cannot make a ready service look full.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use towerguard::limit::ConcurrencyLimitLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), towerguard::Error> {
+//! let limit = ConcurrencyLimitLayer::builder()
+//!     .name("search")
+//!     .limit(32)
+//!     .queue(64, Duration::from_millis(100))
+//!     .build();
+//! let handle = limit.handle();
+//! let service = ServiceBuilder::new()
+//!     .layer(limit)
+//!     .service(service_fn(|q: String| async move { Ok::<_, std::io::Error>(q.len()) }));
+//! assert_eq!(service.oneshot("towerguard".to_owned()).await?, 10);
+//! assert_eq!(handle.in_flight(), 0);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Differences from tower's `ConcurrencyLimit`
+//!
+//! tower's layer creates a semaphore per `layer()` call and takes the permit in
+//! `poll_ready`, waiting without bound when full. This one shares its limit across every
+//! `layer()` call, takes the permit in `call`, can reject or queue with bounds, and fails
+//! with the crate's [`Error`](crate::Error) (see [`crate::http`] for 503 responses).
+//!
+//! [`ErrorKind::Overloaded`]: crate::ErrorKind::Overloaded
+
+pub mod adaptive;
+mod future;
+mod layer;
+mod limiter;
+mod release;
+mod service;
+
+pub use self::future::ResponseFuture;
+pub use self::layer::{
+    ConcurrencyLimitBuilder, ConcurrencyLimitLayer, LimitHandle, DEFAULT_RETRY_AFTER,
+};
+pub use self::limiter::Permit;
+pub use self::release::{OnBodyEnd, OnResponse, PermitBody, Release};
+pub use self::service::ConcurrencyLimit;

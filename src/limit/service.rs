@@ -1,0 +1,101 @@
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::limiter::{Acquired, Limiter};
+use super::release::{OnResponse, Release};
+use crate::error::{BoxError, Error};
+
+/// Bounds how many requests to `S` run at once. Made by
+/// [`ConcurrencyLimitLayer`](super::ConcurrencyLimitLayer).
+///
+/// `poll_ready` only asks the inner service; the permit is taken in `call`, so an idle
+/// connection that keeps a ready service holds no permit. When the request must queue, the
+/// readied inner service is moved into the response future (a fresh clone takes its place)
+/// and called once a permit is granted.
+///
+/// `M` says when the permit is returned: [`OnResponse`](super::OnResponse) (the default)
+/// when the response future ends, [`OnBodyEnd`](super::OnBodyEnd) when an HTTP response's
+/// body ends.
+pub struct ConcurrencyLimit<S, M = OnResponse> {
+    inner: S,
+    limiter: Arc<Limiter>,
+    retry_after: Duration,
+    _release: PhantomData<fn() -> M>,
+}
+
+impl<S, M> ConcurrencyLimit<S, M> {
+    pub(crate) fn from_parts(inner: S, limiter: Arc<Limiter>, retry_after: Duration) -> Self {
+        ConcurrencyLimit {
+            inner,
+            limiter,
+            retry_after,
+            _release: PhantomData,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the limit and returns the wrapped service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, M> Clone for ConcurrencyLimit<S, M> {
+    fn clone(&self) -> Self {
+        Self::from_parts(self.inner.clone(), self.limiter.clone(), self.retry_after)
+    }
+}
+
+impl<S: fmt::Debug, M> fmt::Debug for ConcurrencyLimit<S, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConcurrencyLimit")
+            .field("inner", &self.inner)
+            .field("limiter", &self.limiter)
+            .finish()
+    }
+}
+
+impl<S, Req, M> Service<Req> for ConcurrencyLimit<S, M>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    M: Release<S::Response>,
+{
+    type Response = M::Output;
+    type Error = Error;
+    type Future = ResponseFuture<S, Req, M>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Error::inner)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match self.limiter.acquire() {
+            Ok(Acquired::Permit(permit)) => {
+                ResponseFuture::running(self.inner.call(req), permit, self.retry_after)
+            }
+            Ok(Acquired::Queued(ticket)) => {
+                let fresh = self.inner.clone();
+                let readied = std::mem::replace(&mut self.inner, fresh);
+                let max_wait = self.limiter.max_wait();
+                ResponseFuture::queued(ticket, readied, req, max_wait, self.retry_after)
+            }
+            Err(_) => ResponseFuture::rejected(self.retry_after),
+        }
+    }
+}

@@ -1,0 +1,101 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::deadline::{far_future, Carrier, Deadline, LazyToken, RequestTimeout, TimeoutContext};
+use super::future::ResponseFuture;
+use crate::error::{BoxError, Error};
+use crate::metrics::TimeoutMetrics;
+
+/// Bounds the time from `call` to the response of `S`. Made by
+/// [`TimeoutLayer`](super::TimeoutLayer).
+#[derive(Clone)]
+pub struct Timeout<S, C, T> {
+    inner: S,
+    timeout: Duration,
+    carrier: C,
+    per_request: T,
+    metrics: Arc<TimeoutMetrics>,
+}
+
+impl<S, C, T> Timeout<S, C, T> {
+    pub(crate) fn from_parts(
+        inner: S,
+        timeout: Duration,
+        carrier: C,
+        per_request: T,
+        metrics: Arc<TimeoutMetrics>,
+    ) -> Self {
+        Timeout {
+            inner,
+            timeout,
+            carrier,
+            per_request,
+            metrics,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the timeout and returns the wrapped service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug, C: fmt::Debug, T> fmt::Debug for Timeout<S, C, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Timeout")
+            .field("inner", &self.inner)
+            .field("timeout", &self.timeout)
+            .field("carrier", &self.carrier)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, C, T, Req> Service<Req> for Timeout<S, C, T>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Carrier<Req>,
+    T: RequestTimeout<Req>,
+{
+    type Response = S::Response;
+    type Error = Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Error::inner)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        let now = Instant::now();
+        let timeout = self.per_request.timeout_for(&req).unwrap_or(self.timeout);
+        let expires = now.checked_add(timeout).unwrap_or_else(|| far_future(now));
+        let outer = TimeoutContext::current().or_else(|| self.carrier.existing(&req));
+        let (deadline, token) = match outer {
+            Some(outer) => (
+                outer.deadline().min(Deadline::at(expires)),
+                LazyToken::child_of(outer.lazy_token()),
+            ),
+            None => (Deadline::at(expires), LazyToken::root()),
+        };
+        let ctx = TimeoutContext::new(deadline, token.clone());
+        self.carrier.insert(&mut req, &ctx);
+        let inner = &mut self.inner;
+        let future = ctx.clone().sync_scope(|| inner.call(req));
+        ResponseFuture::new(ctx.scope(future), expires, token, now, self.metrics.clone())
+    }
+}

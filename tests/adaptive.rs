@@ -1,0 +1,164 @@
+//! Adaptive limit algorithms fed synthetic samples from a backend model.
+
+use std::time::Duration;
+
+use towerguard::limit::adaptive::{Aimd, Algorithm, Sample, Vegas};
+
+const BASE: Duration = Duration::from_millis(10);
+
+/// A small deterministic pseudo-random sequence in [0, 1).
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A backend with `capacity` concurrent slots: beyond it, requests queue and latency grows
+/// in proportion; demand always fills the limit (sustained overload).
+fn latency(in_flight: usize, capacity: usize, noise: &mut Noise) -> Duration {
+    let queueing = (in_flight as f64 / capacity as f64).max(1.0);
+    BASE.mul_f64(queueing * (0.95 + 0.1 * noise.next()))
+}
+
+/// Feeds `samples` samples the way the limiter does: averaged over the algorithm's window.
+fn run(
+    algorithm: &mut dyn Algorithm,
+    samples: usize,
+    mut sample: impl FnMut(usize) -> Sample,
+) -> Vec<usize> {
+    let window = algorithm.window();
+    let mut limit = algorithm.initial_limit();
+    let mut history = Vec::with_capacity(samples);
+    let mut batch = Vec::with_capacity(window);
+    for _ in 0..samples {
+        batch.push(sample(limit));
+        if batch.len() == window {
+            let latency = batch.iter().map(|s| s.latency).sum::<Duration>() / window as u32;
+            let in_flight = batch.iter().map(|s| s.in_flight).max().unwrap();
+            let dropped = batch.iter().any(|s| s.dropped);
+            let average = Sample::new(latency, in_flight, dropped);
+            limit = algorithm.update(limit, average).max(1);
+            batch.clear();
+        }
+        history.push(limit);
+    }
+    history
+}
+
+fn mean(values: &[usize]) -> f64 {
+    values.iter().sum::<usize>() as f64 / values.len() as f64
+}
+
+#[test]
+fn aimd_converges_below_a_capacity_signalled_by_drops_and_does_not_drift_up() {
+    const CAPACITY: usize = 50;
+    let mut aimd = Aimd::new(5, 1, 1_000);
+    let mut noise = Noise(7);
+    let history = run(&mut aimd, 40_000, |limit| {
+        Sample::new(
+            latency(limit, CAPACITY, &mut noise),
+            limit,
+            limit > CAPACITY,
+        )
+    });
+    let late = &history[20_000..];
+    let avg = mean(late);
+    assert!(
+        (0.85 * CAPACITY as f64..=CAPACITY as f64 + 1.0).contains(&avg),
+        "mean {avg}"
+    );
+    assert!(
+        late.iter().all(|&l| l <= CAPACITY + 1),
+        "max {:?}",
+        late.iter().max()
+    );
+    let (first, second) = history[10_000..].split_at(15_000);
+    assert!(second.iter().max() <= first.iter().max(), "no upward drift");
+}
+
+#[test]
+fn aimd_latency_threshold_counts_slow_samples_as_drops() {
+    const CAPACITY: usize = 40;
+    let mut aimd = Aimd::new(5, 1, 1_000).latency_threshold(BASE.mul_f64(1.5));
+    let mut noise = Noise(3);
+    let history = run(&mut aimd, 20_000, |limit| {
+        Sample::new(latency(limit, CAPACITY, &mut noise), limit, false)
+    });
+    let late = &history[10_000..];
+    assert!(
+        late.iter().all(|&l| l <= (CAPACITY as f64 * 1.6) as usize),
+        "max {:?}",
+        late.iter().max()
+    );
+    assert!(mean(late) >= CAPACITY as f64 * 0.8, "mean {}", mean(late));
+}
+
+#[test]
+fn vegas_converges_near_capacity_from_latency_alone() {
+    for capacity in [20usize, 100, 400] {
+        let mut vegas = Vegas::new(4, 1, 5_000);
+        let mut noise = Noise(capacity as u64);
+        let history = run(&mut vegas, 60_000, |limit| {
+            Sample::new(latency(limit, capacity, &mut noise), limit, false)
+        });
+        let late = &history[30_000..];
+        let avg = mean(late);
+        let cap = capacity as f64;
+        assert!(
+            (cap..=cap * 1.3).contains(&avg),
+            "capacity {capacity}: mean {avg}"
+        );
+        assert!(
+            late.iter().all(|&l| (l as f64) <= cap * 1.4),
+            "capacity {capacity}: max {:?}",
+            late.iter().max()
+        );
+    }
+}
+
+#[test]
+fn vegas_does_not_drift_upward_under_sustained_overload() {
+    const CAPACITY: usize = 100;
+    let mut vegas = Vegas::new(10, 1, 10_000);
+    let mut noise = Noise(11);
+    let history = run(&mut vegas, 200_000, |limit| {
+        Sample::new(latency(limit, CAPACITY, &mut noise), limit, false)
+    });
+    let windows: Vec<f64> = history[20_000..].chunks(20_000).map(mean).collect();
+    let first = windows[0];
+    for (i, w) in windows.iter().enumerate() {
+        assert!(*w <= first * 1.05, "window {i}: mean {w} against {first}");
+    }
+}
+
+#[test]
+fn neither_algorithm_grows_while_less_than_half_the_limit_is_used() {
+    let mut aimd = Aimd::new(20, 1, 1_000);
+    let mut vegas = Vegas::new(20, 1, 1_000);
+    let algorithms: [&mut dyn Algorithm; 2] = [&mut aimd, &mut vegas];
+    for algorithm in algorithms {
+        let history = run(algorithm, 5_000, |_| Sample::new(BASE, 3, false));
+        assert!(history.iter().all(|&l| l == 20), "{history:?}");
+    }
+}
+
+#[test]
+fn limits_stay_within_their_bounds() {
+    let mut aimd = Aimd::new(5, 3, 8);
+    let history = run(&mut aimd, 1_000, |limit| Sample::new(BASE, limit, false));
+    assert_eq!(*history.iter().max().unwrap(), 8);
+    let history = run(&mut aimd, 1_000, |limit| Sample::new(BASE, limit, true));
+    assert_eq!(*history.iter().min().unwrap(), 3);
+
+    let mut vegas = Vegas::new(5, 3, 8);
+    let history = run(&mut vegas, 1_000, |limit| Sample::new(BASE, limit, false));
+    assert_eq!(*history.iter().max().unwrap(), 8);
+    let history = run(&mut vegas, 1_000, |limit| Sample::new(BASE, limit, true));
+    assert_eq!(*history.iter().min().unwrap(), 3);
+}

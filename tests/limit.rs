@@ -1,0 +1,475 @@
+//! Integration tests of the concurrency limit.
+
+mod support;
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tokio_test::{assert_pending, task};
+use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
+use towerguard::http::ErrorResponseLayer;
+use towerguard::limit::{ConcurrencyLimit, ConcurrencyLimitLayer, LimitHandle, ResponseFuture};
+use towerguard::timeout::TimeoutLayer;
+use towerguard::ErrorKind;
+
+use support::{Outcome, Probe, Upstream};
+
+/// Counts requests inside a handler, records the peak, and holds them until opened.
+struct Gauge {
+    current: AtomicUsize,
+    peak: AtomicUsize,
+    target: usize,
+    reached: Notify,
+    gate: watch::Sender<bool>,
+}
+
+impl Gauge {
+    fn new(target: usize) -> Arc<Self> {
+        Arc::new(Gauge {
+            current: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            target,
+            reached: Notify::new(),
+            gate: watch::channel(false).0,
+        })
+    }
+}
+
+async fn work(State(gauge): State<Arc<Gauge>>) -> &'static str {
+    let now = gauge.current.fetch_add(1, Ordering::SeqCst) + 1;
+    gauge.peak.fetch_max(now, Ordering::SeqCst);
+    if now == gauge.target {
+        gauge.reached.notify_one();
+    }
+    let mut gate = gauge.gate.subscribe();
+    gate.wait_for(|open| *open).await.unwrap();
+    gauge.current.fetch_sub(1, Ordering::SeqCst);
+    "done"
+}
+
+async fn serve(app: Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// 100 concurrent clients over real TCP; returns the statuses.
+async fn hammer(addr: std::net::SocketAddr, paths: &[&str], gauge: &Gauge) -> Vec<StatusCode> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<String>();
+    let mut clients = JoinSet::new();
+    for i in 0..100 {
+        let uri = format!("http://{addr}{}", paths[i % paths.len()]);
+        let client = client.clone();
+        clients.spawn(async move {
+            let response = client.get(uri.parse().unwrap()).await.unwrap();
+            response.status()
+        });
+    }
+    // Every permit is in use inside the handler before anyone may finish.
+    gauge.reached.notified().await;
+    gauge.gate.send_replace(true);
+    let mut statuses = Vec::new();
+    while let Some(status) = clients.join_next().await {
+        statuses.push(status.unwrap());
+    }
+    statuses
+}
+
+fn queued_limit(limit: usize) -> ConcurrencyLimitLayer {
+    ConcurrencyLimitLayer::builder()
+        .limit(limit)
+        .queue_without_timeout(1_000)
+        .build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_router_layer_holds_the_limit_across_per_request_clones_over_tcp() {
+    const LIMIT: usize = 5;
+    let gauge = Gauge::new(LIMIT);
+    let limit = queued_limit(LIMIT);
+    let app = Router::new()
+        .route("/work", get(work))
+        .layer(
+            ServiceBuilder::new()
+                .layer(ErrorResponseLayer::new())
+                .layer(limit),
+        )
+        .with_state(gauge.clone());
+    let addr = serve(app).await;
+
+    let statuses = hammer(addr, &["/work"], &gauge).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        gauge.peak.load(Ordering::SeqCst),
+        LIMIT,
+        "never above, and reaches, the limit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_layer_on_two_axum_routes_is_one_limit_over_tcp() {
+    const LIMIT: usize = 4;
+    let gauge = Gauge::new(LIMIT);
+    let guard = ServiceBuilder::new()
+        .layer(ErrorResponseLayer::new())
+        .layer(queued_limit(LIMIT));
+    let app = Router::new()
+        .route("/a", get(work).layer(guard.clone()))
+        .route("/b", get(work).layer(guard))
+        .with_state(gauge.clone());
+    let addr = serve(app).await;
+
+    let statuses = hammer(addr, &["/a", "/b"], &gauge).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(gauge.peak.load(Ordering::SeqCst), LIMIT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_hold_no_permits_over_tcp() {
+    let limit = ConcurrencyLimitLayer::new(1);
+    let handle = limit.handle();
+    let app = Router::new().route("/", get(|| async { "ok" })).layer(
+        ServiceBuilder::new()
+            .layer(ErrorResponseLayer::new())
+            .layer(limit),
+    );
+    let addr = serve(app).await;
+
+    // Ten connections, each used once and then left open and idle.
+    let mut senders = Vec::new();
+    for _ in 0..10 {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let response = sender
+            .send_request(Request::get("/").body(String::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.into_body().collect().await.unwrap();
+        senders.push(sender);
+    }
+    assert_eq!(handle.in_flight(), 0);
+    // With a limit of 1, the next request on any of them is admitted.
+    let response = senders[3]
+        .send_request(Request::get("/").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn poll_ready_reserves_nothing() {
+    let limit = ConcurrencyLimitLayer::new(1);
+    let handle = limit.handle();
+    let svc = limit.layer(Probe::new(Upstream::new()));
+    let mut idle: Vec<_> = (0..10).map(|_| svc.clone()).collect();
+    for clone in &mut idle {
+        clone.ready().await.unwrap();
+    }
+    assert_eq!(handle.in_flight(), 0);
+    let mut svc = svc;
+    let answer = svc.ready().await.unwrap().call("k".to_owned()).await;
+    assert_eq!(answer.unwrap(), "k#1");
+}
+
+type Limited = ConcurrencyLimit<Upstream>;
+
+fn limited(layer: &ConcurrencyLimitLayer, upstream: &Upstream) -> (Limited, LimitHandle) {
+    (layer.layer(upstream.clone()), layer.handle())
+}
+
+async fn start(
+    svc: &mut Limited,
+    key: &str,
+) -> ResponseFuture<Upstream, String, towerguard::limit::OnResponse> {
+    svc.ready().await.unwrap().call(key.to_owned())
+}
+
+#[tokio::test(start_paused = true)]
+async fn permits_come_back_after_success_error_panic_timeout_and_drop() {
+    let upstream = Upstream::scripted(|n, key| match key {
+        "err" => Outcome::Err("failed"),
+        "panic" => Outcome::Panic("boom"),
+        _ => Outcome::Ok(format!("{key}#{n}")),
+    });
+    let layer = ConcurrencyLimitLayer::new(1);
+    let (mut svc, handle) = limited(&layer, &upstream);
+
+    assert!(start(&mut svc, "ok").await.await.is_ok());
+    assert_eq!(handle.in_flight(), 0, "after success");
+
+    assert_eq!(
+        start(&mut svc, "err").await.await.unwrap_err().kind(),
+        ErrorKind::Inner
+    );
+    assert_eq!(handle.in_flight(), 0, "after error");
+
+    let err = start(&mut svc, "panic").await.await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Panicked);
+    assert_eq!(handle.in_flight(), 0, "after panic");
+
+    upstream.close();
+    let mut timed = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(Duration::from_secs(1)))
+        .service(svc.clone());
+    let call = timed.ready().await.unwrap().call("slow".to_owned());
+    let err = call.await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TimedOut);
+    assert_eq!(handle.in_flight(), 0, "after timeout");
+
+    let mut pending = task::spawn(start(&mut svc, "slow").await);
+    assert_pending!(pending.poll());
+    assert_eq!(handle.in_flight(), 1);
+    drop(pending);
+    assert_eq!(handle.in_flight(), 0, "after drop");
+
+    upstream.open();
+    assert!(start(&mut svc, "again").await.await.is_ok());
+}
+
+#[tokio::test]
+async fn reject_mode_rejects_at_once_with_overloaded() {
+    let upstream = Upstream::new();
+    upstream.close();
+    let layer = ConcurrencyLimitLayer::builder()
+        .limit(1)
+        .retry_after(Duration::from_secs(3))
+        .build();
+    let (mut svc, _) = limited(&layer, &upstream);
+    let mut held = task::spawn(start(&mut svc, "a").await);
+    assert_pending!(held.poll());
+    let err = start(&mut svc, "b").await.await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Overloaded);
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(3)));
+}
+
+#[tokio::test]
+async fn the_queue_length_bound_rejects_with_overloaded() {
+    let upstream = Upstream::new();
+    upstream.close();
+    let layer = ConcurrencyLimitLayer::builder()
+        .limit(1)
+        .queue(2, Duration::from_secs(60))
+        .build();
+    let (mut svc, handle) = limited(&layer, &upstream);
+    let mut held = task::spawn(start(&mut svc, "a").await);
+    assert_pending!(held.poll());
+    let mut queued: Vec<_> = Vec::new();
+    for key in ["b", "c"] {
+        let mut fut = task::spawn(start(&mut svc, key).await);
+        assert_pending!(fut.poll());
+        queued.push(fut);
+    }
+    assert_eq!(handle.queued(), 2);
+    let err = start(&mut svc, "d").await.await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Overloaded);
+
+    // The queue drains in order once the permit comes back.
+    upstream.open();
+    assert!(held.await.is_ok());
+    for fut in queued {
+        assert!(fut.await.is_ok());
+    }
+    assert_eq!((handle.in_flight(), handle.queued()), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_queue_wait_bound_rejects_with_overloaded() {
+    let upstream = Upstream::new();
+    upstream.close();
+    let layer = ConcurrencyLimitLayer::builder()
+        .limit(1)
+        .queue(10, Duration::from_millis(100))
+        .build();
+    let (mut svc, handle) = limited(&layer, &upstream);
+    let mut held = task::spawn(start(&mut svc, "a").await);
+    assert_pending!(held.poll());
+    let waiting = start(&mut svc, "b").await;
+    let started = tokio::time::Instant::now();
+    let err = waiting.await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Overloaded);
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+    assert_eq!(handle.queued(), 0);
+    assert_eq!(handle.in_flight(), 1);
+}
+
+#[tokio::test]
+async fn http_rejection_is_503_with_retry_after() {
+    let gate = Arc::new(Notify::new());
+    let inner_gate = gate.clone();
+    let inner = service_fn(move |_req: Request<String>| {
+        let gate = inner_gate.clone();
+        async move {
+            gate.notified().await;
+            Ok::<_, Infallible>(Response::new(String::from("ok")))
+        }
+    });
+    let mut svc = ServiceBuilder::new()
+        .layer(ErrorResponseLayer::new())
+        .layer(ConcurrencyLimitLayer::new(1))
+        .service(inner);
+    let mut held = task::spawn(svc.ready().await.unwrap().call(Request::new(String::new())));
+    assert_pending!(held.poll());
+    let response = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(String::new()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+}
+
+/// A body fed chunk by chunk from a channel.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+#[tokio::test]
+async fn with_the_body_option_the_permit_is_held_until_a_streaming_body_ends() {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
+    let inner = service_fn(move |_req: Request<()>| {
+        let rx = rx.lock().unwrap().take().expect("one call");
+        async move { Ok::<_, Infallible>(Response::new(ChannelBody(rx))) }
+    });
+    let layer = ConcurrencyLimitLayer::new(1);
+    let handle = layer.handle();
+    let mut svc = layer.until_body_end().layer(inner);
+
+    let response = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    assert!(body.holds_permit());
+    assert_eq!(handle.in_flight(), 1, "the head is out, the body is not");
+    tx.send(Bytes::from_static(b"chunk")).await.unwrap();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "chunk");
+    assert_eq!(handle.in_flight(), 1, "still streaming");
+    drop(tx);
+    assert!(body.frame().await.is_none());
+    assert_eq!(handle.in_flight(), 0, "released at the end of the body");
+}
+
+#[tokio::test]
+async fn without_the_body_option_the_permit_goes_back_with_the_response() {
+    let (_tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
+    let inner = service_fn(move |_req: Request<()>| {
+        let rx = rx.lock().unwrap().take().expect("one call");
+        async move { Ok::<_, Infallible>(Response::new(ChannelBody(rx))) }
+    });
+    let layer = ConcurrencyLimitLayer::new(1);
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner);
+    let _response = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
+    assert_eq!(handle.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn many_ready_calls_in_one_task_never_report_overloaded() {
+    let layer = ConcurrencyLimitLayer::new(1);
+    let mut svc = layer.layer(service_fn(|n: u32| async move { Ok::<_, Infallible>(n) }));
+    for n in 0..10_000 {
+        let answer = svc.ready().await.unwrap().call(n).await;
+        assert_eq!(answer.unwrap(), n, "call {n}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adaptive_limit_is_shared_and_stays_within_its_bounds() {
+    let layer = ConcurrencyLimitLayer::builder()
+        .adaptive(towerguard::limit::adaptive::Aimd::new(2, 1, 8))
+        .queue_without_timeout(10_000)
+        .build();
+    let handle = layer.handle();
+    let peak = Arc::new(AtomicUsize::new(0));
+    let current = Arc::new(AtomicUsize::new(0));
+    let (p, c) = (peak.clone(), current.clone());
+    let svc = layer.layer(service_fn(move |_: u32| {
+        let (p, c) = (p.clone(), c.clone());
+        async move {
+            let now = c.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            c.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, Infallible>(())
+        }
+    }));
+    let mut tasks = JoinSet::new();
+    for i in 0..2_000 {
+        tasks.spawn(svc.clone().oneshot(i));
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap().unwrap();
+    }
+    assert!(peak.load(Ordering::SeqCst) <= 8);
+    assert!(
+        handle.limit() > 2,
+        "grew under full use: {}",
+        handle.limit()
+    );
+    assert_eq!(handle.in_flight(), 0);
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<ConcurrencyLimitLayer>();
+    send_sync::<Limited>();
+    send_sync::<LimitHandle>();
+    send::<ResponseFuture<Upstream, String, towerguard::limit::OnResponse>>();
+    send::<towerguard::limit::PermitBody<Body>>();
+}
