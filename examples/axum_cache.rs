@@ -1,4 +1,5 @@
-//! An axum app whose handler reads through towerguard's single-flight cache.
+//! An axum app guarded by towerguard: a concurrency limit and a timeout on the router, and
+//! a handler that reads through the single-flight cache.
 //!
 //! ```text
 //! cargo run --example axum_cache [-- --listen 127.0.0.1:3000]
@@ -9,7 +10,9 @@
 //!
 //! The cached service is an ordinary tower service (here a slow user lookup). However many
 //! requests for one user arrive at once, the lookup runs once; a client that disconnects
-//! does not cancel it for the others.
+//! does not cancel it for the others. The router answers 503 with `Retry-After` when more
+//! than 64 requests are in flight and 128 wait, and 504 after 2 s, without
+//! `HandleErrorLayer`: `ErrorResponseLayer` makes the stack infallible.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,6 +25,9 @@ use axum::Router;
 use tower::util::BoxCloneSyncService;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use towerguard::cache::{CacheHandle, CacheLayer};
+use towerguard::http::ErrorResponseLayer;
+use towerguard::limit::ConcurrencyLimitLayer;
+use towerguard::timeout::TimeoutLayer;
 use towerguard::ErrorKind;
 
 #[derive(Clone)]
@@ -86,9 +92,20 @@ async fn main() -> std::io::Result<()> {
         users: BoxCloneSyncService::new(ServiceBuilder::new().layer(cache).service(backend)),
         lookups,
     };
+    let guard = ServiceBuilder::new()
+        .layer(ErrorResponseLayer::new())
+        .layer(TimeoutLayer::new(Duration::from_secs(2)).http_extensions())
+        .layer(
+            ConcurrencyLimitLayer::builder()
+                .name("app")
+                .limit(64)
+                .queue(128, Duration::from_millis(100))
+                .build(),
+        );
     let app = Router::new()
         .route("/users/{id}", get(user))
         .route("/stats", get(stats))
+        .layer(guard)
         .with_state(state);
 
     let listener = tokio::net::TcpListener::bind(&listen).await?;

@@ -24,7 +24,10 @@ use tokio::task::JoinSet;
 use tokio_test::{assert_pending, task};
 use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 use towerguard::http::ErrorResponseLayer;
-use towerguard::limit::{ConcurrencyLimit, ConcurrencyLimitLayer, LimitHandle, ResponseFuture};
+use towerguard::limit::{
+    ConcurrencyLimit, ConcurrencyLimitLayer, KeyedConcurrencyLimitLayer, LimitHandle,
+    ResponseFuture,
+};
 use towerguard::timeout::TimeoutLayer;
 use towerguard::ErrorKind;
 
@@ -463,6 +466,79 @@ async fn an_adaptive_limit_is_shared_and_stays_within_its_bounds() {
     assert_eq!(handle.in_flight(), 0);
 }
 
+fn tenant(req: &String) -> String {
+    req.split('/').next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn a_keyed_limit_holds_per_key_and_keys_do_not_block_each_other() {
+    let upstream = Upstream::new();
+    upstream.close();
+    let layer = KeyedConcurrencyLimitLayer::builder(tenant)
+        .per_key(2)
+        .max_keys(100)
+        .build();
+    let mut svc = layer.layer(upstream.clone());
+    let mut held = Vec::new();
+    for req in ["a/1", "a/2", "b/1", "b/2"] {
+        let mut fut = task::spawn(svc.ready().await.unwrap().call(req.to_owned()));
+        assert_pending!(fut.poll());
+        held.push(fut);
+    }
+    assert_eq!(layer.partitions(), 2);
+    for req in ["a/3", "b/3"] {
+        let err = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(req.to_owned())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Overloaded, "{req}");
+    }
+    let mut other = task::spawn(svc.ready().await.unwrap().call("c/1".to_owned()));
+    assert_pending!(other.poll());
+    assert_eq!(layer.partitions(), 3);
+
+    upstream.open();
+    for fut in held {
+        assert!(fut.await.is_ok());
+    }
+    assert!(other.await.is_ok());
+    assert_eq!(layer.partitions(), 0, "idle partitions are dropped");
+}
+
+#[tokio::test]
+async fn keys_beyond_the_bound_share_one_overflow_partition() {
+    let upstream = Upstream::new();
+    upstream.close();
+    let layer = KeyedConcurrencyLimitLayer::builder(tenant)
+        .per_key(1)
+        .max_keys(1)
+        .build();
+    let mut svc = layer.layer(upstream.clone());
+    let mut first = task::spawn(svc.ready().await.unwrap().call("a/1".to_owned()));
+    assert_pending!(first.poll());
+    let mut overflow = task::spawn(svc.ready().await.unwrap().call("b/1".to_owned()));
+    assert_pending!(overflow.poll());
+    assert_eq!(layer.partitions(), 1, "the key set is bounded");
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call("c/1".to_owned())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Overloaded,
+        "c shares b's overflow partition"
+    );
+    upstream.open();
+    assert!(first.await.is_ok());
+    assert!(overflow.await.is_ok());
+}
+
 #[test]
 fn public_types_are_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}
@@ -472,4 +548,6 @@ fn public_types_are_send_and_sync() {
     send_sync::<LimitHandle>();
     send::<ResponseFuture<Upstream, String, towerguard::limit::OnResponse>>();
     send::<towerguard::limit::PermitBody<Body>>();
+    send_sync::<KeyedConcurrencyLimitLayer<String, String>>();
+    send_sync::<towerguard::limit::KeyedConcurrencyLimit<Upstream, String, String>>();
 }

@@ -39,6 +39,9 @@ pub(crate) struct Limiter {
     next_id: AtomicU64,
     algorithm: Option<Adaptive>,
     pub(crate) metrics: LimitMetrics,
+    /// Called after a permit or a queue place is given back (keyed partitions use it to
+    /// drop partitions that became idle).
+    on_release: Option<Box<dyn Fn(&Limiter) + Send + Sync>>,
 }
 
 /// An adaptive algorithm and the lock-free window that feeds it.
@@ -149,6 +152,24 @@ impl Limiter {
             next_id: AtomicU64::new(0),
             algorithm,
             metrics,
+            on_release: None,
+        }
+    }
+
+    /// Sets the hook called after every release.
+    pub(crate) fn with_on_release(mut self, hook: Box<dyn Fn(&Limiter) + Send + Sync>) -> Self {
+        self.on_release = Some(hook);
+        self
+    }
+
+    /// Nothing in flight and nobody waiting.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.in_flight() == 0 && self.queued() == 0
+    }
+
+    fn released(&self) {
+        if let Some(hook) = &self.on_release {
+            hook(self);
         }
     }
 
@@ -344,6 +365,7 @@ impl Drop for Permit {
         if let Some(sample) = sample {
             self.limiter.sample(sample);
         }
+        self.limiter.released();
     }
 }
 
@@ -414,7 +436,9 @@ impl Ticket {
             queue.remove(index);
             self.limiter.dequeued();
         }
+        drop(queue);
         self.done = true;
+        self.limiter.released();
         None
     }
 }

@@ -13,6 +13,8 @@
 //!   and in wait; then fail with [`ErrorKind::Overloaded`], carrying a `Retry-After` hint.
 //! - **Adaptive**: an [`adaptive::Algorithm`] ([`adaptive::Aimd`], [`adaptive::Vegas`])
 //!   moves the limit within its bounds from the latency and drops of finished requests.
+//! - **Per key**: [`KeyedConcurrencyLimitLayer`] gives each key (tenant, client) a limit
+//!   of its own over a bounded set of partitions.
 //! - **No spurious overload**: admission is an atomic compare-and-swap, not a semaphore
 //!   poll, so tokio's cooperative budget cannot make a ready service look full.
 //!
@@ -51,12 +53,16 @@
 
 pub mod adaptive;
 mod future;
+mod keyed;
 mod layer;
 mod limiter;
 mod release;
 mod service;
 
 pub use self::future::ResponseFuture;
+pub use self::keyed::{
+    KeyedConcurrencyLimit, KeyedConcurrencyLimitBuilder, KeyedConcurrencyLimitLayer,
+};
 pub use self::layer::{
     ConcurrencyLimitBuilder, ConcurrencyLimitLayer, LimitHandle, DEFAULT_RETRY_AFTER,
 };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tower_service::Service;
 
 use super::future::ResponseFuture;
-use super::limiter::{Acquired, Limiter};
+use super::limiter::{Acquired, Limiter, Rejection};
 use super::release::{OnResponse, Release};
 use crate::error::{BoxError, Error};
 
@@ -85,17 +85,38 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.limiter.acquire() {
-            Ok(Acquired::Permit(permit)) => {
-                ResponseFuture::running(self.inner.call(req), permit, self.retry_after)
-            }
-            Ok(Acquired::Queued(ticket)) => {
-                let fresh = self.inner.clone();
-                let readied = std::mem::replace(&mut self.inner, fresh);
-                let max_wait = self.limiter.max_wait();
-                ResponseFuture::queued(ticket, readied, req, max_wait, self.retry_after)
-            }
-            Err(_) => ResponseFuture::rejected(self.retry_after),
+        let acquired = self.limiter.acquire();
+        admit(
+            acquired,
+            &self.limiter,
+            &mut self.inner,
+            req,
+            self.retry_after,
+        )
+    }
+}
+
+/// Turns what the limiter gave into the response future: call now with the permit, queue
+/// with the readied service moved out (a fresh clone takes its place), or reject.
+pub(crate) fn admit<S, Req, M>(
+    acquired: Result<Acquired, Rejection>,
+    limiter: &Limiter,
+    inner: &mut S,
+    req: Req,
+    retry_after: Duration,
+) -> ResponseFuture<S, Req, M>
+where
+    S: Service<Req> + Clone,
+{
+    match acquired {
+        Ok(Acquired::Permit(permit)) => {
+            ResponseFuture::running(inner.call(req), permit, retry_after)
         }
+        Ok(Acquired::Queued(ticket)) => {
+            let fresh = inner.clone();
+            let readied = std::mem::replace(inner, fresh);
+            ResponseFuture::queued(ticket, readied, req, limiter.max_wait(), retry_after)
+        }
+        Err(_) => ResponseFuture::rejected(retry_after),
     }
 }
