@@ -41,8 +41,11 @@ pub(crate) struct Limiter {
     pub(crate) metrics: LimitMetrics,
     /// Called after a permit or a queue place is given back (keyed partitions use it to
     /// drop partitions that became idle).
-    on_release: Option<Box<dyn Fn(&Limiter) + Send + Sync>>,
+    on_release: Option<ReleaseHook>,
 }
+
+/// Called with the limiter after each release.
+pub(crate) type ReleaseHook = Box<dyn Fn(&Limiter) + Send + Sync>;
 
 /// An adaptive algorithm and the lock-free window that feeds it.
 struct Adaptive {
@@ -157,7 +160,7 @@ impl Limiter {
     }
 
     /// Sets the hook called after every release.
-    pub(crate) fn with_on_release(mut self, hook: Box<dyn Fn(&Limiter) + Send + Sync>) -> Self {
+    pub(crate) fn with_on_release(mut self, hook: ReleaseHook) -> Self {
         self.on_release = Some(hook);
         self
     }
