@@ -466,7 +466,7 @@ async fn an_adaptive_limit_is_shared_and_stays_within_its_bounds() {
     assert_eq!(handle.in_flight(), 0);
 }
 
-fn tenant(req: &String) -> String {
+fn tenant(req: &str) -> String {
     req.split('/').next().unwrap_or_default().to_owned()
 }
 
@@ -474,7 +474,7 @@ fn tenant(req: &String) -> String {
 async fn a_keyed_limit_holds_per_key_and_keys_do_not_block_each_other() {
     let upstream = Upstream::new();
     upstream.close();
-    let layer = KeyedConcurrencyLimitLayer::builder(tenant)
+    let layer = KeyedConcurrencyLimitLayer::builder(|r: &String| tenant(r))
         .per_key(2)
         .max_keys(100)
         .build();
@@ -512,7 +512,7 @@ async fn a_keyed_limit_holds_per_key_and_keys_do_not_block_each_other() {
 async fn keys_beyond_the_bound_share_one_overflow_partition() {
     let upstream = Upstream::new();
     upstream.close();
-    let layer = KeyedConcurrencyLimitLayer::builder(tenant)
+    let layer = KeyedConcurrencyLimitLayer::builder(|r: &String| tenant(r))
         .per_key(1)
         .max_keys(1)
         .build();
