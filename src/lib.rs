@@ -5,6 +5,8 @@
 //! | [`cache`] | single-flight cache: one shared upstream call per key, results kept in a bounded store |
 //! | [`limit`] | concurrency limit shared by every clone: static or adaptive, reject or bounded queue |
 //! | [`timeout`] | timeouts measured from `call` that cancel the work and tell it so |
+//! | [`hedge`] | a second attempt when the first is slow; first success wins, within a budget |
+//! | [`retry`] | retry on fault with backoff, full jitter, `Retry-After` and a shared [`budget`] |
 //! | [`http`] | HTTP semantics: errors mapped to 503 / 504 responses |
 //!
 //! Every layer fails with the crate's one [`Error`] type, whose [`ErrorKind`] says what
@@ -37,11 +39,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod cache;
 mod error;
+pub mod hedge;
 pub mod http;
 pub mod limit;
 pub mod metrics;
+pub mod retry;
 pub mod timeout;
 
 pub use error::{BoxError, Error, ErrorKind};

@@ -74,6 +74,25 @@ pub const TIMEOUT_TIMEOUTS: &str = "towerguard_timeout_timeouts_total";
 /// Time from `call` to the response or the timeout, labelled by `outcome`.
 pub const TIMEOUT_DURATION: &str = "towerguard_timeout_duration_seconds";
 
+/// Attempts the retry layer sent (first attempts included).
+pub const RETRY_ATTEMPTS: &str = "towerguard_retry_attempts_total";
+/// Retries sent, labelled by `reason`.
+pub const RETRY_RETRIES: &str = "towerguard_retry_retries_total";
+/// Retries wanted but refused by the budget.
+pub const RETRY_BUDGET_EXHAUSTED: &str = "towerguard_retry_budget_exhausted_total";
+/// Requests returned with a retryable outcome, labelled by `reason`.
+pub const RETRY_GAVE_UP: &str = "towerguard_retry_gave_up_total";
+/// Attempts the hedge layer sent (first attempts included).
+pub const HEDGE_ATTEMPTS: &str = "towerguard_hedge_attempts_total";
+/// Hedged attempts sent.
+pub const HEDGE_HEDGES: &str = "towerguard_hedge_hedges_total";
+/// Requests won by a hedged attempt.
+pub const HEDGE_WINS: &str = "towerguard_hedge_wins_total";
+/// Hedges wanted but refused by the budget.
+pub const HEDGE_BUDGET_EXHAUSTED: &str = "towerguard_hedge_budget_exhausted_total";
+/// The current hedge delay.
+pub const HEDGE_DELAY: &str = "towerguard_hedge_delay_seconds";
+
 /// Every metric the crate emits.
 pub const METRICS: &[MetricInfo] = &[
     MetricInfo {
@@ -188,6 +207,69 @@ pub const METRICS: &[MetricInfo] = &[
         unit: "seconds",
         help: "time from call to response or expiry: ok, error, timed_out",
     },
+    MetricInfo {
+        name: RETRY_ATTEMPTS,
+        kind: MetricType::Counter,
+        labels: &[],
+        unit: "attempts",
+        help: "attempts sent, first attempts included",
+    },
+    MetricInfo {
+        name: RETRY_RETRIES,
+        kind: MetricType::Counter,
+        labels: &["reason"],
+        unit: "attempts",
+        help: "retries sent, by what called for them: error, response",
+    },
+    MetricInfo {
+        name: RETRY_BUDGET_EXHAUSTED,
+        kind: MetricType::Counter,
+        labels: &[],
+        unit: "requests",
+        help: "retries wanted but refused by the budget",
+    },
+    MetricInfo {
+        name: RETRY_GAVE_UP,
+        kind: MetricType::Counter,
+        labels: &["reason"],
+        unit: "requests",
+        help: "retryable outcomes returned: max_attempts, deadline, not_replayable, retry_after",
+    },
+    MetricInfo {
+        name: HEDGE_ATTEMPTS,
+        kind: MetricType::Counter,
+        labels: &[],
+        unit: "attempts",
+        help: "attempts sent, first attempts included",
+    },
+    MetricInfo {
+        name: HEDGE_HEDGES,
+        kind: MetricType::Counter,
+        labels: &[],
+        unit: "attempts",
+        help: "hedged attempts sent",
+    },
+    MetricInfo {
+        name: HEDGE_WINS,
+        kind: MetricType::Counter,
+        labels: &[],
+        unit: "requests",
+        help: "requests answered by a hedged attempt",
+    },
+    MetricInfo {
+        name: HEDGE_BUDGET_EXHAUSTED,
+        kind: MetricType::Counter,
+        labels: &[],
+        unit: "requests",
+        help: "hedges wanted but refused by the budget",
+    },
+    MetricInfo {
+        name: HEDGE_DELAY,
+        kind: MetricType::Gauge,
+        labels: &[],
+        unit: "seconds",
+        help: "the current hedge delay",
+    },
 ];
 
 /// Instrument handles of one cache layer instance.
@@ -287,6 +369,62 @@ impl TimeoutMetrics {
             ok: duration("ok"),
             error: duration("error"),
             timed_out: duration("timed_out"),
+        }
+    }
+}
+
+/// Instrument handles of one retry instance.
+#[derive(Debug, Clone)]
+pub(crate) struct RetryMetrics {
+    pub(crate) attempts: Counter,
+    pub(crate) retried_error: Counter,
+    pub(crate) retried_response: Counter,
+    pub(crate) budget_exhausted: Counter,
+    pub(crate) gave_up_max_attempts: Counter,
+    pub(crate) gave_up_deadline: Counter,
+    pub(crate) gave_up_not_replayable: Counter,
+    pub(crate) gave_up_retry_after: Counter,
+}
+
+impl RetryMetrics {
+    pub(crate) fn register(name: &str) -> Self {
+        describe();
+        let name = name.to_owned();
+        let retries = |reason: &'static str| metrics::counter!(RETRY_RETRIES, "name" => name.clone(), "reason" => reason);
+        let gave_up = |reason: &'static str| metrics::counter!(RETRY_GAVE_UP, "name" => name.clone(), "reason" => reason);
+        RetryMetrics {
+            attempts: metrics::counter!(RETRY_ATTEMPTS, "name" => name.clone()),
+            retried_error: retries("error"),
+            retried_response: retries("response"),
+            budget_exhausted: metrics::counter!(RETRY_BUDGET_EXHAUSTED, "name" => name.clone()),
+            gave_up_max_attempts: gave_up("max_attempts"),
+            gave_up_deadline: gave_up("deadline"),
+            gave_up_not_replayable: gave_up("not_replayable"),
+            gave_up_retry_after: gave_up("retry_after"),
+        }
+    }
+}
+
+/// Instrument handles of one hedge instance.
+#[derive(Debug, Clone)]
+pub(crate) struct HedgeMetrics {
+    pub(crate) attempts: Counter,
+    pub(crate) hedges: Counter,
+    pub(crate) wins: Counter,
+    pub(crate) budget_exhausted: Counter,
+    pub(crate) delay: Gauge,
+}
+
+impl HedgeMetrics {
+    pub(crate) fn register(name: &str) -> Self {
+        describe();
+        let name = name.to_owned();
+        HedgeMetrics {
+            attempts: metrics::counter!(HEDGE_ATTEMPTS, "name" => name.clone()),
+            hedges: metrics::counter!(HEDGE_HEDGES, "name" => name.clone()),
+            wins: metrics::counter!(HEDGE_WINS, "name" => name.clone()),
+            budget_exhausted: metrics::counter!(HEDGE_BUDGET_EXHAUSTED, "name" => name.clone()),
+            delay: metrics::gauge!(HEDGE_DELAY, "name" => name.clone()),
         }
     }
 }

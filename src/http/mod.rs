@@ -1,5 +1,13 @@
 //! HTTP semantics for the generic layers.
 //!
+//! - [`ErrorResponseLayer`]: errors become responses (below).
+//! - [`HttpPolicy`] for [`RetryLayer`](crate::retry::RetryLayer) and
+//!   [`HedgeLayer`](crate::hedge::HedgeLayer): idempotent requests (or those with an
+//!   `Idempotency-Key`) are replayed; connection errors, timeouts and 408, 429, 500, 502,
+//!   503, 504 are retried, honouring `Retry-After` (seconds or an HTTP-date).
+//! - [`BufferBodyLayer`]: reads request bodies ahead up to a bound so they can be replayed;
+//!   a larger body is sent once, intact.
+//!
 //! [`ErrorResponseLayer`] turns the crate's errors into HTTP responses, so a stack of
 //! towerguard layers has `Error = Infallible` and goes straight into axum's
 //! `Router::layer` or a hyper server, without `HandleErrorLayer`:
@@ -29,5 +37,10 @@
 //! ```
 
 mod error;
+mod retry;
 
 pub use self::error::{error_response, ErrorResponse, ErrorResponseFuture, ErrorResponseLayer};
+pub use self::retry::{
+    is_replayable_request, is_retryable_status, retry_after, BufferBody, BufferBodyFuture,
+    BufferBodyLayer, HttpPolicy, ReplayBody, IDEMPOTENCY_KEY,
+};

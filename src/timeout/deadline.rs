@@ -133,6 +133,18 @@ impl LazyToken {
     }
 }
 
+/// Cancels its token when dropped, unless disarmed by taking the token out.
+#[derive(Debug)]
+pub(crate) struct CancelOnDrop(pub(crate) Option<Arc<LazyToken>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(token) = self.0.take() {
+            token.cancel();
+        }
+    }
+}
+
 /// What a timeout hands to the work it bounds: the deadline and a cancellation token.
 ///
 /// The token is cancelled when the timeout expires and when the caller drops the response
@@ -161,6 +173,17 @@ impl TimeoutContext {
 
     pub(crate) fn lazy_token(&self) -> &Arc<LazyToken> {
         &self.token
+    }
+
+    /// A scope for one attempt inside the current one (or a fresh one): same deadline,
+    /// a child token.
+    pub(crate) fn attempt() -> TimeoutContext {
+        match TimeoutContext::current() {
+            Some(outer) => TimeoutContext::new(outer.deadline, LazyToken::child_of(&outer.token)),
+            None => {
+                TimeoutContext::new(Deadline::at(far_future(Instant::now())), LazyToken::root())
+            }
+        }
     }
 
     /// The context of the timeout whose work is running on this task, if any.

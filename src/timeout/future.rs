@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use super::deadline::{LazyToken, TimeoutContext};
+use super::deadline::{CancelOnDrop, LazyToken, TimeoutContext};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::metrics::TimeoutMetrics;
 use pin_project_lite::pin_project;
@@ -105,17 +105,6 @@ where
             return Poll::Ready(Err(Error::new(ErrorKind::TimedOut)));
         }
         Poll::Pending
-    }
-}
-
-/// Cancels its token when dropped, unless disarmed by taking the token out.
-struct CancelOnDrop(Option<Arc<LazyToken>>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(token) = self.0.take() {
-            token.cancel();
-        }
     }
 }
 

@@ -42,7 +42,7 @@
 //!
 //! Dropping the response future drops the inner future and cancels the token.
 
-mod deadline;
+pub(crate) mod deadline;
 mod future;
 mod layer;
 mod service;

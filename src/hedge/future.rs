@@ -1,0 +1,238 @@
+//! The hedge layer's response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
+use tokio::time::{Instant, Sleep};
+use tower::util::Oneshot;
+use tower_service::Service;
+
+use super::layer::Shared;
+use crate::error::{BoxError, Error, ErrorKind};
+use crate::retry::Policy;
+use crate::timeout::deadline::CancelOnDrop;
+use crate::timeout::{Deadline, TimeoutContext};
+
+pin_project! {
+    /// One attempt, in its own cancellation scope: dropping it unfinished cancels its token.
+    struct Attempt<F> {
+        #[pin]
+        future: TaskLocalFuture<TimeoutContext, F>,
+        cancel: CancelOnDrop,
+        started: Instant,
+    }
+}
+
+impl<F: Future> Attempt<F> {
+    fn new(ctx: TimeoutContext, future: F) -> Self {
+        let token = ctx.lazy_token().clone();
+        Attempt {
+            future: ctx.scope(future),
+            cancel: CancelOnDrop(Some(token)),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl<F, T, E> Future for Attempt<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = (Result<T, Error>, Instant);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.future.poll(cx)).map_err(Error::inner);
+        // Finished: nothing to cancel.
+        this.cancel.0 = None;
+        Poll::Ready((result, *this.started))
+    }
+}
+
+type Hedged<S, Req> = Pin<Box<Attempt<Oneshot<S, Req>>>>;
+
+pin_project! {
+    /// Response future of [`Hedge`](super::Hedge).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it drops every attempt under way and cancels their tokens.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponseFuture<S, Req, P>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        first: Option<Attempt<S::Future>>,
+        hedges: Vec<Hedged<S, Req>>,
+        #[pin]
+        timer: Option<Sleep>,
+        service: S,
+        policy: P,
+        template: Option<Req>,
+        sent: u32,
+        last_error: Option<Error>,
+        shared: Arc<Shared>,
+    }
+}
+
+impl<S, Req, P> ResponseFuture<S, Req, P>
+where
+    S: Service<Req> + Clone,
+{
+    pub(crate) fn start(
+        inner: &mut S,
+        req: Req,
+        template: Option<Req>,
+        policy: P,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let ctx = TimeoutContext::attempt();
+        let future = ctx.clone().sync_scope(|| inner.call(req));
+        shared.metrics.attempts.increment(1);
+        let timer = template
+            .as_ref()
+            .map(|_| tokio::time::sleep(shared.delay()));
+        ResponseFuture {
+            first: Some(Attempt::new(ctx, future)),
+            hedges: Vec::new(),
+            timer,
+            service: inner.clone(),
+            policy,
+            template,
+            sent: 1,
+            last_error: None,
+            shared,
+        }
+    }
+}
+
+impl<S, Req, P> Future for ResponseFuture<S, Req, P>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    P: Policy<Req, S::Response>,
+{
+    type Output = Result<S::Response, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            // The first success wins; an error only counts once nothing else is running.
+            if let Some(first) = this.first.as_mut().as_pin_mut() {
+                if let Poll::Ready((result, started)) = first.poll(cx) {
+                    this.first.set(None);
+                    match result {
+                        Ok(response) => {
+                            won(this.shared, started, false);
+                            this.hedges.clear();
+                            return Poll::Ready(Ok(response));
+                        }
+                        Err(error) => *this.last_error = Some(error),
+                    }
+                }
+            }
+            let mut i = 0;
+            while i < this.hedges.len() {
+                match this.hedges[i].as_mut().poll(cx) {
+                    Poll::Pending => i += 1,
+                    Poll::Ready((Ok(response), started)) => {
+                        won(this.shared, started, true);
+                        this.hedges.clear();
+                        this.first.set(None);
+                        return Poll::Ready(Ok(response));
+                    }
+                    Poll::Ready((Err(error), _)) => {
+                        this.hedges.swap_remove(i);
+                        *this.last_error = Some(error);
+                    }
+                }
+            }
+            if this.first.is_none() && this.hedges.is_empty() {
+                let error = this
+                    .last_error
+                    .take()
+                    .unwrap_or_else(|| Error::new(ErrorKind::Cancelled));
+                return Poll::Ready(Err(error));
+            }
+            let Some(timer) = this.timer.as_mut().as_pin_mut() else {
+                return Poll::Pending;
+            };
+            if timer.poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Time to hedge, if the budget, the deadline and the request allow.
+            let shared = &**this.shared;
+            let request = may_hedge(shared).then(|| {
+                let last = *this.sent + 1 >= shared.max_attempts;
+                let copy = this.template.as_ref().and_then(|r| this.policy.replay(r));
+                if last {
+                    copy.or_else(|| this.template.take())
+                } else {
+                    copy
+                }
+            });
+            let Some(request) = request.flatten() else {
+                this.timer.set(None);
+                continue;
+            };
+            *this.sent += 1;
+            shared.metrics.attempts.increment(1);
+            shared.metrics.hedges.increment(1);
+            let call = Oneshot::new(this.service.clone(), request);
+            this.hedges
+                .push(Box::pin(Attempt::new(TimeoutContext::attempt(), call)));
+            if *this.sent < shared.max_attempts {
+                this.timer.set(Some(tokio::time::sleep(shared.delay())));
+            } else {
+                this.timer.set(None);
+            }
+        }
+    }
+}
+
+/// Budget and deadline checks before a hedge.
+fn may_hedge(shared: &Shared) -> bool {
+    if let Some(deadline) = Deadline::current() {
+        if !deadline.allows(shared.expected()) {
+            return false;
+        }
+    }
+    if let Some(budget) = &shared.budget {
+        if !budget.withdraw() {
+            shared.metrics.budget_exhausted.increment(1);
+            return false;
+        }
+    }
+    true
+}
+
+fn won(shared: &Shared, started: Instant, hedged: bool) {
+    shared.record(started.elapsed());
+    if hedged {
+        shared.metrics.wins.increment(1);
+    }
+    if shared.deposit {
+        if let Some(budget) = &shared.budget {
+            budget.deposit();
+        }
+    }
+}
+
+impl<S, Req, P> fmt::Debug for ResponseFuture<S, Req, P>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("sent", &self.sent)
+            .field("hedges_running", &self.hedges.len())
+            .finish_non_exhaustive()
+    }
+}

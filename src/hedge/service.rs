@@ -1,0 +1,95 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::layer::Shared;
+use crate::error::{BoxError, Error};
+use crate::retry::Policy;
+
+/// Hedges requests to `S`. Made by [`HedgeLayer`](super::HedgeLayer).
+///
+/// `poll_ready` asks the inner service and the first attempt goes to that readied service;
+/// each hedged attempt drives its own clone to readiness before calling it.
+pub struct Hedge<S, P> {
+    inner: S,
+    policy: P,
+    shared: Arc<Shared>,
+}
+
+impl<S, P> Hedge<S, P> {
+    pub(crate) fn from_parts(inner: S, policy: P, shared: Arc<Shared>) -> Self {
+        Hedge {
+            inner,
+            policy,
+            shared,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the hedge and returns the wrapped service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, P: Clone> Clone for Hedge<S, P> {
+    fn clone(&self) -> Self {
+        Hedge {
+            inner: self.inner.clone(),
+            policy: self.policy.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for Hedge<S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hedge")
+            .field("inner", &self.inner)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, P, Req> Service<Req> for Hedge<S, P>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    P: Policy<Req, S::Response> + Clone,
+{
+    type Response = S::Response;
+    type Error = Error;
+    type Future = ResponseFuture<S, Req, P>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Error::inner)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let hedgeable = self.shared.max_attempts > 1;
+        let template = if hedgeable {
+            self.policy.replay(&req)
+        } else {
+            None
+        };
+        ResponseFuture::start(
+            &mut self.inner,
+            req,
+            template,
+            self.policy.clone(),
+            self.shared.clone(),
+        )
+    }
+}

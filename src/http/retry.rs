@@ -1,0 +1,399 @@
+//! Replaying HTTP requests: idempotency, bodies buffered up to a bound, and the retry
+//! classification of responses.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::RETRY_AFTER;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::{BoxError, Error};
+use crate::retry::{is_transient, Policy, Verdict};
+
+/// The header that lets a client mark a non-idempotent request as safe to repeat.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// True for methods that are idempotent (RFC 9110 section 9.2.2), or for any request
+/// carrying an `Idempotency-Key` header.
+pub fn is_replayable_request(method: &Method, headers: &HeaderMap) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) || headers.contains_key(IDEMPOTENCY_KEY)
+}
+
+/// The wait a `Retry-After` header asks for: delay-seconds or an HTTP-date (RFC 9110
+/// section 10.2.3). A date in the past means no wait; an unreadable value means none.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    // A wall-clock date can only be compared with the wall clock.
+    Some(
+        date.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// A request body that was read ahead, up to a bound, so the request can be sent again.
+///
+/// `Complete` bodies (read to their end within the bound, no trailers) are replayable and
+/// cheap to clone. A body over the bound is sent once: what was read ahead, then the rest.
+pub struct ReplayBody<B> {
+    state: BodyState<B>,
+}
+
+enum BodyState<B> {
+    Complete(Option<Bytes>),
+    Streaming {
+        read_ahead: VecDeque<Frame<Bytes>>,
+        rest: Option<B>,
+    },
+}
+
+impl<B> ReplayBody<B> {
+    /// A complete body.
+    pub fn complete(data: Bytes) -> Self {
+        ReplayBody {
+            state: BodyState::Complete((!data.is_empty()).then_some(data)),
+        }
+    }
+
+    /// True when the whole body is held and can be replayed.
+    pub fn is_replayable(&self) -> bool {
+        matches!(self.state, BodyState::Complete(_))
+    }
+
+    /// A copy of a complete body; `None` for a streaming one.
+    pub fn try_clone(&self) -> Option<Self> {
+        match &self.state {
+            BodyState::Complete(data) => Some(ReplayBody {
+                state: BodyState::Complete(data.clone()),
+            }),
+            BodyState::Streaming { .. } => None,
+        }
+    }
+}
+
+impl<B> fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.state {
+            BodyState::Complete(data) => f
+                .debug_struct("ReplayBody")
+                .field("complete", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+            BodyState::Streaming { read_ahead, .. } => f
+                .debug_struct("ReplayBody")
+                .field("streaming_after", &read_ahead.len())
+                .finish(),
+        }
+    }
+}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().state {
+            BodyState::Complete(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            BodyState::Streaming { read_ahead, rest } => {
+                if let Some(frame) = read_ahead.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                let Some(body) = rest.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let frame = ready!(Pin::new(body).poll_frame(cx));
+                if frame.is_none() {
+                    *rest = None;
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            BodyState::Complete(data) => data.is_none(),
+            BodyState::Streaming { read_ahead, rest } => {
+                read_ahead.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            BodyState::Complete(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            BodyState::Streaming { read_ahead, rest } => {
+                let ahead: u64 = read_ahead
+                    .iter()
+                    .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+                    .sum();
+                let mut hint = rest
+                    .as_ref()
+                    .map_or_else(SizeHint::default, |b| b.size_hint());
+                hint.set_lower(hint.lower() + ahead);
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper + ahead);
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// The HTTP retry and hedge policy.
+///
+/// - **Replay**: idempotent methods (or an `Idempotency-Key`) with a complete body.
+/// - **Retry**: errors of the inner service (connection failures) and timeouts, and the
+///   responses 408, 429, 500, 502, 503 and 504 (not 501: not implemented will not change),
+///   honouring their `Retry-After`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpPolicy;
+
+/// True for the statuses worth another attempt.
+pub fn is_retryable_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
+}
+
+impl<B, RB> Policy<Request<ReplayBody<B>>, Response<RB>> for HttpPolicy {
+    fn replay(&self, req: &Request<ReplayBody<B>>) -> Option<Request<ReplayBody<B>>> {
+        if !is_replayable_request(req.method(), req.headers()) {
+            return None;
+        }
+        let body = req.body().try_clone()?;
+        let mut copy = Request::new(body);
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        *copy.headers_mut() = req.headers().clone();
+        *copy.extensions_mut() = req.extensions().clone();
+        Some(copy)
+    }
+
+    fn classify(&self, outcome: &Result<Response<RB>, Error>) -> Verdict {
+        match outcome {
+            Ok(response) if is_retryable_status(response.status()) => Verdict::Retry {
+                after: retry_after(response.headers()),
+            },
+            Ok(_) => Verdict::Done,
+            Err(error) if is_transient(error) => Verdict::Retry { after: None },
+            Err(_) => Verdict::Done,
+        }
+    }
+}
+
+/// A [`Layer`] that reads request bodies ahead, up to `max_bytes`, so that retry and hedge
+/// can replay them. Only requests that may be replayed at all (idempotent, or with an
+/// `Idempotency-Key`) are read ahead; a body over the bound is passed on whole, and its
+/// request is sent once.
+#[derive(Debug, Clone, Copy)]
+pub struct BufferBodyLayer {
+    max_bytes: usize,
+}
+
+impl BufferBodyLayer {
+    /// Reads ahead up to `max_bytes` per request.
+    pub fn new(max_bytes: usize) -> Self {
+        BufferBodyLayer { max_bytes }
+    }
+}
+
+impl<S> Layer<S> for BufferBodyLayer {
+    type Service = BufferBody<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BufferBody {
+            inner,
+            max_bytes: self.max_bytes,
+        }
+    }
+}
+
+/// Reads request bodies ahead for `S`. Made by [`BufferBodyLayer`].
+#[derive(Debug, Clone)]
+pub struct BufferBody<S> {
+    inner: S,
+    max_bytes: usize,
+}
+
+impl<S, B> Service<Request<B>> for BufferBody<S>
+where
+    S: Service<Request<ReplayBody<B>>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = Error;
+    type Future = BufferBodyFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Error::inner)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        let worth_reading = is_replayable_request(&parts.method, &parts.headers)
+            && body
+                .size_hint()
+                .upper()
+                .is_none_or(|upper| upper <= self.max_bytes as u64)
+            && body.size_hint().lower() <= self.max_bytes as u64;
+        if !worth_reading {
+            let body = ReplayBody {
+                state: BodyState::Streaming {
+                    read_ahead: VecDeque::new(),
+                    rest: Some(body),
+                },
+            };
+            let future = self.inner.call(Request::from_parts(parts, body));
+            return BufferBodyFuture {
+                state: BufferState::Calling { future },
+            };
+        }
+        // Keep the readied service for after the body is read; a clone takes its place.
+        let fresh = self.inner.clone();
+        let service = std::mem::replace(&mut self.inner, fresh);
+        BufferBodyFuture {
+            state: BufferState::Reading {
+                service: Some(service),
+                parts: Some(parts),
+                body: Some(body),
+                frames: VecDeque::new(),
+                data: BytesMut::new(),
+                max_bytes: self.max_bytes,
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`BufferBody`].
+    #[must_use = "futures do nothing unless polled"]
+    pub struct BufferBodyFuture<S, B>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        #[pin]
+        state: BufferState<S, B>,
+    }
+}
+
+pin_project! {
+    #[project = BufferProj]
+    enum BufferState<S, B>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        Reading {
+            service: Option<S>,
+            parts: Option<http::request::Parts>,
+            body: Option<B>,
+            frames: VecDeque<Frame<Bytes>>,
+            data: BytesMut,
+            max_bytes: usize,
+        },
+        Calling { #[pin] future: S::Future },
+    }
+}
+
+impl<S, B> fmt::Debug for BufferBodyFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufferBodyFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, B> Future for BufferBodyFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                BufferProj::Calling { future } => {
+                    return future.poll(cx).map_err(Error::inner);
+                }
+                BufferProj::Reading {
+                    service,
+                    parts,
+                    body,
+                    frames,
+                    data,
+                    max_bytes,
+                } => {
+                    let Some(reading) = body.as_mut() else {
+                        return Poll::Ready(Err(Error::new(crate::ErrorKind::Cancelled)));
+                    };
+                    // Read until the end, a trailer, or the bound.
+                    let complete = loop {
+                        match ready!(Pin::new(&mut *reading).poll_frame(cx)) {
+                            None => break true,
+                            Some(Err(error)) => {
+                                return Poll::Ready(Err(Error::inner(error)));
+                            }
+                            Some(Ok(frame)) => match frame.into_data() {
+                                Ok(chunk) => {
+                                    data.extend_from_slice(&chunk);
+                                    frames.push_back(Frame::data(chunk));
+                                    if data.len() > *max_bytes {
+                                        break false;
+                                    }
+                                }
+                                Err(trailers) => {
+                                    frames.push_back(trailers);
+                                    break false;
+                                }
+                            },
+                        }
+                    };
+                    let replay = if complete {
+                        ReplayBody::complete(std::mem::take(data).freeze())
+                    } else {
+                        ReplayBody {
+                            state: BodyState::Streaming {
+                                read_ahead: std::mem::take(frames),
+                                rest: body.take(),
+                            },
+                        }
+                    };
+                    let (Some(mut service), Some(parts)) = (service.take(), parts.take()) else {
+                        return Poll::Ready(Err(Error::new(crate::ErrorKind::Cancelled)));
+                    };
+                    let future = service.call(Request::from_parts(parts, replay));
+                    state.set(BufferState::Calling { future });
+                }
+            }
+        }
+    }
+}

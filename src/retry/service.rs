@@ -1,0 +1,92 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::layer::Shared;
+use super::policy::Policy;
+use crate::error::{BoxError, Error};
+
+/// Retries requests to `S` as its policy says. Made by [`RetryLayer`](super::RetryLayer).
+///
+/// `poll_ready` asks the inner service; the first attempt goes to that readied service, and
+/// every retry drives its own clone to readiness first.
+pub struct Retry<S, P> {
+    inner: S,
+    policy: P,
+    shared: Arc<Shared>,
+}
+
+impl<S, P> Retry<S, P> {
+    pub(crate) fn from_parts(inner: S, policy: P, shared: Arc<Shared>) -> Self {
+        Retry {
+            inner,
+            policy,
+            shared,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the retry and returns the wrapped service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, P: Clone> Clone for Retry<S, P> {
+    fn clone(&self) -> Self {
+        Retry {
+            inner: self.inner.clone(),
+            policy: self.policy.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for Retry<S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, P, Req> Service<Req> for Retry<S, P>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    P: Policy<Req, S::Response> + Clone,
+{
+    type Response = S::Response;
+    type Error = Error;
+    type Future = ResponseFuture<S, Req, P>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Error::inner)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let replay = self.policy.replay(&req);
+        self.shared.metrics.attempts.increment(1);
+        let first = self.inner.call(req);
+        ResponseFuture::new(
+            first,
+            self.inner.clone(),
+            self.policy.clone(),
+            replay,
+            self.shared.clone(),
+        )
+    }
+}

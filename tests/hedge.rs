@@ -1,0 +1,332 @@
+//! Integration tests of hedged requests, on paused time.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_test::{assert_pending, task};
+use tokio_util::sync::CancellationToken;
+use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
+use towerguard::budget::Budget;
+use towerguard::hedge::HedgeLayer;
+use towerguard::timeout::{TimeoutContext, TimeoutLayer};
+
+use support::{Metrics, Probe};
+
+/// Drops a counter when the attempt it belongs to is dropped unfinished.
+struct Dropped(Arc<AtomicUsize>, bool);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A backend whose n-th call (from 0) takes `latency(n)` and then answers `Ok(n)`, or an
+/// error when `fail(n)`; it records the calls, unfinished drops and attempt tokens.
+#[derive(Clone)]
+struct Backend {
+    calls: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
+    tokens: Arc<Mutex<Vec<CancellationToken>>>,
+    latency: Arc<dyn Fn(usize) -> Duration + Send + Sync>,
+    fail: Arc<dyn Fn(usize) -> bool + Send + Sync>,
+}
+
+impl Backend {
+    fn new(latency: impl Fn(usize) -> Duration + Send + Sync + 'static) -> Self {
+        Backend {
+            calls: Arc::default(),
+            dropped: Arc::default(),
+            tokens: Arc::default(),
+            latency: Arc::new(latency),
+            fail: Arc::new(|_| false),
+        }
+    }
+
+    fn failing(mut self, fail: impl Fn(usize) -> bool + Send + Sync + 'static) -> Self {
+        self.fail = Arc::new(fail);
+        self
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn service(
+        &self,
+    ) -> impl Service<
+        u32,
+        Response = usize,
+        Error = std::io::Error,
+        Future = impl std::future::Future<Output = Result<usize, std::io::Error>> + Send,
+    > + Clone
+           + Send
+           + 'static {
+        let this = self.clone();
+        service_fn(move |_: u32| {
+            let n = this.calls.fetch_add(1, Ordering::SeqCst);
+            if let Some(ctx) = TimeoutContext::current() {
+                this.tokens.lock().unwrap().push(ctx.token());
+            }
+            let latency = (this.latency)(n);
+            let fail = (this.fail)(n);
+            let dropped = this.dropped.clone();
+            async move {
+                let mut guard = Dropped(dropped, true);
+                tokio::time::sleep(latency).await;
+                guard.1 = false;
+                if fail {
+                    Err(std::io::Error::other("failed"))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+    }
+}
+
+fn fixed(delay_ms: u64) -> HedgeLayer {
+    HedgeLayer::new()
+        .fixed_delay(Duration::from_millis(delay_ms))
+        .without_budget()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_fires_after_the_delay_and_not_before_and_the_loser_is_dropped() {
+    let backend = Backend::new(|n| Duration::from_millis(if n == 0 { 1_000 } else { 10 }));
+    let mut svc = fixed(50).layer(backend.service());
+    let start = Instant::now();
+    let mut fut = task::spawn(svc.ready().await.unwrap().call(0));
+    assert_pending!(fut.poll());
+    tokio::time::advance(Duration::from_millis(49)).await;
+    assert_pending!(fut.poll());
+    assert_eq!(backend.calls(), 1, "no hedge before the delay");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_pending!(fut.poll());
+    assert_eq!(backend.calls(), 2, "the hedge goes out at the delay");
+    let answer = fut.await.unwrap();
+    assert_eq!(answer, 1, "the hedge won");
+    assert_eq!(start.elapsed(), Duration::from_millis(60));
+    assert_eq!(
+        backend.dropped.load(Ordering::SeqCst),
+        1,
+        "the slow first attempt was dropped"
+    );
+    let tokens = backend.tokens.lock().unwrap();
+    assert!(tokens[0].is_cancelled(), "the loser's token is cancelled");
+    assert!(!tokens[1].is_cancelled(), "the winner's is not");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fast_first_attempt_sends_no_hedge() {
+    let backend = Backend::new(|_| Duration::from_millis(10));
+    let svc = fixed(50).layer(backend.service());
+    assert_eq!(svc.oneshot(0).await.unwrap(), 0);
+    tokio::time::advance(Duration::from_millis(100)).await;
+    assert_eq!(backend.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_early_error_does_not_win_while_another_attempt_is_outstanding() {
+    // The first attempt fails at 100 ms; the hedge, sent at 50 ms, succeeds at 150 ms.
+    let backend = Backend::new(|_| Duration::from_millis(100)).failing(|n| n == 0);
+    let svc = fixed(50).layer(backend.service());
+    let start = Instant::now();
+    assert_eq!(svc.oneshot(0).await.unwrap(), 1);
+    assert_eq!(start.elapsed(), Duration::from_millis(150));
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_every_attempt_fails_the_last_error_comes_back() {
+    let backend = Backend::new(|_| Duration::from_millis(100)).failing(|_| true);
+    let svc = fixed(50).layer(backend.service());
+    let err = svc.oneshot(0).await.unwrap_err();
+    assert_eq!(err.kind(), towerguard::ErrorKind::Inner);
+    assert_eq!(backend.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_percentile_delay_follows_a_shifted_latency_distribution() {
+    let phase = Arc::new(AtomicUsize::new(10));
+    let p = phase.clone();
+    let backend = Backend::new(move |_| Duration::from_millis(p.load(Ordering::SeqCst) as u64));
+    let layer = HedgeLayer::new()
+        .percentile(0.9)
+        .window(100)
+        .initial_delay(Duration::from_millis(500), 20)
+        .without_budget();
+    let svc = layer.layer(backend.service());
+    assert_eq!(
+        layer.current_delay(),
+        Duration::from_millis(500),
+        "initial delay"
+    );
+    for _ in 0..300 {
+        svc.clone().oneshot(0).await.unwrap();
+    }
+    let delay = layer.current_delay();
+    assert!(
+        delay >= Duration::from_millis(10) && delay < Duration::from_micros(10_700),
+        "{delay:?}"
+    );
+    phase.store(40, Ordering::SeqCst);
+    for _ in 0..300 {
+        svc.clone().oneshot(0).await.unwrap();
+    }
+    let delay = layer.current_delay();
+    assert!(
+        delay >= Duration::from_millis(40) && delay < Duration::from_micros(42_700),
+        "{delay:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_every_call_slow_hedges_stay_within_the_budget_fraction() {
+    const REQUESTS: usize = 10_000;
+    let backend = Backend::new(|_| Duration::from_millis(100));
+    let layer = HedgeLayer::new()
+        .fixed_delay(Duration::from_millis(10))
+        .budget(Budget::with_cap(0.05, 0.0, 100.0));
+    let svc = layer.layer(backend.service());
+    for batch in 0..REQUESTS / 500 {
+        let mut set = JoinSet::new();
+        for _ in 0..500 {
+            set.spawn(svc.clone().oneshot(batch as u32));
+        }
+        while let Some(result) = set.join_next().await {
+            result.unwrap().unwrap();
+        }
+    }
+    let hedges = backend.calls() - REQUESTS;
+    assert!(
+        hedges <= REQUESTS / 20,
+        "{hedges} hedges for {REQUESTS} requests"
+    );
+    assert!(hedges >= REQUESTS / 25, "the budget is spent: {hedges}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_hedge_starts_when_the_deadline_cannot_be_met() {
+    let backend = Backend::new(|_| Duration::from_millis(100));
+    let svc = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(Duration::from_millis(30)))
+        .layer(fixed(20))
+        .service(backend.service());
+    let err = svc.oneshot(0).await.unwrap_err();
+    assert_eq!(err.kind(), towerguard::ErrorKind::TimedOut);
+    assert_eq!(
+        backend.calls(),
+        1,
+        "10 ms left cannot fit an attempt expected to take 20 ms"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_attempt_drives_its_own_service_to_ready() {
+    let backend = Backend::new(|n| Duration::from_millis(if n == 0 { 1_000 } else { 10 }));
+    let probe = Probe::new(backend.service());
+    let (polls, calls) = (probe.polls.clone(), probe.calls.clone());
+    let mut svc = fixed(50).max_attempts(3).layer(probe);
+    let answer = svc.ready().await.unwrap().call(0).await.unwrap();
+    assert_eq!(answer, 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        polls.load(Ordering::SeqCst),
+        2,
+        "the readied service, then one clone driven to ready"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_the_policy_cannot_replay_are_not_hedged() {
+    let backend = Backend::new(|_| Duration::from_millis(100));
+    let policy = towerguard::retry::FnPolicy::new(
+        |_: &u32| None,
+        |_: &Result<usize, towerguard::Error>| towerguard::retry::Verdict::Done,
+    );
+    let svc = fixed(10).policy(policy).layer(backend.service());
+    svc.oneshot(0).await.unwrap();
+    assert_eq!(backend.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_response_future_drops_every_attempt() {
+    let backend = Backend::new(|_| Duration::from_secs(10));
+    let mut svc = fixed(10).layer(backend.service());
+    let mut fut = task::spawn(svc.ready().await.unwrap().call(0));
+    assert_pending!(fut.poll());
+    tokio::time::advance(Duration::from_millis(10)).await;
+    assert_pending!(fut.poll());
+    assert_eq!(backend.calls(), 2);
+    drop(fut);
+    assert_eq!(backend.dropped.load(Ordering::SeqCst), 2);
+    assert!(backend
+        .tokens
+        .lock()
+        .unwrap()
+        .iter()
+        .all(CancellationToken::is_cancelled));
+}
+
+#[test]
+fn hedge_metrics_are_emitted() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let backend = Backend::new(|n| Duration::from_millis(if n == 0 { 1_000 } else { 10 }));
+    let layer = metrics::with_local_recorder(&recorder, || {
+        HedgeLayer::new()
+            .name("m")
+            .fixed_delay(Duration::from_millis(50))
+            .budget(Budget::with_cap(0.0, 1.0, 0.0))
+    });
+    let svc = layer.layer(backend.service());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        svc.clone().oneshot(0).await.unwrap(); // slow: hedged, the hedge wins
+        svc.clone().oneshot(0).await.unwrap(); // fast
+        let mut fut = task::spawn(svc.clone().oneshot(0));
+        assert_pending!(fut.poll());
+        drop(fut);
+    });
+    let m = Metrics::from(&snapshotter);
+    let name = [("name", "m")];
+    assert_eq!(m.counter("towerguard_hedge_attempts_total", &name), 4);
+    assert_eq!(m.counter("towerguard_hedge_hedges_total", &name), 1);
+    assert_eq!(m.counter("towerguard_hedge_wins_total", &name), 1);
+    assert_eq!(
+        m.counter("towerguard_hedge_budget_exhausted_total", &name),
+        0
+    );
+    assert_eq!(m.gauge("towerguard_hedge_delay_seconds", &name), 0.05);
+    for info in towerguard::metrics::METRICS
+        .iter()
+        .filter(|i| i.name.starts_with("towerguard_hedge_"))
+    {
+        assert!(
+            m.names().contains(&info.name.to_owned()),
+            "{} not emitted",
+            info.name
+        );
+    }
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    type Inner = support::Upstream;
+    send_sync::<HedgeLayer>();
+    send_sync::<towerguard::hedge::Hedge<Inner, towerguard::retry::RetryErrors>>();
+    send::<towerguard::hedge::ResponseFuture<Inner, String, towerguard::retry::RetryErrors>>();
+}
