@@ -31,10 +31,10 @@ pub fn echo() -> impl Service<u64, Response = u64, Error = Infallible, Future = 
 }
 
 /// `ready` + `call` + `.await`, `iters` times in all, split over `tasks` tasks each with its
-/// own clone of `svc`.
-pub async fn drive<S>(svc: S, iters: u64, tasks: u64) -> Duration
+/// own service from `make` (a clone, for services that are `Clone`).
+pub async fn drive<S>(make: impl Fn() -> S, iters: u64, tasks: u64) -> Duration
 where
-    S: Service<u64> + Clone + Send + 'static,
+    S: Service<u64> + Send + 'static,
     S::Error: Debug + Send,
     S::Response: Send,
     S::Future: Send,
@@ -42,7 +42,7 @@ where
     let start = std::time::Instant::now();
     let mut set = JoinSet::new();
     for _ in 0..tasks {
-        let mut svc = svc.clone();
+        let mut svc = make();
         set.spawn(async move {
             for i in 0..iters.div_ceil(tasks) {
                 let ready = svc.ready().await.unwrap();
@@ -54,10 +54,25 @@ where
     start.elapsed()
 }
 
-/// Registers `name/1_task` and `name/2_tasks` for `svc`.
+/// Registers `name/1_task` and `name/2_tasks` for clones of `svc`.
 pub fn bench<S>(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, name: &str, svc: S)
 where
     S: Service<u64> + Clone + Send + 'static,
+    S::Error: Debug + Send,
+    S::Response: Send,
+    S::Future: Send,
+{
+    bench_with(group, rt, name, move || svc.clone());
+}
+
+/// Registers `name/1_task` and `name/2_tasks`, each task with a service from `make`.
+pub fn bench_with<S>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    name: &str,
+    make: impl Fn() -> S + Clone,
+) where
+    S: Service<u64> + Send + 'static,
     S::Error: Debug + Send,
     S::Response: Send,
     S::Future: Send,
@@ -66,7 +81,7 @@ where
         let id = format!("{name}/{tasks}_task{}", if tasks > 1 { "s" } else { "" });
         group.bench_function(id, |b| {
             b.to_async(rt)
-                .iter_custom(|iters| drive(svc.clone(), iters, tasks))
+                .iter_custom(|iters| drive(make.clone(), iters, tasks))
         });
     }
 }

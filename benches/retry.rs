@@ -1,0 +1,75 @@
+//! Pass-through overhead of a retry layer whose first attempt always succeeds, beside
+//! tower's `Retry` and tower-resilience's retry, in the same run.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::convert::Infallible;
+use std::future::Ready;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tower::Layer;
+
+/// tower's retry needs a policy written by hand: up to two retries on error.
+#[derive(Clone)]
+struct Attempts(usize);
+
+impl tower::retry::Policy<u64, u64, Infallible> for Attempts {
+    type Future = Ready<()>;
+
+    fn retry(
+        &mut self,
+        _req: &mut u64,
+        result: &mut Result<u64, Infallible>,
+    ) -> Option<Self::Future> {
+        match result {
+            Ok(_) => None,
+            Err(_) if self.0 > 0 => {
+                self.0 -= 1;
+                Some(std::future::ready(()))
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn clone_request(&mut self, req: &u64) -> Option<u64> {
+        Some(*req)
+    }
+}
+
+fn retry(c: &mut Criterion) {
+    let rt = common::runtime();
+    let mut group = c.benchmark_group("retry");
+    common::bench(&mut group, &rt, "bare", common::echo());
+    common::bench(
+        &mut group,
+        &rt,
+        "towerguard",
+        towerguard::retry::RetryLayer::new().layer(common::echo()),
+    );
+    common::bench(
+        &mut group,
+        &rt,
+        "tower_retry",
+        tower::retry::RetryLayer::new(Attempts(2)).layer(common::echo()),
+    );
+    common::bench(
+        &mut group,
+        &rt,
+        "tower_resilience_retry",
+        tower_resilience::retry::RetryLayer::<u64, u64, Infallible>::builder()
+            .max_attempts(3)
+            .exponential_backoff(Duration::from_millis(25))
+            .build()
+            .layer(common::echo()),
+    );
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = retry
+}
+criterion_main!(benches);
