@@ -66,13 +66,13 @@ impl Default for RetryLayer {
 }
 
 impl RetryLayer {
-    /// Three attempts in all, backoff 25 ms doubling to 1 s with full jitter, `Retry-After`
+    /// Four attempts in all, backoff 25 ms doubling to 1 s with full jitter, `Retry-After`
     /// honoured up to 10 s, a budget of 20% of successful requests plus 10 per second, and
     /// the [`RetryErrors`] policy.
     pub fn new() -> Self {
         RetryLayer {
             shared: Arc::new(Shared {
-                max_attempts: 3,
+                max_attempts: 4,
                 backoff: Backoff::default(),
                 max_retry_after: Duration::from_secs(10),
                 budget: Some(Budget::new(0.2, 10.0)),
