@@ -568,11 +568,7 @@ fn every_listed_cache_metric_is_emitted_with_the_expected_values() {
     let handle = layer.handle();
     let mut svc = layer.layer(upstream.clone());
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let runtime = support::paused_runtime();
     runtime.block_on(async {
         // miss, then coalesced, then hit
         upstream.close();

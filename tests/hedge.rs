@@ -287,11 +287,7 @@ fn hedge_metrics_are_emitted() {
             .budget(Budget::with_cap(0.0, 1.0, 0.0))
     });
     let svc = layer.layer(backend.service());
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let runtime = support::paused_runtime();
     runtime.block_on(async {
         svc.clone().oneshot(0).await.unwrap(); // slow: hedged, the hedge wins
         svc.clone().oneshot(0).await.unwrap(); // fast

@@ -456,11 +456,7 @@ fn retry_metrics_are_emitted() {
             .budget(Budget::with_cap(0.0, 2.0, 0.0))
     });
     let svc = layer.layer(upstream);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let runtime = support::paused_runtime();
     runtime.block_on(async {
         svc.clone().oneshot("flaky".to_owned()).await.unwrap();
         svc.clone().oneshot("down".to_owned()).await.unwrap_err();

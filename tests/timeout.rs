@@ -233,11 +233,7 @@ fn limit_and_timeout_metrics_are_emitted() {
             TimeoutLayer::new(Duration::from_secs(1)).name("m"),
         )
     });
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let runtime = support::paused_runtime();
     runtime.block_on(async {
         let mut svc = ServiceBuilder::new()
             .layer(timeout)

@@ -194,6 +194,16 @@ where
     }
 }
 
+/// A current-thread runtime on paused time, for tests that must build their layers
+/// inside `metrics::with_local_recorder` first.
+pub fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread runtime")
+}
+
 /// A value read from a debugging recorder.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
