@@ -7,6 +7,9 @@
 //!   503, 504 are retried, honouring `Retry-After` (seconds or an HTTP-date).
 //! - [`BufferBodyLayer`]: reads request bodies ahead up to a bound so they can be replayed;
 //!   a larger body is sent once, intact.
+//! - [`cache_control`] and [`cache_policy`]: RFC 9111 rules for a shared cache (what may
+//!   be stored, freshness, age, `Vary`, conditional requests, invalidation, stale rules)
+//!   and RFC 9211 `Cache-Status`, as functions of messages.
 //!
 //! [`ErrorResponseLayer`] turns the crate's errors into HTTP responses, so a stack of
 //! towerguard layers has `Error = Infallible` and goes straight into axum's
@@ -36,6 +39,8 @@
 //! # let _ = guard;
 //! ```
 
+pub mod cache_control;
+pub mod cache_policy;
 mod error;
 mod retry;
 

@@ -1,0 +1,553 @@
+//! RFC 9111 rules for a shared cache, as functions of messages: what may be stored, for how
+//! long it is fresh, how old it is, which requests it may answer, when it may be served
+//! stale, what an unsafe request invalidates, and the `Cache-Status` (RFC 9211) to report.
+//!
+//! These are the decisions the HTTP cache layer makes; they are kept free of I/O and of
+//! clocks (times are arguments) so each rule is tested on its own.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use http::header::{
+    HeaderName, AGE, AUTHORIZATION, CONTENT_LOCATION, DATE, ETAG, EXPIRES, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, LAST_MODIFIED, LOCATION, SET_COOKIE, VARY,
+};
+use http::{HeaderMap, Method, StatusCode, Uri};
+
+use super::cache_control::{CacheControl, Seconds, DELTA_SECONDS_MAX};
+
+/// Why a response was not stored (the `detail` of its `Cache-Status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotStored {
+    /// The request method is not GET (HEAD is answered from a stored GET).
+    Method,
+    /// The status is not final, or is one the cache does not store (206, 304).
+    Status,
+    /// `no-store` in the request or the response.
+    NoStore,
+    /// `private`: a shared cache must not store it.
+    Private,
+    /// The request carried `Authorization` and the response did not say it may be shared.
+    Authorization,
+    /// The response sets a cookie.
+    SetCookie,
+    /// `Vary: *`: no later request can match it.
+    VaryStar,
+    /// No explicit freshness and not heuristically cacheable.
+    NoFreshness,
+    /// The body is larger than the cache's limit.
+    TooLarge,
+}
+
+impl NotStored {
+    /// A short token for headers and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotStored::Method => "method",
+            NotStored::Status => "status",
+            NotStored::NoStore => "no-store",
+            NotStored::Private => "private",
+            NotStored::Authorization => "authorization",
+            NotStored::SetCookie => "set-cookie",
+            NotStored::VaryStar => "vary-star",
+            NotStored::NoFreshness => "no-freshness",
+            NotStored::TooLarge => "too-large",
+        }
+    }
+}
+
+/// The rules a shared cache applies, with the few choices RFC 9111 leaves to the cache.
+#[derive(Debug, Clone)]
+pub struct HttpCachePolicy {
+    store_set_cookie: bool,
+    honour_request_no_cache: bool,
+    heuristic_fraction: f64,
+    max_heuristic: Duration,
+    default_ttl: Option<Duration>,
+}
+
+impl Default for HttpCachePolicy {
+    fn default() -> Self {
+        HttpCachePolicy {
+            store_set_cookie: false,
+            honour_request_no_cache: false,
+            heuristic_fraction: 0.1,
+            max_heuristic: Duration::from_secs(24 * 3600),
+            default_ttl: None,
+        }
+    }
+}
+
+/// True for the status codes RFC 9110 section 15.1 defines as heuristically cacheable.
+pub fn is_heuristically_cacheable(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+fn http_date(headers: &HeaderMap, name: HeaderName) -> Option<SystemTime> {
+    let value = headers.get(name)?.to_str().ok()?;
+    httpdate::parse_http_date(value.trim()).ok()
+}
+
+impl HttpCachePolicy {
+    /// Store responses that set cookies (off by default: a shared cache would hand one
+    /// user's cookie to everyone).
+    pub fn store_set_cookie(mut self, store: bool) -> Self {
+        self.store_set_cookie = store;
+        self
+    }
+
+    /// Let a request's `no-cache` or `max-age=0` force a trip to the origin (off by
+    /// default: otherwise any client can force origin load at will).
+    pub fn honour_request_no_cache(mut self, honour: bool) -> Self {
+        self.honour_request_no_cache = honour;
+        self
+    }
+
+    /// True when requests may force revalidation.
+    pub fn honours_request_no_cache(&self) -> bool {
+        self.honour_request_no_cache
+    }
+
+    /// Heuristic freshness: `fraction` of the time since `Last-Modified`, at most `max`.
+    pub fn heuristic(mut self, fraction: f64, max: Duration) -> Self {
+        self.heuristic_fraction = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.1
+        };
+        self.max_heuristic = max;
+        self
+    }
+
+    /// Freshness for responses the rules allow to cache but that give none (no explicit
+    /// freshness, no `Last-Modified` to reason from), bounded like the heuristic.
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = Some(ttl);
+        self
+    }
+
+    /// Whether a shared cache may store `status`/`response` for a request with
+    /// `method`/`request` (RFC 9111 section 3, and 3.5 for `Authorization`).
+    pub fn storable(
+        &self,
+        method: &Method,
+        request: &HeaderMap,
+        status: StatusCode,
+        response: &HeaderMap,
+    ) -> Result<(), NotStored> {
+        if *method != Method::GET {
+            return Err(NotStored::Method);
+        }
+        if status.is_informational()
+            || status == StatusCode::PARTIAL_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Err(NotStored::Status);
+        }
+        let req_cc = CacheControl::from_headers(request);
+        let res_cc = CacheControl::from_headers(response);
+        if req_cc.no_store || res_cc.no_store {
+            return Err(NotStored::NoStore);
+        }
+        if res_cc.private {
+            return Err(NotStored::Private);
+        }
+        if request.contains_key(AUTHORIZATION)
+            && !(res_cc.public || res_cc.s_maxage.is_some() || res_cc.must_revalidate)
+        {
+            return Err(NotStored::Authorization);
+        }
+        if !self.store_set_cookie && response.contains_key(SET_COOKIE) {
+            return Err(NotStored::SetCookie);
+        }
+        if matches!(vary(response), Vary::Star) {
+            return Err(NotStored::VaryStar);
+        }
+        let explicit = res_cc.max_age.is_some()
+            || res_cc.s_maxage.is_some()
+            || response.contains_key(EXPIRES)
+            || res_cc.public;
+        if !explicit && !is_heuristically_cacheable(status) {
+            return Err(NotStored::NoFreshness);
+        }
+        Ok(())
+    }
+
+    /// The freshness lifetime of a stored response (RFC 9111 section 4.2.1, shared cache):
+    /// `s-maxage`, then `max-age`, then `Expires` minus `Date`, then the heuristic.
+    pub fn freshness(&self, status: StatusCode, response: &HeaderMap) -> Duration {
+        let cc = CacheControl::from_headers(response);
+        if let Some(s) = cc.s_maxage {
+            return s.duration();
+        }
+        if let Some(s) = cc.max_age {
+            return s.duration();
+        }
+        if response.contains_key(EXPIRES) {
+            // An invalid Expires (or a second one) means already expired.
+            let Some(expires) = http_date(response, EXPIRES) else {
+                return Duration::ZERO;
+            };
+            let date = http_date(response, DATE).unwrap_or_else(SystemTime::now);
+            return expires.duration_since(date).unwrap_or(Duration::ZERO);
+        }
+        if !is_heuristically_cacheable(status) && !cc.public {
+            return Duration::ZERO;
+        }
+        let heuristic = match (
+            http_date(response, LAST_MODIFIED),
+            http_date(response, DATE),
+        ) {
+            (Some(modified), Some(date)) => date
+                .duration_since(modified)
+                .ok()
+                .map(|since| since.mul_f64(self.heuristic_fraction)),
+            _ => None,
+        };
+        heuristic
+            .or(self.default_ttl)
+            .unwrap_or(Duration::ZERO)
+            .min(self.max_heuristic)
+    }
+
+    /// How long past its freshness a response may be served while it is revalidated in
+    /// the background, and when its refresh fails (RFC 5861), zero when RFC 9111 forbids
+    /// serving it stale.
+    pub fn stale_windows(&self, response: &HeaderMap) -> (Duration, Duration) {
+        let cc = CacheControl::from_headers(response);
+        if cc.forbids_stale() {
+            return (Duration::ZERO, Duration::ZERO);
+        }
+        let window = |s: Option<Seconds>| s.map_or(Duration::ZERO, Seconds::duration);
+        (window(cc.stale_while_revalidate), window(cc.stale_if_error))
+    }
+
+    /// True when the request asks for a response from the origin (`no-cache`,
+    /// `max-age=0`) and the policy honours that.
+    pub fn request_forces_origin(&self, request: &HeaderMap) -> bool {
+        if !self.honour_request_no_cache {
+            return false;
+        }
+        let cc = CacheControl::from_headers(request);
+        cc.no_cache || cc.max_age == Some(Seconds::Valid(0))
+    }
+}
+
+/// Inputs of the age calculation (RFC 9111 section 4.2.3).
+#[derive(Debug, Clone, Copy)]
+pub struct AgeInputs {
+    /// The `Age` header of the response as received, in seconds.
+    pub age_header: Option<u64>,
+    /// The `Date` header of the response.
+    pub date: Option<SystemTime>,
+    /// When the request that fetched it was sent.
+    pub request_time: SystemTime,
+    /// When its response was received.
+    pub response_time: SystemTime,
+}
+
+impl AgeInputs {
+    /// Reads `Age` and `Date` from the stored response's headers.
+    pub fn from_headers(
+        headers: &HeaderMap,
+        request_time: SystemTime,
+        response_time: SystemTime,
+    ) -> Self {
+        let age_header = headers
+            .get(AGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|v| v.min(DELTA_SECONDS_MAX));
+        AgeInputs {
+            age_header,
+            date: http_date(headers, DATE),
+            request_time,
+            response_time,
+        }
+    }
+
+    /// The age when it was stored: `corrected_initial_age`.
+    pub fn initial_age(&self) -> Duration {
+        let apparent = self
+            .date
+            .and_then(|date| self.response_time.duration_since(date).ok())
+            .unwrap_or(Duration::ZERO);
+        let delay = self
+            .response_time
+            .duration_since(self.request_time)
+            .unwrap_or(Duration::ZERO);
+        let corrected = Duration::from_secs(self.age_header.unwrap_or(0)) + delay;
+        apparent.max(corrected)
+    }
+
+    /// The current age after `resident` in the cache: `corrected_initial_age +
+    /// resident_time`.
+    pub fn current_age(&self, resident: Duration) -> Duration {
+        self.initial_age() + resident
+    }
+}
+
+/// The `Vary` of a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vary {
+    /// No `Vary`: any request for the URI matches.
+    None,
+    /// `Vary: *`: no request matches.
+    Star,
+    /// The request fields that must match, lowercase, in order.
+    Fields(Vec<HeaderName>),
+}
+
+/// The `Vary` of `response`: every field line, comma-separated lists, names compared
+/// case-insensitively. Unparseable names are skipped.
+pub fn vary(response: &HeaderMap) -> Vary {
+    let mut fields = Vec::new();
+    for line in response.get_all(VARY) {
+        let Ok(line) = line.to_str() else {
+            continue;
+        };
+        for name in line.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name == "*" {
+                return Vary::Star;
+            }
+            if let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                if !fields.contains(&name) {
+                    fields.push(name);
+                }
+            }
+        }
+    }
+    if fields.is_empty() {
+        Vary::None
+    } else {
+        Vary::Fields(fields)
+    }
+}
+
+/// A field's values normalised for comparison: lines joined with commas, whitespace
+/// around list elements removed.
+fn normalised(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut parts = Vec::new();
+    for value in headers.get_all(name) {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        parts.extend(value.split(',').map(|p| p.trim().to_owned()));
+    }
+    (!parts.is_empty()).then(|| parts.join(","))
+}
+
+/// True when a request with `request` headers may be answered by a response stored for a
+/// request with `stored` headers (RFC 9111 section 4.1): every field the `Vary` nominates
+/// is absent from both or equal once normalised; `Vary: *` never matches.
+pub fn vary_matches(vary: &Vary, stored: &HeaderMap, request: &HeaderMap) -> bool {
+    match vary {
+        Vary::None => true,
+        Vary::Star => false,
+        Vary::Fields(fields) => fields
+            .iter()
+            .all(|name| normalised(stored, name) == normalised(request, name)),
+    }
+}
+
+/// The primary cache key of a request: scheme, authority, path and query, for the methods
+/// whose responses can be reused (GET, and HEAD answered from a stored GET). `None` for
+/// others. A URI without scheme or authority (an origin-form request a server received)
+/// keys on path and query with the `Host` given.
+pub fn primary_key(method: &Method, uri: &Uri, host: Option<&str>) -> Option<String> {
+    if *method != Method::GET && *method != Method::HEAD {
+        return None;
+    }
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str().to_ascii_lowercase())
+        .or_else(|| host.map(str::to_ascii_lowercase))
+        .unwrap_or_default();
+    let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    Some(format!("{scheme}://{authority}{path_and_query}"))
+}
+
+/// Entity tags of an `If-None-Match` list (`*` as the single tag `*`).
+fn tags(value: &str) -> Vec<&str> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn weak_eq(a: &str, b: &str) -> bool {
+    a.trim_start_matches("W/") == b.trim_start_matches("W/")
+}
+
+/// True when a client's conditional request is satisfied by a stored response, so it can
+/// be answered with 304 (RFC 9110 sections 13.1.2 and 13.1.3, RFC 9111 section 4.3.2):
+/// `If-None-Match` (weak comparison) when present, otherwise `If-Modified-Since` against
+/// `Last-Modified`.
+pub fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
+    if let Some(inm) = request.get(IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        let Some(etag) = stored.get(ETAG).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        return tags(inm)
+            .iter()
+            .any(|tag| *tag == "*" || weak_eq(tag, etag.trim()));
+    }
+    match (
+        http_date(request, IF_MODIFIED_SINCE),
+        http_date(stored, LAST_MODIFIED),
+    ) {
+        (Some(since), Some(modified)) => modified <= since,
+        _ => false,
+    }
+}
+
+/// True when a stored response carries a validator to revalidate it with.
+pub fn has_validator(stored: &HeaderMap) -> bool {
+    stored.contains_key(ETAG) || stored.contains_key(LAST_MODIFIED)
+}
+
+/// The conditional headers to revalidate a stored response (RFC 9111 section 4.3.1).
+pub fn conditional_headers(stored: &HeaderMap) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(etag) = stored.get(ETAG) {
+        headers.insert(IF_NONE_MATCH, etag.clone());
+    }
+    if let Some(modified) = stored.get(LAST_MODIFIED) {
+        headers.insert(IF_MODIFIED_SINCE, modified.clone());
+    }
+    headers
+}
+
+/// Headers a 304 must not replace in the stored response (RFC 9111 section 3.2).
+const KEEP_ON_UPDATE: [HeaderName; 1] = [http::header::CONTENT_LENGTH];
+
+/// Updates a stored response's headers from a 304 (RFC 9111 sections 3.2 and 4.3.4).
+pub fn update_headers(stored: &mut HeaderMap, not_modified: &HeaderMap) {
+    let mut names: Vec<&HeaderName> = not_modified.keys().collect();
+    names.dedup();
+    for name in names {
+        if KEEP_ON_UPDATE.contains(name) {
+            continue;
+        }
+        stored.remove(name);
+        for value in not_modified.get_all(name) {
+            stored.append(name.clone(), value.clone());
+        }
+    }
+}
+
+/// True for the methods whose successful responses invalidate stored responses (RFC 9111
+/// section 4.4): any method that is not safe.
+pub fn invalidates(method: &Method, status: StatusCode) -> bool {
+    let unsafe_method = !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
+    unsafe_method && (status.is_success() || status.is_redirection())
+}
+
+/// The primary keys an unsafe request invalidates: its target, and the URIs in the
+/// response's `Location` and `Content-Location` when they share its origin.
+pub fn invalidation_targets(uri: &Uri, host: Option<&str>, response: &HeaderMap) -> Vec<String> {
+    let mut keys = Vec::new();
+    let Some(target) = primary_key(&Method::GET, uri, host) else {
+        return keys;
+    };
+    let origin_of = |key: &str| -> Option<String> {
+        let rest = key.split_once("://")?;
+        let authority = rest.1.split('/').next()?;
+        Some(format!("{}://{}", rest.0, authority))
+    };
+    let origin = origin_of(&target);
+    keys.push(target);
+    for name in [LOCATION, CONTENT_LOCATION] {
+        let Some(value) = response.get(name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        let Ok(location) = value.trim().parse::<Uri>() else {
+            continue;
+        };
+        let key = if location.scheme().is_some() {
+            primary_key(&Method::GET, &location, None)
+        } else if value.starts_with('/') {
+            // Relative to the request's origin.
+            origin.as_ref().map(|o| {
+                format!(
+                    "{o}{}",
+                    location.path_and_query().map_or("/", |pq| pq.as_str())
+                )
+            })
+        } else {
+            None
+        };
+        if let Some(key) = key {
+            if origin_of(&key) == origin && !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+    }
+    keys
+}
+
+/// How a response was produced, for the `Cache-Status` header (RFC 9211).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Answered from the cache; `stale` when past its freshness.
+    Hit {
+        /// Served stale (while revalidating or on error).
+        stale: bool,
+        /// Remaining freshness in seconds (negative when stale).
+        ttl: i64,
+    },
+    /// Forwarded to the origin.
+    Forward {
+        /// Why: `uri-miss`, `vary-miss`, `miss`, `stale`, `request`, `method`, `bypass`.
+        reason: &'static str,
+        /// The origin's status.
+        status: u16,
+        /// Whether the response was stored.
+        stored: bool,
+        /// Whether it shared an origin request with others (coalesced).
+        collapsed: bool,
+        /// Why it was not stored, or why it was forwarded alone.
+        detail: Option<&'static str>,
+    },
+}
+
+impl fmt::Display for CacheStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("towerguard")?;
+        match self {
+            CacheStatus::Hit { stale, ttl } => {
+                f.write_str("; hit")?;
+                if *stale {
+                    f.write_str("; fwd=stale")?;
+                }
+                write!(f, "; ttl={ttl}")
+            }
+            CacheStatus::Forward {
+                reason,
+                status,
+                stored,
+                collapsed,
+                detail,
+            } => {
+                write!(f, "; fwd={reason}; fwd-status={status}")?;
+                if *stored {
+                    f.write_str("; stored")?;
+                }
+                if *collapsed {
+                    f.write_str("; collapsed")?;
+                }
+                if let Some(detail) = detail {
+                    write!(f, "; detail={detail}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}

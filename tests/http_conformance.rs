@@ -1,0 +1,1301 @@
+//! Table-driven conformance cases for the shared-cache rules of RFC 9111 (and RFC 5861,
+//! RFC 9110 conditional requests, RFC 9211 Cache-Status). Each row names the section it
+//! comes from.
+
+// The tables are tuples on purpose: one row per line, read like the RFC's cases.
+#![allow(clippy::type_complexity)]
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use towerguard::http::cache_control::{CacheControl, Seconds, DELTA_SECONDS_MAX};
+use towerguard::http::cache_policy::{
+    conditional_headers, has_validator, invalidates, invalidation_targets, not_modified,
+    primary_key, update_headers, vary, vary_matches, AgeInputs, CacheStatus, HttpCachePolicy,
+    NotStored, Vary,
+};
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        map.append(
+            HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    map
+}
+
+fn date(offset_secs: i64) -> String {
+    let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let t = if offset_secs >= 0 {
+        base + Duration::from_secs(offset_secs as u64)
+    } else {
+        base - Duration::from_secs((-offset_secs) as u64)
+    };
+    httpdate::fmt_http_date(t)
+}
+
+fn at(offset_secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + offset_secs)
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 9111 section 3: storing responses in a shared cache.
+
+struct Store {
+    rule: &'static str,
+    method: Method,
+    request: Vec<(&'static str, &'static str)>,
+    status: u16,
+    response: Vec<(&'static str, &'static str)>,
+    expect: Result<(), NotStored>,
+}
+
+fn store(
+    rule: &'static str,
+    method: Method,
+    request: &[(&'static str, &'static str)],
+    status: u16,
+    response: &[(&'static str, &'static str)],
+    expect: Result<(), NotStored>,
+) -> Store {
+    Store {
+        rule,
+        method,
+        request: request.to_vec(),
+        status,
+        response: response.to_vec(),
+        expect,
+    }
+}
+
+#[test]
+fn storing_responses_section_3() {
+    let ok = Ok(());
+    let cases = vec![
+        store(
+            "3: GET 200 with max-age",
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=60")],
+            ok,
+        ),
+        store(
+            "3: POST is not stored",
+            Method::POST,
+            &[],
+            200,
+            &[("cache-control", "max-age=60")],
+            Err(NotStored::Method),
+        ),
+        store(
+            "3: PUT is not stored",
+            Method::PUT,
+            &[],
+            200,
+            &[("cache-control", "max-age=60")],
+            Err(NotStored::Method),
+        ),
+        store(
+            "3: DELETE is not stored",
+            Method::DELETE,
+            &[],
+            200,
+            &[("cache-control", "max-age=60")],
+            Err(NotStored::Method),
+        ),
+        store(
+            "3: HEAD responses are answered from GET, not stored",
+            Method::HEAD,
+            &[],
+            200,
+            &[("cache-control", "max-age=60")],
+            Err(NotStored::Method),
+        ),
+        store(
+            "3: 304 is not a final response to store",
+            Method::GET,
+            &[],
+            304,
+            &[("cache-control", "max-age=60")],
+            Err(NotStored::Status),
+        ),
+        store(
+            "3: 206 needs range support",
+            Method::GET,
+            &[],
+            206,
+            &[("cache-control", "max-age=60")],
+            Err(NotStored::Status),
+        ),
+        store(
+            "3: 100 is not final",
+            Method::GET,
+            &[],
+            100,
+            &[],
+            Err(NotStored::Status),
+        ),
+        store(
+            "5.2.2.5: response no-store",
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "no-store, max-age=60")],
+            Err(NotStored::NoStore),
+        ),
+        store(
+            "5.2.1.5: request no-store",
+            Method::GET,
+            &[("cache-control", "no-store")],
+            200,
+            &[("cache-control", "max-age=60")],
+            Err(NotStored::NoStore),
+        ),
+        store(
+            "5.2.2.7: private",
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "private, max-age=60")],
+            Err(NotStored::Private),
+        ),
+        store(
+            "5.2.2.7: qualified private",
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "private=\"x-user\", max-age=60")],
+            Err(NotStored::Private),
+        ),
+        store(
+            "5.2.2.7: PRIVATE is case-insensitive",
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "PRIVATE, max-age=60")],
+            Err(NotStored::Private),
+        ),
+        store(
+            "3.5: Authorization without permission",
+            Method::GET,
+            &[("authorization", "Bearer x")],
+            200,
+            &[("cache-control", "max-age=60")],
+            Err(NotStored::Authorization),
+        ),
+        store(
+            "3.5: Authorization with public",
+            Method::GET,
+            &[("authorization", "Bearer x")],
+            200,
+            &[("cache-control", "public, max-age=60")],
+            ok,
+        ),
+        store(
+            "3.5: Authorization with s-maxage",
+            Method::GET,
+            &[("authorization", "Bearer x")],
+            200,
+            &[("cache-control", "s-maxage=60")],
+            ok,
+        ),
+        store(
+            "3.5: Authorization with must-revalidate",
+            Method::GET,
+            &[("authorization", "Bearer x")],
+            200,
+            &[("cache-control", "must-revalidate, max-age=60")],
+            ok,
+        ),
+        store(
+            "3.5: Authorization, heuristic only",
+            Method::GET,
+            &[("authorization", "Bearer x")],
+            200,
+            &[("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")],
+            Err(NotStored::Authorization),
+        ),
+        store(
+            "policy: Set-Cookie is never shared",
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=60"), ("set-cookie", "id=1")],
+            Err(NotStored::SetCookie),
+        ),
+        store(
+            "policy: Set-Cookie with public",
+            Method::GET,
+            &[],
+            200,
+            &[
+                ("cache-control", "public, max-age=60"),
+                ("set-cookie", "id=1"),
+            ],
+            Err(NotStored::SetCookie),
+        ),
+        store(
+            "4.1: Vary: * never matches",
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "*")],
+            Err(NotStored::VaryStar),
+        ),
+        store(
+            "4.1: Vary: accept, * never matches",
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "accept, *")],
+            Err(NotStored::VaryStar),
+        ),
+        store(
+            "4.1: Vary on a field is storable",
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "accept-encoding")],
+            ok,
+        ),
+        store(
+            "3: 200 without freshness is heuristically cacheable",
+            Method::GET,
+            &[],
+            200,
+            &[],
+            ok,
+        ),
+        store(
+            "3: 404 heuristically cacheable",
+            Method::GET,
+            &[],
+            404,
+            &[],
+            ok,
+        ),
+        store(
+            "3: 410 heuristically cacheable",
+            Method::GET,
+            &[],
+            410,
+            &[],
+            ok,
+        ),
+        store(
+            "3: 301 heuristically cacheable",
+            Method::GET,
+            &[],
+            301,
+            &[],
+            ok,
+        ),
+        store(
+            "3: 308 heuristically cacheable",
+            Method::GET,
+            &[],
+            308,
+            &[],
+            ok,
+        ),
+        store(
+            "3: 501 heuristically cacheable",
+            Method::GET,
+            &[],
+            501,
+            &[],
+            ok,
+        ),
+        store(
+            "3: 401 needs explicit freshness",
+            Method::GET,
+            &[],
+            401,
+            &[],
+            Err(NotStored::NoFreshness),
+        ),
+        store(
+            "3: 403 needs explicit freshness",
+            Method::GET,
+            &[],
+            403,
+            &[],
+            Err(NotStored::NoFreshness),
+        ),
+        store(
+            "3: 500 needs explicit freshness",
+            Method::GET,
+            &[],
+            500,
+            &[],
+            Err(NotStored::NoFreshness),
+        ),
+        store(
+            "3: 503 needs explicit freshness",
+            Method::GET,
+            &[],
+            503,
+            &[],
+            Err(NotStored::NoFreshness),
+        ),
+        store(
+            "3: 302 needs explicit freshness",
+            Method::GET,
+            &[],
+            302,
+            &[],
+            Err(NotStored::NoFreshness),
+        ),
+        store(
+            "3: 302 with max-age",
+            Method::GET,
+            &[],
+            302,
+            &[("cache-control", "max-age=10")],
+            ok,
+        ),
+        store(
+            "3: 500 with Expires",
+            Method::GET,
+            &[],
+            500,
+            &[("expires", "Mon, 01 Jan 2024 00:00:00 GMT")],
+            ok,
+        ),
+        store(
+            "3: 401 with public",
+            Method::GET,
+            &[],
+            401,
+            &[("cache-control", "public")],
+            ok,
+        ),
+        store(
+            "5.2.2.4: no-cache is storable, revalidated on use",
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "no-cache")],
+            ok,
+        ),
+        store(
+            "5.2.1.4: request no-cache does not stop storing",
+            Method::GET,
+            &[("cache-control", "no-cache")],
+            200,
+            &[("cache-control", "max-age=60")],
+            ok,
+        ),
+        store(
+            "5.2.3: unknown directives are ignored",
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "community=\"x\", max-age=60")],
+            ok,
+        ),
+    ];
+    assert!(cases.len() >= 40);
+    let policy = HttpCachePolicy::default();
+    for case in &cases {
+        let got = policy.storable(
+            &case.method,
+            &headers(&case.request),
+            StatusCode::from_u16(case.status).unwrap(),
+            &headers(&case.response),
+        );
+        assert_eq!(got, case.expect, "{}", case.rule);
+    }
+}
+
+#[test]
+fn set_cookie_storing_can_be_turned_on() {
+    let policy = HttpCachePolicy::default().store_set_cookie(true);
+    let got = policy.storable(
+        &Method::GET,
+        &HeaderMap::new(),
+        StatusCode::OK,
+        &headers(&[("set-cookie", "a=1"), ("cache-control", "max-age=5")]),
+    );
+    assert_eq!(got, Ok(()));
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 9111 section 4.2.1: freshness lifetime.
+
+#[test]
+fn freshness_lifetime_section_4_2_1() {
+    let lm_10_days_before = date(-10 * 86_400);
+    let cases: Vec<(&str, u16, Vec<(&str, String)>, u64)> = vec![
+        (
+            "s-maxage wins over max-age",
+            200,
+            vec![("cache-control", "max-age=10, s-maxage=20".into())],
+            20,
+        ),
+        (
+            "max-age",
+            200,
+            vec![("cache-control", "max-age=10".into())],
+            10,
+        ),
+        (
+            "max-age wins over Expires",
+            200,
+            vec![
+                ("cache-control", "max-age=10".into()),
+                ("expires", date(1_000)),
+                ("date", date(0)),
+            ],
+            10,
+        ),
+        (
+            "Expires minus Date",
+            200,
+            vec![("expires", date(300)), ("date", date(0))],
+            300,
+        ),
+        (
+            "Expires before Date is stale",
+            200,
+            vec![("expires", date(-5)), ("date", date(0))],
+            0,
+        ),
+        (
+            "invalid Expires is stale",
+            200,
+            vec![("expires", "0".into()), ("date", date(0))],
+            0,
+        ),
+        (
+            "invalid max-age is stale",
+            200,
+            vec![("cache-control", "max-age=abc".into())],
+            0,
+        ),
+        (
+            "max-age without value is stale",
+            200,
+            vec![("cache-control", "max-age".into())],
+            0,
+        ),
+        (
+            "negative max-age is stale",
+            200,
+            vec![("cache-control", "max-age=-1".into())],
+            0,
+        ),
+        (
+            "first max-age wins",
+            200,
+            vec![("cache-control", "max-age=7, max-age=100".into())],
+            7,
+        ),
+        (
+            "huge max-age is 2^31",
+            200,
+            vec![("cache-control", "max-age=99999999999999999999999".into())],
+            DELTA_SECONDS_MAX,
+        ),
+        (
+            "quoted max-age",
+            200,
+            vec![("cache-control", "max-age=\"30\"".into())],
+            30,
+        ),
+        (
+            "heuristic: 10% of age since Last-Modified",
+            200,
+            vec![
+                ("date", date(0)),
+                ("last-modified", lm_10_days_before.clone()),
+            ],
+            86_400,
+        ),
+        (
+            "heuristic capped at 24 h",
+            200,
+            vec![("date", date(0)), ("last-modified", date(-100 * 86_400))],
+            86_400,
+        ),
+        (
+            "heuristic small",
+            200,
+            vec![("date", date(0)), ("last-modified", date(-1_000))],
+            100,
+        ),
+        (
+            "no heuristic for 500",
+            500,
+            vec![
+                ("date", date(0)),
+                ("last-modified", lm_10_days_before.clone()),
+            ],
+            0,
+        ),
+        (
+            "heuristic for 404",
+            404,
+            vec![("date", date(0)), ("last-modified", date(-1_000))],
+            100,
+        ),
+        ("no validators, no default: zero", 200, vec![], 0),
+        (
+            "Last-Modified in the future: zero",
+            200,
+            vec![("date", date(0)), ("last-modified", date(50))],
+            0,
+        ),
+        (
+            "s-maxage=0",
+            200,
+            vec![("cache-control", "s-maxage=0, max-age=60".into())],
+            0,
+        ),
+    ];
+    let policy = HttpCachePolicy::default();
+    for (rule, status, pairs, expect) in &cases {
+        let map = headers(
+            &pairs
+                .iter()
+                .map(|(n, v)| (*n, v.as_str()))
+                .collect::<Vec<_>>(),
+        );
+        let got = policy.freshness(StatusCode::from_u16(*status).unwrap(), &map);
+        assert_eq!(got, Duration::from_secs(*expect), "{rule}");
+    }
+}
+
+#[test]
+fn a_default_ttl_applies_only_where_the_rules_allow_caching() {
+    let policy = HttpCachePolicy::default().default_ttl(Duration::from_secs(30));
+    assert_eq!(
+        policy.freshness(StatusCode::OK, &HeaderMap::new()),
+        Duration::from_secs(30)
+    );
+    assert_eq!(
+        policy.freshness(StatusCode::INTERNAL_SERVER_ERROR, &HeaderMap::new()),
+        Duration::ZERO
+    );
+    let explicit = headers(&[("cache-control", "max-age=5")]);
+    assert_eq!(
+        policy.freshness(StatusCode::OK, &explicit),
+        Duration::from_secs(5)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 9111 section 4.2.3: age.
+
+#[test]
+fn age_calculation_section_4_2_3() {
+    // (rule, Age header, Date offset, request time, response time, resident, expected)
+    let cases: Vec<(&str, Option<u64>, Option<u64>, u64, u64, u64, u64)> = vec![
+        (
+            "fresh from origin, no delay",
+            None,
+            Some(100),
+            100,
+            100,
+            0,
+            0,
+        ),
+        ("resident time adds", None, Some(100), 100, 100, 30, 30),
+        ("Age header counts", Some(20), Some(100), 100, 100, 0, 20),
+        (
+            "response delay corrects Age",
+            Some(20),
+            Some(100),
+            95,
+            100,
+            0,
+            25,
+        ),
+        (
+            "apparent age from a Date in the past",
+            None,
+            Some(40),
+            100,
+            100,
+            0,
+            60,
+        ),
+        (
+            "apparent age wins when larger",
+            Some(10),
+            Some(40),
+            100,
+            100,
+            0,
+            60,
+        ),
+        (
+            "corrected age wins when larger",
+            Some(90),
+            Some(40),
+            100,
+            100,
+            0,
+            90,
+        ),
+        (
+            "Date in the future is no apparent age",
+            None,
+            Some(130),
+            100,
+            100,
+            5,
+            5,
+        ),
+        ("no Date", Some(3), None, 100, 102, 1, 6),
+    ];
+    for (rule, age, date_at, requested, received, resident, expect) in cases {
+        let inputs = AgeInputs {
+            age_header: age,
+            date: date_at.map(at),
+            request_time: at(requested),
+            response_time: at(received),
+        };
+        assert_eq!(
+            inputs.current_age(Duration::from_secs(resident)),
+            Duration::from_secs(expect),
+            "{rule}"
+        );
+    }
+    let parsed =
+        AgeInputs::from_headers(&headers(&[("age", "12"), ("date", &date(0))]), at(0), at(0));
+    assert_eq!(parsed.age_header, Some(12));
+    let bad = AgeInputs::from_headers(&headers(&[("age", "x")]), at(0), at(0));
+    assert_eq!(bad.age_header, None, "an invalid Age is ignored");
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 9111 section 4.2.4 and RFC 5861: serving stale.
+
+#[test]
+fn stale_windows_section_4_2_4_and_rfc_5861() {
+    let cases: Vec<(&str, &str, (u64, u64))> = vec![
+        (
+            "both windows",
+            "max-age=60, stale-while-revalidate=30, stale-if-error=600",
+            (30, 600),
+        ),
+        ("swr only", "max-age=60, stale-while-revalidate=30", (30, 0)),
+        ("sie only", "max-age=60, stale-if-error=10", (0, 10)),
+        ("none", "max-age=60", (0, 0)),
+        (
+            "must-revalidate forbids",
+            "max-age=60, must-revalidate, stale-while-revalidate=30, stale-if-error=10",
+            (0, 0),
+        ),
+        (
+            "proxy-revalidate forbids",
+            "max-age=60, proxy-revalidate, stale-while-revalidate=30",
+            (0, 0),
+        ),
+        ("no-cache forbids", "no-cache, stale-if-error=10", (0, 0)),
+        (
+            "s-maxage forbids (implies proxy-revalidate)",
+            "s-maxage=60, stale-while-revalidate=30",
+            (0, 0),
+        ),
+        (
+            "invalid swr is none",
+            "max-age=60, stale-while-revalidate=x",
+            (0, 0),
+        ),
+        (
+            "first swr wins",
+            "max-age=60, stale-while-revalidate=5, stale-while-revalidate=50",
+            (5, 0),
+        ),
+    ];
+    let policy = HttpCachePolicy::default();
+    for (rule, cc, (swr, sie)) in cases {
+        let got = policy.stale_windows(&headers(&[("cache-control", cc)]));
+        assert_eq!(
+            got,
+            (Duration::from_secs(swr), Duration::from_secs(sie)),
+            "{rule}"
+        );
+    }
+}
+
+#[test]
+fn request_directives_do_not_force_origin_load_unless_honoured() {
+    let cases = [
+        ("no-cache", true),
+        ("max-age=0", true),
+        ("max-age=5", false),
+        ("no-store", false),
+        ("", false),
+    ];
+    let default = HttpCachePolicy::default();
+    let honouring = HttpCachePolicy::default().honour_request_no_cache(true);
+    for (cc, forces) in cases {
+        let req = headers(&[("cache-control", cc)]);
+        assert!(
+            !default.request_forces_origin(&req),
+            "default ignores {cc:?}"
+        );
+        assert_eq!(
+            honouring.request_forces_origin(&req),
+            forces,
+            "honouring {cc:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 9111 section 4.1: Vary.
+
+#[test]
+fn vary_matching_section_4_1() {
+    let cases: Vec<(
+        &str,
+        Vec<(&str, &str)>,
+        Vec<(&str, &str)>,
+        Vec<(&str, &str)>,
+        bool,
+    )> = vec![
+        (
+            "no Vary matches anything",
+            vec![],
+            vec![("accept", "a")],
+            vec![("accept", "b")],
+            true,
+        ),
+        (
+            "equal values match",
+            vec![("vary", "accept-language")],
+            vec![("accept-language", "en")],
+            vec![("accept-language", "en")],
+            true,
+        ),
+        (
+            "different values do not",
+            vec![("vary", "accept-language")],
+            vec![("accept-language", "en")],
+            vec![("accept-language", "de")],
+            false,
+        ),
+        (
+            "absent in both matches",
+            vec![("vary", "accept-language")],
+            vec![],
+            vec![],
+            true,
+        ),
+        (
+            "absent in one does not",
+            vec![("vary", "accept-language")],
+            vec![("accept-language", "en")],
+            vec![],
+            false,
+        ),
+        (
+            "field names are case-insensitive",
+            vec![("vary", "Accept-Language")],
+            vec![("accept-language", "en")],
+            vec![("accept-language", "en")],
+            true,
+        ),
+        (
+            "whitespace around list items is normalised",
+            vec![("vary", "accept-encoding")],
+            vec![("accept-encoding", "gzip,br")],
+            vec![("accept-encoding", "gzip, br")],
+            true,
+        ),
+        (
+            "split lines equal one list",
+            vec![("vary", "accept-encoding")],
+            vec![("accept-encoding", "gzip, br")],
+            vec![("accept-encoding", "gzip"), ("accept-encoding", "br")],
+            true,
+        ),
+        (
+            "order of values matters",
+            vec![("vary", "accept-encoding")],
+            vec![("accept-encoding", "gzip, br")],
+            vec![("accept-encoding", "br, gzip")],
+            false,
+        ),
+        (
+            "several fields all match",
+            vec![("vary", "accept, accept-language")],
+            vec![("accept", "a"), ("accept-language", "en")],
+            vec![("accept", "a"), ("accept-language", "en")],
+            true,
+        ),
+        (
+            "several fields, one differs",
+            vec![("vary", "accept, accept-language")],
+            vec![("accept", "a"), ("accept-language", "en")],
+            vec![("accept", "b"), ("accept-language", "en")],
+            false,
+        ),
+        (
+            "Vary across lines",
+            vec![("vary", "accept"), ("vary", "accept-language")],
+            vec![("accept", "a"), ("accept-language", "en")],
+            vec![("accept", "a"), ("accept-language", "fr")],
+            false,
+        ),
+        (
+            "Vary: * never matches",
+            vec![("vary", "*")],
+            vec![],
+            vec![],
+            false,
+        ),
+        (
+            "unrelated fields do not matter",
+            vec![("vary", "accept")],
+            vec![("accept", "a"), ("x-other", "1")],
+            vec![("accept", "a"), ("x-other", "2")],
+            true,
+        ),
+    ];
+    for (rule, response, stored, request) in cases.iter().map(|c| (c.0, &c.1, &c.2, &c.3)) {
+        let expect = cases.iter().find(|c| c.0 == rule).unwrap().4;
+        let v = vary(&headers(response));
+        assert_eq!(
+            vary_matches(&v, &headers(stored), &headers(request)),
+            expect,
+            "{rule}"
+        );
+    }
+    assert_eq!(vary(&HeaderMap::new()), Vary::None);
+    assert_eq!(
+        vary(&headers(&[("vary", "Accept, accept")])),
+        Vary::Fields(vec![http::header::ACCEPT])
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Keys: method class, scheme, authority, path and query.
+
+#[test]
+fn primary_keys() {
+    let uri = |s: &str| s.parse::<Uri>().unwrap();
+    let cases: Vec<(&str, Method, Uri, Option<&str>, Option<&str>)> = vec![
+        (
+            "GET absolute",
+            Method::GET,
+            uri("http://example.com/a?b=1"),
+            None,
+            Some("http://example.com/a?b=1"),
+        ),
+        (
+            "HEAD shares GET's key",
+            Method::HEAD,
+            uri("http://example.com/a?b=1"),
+            None,
+            Some("http://example.com/a?b=1"),
+        ),
+        (
+            "query is part of the key",
+            Method::GET,
+            uri("http://example.com/a?b=2"),
+            None,
+            Some("http://example.com/a?b=2"),
+        ),
+        (
+            "authority is case-insensitive",
+            Method::GET,
+            uri("http://EXAMPLE.com/a"),
+            None,
+            Some("http://example.com/a"),
+        ),
+        (
+            "origin-form uses Host",
+            Method::GET,
+            uri("/a?x"),
+            Some("Example.org"),
+            Some("http://example.org/a?x"),
+        ),
+        (
+            "https scheme kept",
+            Method::GET,
+            uri("https://example.com/"),
+            None,
+            Some("https://example.com/"),
+        ),
+        (
+            "POST has no key",
+            Method::POST,
+            uri("http://example.com/a"),
+            None,
+            None,
+        ),
+        (
+            "OPTIONS has no key",
+            Method::OPTIONS,
+            uri("http://example.com/a"),
+            None,
+            None,
+        ),
+    ];
+    for (rule, method, uri, host, expect) in cases {
+        assert_eq!(
+            primary_key(&method, &uri, host).as_deref(),
+            expect,
+            "{rule}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 9111 section 4.3 and RFC 9110 section 13: validation.
+
+#[test]
+fn conditional_requests_answered_from_the_cache() {
+    let stored = headers(&[("etag", "\"v1\""), ("last-modified", &date(-100))]);
+    let cases: Vec<(&str, Vec<(&str, String)>, bool)> = vec![
+        (
+            "If-None-Match equal",
+            vec![("if-none-match", "\"v1\"".into())],
+            true,
+        ),
+        (
+            "If-None-Match weak equal",
+            vec![("if-none-match", "W/\"v1\"".into())],
+            true,
+        ),
+        (
+            "If-None-Match in a list",
+            vec![("if-none-match", "\"v0\", \"v1\"".into())],
+            true,
+        ),
+        ("If-None-Match *", vec![("if-none-match", "*".into())], true),
+        (
+            "If-None-Match different",
+            vec![("if-none-match", "\"v2\"".into())],
+            false,
+        ),
+        (
+            "If-None-Match wins over If-Modified-Since",
+            vec![
+                ("if-none-match", "\"v2\"".into()),
+                ("if-modified-since", date(0)),
+            ],
+            false,
+        ),
+        (
+            "If-Modified-Since after Last-Modified",
+            vec![("if-modified-since", date(0))],
+            true,
+        ),
+        (
+            "If-Modified-Since equal to Last-Modified",
+            vec![("if-modified-since", date(-100))],
+            true,
+        ),
+        (
+            "If-Modified-Since before Last-Modified",
+            vec![("if-modified-since", date(-200))],
+            false,
+        ),
+        (
+            "invalid If-Modified-Since",
+            vec![("if-modified-since", "yesterday".into())],
+            false,
+        ),
+        ("unconditional", vec![], false),
+    ];
+    for (rule, pairs, expect) in cases {
+        let req = headers(
+            &pairs
+                .iter()
+                .map(|(n, v)| (*n, v.as_str()))
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(not_modified(&req, &stored), expect, "{rule}");
+    }
+    let no_etag = headers(&[("last-modified", &date(-100))]);
+    assert!(
+        !not_modified(&headers(&[("if-none-match", "\"v1\"")]), &no_etag),
+        "no ETag to match"
+    );
+}
+
+#[test]
+fn revalidation_uses_the_stored_validators_and_a_304_updates_headers() {
+    let stored = headers(&[("etag", "\"v1\""), ("last-modified", &date(-100))]);
+    assert!(has_validator(&stored));
+    assert!(!has_validator(&headers(&[("cache-control", "max-age=1")])));
+    let conditional = conditional_headers(&stored);
+    assert_eq!(conditional["if-none-match"], "\"v1\"");
+    assert_eq!(conditional["if-modified-since"], date(-100).as_str());
+
+    let mut stored = headers(&[
+        ("cache-control", "max-age=10"),
+        ("content-length", "5"),
+        ("x-kept", "1"),
+        ("etag", "\"v1\""),
+    ]);
+    let not_modified = headers(&[
+        ("cache-control", "max-age=60"),
+        ("content-length", "0"),
+        ("etag", "\"v1\""),
+    ]);
+    update_headers(&mut stored, &not_modified);
+    assert_eq!(stored["cache-control"], "max-age=60", "refreshed");
+    assert_eq!(
+        stored["content-length"], "5",
+        "kept: it describes the stored body"
+    );
+    assert_eq!(stored["x-kept"], "1", "untouched");
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 9111 section 4.4: invalidation.
+
+#[test]
+fn unsafe_methods_invalidate_on_success_and_redirection() {
+    let cases = [
+        (Method::POST, 200, true),
+        (Method::POST, 201, true),
+        (Method::POST, 303, true),
+        (Method::PUT, 204, true),
+        (Method::DELETE, 200, true),
+        (Method::PATCH, 200, true),
+        (Method::POST, 400, false),
+        (Method::POST, 500, false),
+        (Method::GET, 200, false),
+        (Method::HEAD, 200, false),
+        (Method::OPTIONS, 200, false),
+    ];
+    for (method, status, expect) in cases {
+        assert_eq!(
+            invalidates(&method, StatusCode::from_u16(status).unwrap()),
+            expect,
+            "{method} {status}"
+        );
+    }
+}
+
+#[test]
+fn invalidation_covers_same_origin_location_and_content_location() {
+    let uri: Uri = "http://example.com/items?page=1".parse().unwrap();
+    let response = headers(&[
+        ("location", "/items/42"),
+        ("content-location", "http://other.example/items/42"),
+    ]);
+    let keys = invalidation_targets(&uri, None, &response);
+    assert_eq!(
+        keys,
+        vec![
+            "http://example.com/items?page=1".to_owned(),
+            "http://example.com/items/42".to_owned()
+        ]
+    );
+    let absolute = headers(&[("content-location", "http://example.com/items/7")]);
+    let keys = invalidation_targets(&uri, None, &absolute);
+    assert_eq!(keys[1], "http://example.com/items/7");
+    let origin_form: Uri = "/x".parse().unwrap();
+    assert_eq!(
+        invalidation_targets(&origin_form, Some("h.example"), &HeaderMap::new()),
+        vec!["http://h.example/x".to_owned()]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 9111 section 5.2: Cache-Control parsing.
+
+#[test]
+fn cache_control_parsing_section_5_2() {
+    let parse = |s: &str| CacheControl::parse([s.as_bytes()]);
+    assert_eq!(parse("max-age=5").max_age, Some(Seconds::Valid(5)));
+    assert_eq!(
+        parse("MAX-AGE=5").max_age,
+        Some(Seconds::Valid(5)),
+        "names are case-insensitive"
+    );
+    assert_eq!(
+        parse(" max-age = 5 ").max_age,
+        Some(Seconds::Valid(5)),
+        "whitespace tolerated"
+    );
+    assert_eq!(parse("max-age=5s").max_age, Some(Seconds::Invalid));
+    assert_eq!(parse("max-age=").max_age, Some(Seconds::Invalid));
+    assert!(parse("no-store").no_store);
+    assert!(
+        parse("no-cache=\"set-cookie\"").no_cache,
+        "qualified no-cache counts as no-cache"
+    );
+    assert!(parse("public, must-revalidate").must_revalidate);
+    assert!(parse("proxy-revalidate").proxy_revalidate);
+    assert!(parse("immutable").immutable);
+    assert!(parse("only-if-cached").only_if_cached);
+    assert_eq!(parse("max-stale").max_stale, Some(None));
+    assert_eq!(
+        parse("max-stale=10").max_stale,
+        Some(Some(Seconds::Valid(10)))
+    );
+    assert_eq!(parse("min-fresh=3").min_fresh, Some(Seconds::Valid(3)));
+    assert_eq!(
+        parse(",,, ,max-age=1,,").max_age,
+        Some(Seconds::Valid(1)),
+        "empty elements skipped"
+    );
+    assert_eq!(
+        parse("foo=\"a,b\", max-age=2").max_age,
+        Some(Seconds::Valid(2)),
+        "commas in quotes"
+    );
+    assert_eq!(
+        parse("=5, max-age=3").max_age,
+        Some(Seconds::Valid(3)),
+        "nameless element skipped"
+    );
+    assert_eq!(
+        CacheControl::parse([&b"max-age=\xff"[..], &b"max-age=4"[..]]).max_age,
+        Some(Seconds::Valid(4)),
+        "non-UTF-8 line skipped"
+    );
+    assert_eq!(parse(""), CacheControl::default());
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 9211: Cache-Status.
+
+#[test]
+fn cache_status_values_rfc_9211() {
+    let cases = vec![
+        (
+            CacheStatus::Hit {
+                stale: false,
+                ttl: 42,
+            },
+            "towerguard; hit; ttl=42",
+        ),
+        (
+            CacheStatus::Hit {
+                stale: true,
+                ttl: -3,
+            },
+            "towerguard; hit; fwd=stale; ttl=-3",
+        ),
+        (
+            CacheStatus::Forward {
+                reason: "uri-miss",
+                status: 200,
+                stored: true,
+                collapsed: false,
+                detail: None,
+            },
+            "towerguard; fwd=uri-miss; fwd-status=200; stored",
+        ),
+        (
+            CacheStatus::Forward {
+                reason: "miss",
+                status: 200,
+                stored: true,
+                collapsed: true,
+                detail: None,
+            },
+            "towerguard; fwd=miss; fwd-status=200; stored; collapsed",
+        ),
+        (
+            CacheStatus::Forward {
+                reason: "uri-miss",
+                status: 200,
+                stored: false,
+                collapsed: false,
+                detail: Some("private"),
+            },
+            "towerguard; fwd=uri-miss; fwd-status=200; detail=private",
+        ),
+        (
+            CacheStatus::Forward {
+                reason: "method",
+                status: 201,
+                stored: false,
+                collapsed: false,
+                detail: None,
+            },
+            "towerguard; fwd=method; fwd-status=201",
+        ),
+        (
+            CacheStatus::Forward {
+                reason: "vary-miss",
+                status: 200,
+                stored: true,
+                collapsed: false,
+                detail: None,
+            },
+            "towerguard; fwd=vary-miss; fwd-status=200; stored",
+        ),
+        (
+            CacheStatus::Forward {
+                reason: "stale",
+                status: 304,
+                stored: true,
+                collapsed: false,
+                detail: None,
+            },
+            "towerguard; fwd=stale; fwd-status=304; stored",
+        ),
+    ];
+    for (status, expect) in cases {
+        assert_eq!(status.to_string(), expect);
+        assert!(HeaderValue::from_str(expect).is_ok());
+    }
+    for reason in [
+        NotStored::Method,
+        NotStored::Private,
+        NotStored::TooLarge,
+        NotStored::SetCookie,
+    ] {
+        assert!(!reason.as_str().is_empty());
+    }
+}
+
+mod parsing_never_panics {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn vary_and_matching_accept_any_field_bytes(
+            vary_bytes in proptest::collection::vec(any::<u8>(), 0..128),
+            value_bytes in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut response = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_bytes(&vary_bytes) {
+                response.append(http::header::VARY, v);
+            }
+            let mut request = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_bytes(&value_bytes) {
+                request.append(http::header::ACCEPT, v.clone());
+                request.append(http::header::ACCEPT_LANGUAGE, v);
+            }
+            let v = vary(&response);
+            let _ = vary_matches(&v, &request, &HeaderMap::new());
+            prop_assert!(vary_matches(&v, &request, &request) || v == Vary::Star);
+        }
+
+        #[test]
+        fn cache_control_from_headers_accepts_any_field_bytes(
+            lines in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..4),
+        ) {
+            let mut map = HeaderMap::new();
+            for line in &lines {
+                if let Ok(v) = HeaderValue::from_bytes(line) {
+                    map.append(http::header::CACHE_CONTROL, v);
+                }
+            }
+            let cc = CacheControl::from_headers(&map);
+            let policy = HttpCachePolicy::default();
+            let _ = policy.freshness(StatusCode::OK, &map);
+            let _ = policy.stale_windows(&map);
+            let _ = policy.storable(&Method::GET, &map, StatusCode::OK, &map);
+            let _ = cc.forbids_stale();
+        }
+    }
+}
