@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 use towerguard::budget::Budget;
-use towerguard::http::{BufferBodyLayer, HttpPolicy, ReplayBody};
+use towerguard::http::{BufferBodyLayer, BufferedBody, HttpPolicy};
 use towerguard::retry::{Backoff, FnPolicy, RetryLayer, Verdict};
 use towerguard::timeout::TimeoutLayer;
 use towerguard::ErrorKind;
@@ -306,7 +306,7 @@ async fn a_body_over_the_buffer_bound_is_sent_once_and_intact() {
 
 #[test]
 fn replay_bodies_report_whether_they_can_be_replayed() {
-    let body: ReplayBody<Chunks> = ReplayBody::complete(Bytes::from_static(b"abc"));
+    let body: BufferedBody<Chunks> = BufferedBody::complete(Bytes::from_static(b"abc"));
     assert!(body.is_replayable());
     assert!(body.try_clone().is_some());
 }

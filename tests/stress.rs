@@ -1,7 +1,6 @@
 //! Randomised stress of the single-flight cache and the limiter on a multi-threaded
 //! runtime: callers leave at random points, and nothing may hang, leak or over-admit.
 
-
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,7 +65,11 @@ async fn callers_leaving_at_random_never_strand_the_others() {
             let key = mix(t) % 12;
             let fut = Box::pin(svc.ready().await.unwrap().call(key));
             // A third of the callers leave after a few polls.
-            let polls = if mix(t + 1) % 3 == 0 { mix(t + 2) % 4 } else { u64::MAX };
+            let polls = if mix(t + 1) % 3 == 0 {
+                mix(t + 2) % 4
+            } else {
+                u64::MAX
+            };
             if let Some(result) = poll_at_most(fut, polls).await {
                 match result {
                     Ok(value) => assert_eq!(value, key * 10),
@@ -123,19 +126,29 @@ async fn a_queued_limit_under_random_departures_never_over_admits_or_leaks() {
         let svc = svc.clone();
         tasks.spawn(async move {
             let fut = Box::pin(svc.oneshot(t));
-            let polls = if mix(t) % 4 == 0 { mix(t + 3) % 5 } else { u64::MAX };
-            if let Some(result) = poll_at_most(fut, polls).await {
-                if let Err(err) = result {
-                    assert_eq!(err.kind(), towerguard::ErrorKind::Overloaded);
-                }
+            let polls = if mix(t) % 4 == 0 {
+                mix(t + 3) % 5
+            } else {
+                u64::MAX
+            };
+            if let Some(Err(err)) = poll_at_most(fut, polls).await {
+                assert_eq!(err.kind(), towerguard::ErrorKind::Overloaded);
             }
         });
     }
     while let Some(joined) = tasks.join_next().await {
         joined.expect("no caller task panics");
     }
-    assert!(peak.load(Ordering::SeqCst) <= LIMIT, "peak {}", peak.load(Ordering::SeqCst));
+    assert!(
+        peak.load(Ordering::SeqCst) <= LIMIT,
+        "peak {}",
+        peak.load(Ordering::SeqCst)
+    );
     assert_eq!(peak.load(Ordering::SeqCst), LIMIT, "the limit was reached");
-    assert_eq!((handle.in_flight(), handle.queued()), (0, 0), "every permit and place returned");
+    assert_eq!(
+        (handle.in_flight(), handle.queued()),
+        (0, 0),
+        "every permit and place returned"
+    );
     assert_eq!(current.load(Ordering::SeqCst), 0);
 }

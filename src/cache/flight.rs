@@ -17,12 +17,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
 
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use super::store::{Entry, Lookup, Storable, Store};
+use super::store::{Storable, Store};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::CacheMetrics;
 
@@ -32,12 +33,55 @@ pub(crate) type Upstream<V> = Pin<Box<dyn Future<Output = Result<V, Error>> + Se
 /// Decides whether a successful response is stored, and for how long.
 pub(crate) type StorableFn<V> = Arc<dyn Fn(&V) -> Storable + Send + Sync>;
 
+/// What a flight reports to: the map it lives in, and whoever stores its outcome.
+pub(crate) trait Owner<K, V>: Send + Sync + 'static {
+    /// The in-flight map the flight is registered in.
+    fn flights(&self) -> &FlightMap<K, V>;
+
+    /// Records a flight's outcome. Called once, under the flight's lock, so an
+    /// invalidation either sees what was stored or marks the flight `detached` first.
+    /// A panic in here is contained: the waiters still get the outcome.
+    fn finish(&self, key: &K, outcome: &Result<V, Error>, elapsed: Duration, detached: bool);
+}
+
 /// State shared by every clone of one cache layer and its services.
 pub(crate) struct Core<K, V> {
     pub(crate) store: Store<K, V>,
     pub(crate) flights: FlightMap<K, V>,
     pub(crate) storable: StorableFn<V>,
     pub(crate) metrics: CacheMetrics,
+}
+
+impl<K, V> Owner<K, V> for Core<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn flights(&self) -> &FlightMap<K, V> {
+        &self.flights
+    }
+
+    fn finish(&self, key: &K, outcome: &Result<V, Error>, elapsed: Duration, detached: bool) {
+        self.metrics.flight_duration.record(elapsed.as_secs_f64());
+        let now = Instant::now();
+        let entry = match outcome {
+            Ok(value) => {
+                let storable = (self.storable)(value);
+                self.store.entry_for_value(value.clone(), storable, now)
+            }
+            Err(error) => {
+                if error.is(ErrorKind::Panicked) {
+                    self.metrics.upstream_panicked.increment(1);
+                } else {
+                    self.metrics.upstream_error.increment(1);
+                }
+                self.store.entry_for_error(error.clone(), now)
+            }
+        };
+        if let (false, Some(entry)) = (detached, entry) {
+            self.store.insert(key.clone(), entry);
+        }
+    }
 }
 
 /// The in-flight map, bounded by `max`.
@@ -49,7 +93,7 @@ pub(crate) struct FlightMap<K, V> {
 
 /// What [`FlightMap::join_or_start`] did. `F` is the upstream maker, handed back when no
 /// flight took it.
-pub(crate) enum Joined<K, V, F>
+pub(crate) enum Joined<K, V, F, R>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
@@ -59,8 +103,8 @@ where
     /// Joined a flight already under way (or just finished).
     Coalesced(Waiter<K, V>),
     /// A flight finished and stored its result between the caller's look-up and its
-    /// arrival here: the stored entry answers.
-    Stored(Arc<Entry<V>>),
+    /// arrival here: the stored result answers.
+    Stored(R),
     /// A flight is under way and joining was not wanted.
     Busy(F),
     /// The map is full: the caller should go upstream on its own.
@@ -81,14 +125,16 @@ where
     }
 
     /// Joins the flight for `key` (when `join` is true), or starts one with the upstream
-    /// future `start` makes.
-    pub(crate) fn join_or_start<F>(
+    /// future `start` makes. Before starting, `recheck` looks for a result a flight stored
+    /// since the caller's own look-up.
+    pub(crate) fn join_or_start<F, R>(
         &self,
-        core: &Arc<Core<K, V>>,
+        owner: &Arc<dyn Owner<K, V>>,
         key: K,
         join: bool,
+        recheck: impl FnOnce(&K) -> Option<R>,
         start: F,
-    ) -> Joined<K, V, F>
+    ) -> Joined<K, V, F, R>
     where
         F: FnOnce() -> Upstream<V>,
     {
@@ -106,14 +152,14 @@ where
         if vacant {
             // A flight stores its result before it leaves the map, so with the key's slot
             // locked and empty, anything it stored is visible now.
-            if let Lookup::Fresh(stored) = core.store.lookup(entry.key(), Instant::now()) {
+            if let Some(stored) = recheck(entry.key()) {
                 return Joined::Stored(stored);
             }
             if self.len.load(Ordering::Relaxed) >= self.max {
                 return Joined::Full(start);
             }
         }
-        let flight = Flight::new(core, entry.key().clone(), start());
+        let flight = Flight::new(owner, entry.key().clone(), start());
         let waiter = Flight::first_waiter(&flight);
         entry.insert(flight);
         if vacant {
@@ -123,7 +169,7 @@ where
     }
 
     /// Removes `flight` if it is still the one registered under its key.
-    fn remove(&self, flight: &Arc<Flight<K, V>>) {
+    pub(crate) fn remove(&self, flight: &Arc<Flight<K, V>>) {
         if self
             .map
             .remove_if(&flight.key, |_, current| Arc::ptr_eq(current, flight))
@@ -160,7 +206,7 @@ where
 /// One upstream call shared by its waiters.
 pub(crate) struct Flight<K, V> {
     key: K,
-    core: Arc<Core<K, V>>,
+    owner: Arc<dyn Owner<K, V>>,
     state: Mutex<State<V>>,
     /// Wakes every waiter; handed to the upstream future when it is polled.
     waker: Waker,
@@ -258,10 +304,10 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    fn new(core: &Arc<Core<K, V>>, key: K, upstream: Upstream<V>) -> Arc<Self> {
+    fn new(owner: &Arc<dyn Owner<K, V>>, key: K, upstream: Upstream<V>) -> Arc<Self> {
         Arc::new_cyclic(|weak| Flight {
             key,
-            core: core.clone(),
+            owner: owner.clone(),
             state: Mutex::new(State {
                 upstream: Some(upstream),
                 polling: false,
@@ -333,18 +379,7 @@ where
         };
 
         let mut flight_cx = Context::from_waker(&self.waker);
-        let polled = catch_unwind(AssertUnwindSafe(|| {
-            match upstream.as_mut().poll(&mut flight_cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(result) => {
-                    let storable = match &result {
-                        Ok(value) => (self.core.storable)(value),
-                        Err(_) => Storable::No,
-                    };
-                    Poll::Ready((result, storable))
-                }
-            }
-        }));
+        let polled = catch_unwind(AssertUnwindSafe(|| upstream.as_mut().poll(&mut flight_cx)));
         match polled {
             Ok(Poll::Pending) => {
                 let mut state = self.lock();
@@ -352,49 +387,37 @@ where
                 state.polling = false;
                 Poll::Pending
             }
-            Ok(Poll::Ready((result, storable))) => {
+            Ok(Poll::Ready(result)) => {
                 drop(upstream);
-                Poll::Ready(self.finish(result, storable))
+                Poll::Ready(self.finish(result))
             }
             Err(payload) => {
                 let error = Error::panicked(&*payload);
                 // Dropping a future that panicked may panic again; keep that contained.
                 let _ = catch_unwind(AssertUnwindSafe(move || drop(upstream)));
-                Poll::Ready(self.finish(Err(error), Storable::No))
+                Poll::Ready(self.finish(Err(error)))
             }
         }
     }
 
-    /// Records the outcome, stores it if allowed, leaves the map and wakes every waiter.
-    fn finish(self: &Arc<Self>, result: Result<V, Error>, storable: Storable) -> Result<V, Error> {
-        let core = &self.core;
-        let now = Instant::now();
-        core.metrics
-            .flight_duration
-            .record(now.saturating_duration_since(self.started).as_secs_f64());
-        let entry = match &result {
-            Ok(value) => core.store.entry_for_value(value.clone(), storable, now),
-            Err(error) => {
-                if error.is(ErrorKind::Panicked) {
-                    core.metrics.upstream_panicked.increment(1);
-                } else {
-                    core.metrics.upstream_error.increment(1);
-                }
-                core.store.entry_for_error(error.clone(), now)
-            }
-        };
+    /// Records the outcome, has the owner store it, leaves the map and wakes every waiter.
+    fn finish(self: &Arc<Self>, result: Result<V, Error>) -> Result<V, Error> {
+        let elapsed = self.started.elapsed();
         let wakers = {
             let mut state = self.lock();
             state.polling = false;
             state.outcome = Some(result.clone());
-            if let (false, Some(entry)) = (state.no_store, entry) {
-                // Under the flight's lock, so an invalidation either sees this entry in the
-                // store or marks the flight before it is stored.
-                core.store.insert(self.key.clone(), entry);
-            }
+            let detached = state.no_store;
+            // Under the flight's lock, so an invalidation either sees what was stored or
+            // marks the flight before it is stored. A panic in the owner (a user predicate)
+            // must not keep the waiters from their outcome.
+            let owner = &self.owner;
+            let _ = catch_unwind(AssertUnwindSafe(|| {
+                owner.finish(&self.key, &result, elapsed, detached)
+            }));
             state.wakers.take_all()
         };
-        core.flights.remove(self);
+        self.owner.flights().remove(self);
         wakers.into_iter().for_each(Waker::wake);
         result
     }
@@ -417,7 +440,7 @@ where
             }
         };
         if let Some(upstream) = upstream {
-            self.core.flights.remove(self);
+            self.owner.flights().remove(self);
             let _ = catch_unwind(AssertUnwindSafe(move || drop(upstream)));
         }
         wakers.into_iter().for_each(Waker::wake);
@@ -432,16 +455,6 @@ where
 {
     flight: Arc<Flight<K, V>>,
     slot: usize,
-}
-
-impl<K, V> Waiter<K, V>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    pub(crate) fn metrics(&self) -> &CacheMetrics {
-        &self.flight.core.metrics
-    }
 }
 
 impl<K, V> Future for Waiter<K, V>

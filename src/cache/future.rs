@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tower::util::Oneshot;
 use tower_service::Service;
 
-use super::flight::{Upstream, Waiter};
+use super::flight::{Core, Upstream, Waiter};
 use super::store::Entry;
 use crate::error::{BoxError, Error};
 
@@ -60,7 +60,7 @@ pin_project! {
         V: 'static,
     {
         Ready { result: Option<Result<V, Error>> },
-        Waiting { waiter: Waiter<K, V>, fallback: Option<Arc<Entry<V>>> },
+        Waiting { waiter: Waiter<K, V>, fallback: Option<Arc<Entry<V>>>, core: Arc<Core<K, V>> },
         Bypass { #[pin] call: Oneshot<S, Req> },
         Upstream { call: Upstream<V> },
     }
@@ -80,9 +80,17 @@ where
         }
     }
 
-    pub(crate) fn waiting(waiter: Waiter<K, V>, fallback: Option<Arc<Entry<V>>>) -> Self {
+    pub(crate) fn waiting(
+        waiter: Waiter<K, V>,
+        fallback: Option<Arc<Entry<V>>>,
+        core: Arc<Core<K, V>>,
+    ) -> Self {
         ResponseFuture {
-            state: State::Waiting { waiter, fallback },
+            state: State::Waiting {
+                waiter,
+                fallback,
+                core,
+            },
         }
     }
 
@@ -114,12 +122,16 @@ where
                 Some(result) => Poll::Ready(result),
                 None => panic!("cache::ResponseFuture polled after completion"),
             },
-            StateProj::Waiting { waiter, fallback } => {
+            StateProj::Waiting {
+                waiter,
+                fallback,
+                core,
+            } => {
                 let result = ready!(Pin::new(&mut *waiter).poll(cx));
                 if result.is_err() {
                     if let Some(stale) = fallback.take() {
                         if stale.usable_on_error(Instant::now()) {
-                            waiter.metrics().stale_if_error.increment(1);
+                            core.metrics.stale_if_error.increment(1);
                             return Poll::Ready(stale.value.clone());
                         }
                     }

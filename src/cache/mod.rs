@@ -76,7 +76,7 @@
 //!
 //! [`Error`]: crate::Error
 
-mod flight;
+pub(crate) mod flight;
 mod future;
 mod layer;
 mod service;

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tower::util::Oneshot;
 use tower_service::Service;
 
-use super::flight::{Core, Joined, Upstream};
+use super::flight::{Core, Joined, Owner, Upstream};
 use super::future::ResponseFuture;
 use super::layer::KeyFn;
 use super::store::Lookup;
@@ -116,14 +116,22 @@ where
             Lookup::Miss { fallback } => {
                 let inner = self.inner.clone();
                 let start = move || upstream(inner, req);
-                match core.flights.join_or_start(core, key, true, start) {
+                let owner: Arc<dyn Owner<K, V>> = core.clone();
+                let recheck = |key: &K| match core.store.lookup(key, Instant::now()) {
+                    Lookup::Fresh(entry) => Some(entry),
+                    _ => None,
+                };
+                match core
+                    .flights
+                    .join_or_start(&owner, key, true, recheck, start)
+                {
                     Joined::Started(waiter) => {
                         metrics.miss.increment(1);
-                        ResponseFuture::waiting(waiter, fallback)
+                        ResponseFuture::waiting(waiter, fallback, core.clone())
                     }
                     Joined::Coalesced(waiter) => {
                         metrics.coalesced.increment(1);
-                        ResponseFuture::waiting(waiter, fallback)
+                        ResponseFuture::waiting(waiter, fallback, core.clone())
                     }
                     Joined::Stored(entry) => {
                         metrics.hit.increment(1);
@@ -156,11 +164,12 @@ where
         };
         let inner = self.inner.clone();
         let start = move || upstream(inner, req);
-        if let Joined::Started(waiter) = self
+        let owner: Arc<dyn Owner<K, V>> = self.core.clone();
+        let joined = self
             .core
             .flights
-            .join_or_start(&self.core, key, false, start)
-        {
+            .join_or_start(&owner, key, false, |_| None::<()>, start);
+        if let Joined::Started(waiter) = joined {
             self.core.metrics.refreshes.increment(1);
             runtime.spawn(async move {
                 // The outcome is stored by the flight; a failed refresh leaves the stale

@@ -39,13 +39,17 @@
 //! # let _ = guard;
 //! ```
 
+mod body;
+mod cache;
 pub mod cache_control;
 pub mod cache_policy;
 mod error;
 mod retry;
 
+pub use self::body::BufferedBody;
+pub use self::cache::{HttpCache, HttpCacheBuilder, HttpCacheFuture, HttpCacheLayer, CACHE_STATUS};
 pub use self::error::{error_response, ErrorResponse, ErrorResponseFuture, ErrorResponseLayer};
 pub use self::retry::{
     is_replayable_request, is_retryable_status, retry_after, BufferBody, BufferBodyFuture,
-    BufferBodyLayer, HttpPolicy, ReplayBody, IDEMPOTENCY_KEY,
+    BufferBodyLayer, HttpPolicy, IDEMPOTENCY_KEY,
 };

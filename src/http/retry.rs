@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use http::header::RETRY_AFTER;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
+
+use super::body::{poll_read_ahead, BufferedBody};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -46,123 +48,6 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     )
 }
 
-/// A request body that was read ahead, up to a bound, so the request can be sent again.
-///
-/// `Complete` bodies (read to their end within the bound, no trailers) are replayable and
-/// cheap to clone. A body over the bound is sent once: what was read ahead, then the rest.
-pub struct ReplayBody<B> {
-    state: BodyState<B>,
-}
-
-enum BodyState<B> {
-    Complete(Option<Bytes>),
-    Streaming {
-        read_ahead: VecDeque<Frame<Bytes>>,
-        rest: Option<B>,
-    },
-}
-
-impl<B> ReplayBody<B> {
-    /// A complete body.
-    pub fn complete(data: Bytes) -> Self {
-        ReplayBody {
-            state: BodyState::Complete((!data.is_empty()).then_some(data)),
-        }
-    }
-
-    /// True when the whole body is held and can be replayed.
-    pub fn is_replayable(&self) -> bool {
-        matches!(self.state, BodyState::Complete(_))
-    }
-
-    /// A copy of a complete body; `None` for a streaming one.
-    pub fn try_clone(&self) -> Option<Self> {
-        match &self.state {
-            BodyState::Complete(data) => Some(ReplayBody {
-                state: BodyState::Complete(data.clone()),
-            }),
-            BodyState::Streaming { .. } => None,
-        }
-    }
-}
-
-impl<B> fmt::Debug for ReplayBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.state {
-            BodyState::Complete(data) => f
-                .debug_struct("ReplayBody")
-                .field("complete", &data.as_ref().map_or(0, Bytes::len))
-                .finish(),
-            BodyState::Streaming { read_ahead, .. } => f
-                .debug_struct("ReplayBody")
-                .field("streaming_after", &read_ahead.len())
-                .finish(),
-        }
-    }
-}
-
-impl<B> Body for ReplayBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().state {
-            BodyState::Complete(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            BodyState::Streaming { read_ahead, rest } => {
-                if let Some(frame) = read_ahead.pop_front() {
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                let Some(body) = rest.as_mut() else {
-                    return Poll::Ready(None);
-                };
-                let frame = ready!(Pin::new(body).poll_frame(cx));
-                if frame.is_none() {
-                    *rest = None;
-                }
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.state {
-            BodyState::Complete(data) => data.is_none(),
-            BodyState::Streaming { read_ahead, rest } => {
-                read_ahead.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
-            }
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.state {
-            BodyState::Complete(data) => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
-            BodyState::Streaming { read_ahead, rest } => {
-                let ahead: u64 = read_ahead
-                    .iter()
-                    .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
-                    .sum();
-                let mut hint = rest
-                    .as_ref()
-                    .map_or_else(SizeHint::default, |b| b.size_hint());
-                hint.set_lower(hint.lower() + ahead);
-                if let Some(upper) = hint.upper() {
-                    hint.set_upper(upper + ahead);
-                }
-                hint
-            }
-        }
-    }
-}
-
 /// The HTTP retry and hedge policy.
 ///
 /// - **Replay**: idempotent methods (or an `Idempotency-Key`) with a complete body.
@@ -177,8 +62,8 @@ pub fn is_retryable_status(status: StatusCode) -> bool {
     matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
 }
 
-impl<B, RB> Policy<Request<ReplayBody<B>>, Response<RB>> for HttpPolicy {
-    fn replay(&self, req: &Request<ReplayBody<B>>) -> Option<Request<ReplayBody<B>>> {
+impl<B, RB> Policy<Request<BufferedBody<B>>, Response<RB>> for HttpPolicy {
+    fn replay(&self, req: &Request<BufferedBody<B>>) -> Option<Request<BufferedBody<B>>> {
         if !is_replayable_request(req.method(), req.headers()) {
             return None;
         }
@@ -240,7 +125,7 @@ pub struct BufferBody<S> {
 
 impl<S, B> Service<Request<B>> for BufferBody<S>
 where
-    S: Service<Request<ReplayBody<B>>> + Clone,
+    S: Service<Request<BufferedBody<B>>> + Clone,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -262,12 +147,7 @@ where
                 .is_none_or(|upper| upper <= self.max_bytes as u64)
             && body.size_hint().lower() <= self.max_bytes as u64;
         if !worth_reading {
-            let body = ReplayBody {
-                state: BodyState::Streaming {
-                    read_ahead: VecDeque::new(),
-                    rest: Some(body),
-                },
-            };
+            let body = BufferedBody::streaming(VecDeque::new(), Some(body));
             let future = self.inner.call(Request::from_parts(parts, body));
             return BufferBodyFuture {
                 state: BufferState::Calling { future },
@@ -294,7 +174,7 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct BufferBodyFuture<S, B>
     where
-        S: Service<Request<ReplayBody<B>>>,
+        S: Service<Request<BufferedBody<B>>>,
     {
         #[pin]
         state: BufferState<S, B>,
@@ -305,7 +185,7 @@ pin_project! {
     #[project = BufferProj]
     enum BufferState<S, B>
     where
-        S: Service<Request<ReplayBody<B>>>,
+        S: Service<Request<BufferedBody<B>>>,
     {
         Reading {
             service: Option<S>,
@@ -321,7 +201,7 @@ pin_project! {
 
 impl<S, B> fmt::Debug for BufferBodyFuture<S, B>
 where
-    S: Service<Request<ReplayBody<B>>>,
+    S: Service<Request<BufferedBody<B>>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BufferBodyFuture").finish_non_exhaustive()
@@ -330,7 +210,7 @@ where
 
 impl<S, B> Future for BufferBodyFuture<S, B>
 where
-    S: Service<Request<ReplayBody<B>>>,
+    S: Service<Request<BufferedBody<B>>>,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -355,37 +235,20 @@ where
                     let Some(reading) = body.as_mut() else {
                         return Poll::Ready(Err(Error::new(crate::ErrorKind::Cancelled)));
                     };
-                    // Read until the end, a trailer, or the bound.
-                    let complete = loop {
-                        match ready!(Pin::new(&mut *reading).poll_frame(cx)) {
-                            None => break true,
-                            Some(Err(error)) => {
-                                return Poll::Ready(Err(Error::inner(error)));
-                            }
-                            Some(Ok(frame)) => match frame.into_data() {
-                                Ok(chunk) => {
-                                    data.extend_from_slice(&chunk);
-                                    frames.push_back(Frame::data(chunk));
-                                    if data.len() > *max_bytes {
-                                        break false;
-                                    }
-                                }
-                                Err(trailers) => {
-                                    frames.push_back(trailers);
-                                    break false;
-                                }
-                            },
-                        }
+                    let complete = match ready!(poll_read_ahead(
+                        Pin::new(&mut *reading),
+                        frames,
+                        data,
+                        *max_bytes,
+                        cx
+                    )) {
+                        Ok(complete) => complete,
+                        Err(error) => return Poll::Ready(Err(error)),
                     };
                     let replay = if complete {
-                        ReplayBody::complete(std::mem::take(data).freeze())
+                        BufferedBody::complete(std::mem::take(data).freeze())
                     } else {
-                        ReplayBody {
-                            state: BodyState::Streaming {
-                                read_ahead: std::mem::take(frames),
-                                rest: body.take(),
-                            },
-                        }
+                        BufferedBody::streaming(std::mem::take(frames), body.take())
                     };
                     let (Some(mut service), Some(parts)) = (service.take(), parts.take()) else {
                         return Poll::Ready(Err(Error::new(crate::ErrorKind::Cancelled)));

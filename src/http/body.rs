@@ -1,0 +1,202 @@
+//! Bodies read ahead up to a bound.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+
+use crate::error::{BoxError, Error};
+
+/// A body read ahead up to a bound: either complete (held whole, cheap to clone, so a
+/// request can be replayed or a response shared and stored), or what was read ahead
+/// followed by the rest of the original body, passed on intact.
+pub struct BufferedBody<B> {
+    state: BodyState<B>,
+}
+
+enum BodyState<B> {
+    Complete(Option<Bytes>),
+    Streaming {
+        read_ahead: VecDeque<Frame<Bytes>>,
+        rest: Option<B>,
+    },
+}
+
+impl<B> BufferedBody<B> {
+    /// A body with nothing still to read: what was read ahead, then the rest of `rest`.
+    pub fn streaming(read_ahead: VecDeque<Frame<Bytes>>, rest: Option<B>) -> Self {
+        BufferedBody {
+            state: BodyState::Streaming { read_ahead, rest },
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        BufferedBody {
+            state: BodyState::Complete(None),
+        }
+    }
+
+    /// A complete body.
+    pub fn complete(data: Bytes) -> Self {
+        BufferedBody {
+            state: BodyState::Complete((!data.is_empty()).then_some(data)),
+        }
+    }
+
+    /// True when the whole body is held and can be replayed.
+    pub fn is_replayable(&self) -> bool {
+        matches!(self.state, BodyState::Complete(_))
+    }
+
+    /// The bytes of a complete body; `None` for a streaming one.
+    pub fn into_bytes(self) -> Option<Bytes> {
+        match self.state {
+            BodyState::Complete(data) => Some(data.unwrap_or_default()),
+            BodyState::Streaming { .. } => None,
+        }
+    }
+
+    /// A copy of a complete body; `None` for a streaming one.
+    pub fn try_clone(&self) -> Option<Self> {
+        match &self.state {
+            BodyState::Complete(data) => Some(BufferedBody {
+                state: BodyState::Complete(data.clone()),
+            }),
+            BodyState::Streaming { .. } => None,
+        }
+    }
+}
+
+impl<B> fmt::Debug for BufferedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.state {
+            BodyState::Complete(data) => f
+                .debug_struct("BufferedBody")
+                .field("complete", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+            BodyState::Streaming { read_ahead, .. } => f
+                .debug_struct("BufferedBody")
+                .field("streaming_after", &read_ahead.len())
+                .finish(),
+        }
+    }
+}
+
+impl<B> Body for BufferedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().state {
+            BodyState::Complete(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            BodyState::Streaming { read_ahead, rest } => {
+                if let Some(frame) = read_ahead.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                let Some(body) = rest.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let frame = ready!(Pin::new(body).poll_frame(cx));
+                if frame.is_none() {
+                    *rest = None;
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            BodyState::Complete(data) => data.is_none(),
+            BodyState::Streaming { read_ahead, rest } => {
+                read_ahead.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            BodyState::Complete(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            BodyState::Streaming { read_ahead, rest } => {
+                let ahead: u64 = read_ahead
+                    .iter()
+                    .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+                    .sum();
+                let mut hint = rest
+                    .as_ref()
+                    .map_or_else(SizeHint::default, |b| b.size_hint());
+                hint.set_lower(hint.lower() + ahead);
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper + ahead);
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// Reads frames of `body` into `frames` (data also into `data`) until its end (`true`), a
+/// trailers frame or more than `max` bytes (`false`).
+pub(crate) fn poll_read_ahead<B>(
+    mut body: Pin<&mut B>,
+    frames: &mut VecDeque<Frame<Bytes>>,
+    data: &mut BytesMut,
+    max: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Result<bool, Error>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        match ready!(body.as_mut().poll_frame(cx)) {
+            None => return Poll::Ready(Ok(true)),
+            Some(Err(error)) => return Poll::Ready(Err(Error::inner(error))),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(chunk) => {
+                    data.extend_from_slice(&chunk);
+                    frames.push_back(Frame::data(chunk));
+                    if data.len() > max {
+                        return Poll::Ready(Ok(false));
+                    }
+                }
+                Err(trailers) => {
+                    frames.push_back(trailers);
+                    return Poll::Ready(Ok(false));
+                }
+            },
+        }
+    }
+}
+
+/// Reads `body` ahead up to `max` bytes: complete when it ends within the bound.
+pub(crate) async fn read_ahead<B>(mut body: B, max: usize) -> Result<BufferedBody<B>, Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut frames = VecDeque::new();
+    let mut data = BytesMut::new();
+    let complete = std::future::poll_fn(|cx| {
+        poll_read_ahead(Pin::new(&mut body), &mut frames, &mut data, max, cx)
+    })
+    .await?;
+    Ok(if complete {
+        BufferedBody::complete(data.freeze())
+    } else {
+        BufferedBody::streaming(frames, Some(body))
+    })
+}

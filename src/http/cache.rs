@@ -1,0 +1,887 @@
+//! The HTTP cache layer: RFC 9111 shared-cache semantics on top of single-flight.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{
+    HeaderValue, AGE, CONTENT_LENGTH, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH, TRANSFER_ENCODING,
+};
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Version};
+use http_body::Body;
+use moka::notification::RemovalCause;
+use tokio::time::Instant;
+use tower::util::Oneshot;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::body::{read_ahead, BufferedBody};
+use super::cache_policy::{
+    conditional_headers, has_validator, invalidates, invalidation_targets, not_modified,
+    primary_key, update_headers, vary, vary_matches, AgeInputs, CacheStatus, HttpCachePolicy,
+    NotStored, Vary,
+};
+use crate::cache::flight::{FlightMap, Joined, Owner, Upstream, Waiter};
+use crate::error::{BoxError, Error, ErrorKind};
+use crate::metrics::CacheMetrics;
+
+/// The `Cache-Status` header (RFC 9211).
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// A stored response: one variant of one URI.
+struct Stored {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+    vary: Vary,
+    /// The nominated request fields of the request that fetched it.
+    request_headers: HeaderMap,
+    age: AgeInputs,
+    stored_at: Instant,
+    freshness: Duration,
+    stale_while_revalidate: Duration,
+    stale_if_error: Duration,
+}
+
+impl Stored {
+    fn current_age(&self, now: Instant) -> Duration {
+        self.age
+            .current_age(now.saturating_duration_since(self.stored_at))
+    }
+
+    fn is_fresh(&self, now: Instant) -> bool {
+        self.current_age(now) < self.freshness
+    }
+
+    fn in_window(&self, now: Instant, window: Duration) -> bool {
+        self.current_age(now) < self.freshness + window
+    }
+
+    fn ttl(&self, now: Instant) -> i64 {
+        let age = self.current_age(now).as_secs() as i64;
+        self.freshness.as_secs() as i64 - age
+    }
+
+    fn weight(&self) -> u32 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        u32::try_from(self.body.len() + headers + 256).unwrap_or(u32::MAX)
+    }
+}
+
+/// The variants stored for one URI.
+struct Variants(Vec<Arc<Stored>>);
+
+/// What a flight brings back.
+struct Fetched {
+    response: Fetch,
+    /// Headers of the request that fetched it, to judge whether another waiter may use it.
+    request_headers: HeaderMap,
+    /// The entry to store, when the response may be stored.
+    store: Option<Arc<Stored>>,
+    not_stored: Option<NotStored>,
+    /// It was a 304 to a revalidation: the stored body with refreshed headers.
+    revalidated: bool,
+}
+
+enum Fetch {
+    Complete {
+        status: StatusCode,
+        version: Version,
+        headers: HeaderMap,
+        body: Bytes,
+    },
+    /// A response only the request that started the flight may have (too large, or not
+    /// storable): a `Response<BufferedBody<RB>>`, taken once.
+    Streaming(Mutex<Option<Box<dyn Any + Send>>>),
+}
+
+struct Core {
+    store: moka::sync::Cache<String, Arc<Variants>>,
+    flights: FlightMap<String, Arc<Fetched>>,
+    policy: HttpCachePolicy,
+    max_body: usize,
+    max_variants: usize,
+    metrics: CacheMetrics,
+}
+
+impl Owner<String, Arc<Fetched>> for Core {
+    fn flights(&self) -> &FlightMap<String, Arc<Fetched>> {
+        &self.flights
+    }
+
+    fn finish(
+        &self,
+        key: &String,
+        outcome: &Result<Arc<Fetched>, Error>,
+        elapsed: Duration,
+        detached: bool,
+    ) {
+        self.metrics.flight_duration.record(elapsed.as_secs_f64());
+        match outcome {
+            Ok(fetched) => {
+                if let (false, Some(stored)) = (detached, &fetched.store) {
+                    self.insert(key, stored.clone());
+                }
+            }
+            Err(error) if error.is(ErrorKind::Panicked) => {
+                self.metrics.upstream_panicked.increment(1)
+            }
+            Err(_) => self.metrics.upstream_error.increment(1),
+        }
+    }
+}
+
+impl Core {
+    /// The stored variant that may answer a request with `headers`, if any.
+    fn lookup(&self, key: &str, headers: &HeaderMap) -> Option<Arc<Stored>> {
+        let variants = self.store.get(key)?;
+        variants
+            .0
+            .iter()
+            .find(|v| vary_matches(&v.vary, &v.request_headers, headers))
+            .cloned()
+    }
+
+    /// Stores `stored` as a variant of `key`, replacing the variant it matches.
+    fn insert(&self, key: &str, stored: Arc<Stored>) {
+        let mut list: Vec<Arc<Stored>> =
+            self.store.get(key).map(|v| v.0.clone()).unwrap_or_default();
+        list.retain(|v| {
+            !(v.vary == stored.vary
+                && vary_matches(&v.vary, &v.request_headers, &stored.request_headers))
+        });
+        list.insert(0, stored);
+        list.truncate(self.max_variants.max(1));
+        self.store.insert(key.to_owned(), Arc::new(Variants(list)));
+        self.sample();
+    }
+
+    fn invalidate(&self, key: &str) {
+        self.flights.detach(&key.to_owned());
+        self.store.invalidate(key);
+        self.sample();
+    }
+
+    fn sample(&self) {
+        self.metrics.entries.set(self.store.entry_count() as f64);
+        self.metrics
+            .weighted_size
+            .set(self.store.weighted_size() as f64);
+    }
+}
+
+/// A [`Layer`] that puts an RFC 9111 shared cache in front of an HTTP service.
+///
+/// - **Stored** only what a shared cache may store (section 3): GET responses with a final
+///   status, no `no-store`, no `private`, no `Set-Cookie` (configurable), `Authorization`
+///   only with `public`, `s-maxage` or `must-revalidate`, and explicit or heuristic
+///   freshness. Bodies are read ahead up to a bound; a larger response is passed through
+///   whole and not stored.
+/// - **Served** while fresh (section 4.2, `s-maxage` first), with `Age`; HEAD from a
+///   stored GET; a client's own conditional request answered with 304; `Vary` matched
+///   per section 4.1.
+/// - **Revalidated** when stale, with `If-None-Match` / `If-Modified-Since`; a 304
+///   refreshes the stored headers. `stale-while-revalidate` serves stale while one
+///   background revalidation runs; `stale-if-error` serves stale when the origin fails;
+///   neither when `must-revalidate`, `proxy-revalidate`, `no-cache` or `s-maxage` forbid.
+/// - **Coalesced**: one origin request per URI at a time. A waiter that cannot use that
+///   response (another `Vary` variant, `private`, `Set-Cookie`, `no-store`, its own
+///   `Authorization`) is forwarded to the origin on its own.
+/// - **Invalidated** by unsafe methods that succeed: the target URI and same-origin
+///   `Location` / `Content-Location`.
+/// - Every response carries `Cache-Status` (RFC 9211).
+///
+/// ```
+/// use towerguard::http::HttpCacheLayer;
+///
+/// let cache = HttpCacheLayer::builder()
+///     .name("proxy")
+///     .capacity_bytes(256 * 1024 * 1024)
+///     .max_body_bytes(8 * 1024 * 1024)
+///     .build();
+/// # let _ = cache;
+/// ```
+#[derive(Clone)]
+pub struct HttpCacheLayer {
+    core: Arc<Core>,
+}
+
+impl fmt::Debug for HttpCacheLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpCacheLayer")
+            .field("policy", &self.core.policy)
+            .field("max_body", &self.core.max_body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpCacheLayer {
+    /// Starts a builder: 64 MiB of responses, bodies up to 1 MiB, the default policy.
+    pub fn builder() -> HttpCacheBuilder {
+        HttpCacheBuilder {
+            name: "http".to_owned(),
+            policy: HttpCachePolicy::default(),
+            capacity_bytes: 64 * 1024 * 1024,
+            max_body: 1024 * 1024,
+            max_variants: 8,
+            max_flights: 10_000,
+        }
+    }
+
+    /// Removes every stored variant of `uri` (as a primary key: `scheme://authority/path?query`).
+    pub fn invalidate(&self, primary_key: &str) {
+        self.core.invalidate(primary_key);
+    }
+
+    /// URIs with stored responses; exact after [`run_pending_tasks`](Self::run_pending_tasks).
+    pub fn entry_count(&self) -> u64 {
+        self.core.store.entry_count()
+    }
+
+    /// Bytes held (bodies and headers, estimated).
+    pub fn weighted_size(&self) -> u64 {
+        self.core.store.weighted_size()
+    }
+
+    /// Applies the store's pending work now.
+    pub fn run_pending_tasks(&self) {
+        self.core.store.run_pending_tasks();
+        self.core.sample();
+    }
+}
+
+/// Configures an [`HttpCacheLayer`].
+#[derive(Debug)]
+pub struct HttpCacheBuilder {
+    name: String,
+    policy: HttpCachePolicy,
+    capacity_bytes: u64,
+    max_body: usize,
+    max_variants: usize,
+    max_flights: usize,
+}
+
+impl HttpCacheBuilder {
+    /// The instance name, the `name` label of every metric (default `"http"`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The storage rules' choices ([`HttpCachePolicy`]).
+    pub fn policy(mut self, policy: HttpCachePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Bytes of stored responses at most (bodies and headers).
+    pub fn capacity_bytes(mut self, bytes: u64) -> Self {
+        self.capacity_bytes = bytes;
+        self
+    }
+
+    /// The largest body stored; larger responses pass through whole, unstored.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// Variants kept per URI (`Vary`), most recent first.
+    pub fn max_variants(mut self, variants: usize) -> Self {
+        self.max_variants = variants.max(1);
+        self
+    }
+
+    /// Origin requests under way at once for distinct URIs; past it, misses go to the
+    /// origin uncoalesced.
+    pub fn max_flights(mut self, flights: usize) -> Self {
+        self.max_flights = flights;
+        self
+    }
+
+    /// Builds the layer and its shared store.
+    pub fn build(self) -> HttpCacheLayer {
+        let metrics = CacheMetrics::register(&self.name);
+        let listener = metrics.clone();
+        let store = moka::sync::Cache::builder()
+            .max_capacity(self.capacity_bytes)
+            .weigher(|_key: &String, variants: &Arc<Variants>| {
+                variants
+                    .0
+                    .iter()
+                    .map(|v| v.weight())
+                    .fold(0u32, u32::saturating_add)
+            })
+            .eviction_listener(move |_key, _value, cause| match cause {
+                RemovalCause::Size => listener.evicted_size.increment(1),
+                RemovalCause::Expired => listener.evicted_expired.increment(1),
+                RemovalCause::Explicit => listener.evicted_invalidated.increment(1),
+                RemovalCause::Replaced => {}
+            })
+            .build();
+        HttpCacheLayer {
+            core: Arc::new(Core {
+                store,
+                flights: FlightMap::new(self.max_flights),
+                policy: self.policy,
+                max_body: self.max_body,
+                max_variants: self.max_variants,
+                metrics,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for HttpCacheLayer {
+    type Service = HttpCache<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HttpCache {
+            inner,
+            core: self.core.clone(),
+        }
+    }
+}
+
+/// An RFC 9111 shared cache in front of `S`. Made by [`HttpCacheLayer`].
+///
+/// Hits never touch `S`; every origin request drives its own clone of `S` to readiness.
+#[derive(Clone)]
+pub struct HttpCache<S> {
+    inner: S,
+    core: Arc<Core>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for HttpCache<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpCache")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Response future of [`HttpCache`].
+pub type HttpCacheFuture<RB> =
+    Pin<Box<dyn Future<Output = Result<Response<BufferedBody<RB>>, Error>> + Send>>;
+
+impl<S, B, RB> Service<Request<B>> for HttpCache<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    type Response = Response<BufferedBody<RB>>;
+    type Error = Error;
+    type Future = HttpCacheFuture<RB>;
+
+    /// Always ready: hits do not touch the inner service, and origin requests drive
+    /// their own clone to readiness.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        Box::pin(handle(self.core.clone(), self.inner.clone(), req))
+    }
+}
+
+fn with_status<T>(mut response: Response<T>, status: &CacheStatus) -> Response<T> {
+    let ours = status.to_string();
+    let value = match response
+        .headers()
+        .get(&CACHE_STATUS)
+        .and_then(|v| v.to_str().ok())
+    {
+        // Caches closer to the origin come first (RFC 9211 section 2).
+        Some(earlier) => format!("{earlier}, {ours}"),
+        None => ours,
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        response.headers_mut().insert(CACHE_STATUS, value);
+    }
+    response
+}
+
+/// A response built from a stored (or just fetched, complete) response.
+fn respond<RB>(
+    status: StatusCode,
+    version: Version,
+    headers: &HeaderMap,
+    body: &Bytes,
+    request: &(Method, HeaderMap),
+    age: Option<Duration>,
+    cache_status: &CacheStatus,
+) -> Response<BufferedBody<RB>> {
+    let (method, request_headers) = request;
+    let conditional = status == StatusCode::OK && not_modified(request_headers, headers);
+    let mut response = Response::new(if *method == Method::HEAD || conditional {
+        BufferedBody::empty()
+    } else {
+        BufferedBody::complete(body.clone())
+    });
+    *response.version_mut() = version;
+    *response.headers_mut() = headers.clone();
+    if conditional {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        response.headers_mut().remove(CONTENT_LENGTH);
+        response.headers_mut().remove(TRANSFER_ENCODING);
+    } else {
+        *response.status_mut() = status;
+    }
+    if let Some(age) = age {
+        response
+            .headers_mut()
+            .insert(AGE, HeaderValue::from(age.as_secs()));
+    }
+    with_status(response, cache_status)
+}
+
+fn serve<RB>(
+    stored: &Stored,
+    request: &(Method, HeaderMap),
+    now: Instant,
+    stale: bool,
+) -> Response<BufferedBody<RB>> {
+    let status = CacheStatus::Hit {
+        stale,
+        ttl: stored.ttl(now),
+    };
+    respond(
+        stored.status,
+        stored.version,
+        &stored.headers,
+        &stored.body,
+        request,
+        Some(stored.current_age(now)),
+        &status,
+    )
+}
+
+/// Sends `req` to the origin and reads its response ahead, deciding whether it may be
+/// stored. `revalidate` is the stale entry whose validators the request carries.
+async fn fetch<S, B, RB>(
+    core: Arc<Core>,
+    inner: S,
+    mut req: Request<B>,
+    revalidate: Option<Arc<Stored>>,
+) -> Result<Arc<Fetched>, Error>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let request_headers = req.headers().clone();
+    // The cache makes its own conditional request; the client's is answered from the result.
+    req.headers_mut().remove(IF_NONE_MATCH);
+    req.headers_mut().remove(IF_MODIFIED_SINCE);
+    if let Some(stale) = &revalidate {
+        req.headers_mut()
+            .extend(conditional_headers(&stale.headers));
+    }
+    *req.method_mut() = Method::GET;
+    let request_time = SystemTime::now();
+    let response = Oneshot::new(inner, req).await.map_err(Error::inner)?;
+    let response_time = SystemTime::now();
+    let policy = &core.policy;
+
+    if response.status() == StatusCode::NOT_MODIFIED {
+        if let Some(stale) = revalidate {
+            let mut headers = stale.headers.clone();
+            update_headers(&mut headers, response.headers());
+            let refreshed = Arc::new(Stored {
+                status: stale.status,
+                version: stale.version,
+                freshness: policy.freshness(stale.status, &headers),
+                stale_while_revalidate: policy.stale_windows(&headers).0,
+                stale_if_error: policy.stale_windows(&headers).1,
+                age: AgeInputs::from_headers(&headers, request_time, response_time),
+                stored_at: Instant::now(),
+                vary: stale.vary.clone(),
+                request_headers: stale.request_headers.clone(),
+                body: stale.body.clone(),
+                headers,
+            });
+            return Ok(Arc::new(Fetched {
+                response: Fetch::Complete {
+                    status: refreshed.status,
+                    version: refreshed.version,
+                    headers: refreshed.headers.clone(),
+                    body: refreshed.body.clone(),
+                },
+                request_headers,
+                store: Some(refreshed),
+                not_stored: None,
+                revalidated: true,
+            }));
+        }
+    }
+
+    let status = response.status();
+    let decision = policy.storable(&Method::GET, &request_headers, status, response.headers());
+    let (parts, body) = response.into_parts();
+    let streaming = |body: BufferedBody<RB>, parts: http::response::Parts, reason| {
+        let response: Box<dyn Any + Send> = Box::new(Response::from_parts(parts, body));
+        Arc::new(Fetched {
+            response: Fetch::Streaming(Mutex::new(Some(response))),
+            request_headers: request_headers.clone(),
+            store: None,
+            not_stored: Some(reason),
+            revalidated: false,
+        })
+    };
+    if let Err(reason) = decision {
+        return Ok(streaming(
+            BufferedBody::streaming(Default::default(), Some(body)),
+            parts,
+            reason,
+        ));
+    }
+    let body = read_ahead(body, core.max_body).await?;
+    if !body.is_replayable() {
+        return Ok(streaming(body, parts, NotStored::TooLarge));
+    }
+    let bytes = body.into_bytes().unwrap_or_default();
+    let freshness = policy.freshness(status, &parts.headers);
+    let (swr, sie) = policy.stale_windows(&parts.headers);
+    let response_vary = vary(&parts.headers);
+    let useful = !freshness.is_zero() || has_validator(&parts.headers) || !swr.is_zero();
+    let store = useful.then(|| {
+        let mut nominated = HeaderMap::new();
+        if let Vary::Fields(fields) = &response_vary {
+            for name in fields {
+                for value in request_headers.get_all(name) {
+                    nominated.append(name.clone(), value.clone());
+                }
+            }
+        }
+        Arc::new(Stored {
+            status,
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body: bytes.clone(),
+            vary: response_vary,
+            request_headers: nominated,
+            age: AgeInputs::from_headers(&parts.headers, request_time, response_time),
+            stored_at: Instant::now(),
+            freshness,
+            stale_while_revalidate: swr,
+            stale_if_error: sie,
+        })
+    });
+    Ok(Arc::new(Fetched {
+        response: Fetch::Complete {
+            status,
+            version: parts.version,
+            headers: parts.headers,
+            body: bytes,
+        },
+        request_headers,
+        not_stored: store.is_none().then_some(NotStored::NoFreshness),
+        store,
+        revalidated: false,
+    }))
+}
+
+/// True when a waiter whose request has `headers` may be handed `fetched`, fetched for
+/// another request.
+fn usable_by(core: &Core, fetched: &Fetched, headers: &HeaderMap) -> bool {
+    let Fetch::Complete {
+        status,
+        headers: response_headers,
+        ..
+    } = &fetched.response
+    else {
+        return false;
+    };
+    if fetched.store.is_none() {
+        return false;
+    }
+    if core
+        .policy
+        .storable(&Method::GET, headers, *status, response_headers)
+        .is_err()
+    {
+        return false;
+    }
+    // storable() above also decided `Authorization`: a request with credentials gets a
+    // shared response only if the response says it may be shared.
+    vary_matches(&vary(response_headers), &fetched.request_headers, headers)
+}
+
+async fn forward<S, B, RB>(
+    inner: S,
+    req: Request<B>,
+    status: impl FnOnce(StatusCode) -> CacheStatus,
+) -> Result<Response<BufferedBody<RB>>, Error>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+{
+    let response = Oneshot::new(inner, req).await.map_err(Error::inner)?;
+    let cache_status = status(response.status());
+    let response = response.map(|body| BufferedBody::streaming(Default::default(), Some(body)));
+    Ok(with_status(response, &cache_status))
+}
+
+fn forwarded(
+    reason: &'static str,
+    detail: Option<&'static str>,
+) -> impl FnOnce(StatusCode) -> CacheStatus {
+    move |status| CacheStatus::Forward {
+        reason,
+        status: status.as_u16(),
+        stored: false,
+        collapsed: false,
+        detail,
+    }
+}
+
+async fn handle<S, B, RB>(
+    core: Arc<Core>,
+    inner: S,
+    req: Request<B>,
+) -> Result<Response<BufferedBody<RB>>, Error>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let method = req.method().clone();
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    let metrics = &core.metrics;
+
+    if method != Method::GET && method != Method::HEAD {
+        // Unsafe methods are written through; success invalidates what they touch.
+        metrics.bypass.increment(1);
+        let uri = req.uri().clone();
+        let response = forward(inner, req, forwarded("method", None)).await?;
+        if invalidates(&method, response.status()) {
+            for key in invalidation_targets(&uri, host.as_deref(), response.headers()) {
+                core.invalidate(&key);
+            }
+        }
+        return Ok(response);
+    }
+    let Some(key) = primary_key(&method, req.uri(), host.as_deref()) else {
+        metrics.bypass.increment(1);
+        return forward(inner, req, forwarded("bypass", None)).await;
+    };
+
+    let request = (method.clone(), req.headers().clone());
+    let now = Instant::now();
+    let forced = core.policy.request_forces_origin(&request.1);
+    let stored = core.lookup(&key, &request.1);
+    if let (Some(stored), false) = (&stored, forced) {
+        if stored.is_fresh(now) {
+            metrics.hit.increment(1);
+            return Ok(serve(stored, &request, now, false));
+        }
+        if stored.in_window(now, stored.stale_while_revalidate) {
+            metrics.stale.increment(1);
+            revalidate_in_background(&core, &inner, key, req, stored.clone());
+            return Ok(serve(stored, &request, now, true));
+        }
+    }
+    if method == Method::HEAD && stored.is_none() {
+        // Nothing to answer a HEAD from; it is not stored either.
+        metrics.bypass.increment(1);
+        return forward(inner, req, forwarded("uri-miss", Some("head"))).await;
+    }
+
+    let revalidate = stored.clone().filter(|s| has_validator(&s.headers));
+    let mut request_slot = Some(req);
+    let owner: Arc<dyn Owner<String, Arc<Fetched>>> = core.clone();
+    let joined = {
+        let recheck = |key: &String| {
+            core.lookup(key, &request.1)
+                .filter(|s| !forced && s.is_fresh(Instant::now()))
+        };
+        let slot = &mut request_slot;
+        let start_inner = inner.clone();
+        let start_core = core.clone();
+        let start = move || -> Upstream<Arc<Fetched>> {
+            match slot.take() {
+                Some(req) => Box::pin(fetch(start_core, start_inner, req, revalidate)),
+                None => Box::pin(async { Err(Error::new(ErrorKind::Cancelled)) }),
+            }
+        };
+        core.flights
+            .join_or_start(&owner, key.clone(), true, recheck, start)
+    };
+    let (waiter, originator): (Waiter<String, Arc<Fetched>>, bool) = match joined {
+        Joined::Started(waiter) => {
+            metrics.miss.increment(1);
+            (waiter, true)
+        }
+        Joined::Coalesced(waiter) => {
+            metrics.coalesced.increment(1);
+            (waiter, false)
+        }
+        Joined::Stored(stored) => {
+            metrics.hit.increment(1);
+            return Ok(serve(&stored, &request, Instant::now(), false));
+        }
+        Joined::Full(_) | Joined::Busy(_) => {
+            metrics.bypass.increment(1);
+            let Some(req) = request_slot.take() else {
+                return Err(Error::new(ErrorKind::Cancelled));
+            };
+            return forward(inner, req, forwarded("miss", Some("flights-full"))).await;
+        }
+    };
+
+    let reason = match &stored {
+        Some(_) => "stale",
+        None => {
+            if core.store.contains_key(&key) {
+                "vary-miss"
+            } else {
+                "uri-miss"
+            }
+        }
+    };
+    let fetched = match waiter.await {
+        Ok(fetched) => fetched,
+        Err(error) => {
+            // stale-if-error: an expired entry inside its window answers instead.
+            if let Some(stale) = stored.filter(|s| s.in_window(Instant::now(), s.stale_if_error)) {
+                metrics.stale_if_error.increment(1);
+                return Ok(serve(&stale, &request, Instant::now(), true));
+            }
+            return Err(error);
+        }
+    };
+    if let (Fetch::Complete { status, .. }, Some(stale)) = (&fetched.response, &stored) {
+        if status.is_server_error() && stale.in_window(Instant::now(), stale.stale_if_error) {
+            metrics.stale_if_error.increment(1);
+            return Ok(serve(stale, &request, Instant::now(), true));
+        }
+    }
+
+    let usable = originator || usable_by(&core, &fetched, &request.1);
+    match (&fetched.response, usable) {
+        (
+            Fetch::Complete {
+                status,
+                version,
+                headers,
+                body,
+            },
+            true,
+        ) => {
+            let cache_status = CacheStatus::Forward {
+                reason,
+                status: if fetched.revalidated {
+                    304
+                } else {
+                    status.as_u16()
+                },
+                stored: fetched.store.is_some(),
+                collapsed: !originator,
+                detail: fetched.not_stored.map(NotStored::as_str),
+            };
+            let age = fetched
+                .store
+                .as_ref()
+                .map(|s| s.current_age(Instant::now()));
+            Ok(respond(
+                *status,
+                *version,
+                headers,
+                body,
+                &request,
+                age,
+                &cache_status,
+            ))
+        }
+        (Fetch::Streaming(response), true) => {
+            let taken = response
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .and_then(|r| r.downcast::<Response<BufferedBody<RB>>>().ok());
+            match taken {
+                Some(response) => {
+                    let status = response.status().as_u16();
+                    let cache_status = CacheStatus::Forward {
+                        reason,
+                        status,
+                        stored: false,
+                        collapsed: false,
+                        detail: fetched.not_stored.map(NotStored::as_str),
+                    };
+                    Ok(with_status(*response, &cache_status))
+                }
+                None => Err(Error::new(ErrorKind::Cancelled)),
+            }
+        }
+        (_, false) => {
+            // Fetched for someone else and not for us: to the origin on our own.
+            let Some(req) = request_slot.take() else {
+                return Err(Error::new(ErrorKind::Cancelled));
+            };
+            let detail = fetched
+                .not_stored
+                .map(NotStored::as_str)
+                .or(Some("not-shareable"));
+            forward(inner, req, forwarded(reason, detail)).await
+        }
+    }
+}
+
+/// Starts one background revalidation of `key` (stale-while-revalidate), unless one is
+/// under way or there is no runtime.
+fn revalidate_in_background<S, B, RB>(
+    core: &Arc<Core>,
+    inner: &S,
+    key: String,
+    req: Request<B>,
+    stale: Arc<Stored>,
+) where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let owner: Arc<dyn Owner<String, Arc<Fetched>>> = core.clone();
+    let validators = has_validator(&stale.headers).then_some(stale);
+    let (fetch_core, fetch_inner) = (core.clone(), inner.clone());
+    let start = move || -> Upstream<Arc<Fetched>> {
+        Box::pin(fetch(fetch_core, fetch_inner, req, validators))
+    };
+    if let Joined::Started(waiter) =
+        core.flights
+            .join_or_start(&owner, key, false, |_| None::<()>, start)
+    {
+        core.metrics.refreshes.increment(1);
+        runtime.spawn(async move {
+            let _ = waiter.await;
+        });
+    }
+}

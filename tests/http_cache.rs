@@ -1,0 +1,410 @@
+//! The HTTP cache over real TCP: an axum origin on loopback, reached through a hyper client
+//! with the cache layer in front of it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+
+use axum::body::Body as AxumBody;
+use axum::extract::{Request as AxumRequest, State};
+use axum::response::Response as AxumResponse;
+use axum::Router;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tower::{Layer, Service, ServiceExt};
+use towerguard::http::{HttpCache, HttpCacheLayer, CACHE_STATUS};
+
+/// The origin: counts requests per path, remembers conditional headers, and can hold
+/// responses behind a gate.
+struct Origin {
+    hits: Mutex<HashMap<String, usize>>,
+    conditional: AtomicUsize,
+    gate: watch::Sender<bool>,
+}
+
+impl Origin {
+    fn hits(&self, path: &str) -> usize {
+        *self.hits.lock().unwrap().get(path).unwrap_or(&0)
+    }
+}
+
+async fn origin(State(origin): State<Arc<Origin>>, req: AxumRequest) -> AxumResponse {
+    let path = req.uri().path().to_owned();
+    let n = {
+        let mut hits = origin.hits.lock().unwrap();
+        let n = hits.entry(path.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let headers = req.headers().clone();
+    let builder = AxumResponse::builder();
+    let lang = headers
+        .get("accept-language")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_owned();
+    match path.as_str() {
+        "/gated" => {
+            let mut gate = origin.gate.subscribe();
+            gate.wait_for(|open| *open).await.unwrap();
+            builder
+                .header("cache-control", "max-age=60")
+                .body(AxumBody::from(format!("gated #{n}")))
+        }
+        "/gated-private" => {
+            let mut gate = origin.gate.subscribe();
+            gate.wait_for(|open| *open).await.unwrap();
+            builder
+                .header("cache-control", "private, max-age=60")
+                .body(AxumBody::from(format!("private #{n}")))
+        }
+        "/gated-cookie" => {
+            let mut gate = origin.gate.subscribe();
+            gate.wait_for(|open| *open).await.unwrap();
+            builder
+                .header("cache-control", "max-age=60")
+                .header("set-cookie", format!("session={n}"))
+                .body(AxumBody::from(format!("cookie #{n}")))
+        }
+        "/private" => builder
+            .header("cache-control", "private, max-age=60")
+            .body(AxumBody::from(format!("private #{n}"))),
+        "/cookie" => builder
+            .header("cache-control", "max-age=60")
+            .header("set-cookie", format!("session={n}"))
+            .body(AxumBody::from(format!("cookie #{n}"))),
+        "/auth" => builder
+            .header("cache-control", "max-age=60")
+            .body(AxumBody::from(format!(
+                "for {:?} #{n}",
+                headers.get("authorization")
+            ))),
+        "/auth-public" => builder
+            .header("cache-control", "public, max-age=60")
+            .body(AxumBody::from(format!("public #{n}"))),
+        "/vary" => builder
+            .header("cache-control", "max-age=60")
+            .header("vary", "accept-language")
+            .body(AxumBody::from(format!("lang {lang} #{n}"))),
+        "/etag" => {
+            if headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some("\"v1\"") {
+                origin.conditional.fetch_add(1, Ordering::SeqCst);
+                builder
+                    .status(StatusCode::NOT_MODIFIED)
+                    .header("etag", "\"v1\"")
+                    .header("cache-control", "max-age=0")
+                    .header("x-refreshed", n.to_string())
+                    .body(AxumBody::empty())
+            } else {
+                builder
+                    .header("etag", "\"v1\"")
+                    .header("cache-control", "max-age=0")
+                    .body(AxumBody::from(format!("etag body #{n}")))
+            }
+        }
+        "/large" => builder
+            .header("cache-control", "max-age=60")
+            .body(AxumBody::from(vec![b'x'; 100 * 1024])),
+        _ => builder
+            .header("cache-control", "max-age=60")
+            .header("etag", "\"e\"")
+            .body(AxumBody::from(format!("{path} #{n}"))),
+    }
+    .unwrap()
+}
+
+type Cached = HttpCache<Client<HttpConnector, Full<Bytes>>>;
+
+struct Harness {
+    addr: SocketAddr,
+    origin: Arc<Origin>,
+    cache: Cached,
+    layer: HttpCacheLayer,
+}
+
+async fn harness(layer: HttpCacheLayer) -> Harness {
+    let origin = Arc::new(Origin {
+        hits: Mutex::default(),
+        conditional: AtomicUsize::new(0),
+        gate: watch::channel(true).0,
+    });
+    let app = Router::new()
+        .fallback(origin_route)
+        .with_state(origin.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    Harness {
+        addr,
+        origin,
+        cache: layer.layer(client),
+        layer,
+    }
+}
+
+async fn origin_route(state: State<Arc<Origin>>, req: AxumRequest) -> AxumResponse {
+    origin(state, req).await
+}
+
+impl Harness {
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Request<Full<Bytes>> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(Full::new(Bytes::new())).unwrap()
+    }
+
+    async fn send(&self, req: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, Bytes) {
+        let response = self.cache.clone().oneshot(req).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (parts.status, parts.headers, body)
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, Bytes) {
+        self.send(self.request(Method::GET, path, headers)).await
+    }
+}
+
+fn cache_status(headers: &HeaderMap) -> String {
+    headers
+        .get(&CACHE_STATUS)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+fn layer() -> HttpCacheLayer {
+    HttpCacheLayer::builder().max_body_bytes(1024).build()
+}
+
+/// Starts `n` concurrent GETs of `path`, each polled once (so it has joined the flight)
+/// before the gate opens; returns their bodies.
+async fn concurrent(h: &Harness, path: &str, n: usize) -> Vec<(StatusCode, String, String)> {
+    h.origin.gate.send_replace(false);
+    let joined = Arc::new(Semaphore::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..n {
+        let mut svc = h.cache.clone();
+        let req = h.request(Method::GET, path, &[]);
+        let joined = joined.clone();
+        tasks.spawn(async move {
+            let mut fut: Pin<Box<dyn Future<Output = _> + Send>> =
+                Box::pin(svc.ready().await.unwrap().call(req));
+            let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+            joined.add_permits(1);
+            let response = match first {
+                Poll::Ready(result) => result,
+                Poll::Pending => fut.await,
+            }
+            .unwrap();
+            let status = response.status();
+            let cache_status = cache_status(response.headers());
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                String::from_utf8(body.to_vec()).unwrap(),
+                cache_status,
+            )
+        });
+    }
+    joined.acquire_many(n as u32).await.unwrap().forget();
+    h.origin.gate.send_replace(true);
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        out.push(r.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_gets_become_one_origin_request() {
+    let h = harness(layer()).await;
+    let results = concurrent(&h, "/gated", 200).await;
+    assert_eq!(h.origin.hits("/gated"), 1);
+    assert!(results
+        .iter()
+        .all(|(s, b, _)| *s == StatusCode::OK && b == "gated #1"));
+    let collapsed = results
+        .iter()
+        .filter(|(_, _, cs)| cs.contains("collapsed"))
+        .count();
+    assert!(collapsed >= 199 - 1, "{collapsed} collapsed");
+    // And the next one is a hit.
+    let (_, headers, body) = h.get("/gated", &[]).await;
+    assert_eq!(body, "gated #1");
+    assert!(
+        cache_status(&headers).contains("hit"),
+        "{}",
+        cache_status(&headers)
+    );
+    assert!(headers.contains_key("age"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_and_set_cookie_responses_never_reach_a_second_client() {
+    let h = harness(layer()).await;
+    for path in ["/private", "/cookie"] {
+        let (_, _, first) = h.get(path, &[]).await;
+        let (_, headers, second) = h.get(path, &[]).await;
+        assert_ne!(first, second, "{path}: each client gets its own response");
+        assert_eq!(h.origin.hits(path), 2);
+        assert!(
+            cache_status(&headers).contains("fwd="),
+            "{}",
+            cache_status(&headers)
+        );
+    }
+    for path in ["/gated-private", "/gated-cookie"] {
+        let results = concurrent(&h, path, 10).await;
+        let mut bodies: Vec<_> = results.iter().map(|(_, b, _)| b.clone()).collect();
+        bodies.sort();
+        bodies.dedup();
+        assert_eq!(
+            bodies.len(),
+            10,
+            "{path}: no coalesced waiter got the leader's response"
+        );
+        assert_eq!(h.origin.hits(path), 10);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_to_authorized_requests_are_shared_only_when_marked_so() {
+    let h = harness(layer()).await;
+    let (_, _, alice) = h.get("/auth", &[("authorization", "Bearer alice")]).await;
+    let (_, _, anonymous) = h.get("/auth", &[]).await;
+    assert_ne!(alice, anonymous);
+    assert!(String::from_utf8_lossy(&alice).contains("alice"));
+    assert!(!String::from_utf8_lossy(&anonymous).contains("alice"));
+    assert_eq!(h.origin.hits("/auth"), 2);
+
+    let (_, _, first) = h
+        .get("/auth-public", &[("authorization", "Bearer alice")])
+        .await;
+    let (_, headers, second) = h.get("/auth-public", &[]).await;
+    assert_eq!(first, second, "public: shareable");
+    assert!(cache_status(&headers).contains("hit"));
+    assert_eq!(h.origin.hits("/auth-public"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_keeps_one_variant_per_nominated_header_value() {
+    let h = harness(layer()).await;
+    let (_, _, en) = h.get("/vary", &[("accept-language", "en")]).await;
+    let (_, _, de) = h.get("/vary", &[("accept-language", "de")]).await;
+    assert_eq!(en, "lang en #1");
+    assert_eq!(de, "lang de #2");
+    let (_, headers, en_again) = h.get("/vary", &[("accept-language", "en")]).await;
+    assert_eq!(en_again, "lang en #1");
+    assert!(cache_status(&headers).contains("hit"));
+    let (_, _, de_again) = h.get("/vary", &[("accept-language", "de")]).await;
+    assert_eq!(de_again, "lang de #2");
+    let (_, _, none) = h.get("/vary", &[]).await;
+    assert_eq!(none, "lang none #3");
+    assert_eq!(h.origin.hits("/vary"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_entry_is_revalidated_and_a_304_refreshes_it() {
+    let h = harness(layer()).await;
+    let (_, _, body) = h.get("/etag", &[]).await;
+    assert_eq!(body, "etag body #1");
+    let (status, headers, body) = h.get("/etag", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "etag body #1", "the stored body, revalidated");
+    assert_eq!(h.origin.conditional.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        headers["x-refreshed"], "2",
+        "headers refreshed from the 304"
+    );
+    let cs = cache_status(&headers);
+    assert!(
+        cs.contains("fwd=stale") && cs.contains("fwd-status=304"),
+        "{cs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_own_conditional_request_gets_a_304_from_a_fresh_entry() {
+    let h = harness(layer()).await;
+    h.get("/doc", &[]).await;
+    let (status, headers, body) = h.get("/doc", &[("if-none-match", "\"e\"")]).await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+    assert!(body.is_empty());
+    assert!(cache_status(&headers).contains("hit"));
+    assert_eq!(h.origin.hits("/doc"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_is_answered_from_a_stored_get() {
+    let h = harness(layer()).await;
+    let (_, _, body) = h.get("/page", &[]).await;
+    let (status, headers, head_body) = h.send(h.request(Method::HEAD, "/page", &[])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(head_body.is_empty());
+    assert_eq!(headers["content-length"], body.len().to_string().as_str());
+    assert!(cache_status(&headers).contains("hit"));
+    assert_eq!(h.origin.hits("/page"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successful_post_invalidates_the_stored_get() {
+    let h = harness(layer()).await;
+    let (_, _, before) = h.get("/item", &[]).await;
+    assert_eq!(before, "/item #1");
+    assert_eq!(h.get("/item", &[]).await.2, "/item #1");
+    let (status, headers, _) = h.send(h.request(Method::POST, "/item", &[])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(cache_status(&headers).contains("fwd=method"));
+    let (_, _, after) = h.get("/item", &[]).await;
+    assert_eq!(
+        after, "/item #3",
+        "the POST was #2; the GET went back to the origin"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_passes_through_intact_and_is_not_stored() {
+    let h = harness(layer()).await;
+    let (status, headers, body) = h.get("/large", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.len(), 100 * 1024);
+    assert!(body.iter().all(|b| *b == b'x'));
+    assert!(
+        cache_status(&headers).contains("detail=too-large"),
+        "{}",
+        cache_status(&headers)
+    );
+    h.get("/large", &[]).await;
+    assert_eq!(h.origin.hits("/large"), 2);
+    h.layer.run_pending_tasks();
+}
+
+#[test]
+fn the_service_and_its_future_are_send() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<HttpCacheLayer>();
+    send_sync::<Cached>();
+    send::<towerguard::http::HttpCacheFuture<hyper::body::Incoming>>();
+    let _ = Response::new(());
+}
