@@ -28,6 +28,8 @@ use towerguard::http::{HttpCache, HttpCacheLayer, CACHE_STATUS};
 /// responses behind a gate.
 struct Origin {
     hits: Mutex<HashMap<String, usize>>,
+    /// Notified on every request the origin receives.
+    arrived: tokio::sync::Notify,
     conditional: AtomicUsize,
     gate: watch::Sender<bool>,
 }
@@ -46,6 +48,7 @@ async fn origin(State(origin): State<Arc<Origin>>, req: AxumRequest) -> AxumResp
         *n += 1;
         *n
     };
+    origin.arrived.notify_waiters();
     let headers = req.headers().clone();
     let builder = AxumResponse::builder();
     let lang = headers
@@ -112,6 +115,15 @@ async fn origin(State(origin): State<Arc<Origin>>, req: AxumRequest) -> AxumResp
                     .body(AxumBody::from(format!("etag body #{n}")))
             }
         }
+        "/swr" => builder
+            .header("cache-control", "max-age=0, stale-while-revalidate=60")
+            .body(AxumBody::from(format!("swr #{n}"))),
+        "/sie" if n == 1 => builder
+            .header("cache-control", "max-age=0, stale-if-error=60")
+            .body(AxumBody::from(format!("sie #{n}"))),
+        "/sie" => builder
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(AxumBody::from("down")),
         "/large" => builder
             .header("cache-control", "max-age=60")
             .body(AxumBody::from(vec![b'x'; 100 * 1024])),
@@ -135,6 +147,7 @@ struct Harness {
 async fn harness(layer: HttpCacheLayer) -> Harness {
     let origin = Arc::new(Origin {
         hits: Mutex::default(),
+        arrived: tokio::sync::Notify::new(),
         conditional: AtomicUsize::new(0),
         gate: watch::channel(true).0,
     });
@@ -397,6 +410,58 @@ async fn a_body_over_the_limit_passes_through_intact_and_is_not_stored() {
     h.get("/large", &[]).await;
     assert_eq!(h.origin.hits("/large"), 2);
     h.layer.run_pending_tasks();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_serves_stale_and_revalidates_once_in_the_background() {
+    let h = harness(layer()).await;
+    assert_eq!(h.get("/swr", &[]).await.2, "swr #1");
+    let arrived = h.origin.arrived.notified();
+    let (_, headers, body) = h.get("/swr", &[]).await;
+    assert_eq!(body, "swr #1", "served stale at once");
+    assert!(
+        cache_status(&headers).contains("hit; fwd=stale"),
+        "{}",
+        cache_status(&headers)
+    );
+    arrived.await;
+    assert_eq!(h.origin.hits("/swr"), 2, "one background revalidation");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_serves_the_stale_response_when_the_origin_fails() {
+    let h = harness(layer()).await;
+    assert_eq!(h.get("/sie", &[]).await.2, "sie #1");
+    let (status, headers, body) = h.get("/sie", &[]).await;
+    assert_eq!((status, body), (StatusCode::OK, Bytes::from("sie #1")));
+    assert!(
+        cache_status(&headers).contains("fwd=stale"),
+        "{}",
+        cache_status(&headers)
+    );
+    assert_eq!(h.origin.hits("/sie"), 2, "the origin was tried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_key_part_separates_what_is_shared() {
+    let tenant = HttpCacheLayer::builder()
+        .key_extra(|_uri, headers| {
+            headers
+                .get("x-tenant")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .build();
+    let h = harness(tenant).await;
+    assert_eq!(h.get("/doc", &[("x-tenant", "a")]).await.2, "/doc #1");
+    assert_eq!(h.get("/doc", &[("x-tenant", "b")]).await.2, "/doc #2");
+    assert_eq!(h.get("/doc", &[("x-tenant", "a")]).await.2, "/doc #1");
+    let (_, headers, _) = h.get("/doc", &[]).await;
+    assert!(
+        cache_status(&headers).contains("fwd=bypass"),
+        "no tenant: bypass"
+    );
+    assert_eq!(h.origin.hits("/doc"), 3);
 }
 
 #[test]

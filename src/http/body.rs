@@ -71,6 +71,12 @@ impl<B> BufferedBody<B> {
     }
 }
 
+impl<B> Default for BufferedBody<B> {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
 impl<B> fmt::Debug for BufferedBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.state {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::{
     HeaderValue, AGE, CONTENT_LENGTH, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH, TRANSFER_ENCODING,
 };
-use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
 use http_body::Body;
 use moka::notification::RemovalCause;
 use tokio::time::Instant;
@@ -36,12 +36,13 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 /// A stored response: one variant of one URI.
 struct Stored {
     status: StatusCode,
-    version: Version,
     headers: HeaderMap,
     body: Bytes,
     vary: Vary,
     /// The nominated request fields of the request that fetched it.
     request_headers: HeaderMap,
+    /// The user key function's part of the key, when one is set.
+    extra: Option<String>,
     age: AgeInputs,
     stored_at: Instant,
     freshness: Duration,
@@ -83,9 +84,13 @@ struct Variants(Vec<Arc<Stored>>);
 
 /// What a flight brings back.
 struct Fetched {
+    /// The origin's status (304 for a revalidation).
+    status: StatusCode,
     response: Fetch,
     /// Headers of the request that fetched it, to judge whether another waiter may use it.
     request_headers: HeaderMap,
+    /// The key function's part for that request.
+    extra: Option<String>,
     /// The entry to store, when the response may be stored.
     store: Option<Arc<Stored>>,
     not_stored: Option<NotStored>,
@@ -96,7 +101,6 @@ struct Fetched {
 enum Fetch {
     Complete {
         status: StatusCode,
-        version: Version,
         headers: HeaderMap,
         body: Bytes,
     },
@@ -105,7 +109,11 @@ enum Fetch {
     Streaming(Mutex<Option<Box<dyn Any + Send>>>),
 }
 
+/// A user function that adds to the key: `None` bypasses the cache.
+type KeyExtra = Arc<dyn Fn(&http::Uri, &HeaderMap) -> Option<String> + Send + Sync>;
+
 struct Core {
+    key_extra: Option<KeyExtra>,
     store: moka::sync::Cache<String, Arc<Variants>>,
     flights: FlightMap<String, Arc<Fetched>>,
     policy: HttpCachePolicy,
@@ -143,12 +151,17 @@ impl Owner<String, Arc<Fetched>> for Core {
 
 impl Core {
     /// The stored variant that may answer a request with `headers`, if any.
-    fn lookup(&self, key: &str, headers: &HeaderMap) -> Option<Arc<Stored>> {
+    fn lookup(
+        &self,
+        key: &str,
+        headers: &HeaderMap,
+        extra: &Option<String>,
+    ) -> Option<Arc<Stored>> {
         let variants = self.store.get(key)?;
         variants
             .0
             .iter()
-            .find(|v| vary_matches(&v.vary, &v.request_headers, headers))
+            .find(|v| v.extra == *extra && vary_matches(&v.vary, &v.request_headers, headers))
             .cloned()
     }
 
@@ -156,8 +169,10 @@ impl Core {
     fn insert(&self, key: &str, stored: Arc<Stored>) {
         let mut list: Vec<Arc<Stored>> =
             self.store.get(key).map(|v| v.0.clone()).unwrap_or_default();
+        // The new variant replaces the one it would match.
         list.retain(|v| {
-            !(v.vary == stored.vary
+            !(v.extra == stored.extra
+                && v.vary == stored.vary
                 && vary_matches(&v.vary, &v.request_headers, &stored.request_headers))
         });
         list.insert(0, stored);
@@ -229,6 +244,7 @@ impl HttpCacheLayer {
     /// Starts a builder: 64 MiB of responses, bodies up to 1 MiB, the default policy.
     pub fn builder() -> HttpCacheBuilder {
         HttpCacheBuilder {
+            key_extra: None,
             name: "http".to_owned(),
             policy: HttpCachePolicy::default(),
             capacity_bytes: 64 * 1024 * 1024,
@@ -261,8 +277,8 @@ impl HttpCacheLayer {
 }
 
 /// Configures an [`HttpCacheLayer`].
-#[derive(Debug)]
 pub struct HttpCacheBuilder {
+    key_extra: Option<KeyExtra>,
     name: String,
     policy: HttpCachePolicy,
     capacity_bytes: u64,
@@ -271,7 +287,32 @@ pub struct HttpCacheBuilder {
     max_flights: usize,
 }
 
+impl fmt::Debug for HttpCacheBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpCacheBuilder")
+            .field("name", &self.name)
+            .field("policy", &self.policy)
+            .field("capacity_bytes", &self.capacity_bytes)
+            .field("max_body", &self.max_body)
+            .field("max_variants", &self.max_variants)
+            .field("max_flights", &self.max_flights)
+            .field("key_extra", &self.key_extra.is_some())
+            .finish()
+    }
+}
+
 impl HttpCacheBuilder {
+    /// Adds a part of your own to every key, from the request's URI and headers (a
+    /// tenant, a device class); `None` bypasses the cache for that request. Requests
+    /// whose parts differ never share a stored response or an origin response.
+    pub fn key_extra<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&http::Uri, &HeaderMap) -> Option<String> + Send + Sync + 'static,
+    {
+        self.key_extra = Some(Arc::new(f));
+        self
+    }
+
     /// The instance name, the `name` label of every metric (default `"http"`).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
@@ -331,6 +372,7 @@ impl HttpCacheBuilder {
             .build();
         HttpCacheLayer {
             core: Arc::new(Core {
+                key_extra: self.key_extra,
                 store,
                 flights: FlightMap::new(self.max_flights),
                 policy: self.policy,
@@ -418,7 +460,6 @@ fn with_status<T>(mut response: Response<T>, status: &CacheStatus) -> Response<T
 /// A response built from a stored (or just fetched, complete) response.
 fn respond<RB>(
     status: StatusCode,
-    version: Version,
     headers: &HeaderMap,
     body: &Bytes,
     request: &(Method, HeaderMap),
@@ -432,7 +473,6 @@ fn respond<RB>(
     } else {
         BufferedBody::complete(body.clone())
     });
-    *response.version_mut() = version;
     *response.headers_mut() = headers.clone();
     if conditional {
         *response.status_mut() = StatusCode::NOT_MODIFIED;
@@ -461,7 +501,6 @@ fn serve<RB>(
     };
     respond(
         stored.status,
-        stored.version,
         &stored.headers,
         &stored.body,
         request,
@@ -477,6 +516,7 @@ async fn fetch<S, B, RB>(
     inner: S,
     mut req: Request<B>,
     revalidate: Option<Arc<Stored>>,
+    extra: Option<String>,
 ) -> Result<Arc<Fetched>, Error>
 where
     S: Service<Request<B>, Response = Response<RB>>,
@@ -504,7 +544,6 @@ where
             update_headers(&mut headers, response.headers());
             let refreshed = Arc::new(Stored {
                 status: stale.status,
-                version: stale.version,
                 freshness: policy.freshness(stale.status, &headers),
                 stale_while_revalidate: policy.stale_windows(&headers).0,
                 stale_if_error: policy.stale_windows(&headers).1,
@@ -512,17 +551,19 @@ where
                 stored_at: Instant::now(),
                 vary: stale.vary.clone(),
                 request_headers: stale.request_headers.clone(),
+                extra: stale.extra.clone(),
                 body: stale.body.clone(),
                 headers,
             });
             return Ok(Arc::new(Fetched {
+                status: StatusCode::NOT_MODIFIED,
                 response: Fetch::Complete {
                     status: refreshed.status,
-                    version: refreshed.version,
                     headers: refreshed.headers.clone(),
                     body: refreshed.body.clone(),
                 },
                 request_headers,
+                extra,
                 store: Some(refreshed),
                 not_stored: None,
                 revalidated: true,
@@ -536,8 +577,10 @@ where
     let streaming = |body: BufferedBody<RB>, parts: http::response::Parts, reason| {
         let response: Box<dyn Any + Send> = Box::new(Response::from_parts(parts, body));
         Arc::new(Fetched {
+            status,
             response: Fetch::Streaming(Mutex::new(Some(response))),
             request_headers: request_headers.clone(),
+            extra: extra.clone(),
             store: None,
             not_stored: Some(reason),
             revalidated: false,
@@ -558,7 +601,8 @@ where
     let freshness = policy.freshness(status, &parts.headers);
     let (swr, sie) = policy.stale_windows(&parts.headers);
     let response_vary = vary(&parts.headers);
-    let useful = !freshness.is_zero() || has_validator(&parts.headers) || !swr.is_zero();
+    let useful =
+        !freshness.is_zero() || has_validator(&parts.headers) || !swr.is_zero() || !sie.is_zero();
     let store = useful.then(|| {
         let mut nominated = HeaderMap::new();
         if let Vary::Fields(fields) = &response_vary {
@@ -570,11 +614,11 @@ where
         }
         Arc::new(Stored {
             status,
-            version: parts.version,
             headers: parts.headers.clone(),
             body: bytes.clone(),
             vary: response_vary,
             request_headers: nominated,
+            extra: extra.clone(),
             age: AgeInputs::from_headers(&parts.headers, request_time, response_time),
             stored_at: Instant::now(),
             freshness,
@@ -583,13 +627,14 @@ where
         })
     });
     Ok(Arc::new(Fetched {
+        status,
         response: Fetch::Complete {
             status,
-            version: parts.version,
             headers: parts.headers,
             body: bytes,
         },
         request_headers,
+        extra,
         not_stored: store.is_none().then_some(NotStored::NoFreshness),
         store,
         revalidated: false,
@@ -598,7 +643,10 @@ where
 
 /// True when a waiter whose request has `headers` may be handed `fetched`, fetched for
 /// another request.
-fn usable_by(core: &Core, fetched: &Fetched, headers: &HeaderMap) -> bool {
+fn usable_by(core: &Core, fetched: &Fetched, headers: &HeaderMap, extra: &Option<String>) -> bool {
+    if fetched.extra != *extra {
+        return false;
+    }
     let Fetch::Complete {
         status,
         headers: response_headers,
@@ -687,11 +735,21 @@ where
         metrics.bypass.increment(1);
         return forward(inner, req, forwarded("bypass", None)).await;
     };
+    let extra = match &core.key_extra {
+        Some(f) => match f(req.uri(), req.headers()) {
+            Some(extra) => Some(extra),
+            None => {
+                metrics.bypass.increment(1);
+                return forward(inner, req, forwarded("bypass", None)).await;
+            }
+        },
+        None => None,
+    };
 
     let request = (method.clone(), req.headers().clone());
     let now = Instant::now();
     let forced = core.policy.request_forces_origin(&request.1);
-    let stored = core.lookup(&key, &request.1);
+    let stored = core.lookup(&key, &request.1, &extra);
     if let (Some(stored), false) = (&stored, forced) {
         if stored.is_fresh(now) {
             metrics.hit.increment(1);
@@ -699,7 +757,7 @@ where
         }
         if stored.in_window(now, stored.stale_while_revalidate) {
             metrics.stale.increment(1);
-            revalidate_in_background(&core, &inner, key, req, stored.clone());
+            revalidate_in_background(&core, &inner, key, req, stored.clone(), extra);
             return Ok(serve(stored, &request, now, true));
         }
     }
@@ -714,15 +772,16 @@ where
     let owner: Arc<dyn Owner<String, Arc<Fetched>>> = core.clone();
     let joined = {
         let recheck = |key: &String| {
-            core.lookup(key, &request.1)
+            core.lookup(key, &request.1, &extra)
                 .filter(|s| !forced && s.is_fresh(Instant::now()))
         };
         let slot = &mut request_slot;
         let start_inner = inner.clone();
         let start_core = core.clone();
+        let start_extra = extra.clone();
         let start = move || -> Upstream<Arc<Fetched>> {
             match slot.take() {
-                Some(req) => Box::pin(fetch(start_core, start_inner, req, revalidate)),
+                Some(req) => Box::pin(fetch(start_core, start_inner, req, revalidate, start_extra)),
                 None => Box::pin(async { Err(Error::new(ErrorKind::Cancelled)) }),
             }
         };
@@ -772,19 +831,19 @@ where
             return Err(error);
         }
     };
-    if let (Fetch::Complete { status, .. }, Some(stale)) = (&fetched.response, &stored) {
-        if status.is_server_error() && stale.in_window(Instant::now(), stale.stale_if_error) {
+    if let Some(stale) = &stored {
+        if fetched.status.is_server_error() && stale.in_window(Instant::now(), stale.stale_if_error)
+        {
             metrics.stale_if_error.increment(1);
             return Ok(serve(stale, &request, Instant::now(), true));
         }
     }
 
-    let usable = originator || usable_by(&core, &fetched, &request.1);
+    let usable = originator || usable_by(&core, &fetched, &request.1, &extra);
     match (&fetched.response, usable) {
         (
             Fetch::Complete {
                 status,
-                version,
                 headers,
                 body,
             },
@@ -807,7 +866,6 @@ where
                 .map(|s| s.current_age(Instant::now()));
             Ok(respond(
                 *status,
-                *version,
                 headers,
                 body,
                 &request,
@@ -858,6 +916,7 @@ fn revalidate_in_background<S, B, RB>(
     key: String,
     req: Request<B>,
     stale: Arc<Stored>,
+    extra: Option<String>,
 ) where
     S: Service<Request<B>, Response = Response<RB>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
@@ -873,7 +932,7 @@ fn revalidate_in_background<S, B, RB>(
     let validators = has_validator(&stale.headers).then_some(stale);
     let (fetch_core, fetch_inner) = (core.clone(), inner.clone());
     let start = move || -> Upstream<Arc<Fetched>> {
-        Box::pin(fetch(fetch_core, fetch_inner, req, validators))
+        Box::pin(fetch(fetch_core, fetch_inner, req, validators, extra))
     };
     if let Joined::Started(waiter) =
         core.flights
