@@ -7,7 +7,7 @@
 //! | [`timeout`] | timeouts measured from `call` that cancel the work and tell it so |
 //! | [`hedge`] | a second attempt when the first is slow; first success wins, within a budget |
 //! | [`retry`] | retry on fault with backoff, full jitter, `Retry-After` and a shared [`budget`] |
-//! | [`http`] | HTTP semantics: errors mapped to 503 / 504 responses |
+//! | [`http`] | HTTP semantics: an RFC 9111 shared cache, retry policy and body buffering, errors mapped to 503 / 504 responses |
 //!
 //! Every layer fails with the crate's one [`Error`] type, whose [`ErrorKind`] says what
 //! happened; stacked towerguard layers pass each other's errors through unchanged. Every
