@@ -429,6 +429,21 @@ impl HedgeMetrics {
     }
 }
 
+impl CacheMetrics {
+    /// Counts a removal from a moka store. `expired` marks an explicit removal the cache
+    /// made because the entry had expired (moka reports it as explicit).
+    pub(crate) fn record_removal(&self, cause: moka::notification::RemovalCause, expired: bool) {
+        use moka::notification::RemovalCause;
+        match cause {
+            RemovalCause::Size => self.evicted_size.increment(1),
+            RemovalCause::Expired => self.evicted_expired.increment(1),
+            RemovalCause::Explicit if expired => self.evicted_expired.increment(1),
+            RemovalCause::Explicit => self.evicted_invalidated.increment(1),
+            RemovalCause::Replaced => {}
+        }
+    }
+}
+
 /// Registers descriptions and units with the installed recorder.
 fn describe() {
     for info in METRICS {

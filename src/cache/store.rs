@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use tokio::time::Instant;
 
@@ -167,14 +166,9 @@ where
         let listener_metrics = metrics.clone();
         let mut builder = moka::sync::Cache::builder()
             .max_capacity(config.max_capacity)
-            .eviction_listener(move |_key, entry: Arc<Entry<V>>, cause| match cause {
-                RemovalCause::Size => listener_metrics.evicted_size.increment(1),
-                RemovalCause::Expired => listener_metrics.evicted_expired.increment(1),
-                RemovalCause::Explicit if entry.expired_removal.load(Ordering::Relaxed) => {
-                    listener_metrics.evicted_expired.increment(1)
-                }
-                RemovalCause::Explicit => listener_metrics.evicted_invalidated.increment(1),
-                RemovalCause::Replaced => {}
+            .eviction_listener(move |_key, entry: Arc<Entry<V>>, cause| {
+                let expired = entry.expired_removal.load(Ordering::Relaxed);
+                listener_metrics.record_removal(cause, expired)
             });
         if let Some(weigher) = config.weigher {
             builder = builder.weigher(move |key: &K, entry: &Arc<Entry<V>>| match &entry.value {

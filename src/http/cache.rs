@@ -14,7 +14,6 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
 use http_body::Body;
-use moka::notification::RemovalCause;
 use tokio::time::Instant;
 use tower::util::Oneshot;
 use tower_layer::Layer;
@@ -363,12 +362,7 @@ impl HttpCacheBuilder {
                     .map(|v| v.weight())
                     .fold(0u32, u32::saturating_add)
             })
-            .eviction_listener(move |_key, _value, cause| match cause {
-                RemovalCause::Size => listener.evicted_size.increment(1),
-                RemovalCause::Expired => listener.evicted_expired.increment(1),
-                RemovalCause::Explicit => listener.evicted_invalidated.increment(1),
-                RemovalCause::Replaced => {}
-            })
+            .eviction_listener(move |_key, _value, cause| listener.record_removal(cause, false))
             .build();
         HttpCacheLayer {
             core: Arc::new(Core {
