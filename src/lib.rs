@@ -7,6 +7,7 @@
 //! | [`timeout`] | timeouts measured from `call` that cancel the work and tell it so |
 //! | [`hedge`] | a second attempt when the first is slow; first success wins, within a budget |
 //! | [`retry`] | retry on fault with backoff, full jitter, `Retry-After` and a shared [`budget`] |
+//! | [`stack`] | all of the above in the recommended order, validated, with production defaults |
 //! | [`http`] | HTTP semantics: an RFC 9111 shared cache, retry policy and body buffering, errors mapped to 503 / 504 responses |
 //!
 //! Every layer fails with the crate's one [`Error`] type, whose [`ErrorKind`] says what
@@ -47,6 +48,7 @@ pub mod http;
 pub mod limit;
 pub mod metrics;
 pub mod retry;
+pub mod stack;
 pub mod timeout;
 
 pub use error::{BoxError, Error, ErrorKind};

@@ -1,7 +1,9 @@
 //! Metrics every layer exports through the [`metrics`] facade, and their names.
 //!
-//! Each layer instance registers its instrument handles once, when the layer is built,
-//! with a fixed `name` label that the user chooses (default `"default"`). The request path
+//! Each layer instance registers its instrument handles once, with a fixed `name` label
+//! that the user chooses (default `"default"`): when the layer is built (cache, limit) or
+//! when it first wraps a service (timeout, retry, hedge, whose builders can still be
+//! renamed until then). The request path
 //! only performs atomic updates on those handles: no allocation, no string formatting, no
 //! registry look-up.
 //!
@@ -10,7 +12,7 @@
 //! same list.
 //!
 //! Install any `metrics` recorder (for example `metrics-exporter-prometheus`) before you
-//! build the layers, and their metrics appear under these names.
+//! build and apply the layers, and their metrics appear under these names.
 
 use metrics::{Counter, Gauge, Histogram, Unit};
 
@@ -441,6 +443,39 @@ impl CacheMetrics {
             RemovalCause::Explicit => self.evicted_invalidated.increment(1),
             RemovalCause::Replaced => {}
         }
+    }
+}
+
+/// Instrument handles registered on first use, under the instance name set by then, so a
+/// layer renamed after construction never leaves a series under the default name.
+pub(crate) struct Lazy<M> {
+    name: String,
+    register: fn(&str) -> M,
+    cell: std::sync::OnceLock<M>,
+}
+
+impl<M> Lazy<M> {
+    pub(crate) fn new(name: impl Into<String>, register: fn(&str) -> M) -> Self {
+        Lazy {
+            name: name.into(),
+            register,
+            cell: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The handles, registered the first time.
+    pub(crate) fn get(&self) -> &M {
+        self.cell.get_or_init(|| (self.register)(&self.name))
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl<M> std::fmt::Debug for Lazy<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").field("name", &self.name).finish()
     }
 }
 

@@ -280,13 +280,14 @@ fn hedge_metrics_are_emitted() {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let backend = Backend::new(|n| Duration::from_millis(if n == 0 { 1_000 } else { 10 }));
-    let layer = metrics::with_local_recorder(&recorder, || {
+    // Handles register when the layer wraps its service.
+    let svc = metrics::with_local_recorder(&recorder, || {
         HedgeLayer::new()
             .name("m")
             .fixed_delay(Duration::from_millis(50))
             .budget(Budget::with_cap(0.0, 1.0, 0.0))
+            .layer(backend.service())
     });
-    let svc = layer.layer(backend.service());
     let runtime = support::paused_runtime();
     runtime.block_on(async {
         svc.clone().oneshot(0).await.unwrap(); // slow: hedged, the hedge wins

@@ -448,14 +448,15 @@ fn retry_metrics_are_emitted() {
         ("down", _) => Outcome::Err("down"),
         _ => Outcome::Ok(format!("{key}#{n}")),
     });
-    let layer = metrics::with_local_recorder(&recorder, || {
+    // Handles register when the layer wraps its service.
+    let svc = metrics::with_local_recorder(&recorder, || {
         // Only the floor pays: two tokens, for the first two retries.
         RetryLayer::new()
             .name("m")
             .max_attempts(2)
             .budget(Budget::with_cap(0.0, 2.0, 0.0))
+            .layer(upstream)
     });
-    let svc = layer.layer(upstream);
     let runtime = support::paused_runtime();
     runtime.block_on(async {
         svc.clone().oneshot("flaky".to_owned()).await.unwrap();

@@ -223,22 +223,22 @@ fn limit_and_timeout_metrics_are_emitted() {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let upstream = Upstream::new();
-    let (limit, timeout) = metrics::with_local_recorder(&recorder, || {
-        (
-            ConcurrencyLimitLayer::builder()
-                .name("m")
-                .limit(1)
-                .queue(1, Duration::from_secs(5))
-                .build(),
-            TimeoutLayer::new(Duration::from_secs(1)).name("m"),
-        )
+    // Handles register when the layers are built and wrap their services.
+    let svc = metrics::with_local_recorder(&recorder, || {
+        ServiceBuilder::new()
+            .layer(TimeoutLayer::new(Duration::from_secs(1)).name("m"))
+            .layer(
+                ConcurrencyLimitLayer::builder()
+                    .name("m")
+                    .limit(1)
+                    .queue(1, Duration::from_secs(5))
+                    .build(),
+            )
+            .service(upstream.clone())
     });
     let runtime = support::paused_runtime();
     runtime.block_on(async {
-        let mut svc = ServiceBuilder::new()
-            .layer(timeout)
-            .layer(limit)
-            .service(upstream.clone());
+        let mut svc = svc;
         svc.ready()
             .await
             .unwrap()

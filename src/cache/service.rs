@@ -101,15 +101,18 @@ where
         let metrics = &core.metrics;
         let Some(key) = (self.key_fn)(&req) else {
             metrics.bypass.increment(1);
+            tracing::debug!(result = "bypass", "cache: no key");
             return ResponseFuture::bypass(Oneshot::new(self.inner.clone(), req));
         };
         match core.store.lookup(&key, Instant::now()) {
             Lookup::Fresh(entry) => {
                 metrics.hit.increment(1);
+                tracing::debug!(result = "hit", "cache: hit");
                 ResponseFuture::ready(entry.value.clone())
             }
             Lookup::Stale(entry) => {
                 metrics.stale.increment(1);
+                tracing::debug!(result = "stale", "cache: stale, refreshing");
                 self.refresh(key, req);
                 ResponseFuture::ready(entry.value.clone())
             }
@@ -127,10 +130,12 @@ where
                 {
                     Joined::Started(waiter) => {
                         metrics.miss.increment(1);
+                        tracing::debug!(result = "miss", "cache: miss, flight started");
                         ResponseFuture::waiting(waiter, fallback, core.clone())
                     }
                     Joined::Coalesced(waiter) => {
                         metrics.coalesced.increment(1);
+                        tracing::debug!(result = "coalesced", "cache: joined a flight");
                         ResponseFuture::waiting(waiter, fallback, core.clone())
                     }
                     Joined::Stored(entry) => {

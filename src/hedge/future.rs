@@ -95,7 +95,7 @@ where
     ) -> Self {
         let ctx = TimeoutContext::attempt();
         let future = ctx.clone().sync_scope(|| inner.call(req));
-        shared.metrics.attempts.increment(1);
+        shared.metrics.get().attempts.increment(1);
         let timer = template
             .as_ref()
             .map(|_| tokio::time::sleep(shared.delay()));
@@ -183,8 +183,9 @@ where
                 continue;
             };
             *this.sent += 1;
-            shared.metrics.attempts.increment(1);
-            shared.metrics.hedges.increment(1);
+            shared.metrics.get().attempts.increment(1);
+            shared.metrics.get().hedges.increment(1);
+            tracing::debug!(attempt = *this.sent, "hedge: sent another attempt");
             let call = Oneshot::new(this.service.clone(), request);
             this.hedges
                 .push(Box::pin(Attempt::new(TimeoutContext::attempt(), call)));
@@ -206,7 +207,8 @@ fn may_hedge(shared: &Shared) -> bool {
     }
     if let Some(budget) = &shared.budget {
         if !budget.withdraw() {
-            shared.metrics.budget_exhausted.increment(1);
+            shared.metrics.get().budget_exhausted.increment(1);
+            tracing::debug!("hedge: budget exhausted");
             return false;
         }
     }
@@ -216,7 +218,8 @@ fn may_hedge(shared: &Shared) -> bool {
 fn won(shared: &Shared, started: Instant, hedged: bool) {
     shared.record(started.elapsed());
     if hedged {
-        shared.metrics.wins.increment(1);
+        shared.metrics.get().wins.increment(1);
+        tracing::debug!("hedge: a hedged attempt won");
     }
     if shared.deposit {
         if let Some(budget) = &shared.budget {

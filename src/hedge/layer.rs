@@ -7,7 +7,7 @@ use tower_layer::Layer;
 use super::latency::LatencyWindow;
 use super::service::Hedge;
 use crate::budget::Budget;
-use crate::metrics::HedgeMetrics;
+use crate::metrics::{HedgeMetrics, Lazy};
 use crate::retry::RetryErrors;
 
 /// How the hedge delay is chosen.
@@ -27,7 +27,7 @@ pub(crate) struct Shared {
     pub(crate) max_attempts: u32,
     pub(crate) budget: Option<Budget>,
     pub(crate) deposit: bool,
-    pub(crate) metrics: HedgeMetrics,
+    pub(crate) metrics: Lazy<HedgeMetrics>,
 }
 
 impl Shared {
@@ -51,7 +51,7 @@ impl Shared {
         if let Delay::Percentile { window, .. } = &self.delay {
             window.record(latency);
             if let Some(delay) = window.percentile() {
-                self.metrics.delay.set(delay.as_secs_f64());
+                self.metrics.get().delay.set(delay.as_secs_f64());
             }
         }
     }
@@ -95,19 +95,13 @@ struct Settings {
 
 impl Settings {
     fn build(&self) -> Arc<Shared> {
-        let metrics = HedgeMetrics::register(&self.name);
+        let metrics = Lazy::new(self.name.clone(), HedgeMetrics::register);
         let delay = match self.fixed {
-            Some(delay) => {
-                metrics.delay.set(delay.as_secs_f64());
-                Delay::Fixed(delay)
-            }
-            None => {
-                metrics.delay.set(self.initial.as_secs_f64());
-                Delay::Percentile {
-                    window: LatencyWindow::new(self.window, self.min_samples, self.percentile),
-                    initial: self.initial,
-                }
-            }
+            Some(delay) => Delay::Fixed(delay),
+            None => Delay::Percentile {
+                window: LatencyWindow::new(self.window, self.min_samples, self.percentile),
+                initial: self.initial,
+            },
         };
         Arc::new(Shared {
             delay,
@@ -253,6 +247,8 @@ impl<S, P: Clone> Layer<S> for HedgeLayer<P> {
     type Service = Hedge<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        let delay = self.shared.delay();
+        self.shared.metrics.get().delay.set(delay.as_secs_f64());
         Hedge::from_parts(inner, self.policy.clone(), self.shared.clone())
     }
 }

@@ -747,10 +747,12 @@ where
     if let (Some(stored), false) = (&stored, forced) {
         if stored.is_fresh(now) {
             metrics.hit.increment(1);
+            tracing::debug!(result = "hit", "http cache: hit");
             return Ok(serve(stored, &request, now, false));
         }
         if stored.in_window(now, stored.stale_while_revalidate) {
             metrics.stale.increment(1);
+            tracing::debug!(result = "stale", "http cache: stale, revalidating");
             revalidate_in_background(&core, &inner, key, req, stored.clone(), extra);
             return Ok(serve(stored, &request, now, true));
         }
@@ -785,10 +787,12 @@ where
     let (waiter, originator): (Waiter<String, Arc<Fetched>>, bool) = match joined {
         Joined::Started(waiter) => {
             metrics.miss.increment(1);
+            tracing::debug!(result = "miss", "http cache: miss, flight started");
             (waiter, true)
         }
         Joined::Coalesced(waiter) => {
             metrics.coalesced.increment(1);
+            tracing::debug!(result = "coalesced", "http cache: joined a flight");
             (waiter, false)
         }
         Joined::Stored(stored) => {

@@ -232,12 +232,14 @@ impl Limiter {
         }
         if self.max_queue == 0 {
             self.metrics.rejected_full.increment(1);
+            tracing::debug!(reason = "full", "limit: shed");
             return Err(Rejection::Full);
         }
         let mut queue = lock(&self.queue);
         if queue.len() >= self.max_queue {
             drop(queue);
             self.metrics.rejected_queue_full.increment(1);
+            tracing::debug!(reason = "queue_full", "limit: shed");
             return Err(Rejection::QueueFull);
         }
         let slot = Arc::new(Slot {
@@ -422,6 +424,7 @@ impl Ticket {
             return Ok(permit);
         }
         self.limiter.metrics.rejected_queue_timeout.increment(1);
+        tracing::debug!(reason = "queue_timeout", "limit: shed");
         Err(Rejection::QueueTimeout)
     }
 

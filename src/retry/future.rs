@@ -94,7 +94,7 @@ where
                     let Some(request) = copy.or_else(|| this.replay.take()) else {
                         return Poll::Ready(Err(Error::new(crate::ErrorKind::Cancelled)));
                     };
-                    this.shared.metrics.attempts.increment(1);
+                    this.shared.metrics.get().attempts.increment(1);
                     let call = Oneshot::new(this.service.clone(), request);
                     this.state.set(State::Retrying { call });
                     continue;
@@ -115,11 +115,12 @@ where
             match next_wait(shared, *this.retries, after, this.replay.is_some()) {
                 Some(wait) => {
                     let reason = if outcome.is_err() {
-                        &shared.metrics.retried_error
+                        &shared.metrics.get().retried_error
                     } else {
-                        &shared.metrics.retried_response
+                        &shared.metrics.get().retried_response
                     };
                     reason.increment(1);
+                    tracing::debug!(retry = *this.retries + 1, ?wait, "retry: retrying");
                     *this.retries += 1;
                     this.state.set(State::Waiting {
                         sleep: tokio::time::sleep(wait),
@@ -138,13 +139,14 @@ fn next_wait(
     after: Option<Duration>,
     replayable: bool,
 ) -> Option<Duration> {
-    let metrics = &shared.metrics;
+    let metrics = shared.metrics.get();
     if !replayable {
         metrics.gave_up_not_replayable.increment(1);
         return None;
     }
     if retries + 1 >= shared.max_attempts {
         metrics.gave_up_max_attempts.increment(1);
+        tracing::debug!("retry: attempts exhausted");
         return None;
     }
     let wait = match after {
@@ -159,12 +161,14 @@ fn next_wait(
     if let Some(deadline) = Deadline::current() {
         if Instant::now() + wait >= deadline.instant() {
             metrics.gave_up_deadline.increment(1);
+            tracing::debug!("retry: no time left before the deadline");
             return None;
         }
     }
     if let Some(budget) = &shared.budget {
         if !budget.withdraw() {
             metrics.budget_exhausted.increment(1);
+            tracing::debug!("retry: budget exhausted, giving up");
             return None;
         }
     }

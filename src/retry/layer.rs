@@ -8,7 +8,7 @@ use super::backoff::{Backoff, Jitter};
 use super::policy::RetryErrors;
 use super::service::Retry;
 use crate::budget::Budget;
-use crate::metrics::RetryMetrics;
+use crate::metrics::{Lazy, RetryMetrics};
 
 /// Settings shared by every clone of one retry layer.
 #[derive(Debug)]
@@ -19,7 +19,7 @@ pub(crate) struct Shared {
     pub(crate) budget: Option<Budget>,
     pub(crate) deposit: bool,
     pub(crate) jitter: Jitter,
-    pub(crate) metrics: RetryMetrics,
+    pub(crate) metrics: Lazy<RetryMetrics>,
 }
 
 /// A [`Layer`] that retries transient failures with backoff, within a budget.
@@ -78,7 +78,7 @@ impl RetryLayer {
                 budget: Some(Budget::new(0.2, 10.0)),
                 deposit: true,
                 jitter: Jitter::new(),
-                metrics: RetryMetrics::register("default"),
+                metrics: Lazy::new("default", RetryMetrics::register),
             }),
             policy: RetryErrors,
         }
@@ -94,7 +94,7 @@ impl<P> RetryLayer<P> {
             budget: shared.budget.clone(),
             deposit: shared.deposit,
             jitter: Jitter::new(),
-            metrics: shared.metrics.clone(),
+            metrics: Lazy::new(shared.metrics.name(), RetryMetrics::register),
         });
         f(&mut shared);
         RetryLayer {
@@ -105,8 +105,7 @@ impl<P> RetryLayer<P> {
 
     /// The instance name, the `name` label of every metric (default `"default"`).
     pub fn name(self, name: &str) -> Self {
-        let metrics = RetryMetrics::register(name);
-        self.with(|s| s.metrics = metrics)
+        self.with(|s| s.metrics = Lazy::new(name, RetryMetrics::register))
     }
 
     /// Attempts in all, the first included (at least 1).
@@ -159,6 +158,7 @@ impl<S, P: Clone> Layer<S> for RetryLayer<P> {
     type Service = Retry<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        self.shared.metrics.get();
         Retry::from_parts(inner, self.policy.clone(), self.shared.clone())
     }
 }

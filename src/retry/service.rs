@@ -79,7 +79,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let replay = self.policy.replay(&req);
-        self.shared.metrics.attempts.increment(1);
+        self.shared.metrics.get().attempts.increment(1);
         let first = self.inner.call(req);
         ResponseFuture::new(
             first,

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use super::deadline::{CancelOnDrop, LazyToken, TimeoutContext};
 use crate::error::{BoxError, Error, ErrorKind};
-use crate::metrics::TimeoutMetrics;
+use crate::metrics::{Lazy, TimeoutMetrics};
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
@@ -25,7 +25,7 @@ pin_project! {
         #[pin]
         state: State<F>,
         started: Instant,
-        metrics: Arc<TimeoutMetrics>,
+        metrics: Arc<Lazy<TimeoutMetrics>>,
     }
 }
 
@@ -50,7 +50,7 @@ impl<F> ResponseFuture<F> {
         expires: Instant,
         token: Arc<LazyToken>,
         started: Instant,
-        metrics: Arc<TimeoutMetrics>,
+        metrics: Arc<Lazy<TimeoutMetrics>>,
     ) -> Self {
         ResponseFuture {
             state: State::Running {
@@ -88,15 +88,16 @@ where
             guard.0 = None;
             let result = result.map_err(Error::inner);
             match &result {
-                Ok(_) => this.metrics.ok.record(elapsed()),
-                Err(_) => this.metrics.error.record(elapsed()),
+                Ok(_) => this.metrics.get().ok.record(elapsed()),
+                Err(_) => this.metrics.get().error.record(elapsed()),
             }
             state.set(State::Done);
             return Poll::Ready(result);
         }
         if sleep.poll(cx).is_ready() {
-            this.metrics.timeouts.increment(1);
-            this.metrics.timed_out.record(elapsed());
+            this.metrics.get().timeouts.increment(1);
+            tracing::debug!("timeout: timed out, cancelling the work");
+            this.metrics.get().timed_out.record(elapsed());
             // Cancel the token, then drop the inner future.
             if let Some(token) = guard.0.take() {
                 token.cancel();

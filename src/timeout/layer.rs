@@ -6,7 +6,7 @@ use tower_layer::Layer;
 
 use super::deadline::{HttpExtensions, PerRequest, SameForAll, TaskLocal};
 use super::service::Timeout;
-use crate::metrics::TimeoutMetrics;
+use crate::metrics::{Lazy, TimeoutMetrics};
 
 /// A [`Layer`] that bounds the time from `call` to the response, cancels the work on
 /// expiry and tells it so.
@@ -26,7 +26,7 @@ pub struct TimeoutLayer<C = TaskLocal, T = SameForAll> {
     timeout: Duration,
     carrier: C,
     per_request: T,
-    metrics: Arc<TimeoutMetrics>,
+    metrics: Arc<Lazy<TimeoutMetrics>>,
 }
 
 impl<C: fmt::Debug, T: fmt::Debug> fmt::Debug for TimeoutLayer<C, T> {
@@ -46,7 +46,7 @@ impl TimeoutLayer {
             timeout,
             carrier: TaskLocal,
             per_request: SameForAll,
-            metrics: Arc::new(TimeoutMetrics::register("default")),
+            metrics: Arc::new(Lazy::new("default", TimeoutMetrics::register)),
         }
     }
 }
@@ -54,7 +54,7 @@ impl TimeoutLayer {
 impl<C, T> TimeoutLayer<C, T> {
     /// The instance name, the `name` label of every metric (default `"default"`).
     pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.metrics = Arc::new(TimeoutMetrics::register(&name.into()));
+        self.metrics = Arc::new(Lazy::new(name, TimeoutMetrics::register));
         self
     }
 
@@ -76,6 +76,17 @@ impl<C, T> TimeoutLayer<C, T> {
         }
     }
 
+    /// Where the context is found and put: [`TaskLocal`] (any request) or
+    /// [`HttpExtensions`] (also `http::Request` extensions).
+    pub fn carrier<C2>(self, carrier: C2) -> TimeoutLayer<C2, T> {
+        TimeoutLayer {
+            timeout: self.timeout,
+            carrier,
+            per_request: self.per_request,
+            metrics: self.metrics,
+        }
+    }
+
     /// Picks each request's timeout with `f`; `None` means the layer's timeout.
     pub fn per_request<F>(self, f: F) -> TimeoutLayer<C, PerRequest<F>> {
         TimeoutLayer {
@@ -91,6 +102,8 @@ impl<S, C: Clone, T: Clone> Layer<S> for TimeoutLayer<C, T> {
     type Service = Timeout<S, C, T>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        // Registered now, under the name set by now.
+        self.metrics.get();
         Timeout::from_parts(
             inner,
             self.timeout,

@@ -9,7 +9,7 @@ use tower_service::Service;
 use super::deadline::{far_future, Carrier, Deadline, LazyToken, RequestTimeout, TimeoutContext};
 use super::future::ResponseFuture;
 use crate::error::{BoxError, Error};
-use crate::metrics::TimeoutMetrics;
+use crate::metrics::{Lazy, TimeoutMetrics};
 
 /// Bounds the time from `call` to the response of `S`. Made by
 /// [`TimeoutLayer`](super::TimeoutLayer).
@@ -19,7 +19,7 @@ pub struct Timeout<S, C, T> {
     timeout: Duration,
     carrier: C,
     per_request: T,
-    metrics: Arc<TimeoutMetrics>,
+    metrics: Arc<Lazy<TimeoutMetrics>>,
 }
 
 impl<S, C, T> Timeout<S, C, T> {
@@ -28,7 +28,7 @@ impl<S, C, T> Timeout<S, C, T> {
         timeout: Duration,
         carrier: C,
         per_request: T,
-        metrics: Arc<TimeoutMetrics>,
+        metrics: Arc<Lazy<TimeoutMetrics>>,
     ) -> Self {
         Timeout {
             inner,

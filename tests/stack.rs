@@ -1,0 +1,310 @@
+//! The standard stack: validation, the full HTTP stack in an axum app over TCP, the metric
+//! table, and the auto traits axum and `tokio::spawn` need.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tower::{service_fn, Layer, ServiceExt};
+use towerguard::cache::CacheLayer;
+use towerguard::http::{HttpCacheLayer, CACHE_STATUS};
+use towerguard::stack::{StackBuilder, StackError};
+
+#[test]
+fn each_contradiction_is_refused_with_its_own_error() {
+    let s = Duration::from_secs;
+    let ms = Duration::from_millis;
+    let cases: Vec<(StackBuilder, StackError)> = vec![
+        (
+            StackBuilder::new()
+                .total_timeout(s(1))
+                .attempt_timeout(s(2)),
+            StackError::AttemptTimeoutExceedsTotal {
+                attempt: s(2),
+                total: s(1),
+            },
+        ),
+        (
+            StackBuilder::new()
+                .total_timeout(s(1))
+                .attempt_timeout(ms(500))
+                .hedge(s(1)),
+            StackError::HedgeDelaysExceedTotal {
+                delays: s(1),
+                total: s(1),
+            },
+        ),
+        (
+            StackBuilder::new().without_budget(),
+            StackError::RetryWithoutBudget,
+        ),
+        (
+            StackBuilder::new()
+                .retry_attempts(1)
+                .hedge(ms(5))
+                .without_budget(),
+            StackError::RetryWithoutBudget,
+        ),
+        (
+            StackBuilder::new()
+                .total_timeout(s(1))
+                .attempt_timeout(ms(500))
+                .queue(10, s(1)),
+            StackError::QueueWaitExceedsTotal {
+                wait: s(1),
+                total: s(1),
+            },
+        ),
+        (
+            StackBuilder::new().total_timeout(Duration::ZERO),
+            StackError::ZeroTimeout,
+        ),
+    ];
+    for (builder, expected) in cases {
+        let err = builder.build_http::<Body>().unwrap_err();
+        assert_eq!(err, expected);
+        let text = err.to_string();
+        assert_eq!(text, text.to_lowercase(), "{text}");
+    }
+    assert!(
+        StackBuilder::new().build_http::<Body>().is_ok(),
+        "the defaults are consistent"
+    );
+    assert!(StackBuilder::new()
+        .retry_attempts(1)
+        .without_budget()
+        .build_http::<Body>()
+        .is_ok());
+    assert!(StackBuilder::new()
+        .without_limit()
+        .queue(10, s(60))
+        .build_http::<Body>()
+        .is_ok());
+}
+
+/// The app: `/ok` cacheable, `/hold` held until opened (announcing arrivals), `/hang`
+/// never answering.
+struct App {
+    inside: AtomicUsize,
+    two_inside: Notify,
+    gate: watch::Sender<bool>,
+    hits: AtomicUsize,
+}
+
+async fn ok(State(app): State<Arc<App>>) -> ([(&'static str, &'static str); 1], String) {
+    let n = app.hits.fetch_add(1, Ordering::SeqCst) + 1;
+    ([("cache-control", "max-age=60")], format!("ok #{n}"))
+}
+
+async fn hold(State(app): State<Arc<App>>) -> &'static str {
+    if app.inside.fetch_add(1, Ordering::SeqCst) + 1 == 2 {
+        app.two_inside.notify_one();
+    }
+    let mut gate = app.gate.subscribe();
+    gate.wait_for(|open| *open).await.unwrap();
+    "held"
+}
+
+async fn hang() -> &'static str {
+    std::future::pending::<()>().await;
+    "never"
+}
+
+async fn get_uri(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, String>,
+    uri: String,
+) -> (StatusCode, HeaderMap, String) {
+    let response = client.get(uri.parse().unwrap()).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_full_http_stack_in_axum_answers_200_503_504_and_cache_hits_over_tcp() {
+    let app_state = Arc::new(App {
+        inside: AtomicUsize::new(0),
+        two_inside: Notify::new(),
+        gate: watch::channel(false).0,
+        hits: AtomicUsize::new(0),
+    });
+    let stack = StackBuilder::new()
+        .name("axum_test")
+        .total_timeout(Duration::from_secs(2))
+        .attempt_timeout(Duration::from_secs(1))
+        .static_limit(2)
+        .without_queue()
+        .http_cache(HttpCacheLayer::builder().name("axum_test").build())
+        .build_http::<Body>()
+        .unwrap();
+    let app = Router::new()
+        .route("/ok", get(ok))
+        .route("/hold", get(hold))
+        .route("/hang", get(hang))
+        .layer(stack)
+        .with_state(app_state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = Client::builder(TokioExecutor::new()).build_http::<String>();
+
+    // 200, then a cache hit.
+    let (status, _, body) = get_uri(&client, format!("http://{addr}/ok")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok #1"));
+    let (status, headers, body) = get_uri(&client, format!("http://{addr}/ok")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok #1"));
+    assert!(headers[&CACHE_STATUS].to_str().unwrap().contains("hit"));
+
+    // 503 with Retry-After once the limit is full. Distinct URIs, so the cache does not
+    // coalesce them.
+    let mut held = JoinSet::new();
+    for i in 0..2 {
+        let client = client.clone();
+        held.spawn(async move { get_uri(&client, format!("http://{addr}/hold?i={i}")).await });
+    }
+    app_state.two_inside.notified().await;
+    let (status, headers, _) = get_uri(&client, format!("http://{addr}/hold?i=9")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+    app_state.gate.send_replace(true);
+    while let Some(result) = held.join_next().await {
+        assert_eq!(result.unwrap().0, StatusCode::OK);
+    }
+
+    // 504 when nothing answers in time.
+    let (status, _, _) = get_uri(&client, format!("http://{addr}/hang")).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_generic_stack_composes_cache_retry_and_timeouts() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let flaky = service_fn(move |x: u32| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Err(std::io::Error::other("reset"))
+            } else {
+                Ok::<_, std::io::Error>(x * 2)
+            }
+        }
+    });
+    let cache = CacheLayer::builder(|x: &u32| Some(*x)).build();
+    let stack = StackBuilder::new().build(Some(cache)).unwrap();
+    let svc = stack.layer(flaky);
+    assert_eq!(svc.clone().oneshot(21).await.unwrap(), 42, "retried");
+    assert_eq!(svc.clone().oneshot(21).await.unwrap(), 42, "cached");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// Every `towerguard_*` metric name in the README's table.
+fn readme_metrics() -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let mut names: Vec<String> = readme
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `towerguard_"))
+        .filter_map(|rest| rest.split('`').next())
+        .map(|name| format!("towerguard_{name}"))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[test]
+fn the_readme_metric_table_matches_what_the_full_stack_emits() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let stack = metrics::with_local_recorder(&recorder, || {
+        StackBuilder::new()
+            .name("table")
+            .hedge_adaptive()
+            .http_cache(HttpCacheLayer::builder().name("table").build())
+            .build_http::<Body>()
+            .unwrap()
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let inner = service_fn(
+            |_req: Request<towerguard::http::BufferedBody<Body>>| async {
+                Ok::<_, Infallible>(
+                    http::Response::builder()
+                        .header("cache-control", "max-age=60")
+                        .body(Body::from("x"))
+                        .unwrap(),
+                )
+            },
+        );
+        let svc = metrics::with_local_recorder(&recorder, || stack.layer(inner));
+        for _ in 0..3 {
+            let req = Request::get("http://example.test/a")
+                .body(Body::empty())
+                .unwrap();
+            let response = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+    });
+    let mut emitted: Vec<String> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, _)| key.key().name().to_owned())
+        .filter(|name| name.starts_with("towerguard_"))
+        .collect();
+    emitted.sort();
+    emitted.dedup();
+    let mut listed: Vec<String> = towerguard::metrics::METRICS
+        .iter()
+        .map(|m| m.name.to_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(
+        readme_metrics(),
+        listed,
+        "README table and metrics::METRICS"
+    );
+    assert_eq!(
+        emitted, listed,
+        "what the full stack emits and metrics::METRICS"
+    );
+}
+
+#[test]
+fn the_stack_service_and_future_are_send_sync_and_static() {
+    fn assert_service<T: Send + Sync + Clone + 'static>(_: &T) {}
+    fn assert_future<F: std::future::Future + Send + 'static>(_: &F) {}
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let stack = StackBuilder::new().build_http::<Body>().unwrap();
+    let inner = service_fn(
+        |_req: Request<towerguard::http::BufferedBody<Body>>| async {
+            Ok::<_, Infallible>(http::Response::new(Body::empty()))
+        },
+    );
+    let mut svc = stack.layer(inner);
+    assert_service(&svc);
+    let future = tower::Service::call(&mut svc, Request::new(Body::empty()));
+    assert_future(&future);
+}
