@@ -3,7 +3,15 @@
 //! ```text
 //! cargo run --release --example proxy -- --listen 127.0.0.1:8080 --upstream http://127.0.0.1:8000
 //!     [--no-cache] [--cache-capacity-mb N] [--max-body-kb N]
+//!     [--timeout-ms N] [--attempt-timeout-ms N] [--limit N|adaptive] [--retry N] [--hedge]
+//!     [--metrics ADDR]
 //! ```
+//!
+//! Without the resilience flags it is a plain caching proxy. `--timeout-ms` and
+//! `--attempt-timeout-ms` bound each request and each attempt, `--limit` caps concurrency
+//! (or finds the cap itself with `adaptive`), `--retry N` allows N attempts of idempotent
+//! requests within a budget, `--hedge` hedges them after the 95th percentile latency, and
+//! `--metrics ADDR` serves Prometheus text at `http://ADDR/metrics`.
 //!
 //! It forwards method, path, query, headers (minus hop-by-hop ones) and body to the
 //! upstream, streams responses that are not stored, answers from the cache what RFC 9111
@@ -23,9 +31,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
 use tower::util::BoxCloneSyncService;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
-use towerguard::http::{BufferedBody, ErrorResponseLayer, HttpCacheLayer};
+use tower::{Layer, Service};
+use towerguard::http::{BufferedBody, HttpCacheLayer};
+use towerguard::stack::StackBuilder;
 
 /// Hop-by-hop fields (RFC 9110 section 7.6.1), never forwarded.
 const HOP_BY_HOP: [&str; 8] = [
@@ -58,14 +70,28 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Sends requests to the upstream: rewrites the target, strips hop-by-hop fields.
-#[derive(Clone)]
-struct Forward {
-    client: Client<HttpConnector, Incoming>,
+struct Forward<B> {
+    client: Client<HttpConnector, B>,
     scheme: Scheme,
     authority: Authority,
 }
 
-impl Service<Request<Incoming>> for Forward {
+impl<B> Clone for Forward<B> {
+    fn clone(&self) -> Self {
+        Forward {
+            client: self.client.clone(),
+            scheme: self.scheme.clone(),
+            authority: self.authority.clone(),
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for Forward<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Response = Response<Incoming>;
     type Error = hyper_util::client::legacy::Error;
     type Future = std::pin::Pin<
@@ -73,10 +99,10 @@ impl Service<Request<Incoming>> for Forward {
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Service::<Request<Incoming>>::poll_ready(&mut self.client, cx)
+        Service::<Request<B>>::poll_ready(&mut self.client, cx)
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let path_and_query = req
             .uri()
             .path_and_query()
@@ -113,10 +139,16 @@ struct Args {
     cache: bool,
     capacity_mb: u64,
     max_body_kb: usize,
+    timeout_ms: Option<u64>,
+    attempt_timeout_ms: Option<u64>,
+    limit: Option<String>,
+    retry: u32,
+    hedge: bool,
+    metrics: Option<SocketAddr>,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let usage = "usage: proxy --listen ADDR --upstream http://HOST:PORT [--no-cache] [--cache-capacity-mb N] [--max-body-kb N]";
+    let usage = "usage: proxy --listen ADDR --upstream http://HOST:PORT [--no-cache] [--cache-capacity-mb N] [--max-body-kb N] [--timeout-ms N] [--attempt-timeout-ms N] [--limit N|adaptive] [--retry N] [--hedge] [--metrics ADDR]";
     let mut listen = None;
     let mut upstream = None;
     let mut args = Args {
@@ -125,6 +157,12 @@ fn parse_args() -> Result<Args, String> {
         cache: true,
         capacity_mb: 64,
         max_body_kb: 1024,
+        timeout_ms: None,
+        attempt_timeout_ms: None,
+        limit: None,
+        retry: 1,
+        hedge: false,
+        metrics: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -145,6 +183,23 @@ fn parse_args() -> Result<Args, String> {
                 args.max_body_kb = value()?
                     .parse()
                     .map_err(|e| format!("--max-body-kb: {e}"))?
+            }
+            "--timeout-ms" => {
+                args.timeout_ms = Some(value()?.parse().map_err(|e| format!("--timeout-ms: {e}"))?)
+            }
+            "--attempt-timeout-ms" => {
+                args.attempt_timeout_ms = Some(
+                    value()?
+                        .parse()
+                        .map_err(|e| format!("--attempt-timeout-ms: {e}"))?,
+                )
+            }
+            "--limit" => args.limit = Some(value()?),
+            "--retry" => args.retry = value()?.parse().map_err(|e| format!("--retry: {e}"))?,
+            "--hedge" => args.hedge = true,
+            "--metrics" => {
+                let addr = value()?;
+                args.metrics = Some(addr.parse().map_err(|e| format!("--metrics {addr}: {e}"))?)
             }
             "--help" | "-h" => return Err(usage.to_owned()),
             other => return Err(format!("unknown argument {other}\n{usage}")),
@@ -175,29 +230,70 @@ async fn main() -> std::io::Result<()> {
             std::process::exit(2);
         }
     };
+    let metrics = args.metrics.map(|addr| {
+        let handle = PrometheusBuilder::new()
+            .install_recorder()
+            .unwrap_or_else(|err| {
+                eprintln!("cannot install the metrics recorder: {err}");
+                std::process::exit(1);
+            });
+        (addr, handle)
+    });
     let forward = Forward {
         client: Client::builder(TokioExecutor::new()).build_http(),
         scheme: Scheme::HTTP,
         authority: args.upstream.authority().cloned().expect("checked above"),
     };
-    let proxy: Proxy = if args.cache {
-        let cache = HttpCacheLayer::builder()
-            .name("proxy")
-            .capacity_bytes(args.capacity_mb * 1024 * 1024)
-            .max_body_bytes(args.max_body_kb * 1024)
-            .build();
-        BoxCloneSyncService::new(
-            ServiceBuilder::new()
-                .layer(ErrorResponseLayer::new())
-                .layer(cache)
-                .service(forward),
-        )
-    } else {
-        let streaming = forward.map_response(|response: Response<Incoming>| {
-            response.map(|body| BufferedBody::streaming(Default::default(), Some(body)))
-        });
-        BoxCloneSyncService::new(ErrorResponseLayer::new().layer(streaming))
-    };
+    let mut builder = StackBuilder::new()
+        .name("proxy")
+        .without_total_timeout()
+        .without_attempt_timeout()
+        .without_limit()
+        .retry_attempts(args.retry)
+        .max_replay_body(args.max_body_kb * 1024);
+    if let Some(ms) = args.timeout_ms {
+        builder = builder.total_timeout(Duration::from_millis(ms));
+    }
+    if let Some(ms) = args.attempt_timeout_ms {
+        builder = builder.attempt_timeout(Duration::from_millis(ms));
+    }
+    match args.limit.as_deref() {
+        None => {}
+        Some("adaptive") => builder = builder.adaptive_limit(32, 4, 1_000),
+        Some(n) => match n.parse() {
+            Ok(n) => builder = builder.static_limit(n),
+            Err(_) => {
+                eprintln!("--limit takes a number or `adaptive`");
+                std::process::exit(2);
+            }
+        },
+    }
+    if args.hedge {
+        builder = builder.hedge_adaptive();
+    }
+    if args.cache {
+        builder = builder.http_cache(
+            HttpCacheLayer::builder()
+                .name("proxy")
+                .capacity_bytes(args.capacity_mb * 1024 * 1024)
+                .max_body_bytes(args.max_body_kb * 1024)
+                .build(),
+        );
+    }
+    let stack = builder.build_http::<Incoming>().unwrap_or_else(|err| {
+        eprintln!("invalid configuration: {err}");
+        std::process::exit(2);
+    });
+    let proxy: Proxy = stack.layer(forward);
+    if let Some((addr, handle)) = metrics {
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || std::future::ready(handle.render())),
+        );
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("metrics on http://{}/metrics", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
     let proxy = Arc::new(proxy);
 
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
