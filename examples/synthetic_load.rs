@@ -1,65 +1,73 @@
 //! Synthetic load: towerguard beside what you would use instead, on your machine.
 //!
 //! ```text
-//! cargo run --release --example synthetic_load [-- --quick] [--scenario NAME] [--json FILE]
+//! cargo run --release --example synthetic_load [-- --quick] [--scenario NAME] [--json FILE] [--plots DIR]
 //! ```
 //!
-//! Scenarios (default: all):
+//! Each scenario starts a synthetic upstream on loopback (an HTTP/2 server whose latency
+//! distribution, failure rate and capacity the scenario sets) and drives it through a real
+//! hyper client, bare and behind towerguard or the peers (tower's built-in layers,
+//! tower-resilience, moka). Latencies go into HdrHistograms.
 //!
-//! - `stampede`: 10,000 concurrent requests for one cold key against an upstream that
-//!   takes 50 ms; then the same with the first requester disconnecting 10 ms into its
-//!   call. Upstream calls, successes, wall time: no cache, towerguard's cache, moka's
-//!   `get_with`, tower-resilience's coalesce and cache layers.
-//! - `tail`: a backend answering in 2 ms, except 2% of calls that take 100 ms, driven by
-//!   32 concurrent clients. p50, p99, p99.9 and extra upstream load: no hedging,
-//!   towerguard's hedge (percentile delay, no tuning), tower's `Hedge` (behind a
-//!   `Buffer`, as it is not `Clone`), tower-resilience's hedge with a fixed 5 ms delay.
-//! - `faults`: a backend failing 10% of calls at random, then failing every call. Success
-//!   rate and upstream calls per request (amplification): no retry, towerguard's retry
-//!   (defaults: 4 attempts within a budget), tower's `Retry` with a 3-attempt policy,
-//!   tower-resilience's retry (3 attempts).
+//! - `stampede`: 10,000 concurrent requests for one cold key (upstream 50 ms), then the
+//!   same with the first requester disconnecting 10 ms in. Upstream calls, successes, wall
+//!   time.
+//! - `tail`: 2 ms upstream, 2% of calls 100 ms, 32 concurrent clients. p50, p99, p99.9 and
+//!   extra upstream load.
+//! - `faults`: 10% transient failures, then a total outage. Success rate and upstream calls
+//!   per request.
+//! - `overload`: open-loop arrivals at twice the upstream's measured capacity, 250 ms client
+//!   deadlines. Goodput (successes within the deadline per second, over capacity) and p99 of
+//!   the successes.
+//! - `hits`: cache-hit throughput of an HTTP server behind the full stack against the same
+//!   server's bare handler (a handler that waits 1 ms on its backend), 32 clients.
 //!
 //! `--json FILE` writes one object with a key per scenario and, inside, one object per
-//! system with its figures.
+//! system. `--plots DIR` writes an SVG latency-distribution plot per scenario that records
+//! latencies.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::Ready;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hdrhistogram::Histogram;
-use tokio::sync::Notify;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tower::buffer::Buffer;
 use tower::util::BoxCloneService;
-use tower::{service_fn, Layer, Service, ServiceExt};
+use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Svc = BoxCloneService<u64, Arc<str>, BoxError>;
+type Svc = BoxCloneService<u64, Bytes, BoxError>;
 
-/// An upstream error that can be cloned, as some peers require.
+/// An upstream failure; cloneable, as some peers require.
 #[derive(Debug, Clone)]
-struct UpstreamError;
+struct UpstreamError(String);
 
 impl std::fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("upstream error")
+        f.write_str(&self.0)
     }
 }
 
 impl std::error::Error for UpstreamError {}
-
-fn boxed<S>(svc: S) -> Svc
-where
-    S: Service<u64, Response = Arc<str>> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
-    BoxCloneService::new(svc.map_err(Into::into))
-}
 
 /// A deterministic hash of a call number, for repeatable random-looking patterns.
 fn hash(n: u64) -> u64 {
@@ -69,72 +77,175 @@ fn hash(n: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The synthetic upstream: counts calls, signals when one starts, and answers after the
-/// latency (or with the failure) its script gives for the call number.
-#[derive(Clone)]
+// ---------------------------------------------------------------------------------------
+// The synthetic upstream: an HTTP/2 server on loopback.
+
+type Script = Arc<dyn Fn(u64) -> (Duration, bool) + Send + Sync>;
+
 struct Upstream {
+    addr: SocketAddr,
     calls: Arc<AtomicUsize>,
     started: Arc<Notify>,
-    latency: Arc<dyn Fn(u64) -> Duration + Send + Sync>,
-    fails: Arc<dyn Fn(u64) -> bool + Send + Sync>,
 }
 
 impl Upstream {
-    fn new(
-        latency: impl Fn(u64) -> Duration + Send + Sync + 'static,
-        fails: impl Fn(u64) -> bool + Send + Sync + 'static,
-    ) -> Self {
-        Upstream {
-            calls: Arc::default(),
-            started: Arc::default(),
-            latency: Arc::new(latency),
-            fails: Arc::new(fails),
-        }
-    }
-
     fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
+}
 
-    fn service(
-        &self,
-    ) -> impl Service<
-        u64,
-        Response = Arc<str>,
-        Error = UpstreamError,
-        Future = impl std::future::Future<Output = Result<Arc<str>, UpstreamError>> + Send + 'static,
-    > + Clone
-           + Send
-           + Sync
-           + 'static {
-        let this = self.clone();
-        service_fn(move |key: u64| {
-            let n = this.calls.fetch_add(1, Ordering::SeqCst) as u64;
-            this.started.notify_one();
-            let latency = (this.latency)(n);
-            let fails = (this.fails)(n);
-            async move {
-                if !latency.is_zero() {
-                    tokio::time::sleep(latency).await;
-                }
-                if fails {
-                    Err(UpstreamError)
-                } else {
-                    Ok(Arc::from(format!("value-{key}")))
-                }
+/// Serves `service` over HTTP/1 and HTTP/2 (prior knowledge) on a loopback port.
+async fn serve<S>(service: S) -> SocketAddr
+where
+    S: Service<Request<Incoming>, Response = Response<Full<Bytes>>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let addr = listener.local_addr().expect("bound");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let service = TowerToHyperService::new(service.clone());
+            tokio::spawn(async move {
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder.http2().max_concurrent_streams(100_000);
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream whose n-th call takes and fails as `script` says, with at most `capacity`
+/// calls in service at once (the rest wait their turn inside the server).
+async fn upstream(script: Script, capacity: Option<usize>) -> Upstream {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(Notify::new());
+    let slots = capacity.map(|c| Arc::new(Semaphore::new(c)));
+    let (c, s) = (calls.clone(), started.clone());
+    let handler = service_fn(move |req: Request<Incoming>| {
+        let n = c.fetch_add(1, Ordering::SeqCst) as u64;
+        s.notify_one();
+        let (latency, fails) = script(n);
+        let slots = slots.clone();
+        let body = Bytes::from(format!("value of {}", req.uri().path()));
+        async move {
+            let _slot = match &slots {
+                Some(slots) => Some(slots.acquire().await.expect("never closed")),
+                None => None,
+            };
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            let status = if fails {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(status)
+                    .header("cache-control", "max-age=60")
+                    .body(Full::new(body))
+                    .expect("a valid response"),
+            )
+        }
+    });
+    let addr = serve(handler).await;
+    Upstream {
+        addr,
+        calls,
+        started,
+    }
+}
+
+type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// Calls the upstream for key `k` as `GET /item/k`: the innermost service every system
+/// wraps. A non-200 answer is an error.
+#[derive(Clone)]
+struct HttpCall {
+    client: HttpClient,
+    addr: SocketAddr,
+}
+
+impl Service<u64> for HttpCall {
+    type Response = Bytes;
+    type Error = UpstreamError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, UpstreamError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, key: u64) -> Self::Future {
+        let uri = format!("http://{}/item/{key}", self.addr);
+        let client = self.client.clone();
+        Box::pin(async move {
+            let uri = uri.parse().map_err(|e| UpstreamError(format!("{e}")))?;
+            let response = client
+                .get(uri)
+                .await
+                .map_err(|e| UpstreamError(e.to_string()))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| UpstreamError(e.to_string()))?
+                .to_bytes();
+            if status == StatusCode::OK {
+                Ok(body)
+            } else {
+                Err(UpstreamError(format!("status {status}")))
             }
         })
     }
 }
 
-/// Figures of one system in one scenario, in print order.
+fn boxed<S>(svc: S) -> Svc
+where
+    S: Service<u64, Response = Bytes> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    BoxCloneService::new(svc.map_err(Into::into))
+}
+
+// ---------------------------------------------------------------------------------------
+// Results.
+
 type Figures = Vec<(&'static str, f64)>;
 
+#[derive(Default)]
 struct Report {
     scenarios: BTreeMap<&'static str, Vec<(&'static str, Figures)>>,
+    /// Latency histograms per scenario and system, for the plots.
+    latencies: BTreeMap<&'static str, Vec<(&'static str, Histogram<u64>)>>,
 }
 
 impl Report {
+    fn add(&mut self, scenario: &'static str, system: &'static str, figures: Figures) {
+        self.scenarios
+            .entry(scenario)
+            .or_default()
+            .push((system, figures));
+    }
+
     fn print(&self, scenario: &str) {
         let Some(rows) = self.scenarios.get(scenario) else {
             return;
@@ -142,18 +253,18 @@ impl Report {
         let Some((_, first)) = rows.first() else {
             return;
         };
-        let mut header = format!("{:<28}", "system");
+        let mut header = format!("{:<30}", "system");
         for (name, _) in first {
-            let _ = write!(header, " {name:>16}");
+            let _ = write!(header, " {name:>15}");
         }
         println!("{header}");
         for (system, figures) in rows {
-            let mut line = format!("{system:<28}");
+            let mut line = format!("{system:<30}");
             for (_, value) in figures {
                 if value.fract() == 0.0 && value.abs() < 1e12 {
-                    let _ = write!(line, " {:>16}", *value as i64);
+                    let _ = write!(line, " {:>15}", *value as i64);
                 } else {
-                    let _ = write!(line, " {value:>16.3}");
+                    let _ = write!(line, " {value:>15.3}");
                 }
             }
             println!("{line}");
@@ -169,7 +280,14 @@ impl Report {
             for (j, (system, figures)) in rows.iter().enumerate() {
                 let fields: Vec<String> = figures
                     .iter()
-                    .map(|(name, value)| format!("\"{name}\": {}", json_number(*value)))
+                    .map(|(name, value)| {
+                        let value = if value.is_finite() {
+                            format!("{value}")
+                        } else {
+                            "null".into()
+                        };
+                        format!("\"{name}\": {value}")
+                    })
                     .collect();
                 let comma = if j + 1 == rows.len() { "" } else { "," };
                 let _ = writeln!(out, "    \"{system}\": {{{}}}{comma}", fields.join(", "));
@@ -180,27 +298,128 @@ impl Report {
         out.push_str("}\n");
         out
     }
-}
 
-fn json_number(value: f64) -> String {
-    if value.is_finite() {
-        format!("{value}")
-    } else {
-        "null".to_owned()
+    fn plots(&self, dir: &Path) -> Result<Vec<String>, String> {
+        use plotters::prelude::*;
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut written = Vec::new();
+        for (scenario, systems) in &self.latencies {
+            let path = dir.join(format!("{scenario}.svg"));
+            let quantiles: Vec<f64> = (0..=300).map(|i| i as f64 / 300.0 * 3.0).collect();
+            // x: nines (0 = p0, 1 = p90, 2 = p99, 3 = p99.9); y: latency in ms, log scale.
+            let point = |h: &Histogram<u64>, nines: f64| {
+                let q = 1.0 - 10f64.powf(-nines);
+                (
+                    nines,
+                    (h.value_at_quantile(q.min(0.999_9)) as f64 / 1e3).max(0.01),
+                )
+            };
+            let max = systems
+                .iter()
+                .map(|(_, h)| h.max() as f64 / 1e3)
+                .fold(1.0, f64::max);
+            let min = systems
+                .iter()
+                .map(|(_, h)| h.min() as f64 / 1e3)
+                .fold(f64::INFINITY, f64::min)
+                .clamp(0.01, 1.0);
+            let root = SVGBackend::new(&path, (800, 480)).into_drawing_area();
+            let draw = || -> Result<(), Box<dyn std::error::Error>> {
+                root.fill(&WHITE)?;
+                let mut chart = ChartBuilder::on(&root)
+                    .caption(
+                        format!("{scenario}: latency by percentile"),
+                        ("sans-serif", 22),
+                    )
+                    .margin(12)
+                    .x_label_area_size(40)
+                    .y_label_area_size(60)
+                    .build_cartesian_2d(0f64..3f64, (min * 0.5..max * 1.5).log_scale())?;
+                chart
+                    .configure_mesh()
+                    .x_desc("percentile (1 = p90, 2 = p99, 3 = p99.9)")
+                    .y_desc("latency, ms")
+                    .draw()?;
+                let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+                for (i, (system, histogram)) in systems.iter().enumerate() {
+                    let color = colors[i % colors.len()];
+                    chart
+                        .draw_series(LineSeries::new(
+                            quantiles.iter().map(|n| point(histogram, *n)),
+                            color.stroke_width(2),
+                        ))?
+                        .label(*system)
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                }
+                chart
+                    .configure_series_labels()
+                    .position(SeriesLabelPosition::UpperLeft)
+                    .background_style(WHITE.mix(0.8))
+                    .border_style(BLACK)
+                    .draw()?;
+                root.present()?;
+                Ok(())
+            };
+            draw().map_err(|e| format!("{}: {e}", path.display()))?;
+            written.push(path.display().to_string());
+        }
+        Ok(written)
     }
 }
 
-fn median_by<T: Clone>(mut runs: Vec<T>, key: impl Fn(&T) -> Duration) -> T {
-    runs.sort_by_key(|r| key(r));
-    runs[runs.len() / 2].clone()
+fn histogram() -> Histogram<u64> {
+    Histogram::new(3).expect("valid precision")
+}
+
+fn percentiles(h: &Histogram<u64>) -> [(&'static str, f64); 3] {
+    [
+        ("p50_us", h.value_at_quantile(0.5) as f64),
+        ("p99_us", h.value_at_quantile(0.99) as f64),
+        ("p999_us", h.value_at_quantile(0.999) as f64),
+    ]
+}
+
+/// `requests` requests from `clients` closed-loop clients; returns the latency histogram
+/// of the successes, the number of successes and the wall time.
+async fn closed_loop(
+    svc: &Svc,
+    clients: usize,
+    requests: usize,
+    keys: impl Fn(usize) -> u64 + Clone + Send + 'static,
+) -> (Histogram<u64>, usize, Duration) {
+    let started = Instant::now();
+    let per_client = requests / clients;
+    let mut tasks = JoinSet::new();
+    for c in 0..clients {
+        let svc = svc.clone();
+        let keys = keys.clone();
+        tasks.spawn(async move {
+            let mut h = histogram();
+            let mut ok = 0;
+            for i in 0..per_client {
+                let start = Instant::now();
+                if svc.clone().oneshot(keys(c * per_client + i)).await.is_ok() {
+                    ok += 1;
+                    let _ = h.record(start.elapsed().as_micros() as u64);
+                }
+            }
+            (h, ok)
+        });
+    }
+    let mut h = histogram();
+    let mut ok = 0;
+    while let Some(result) = tasks.join_next().await {
+        let (client_h, client_ok) = result.expect("client task");
+        h.add(client_h).expect("same precision");
+        ok += client_ok;
+    }
+    (h, ok, started.elapsed())
 }
 
 // ---------------------------------------------------------------------------------------
 // stampede
 
 const STAMPEDE_CALLERS: usize = 10_000;
-const STAMPEDE_LATENCY: Duration = Duration::from_millis(50);
-const DISCONNECT_AFTER: Duration = Duration::from_millis(10);
 
 const CACHES: &[&str] = &[
     "no_cache",
@@ -210,36 +429,33 @@ const CACHES: &[&str] = &[
     "tower_resilience_cache",
 ];
 
-fn cache_system(system: &str, upstream: &Upstream) -> Svc {
+fn cache_system(system: &str, call: HttpCall) -> Svc {
     match system {
-        "no_cache" => boxed(upstream.service()),
+        "no_cache" => boxed(call),
         "towerguard" => boxed(
             towerguard::cache::CacheLayer::builder(|k: &u64| Some(*k))
                 .name("synthetic_load")
                 .build()
-                .layer(upstream.service()),
+                .layer(call),
         ),
         "moka_get_with" => {
-            let cache: moka::future::Cache<u64, Arc<str>> = moka::future::Cache::new(10_000);
-            let inner = upstream.service();
+            let cache: moka::future::Cache<u64, Result<Bytes, UpstreamError>> =
+                moka::future::Cache::new(10_000);
             boxed(service_fn(move |key: u64| {
-                let (cache, inner) = (cache.clone(), inner.clone());
-                async move {
-                    let init = async move { inner.oneshot(key).await.unwrap() };
-                    Ok::<_, Infallible>(cache.get_with(key, init).await)
-                }
+                let (cache, call) = (cache.clone(), call.clone());
+                async move { cache.get_with(key, call.oneshot(key)).await }
             }))
         }
-        "tower_resilience_coalesce" => boxed(
-            tower_resilience::coalesce::CoalesceLayer::new(|k: &u64| *k).layer(upstream.service()),
-        ),
+        "tower_resilience_coalesce" => {
+            boxed(tower_resilience::coalesce::CoalesceLayer::new(|k: &u64| *k).layer(call))
+        }
         "tower_resilience_cache" => boxed(
             tower_resilience::cache::CacheLayer::builder()
                 .max_size(10_000)
                 .key_extractor(|k: &u64| *k)
                 .build()
                 .expect("valid cache configuration")
-                .layer(upstream.service()),
+                .layer(call),
         ),
         other => unreachable!("unknown system {other}"),
     }
@@ -253,21 +469,25 @@ struct Stampede {
     wall: Duration,
 }
 
-/// `callers` concurrent requests for one cold key. With `disconnect`, the first requester
-/// starts the upstream call and goes away `DISCONNECT_AFTER` later; the others are counted.
 async fn stampede_once(system: &str, disconnect: bool) -> Stampede {
-    let upstream = Upstream::new(|_| STAMPEDE_LATENCY, |_| false);
-    let svc = cache_system(system, &upstream);
+    let up = upstream(Arc::new(|_| (Duration::from_millis(50), false)), None).await;
+    let svc = cache_system(
+        system,
+        HttpCall {
+            client: client(),
+            addr: up.addr,
+        },
+    );
     let started = Instant::now();
     let first = tokio::spawn(svc.clone().oneshot(1));
-    upstream.started.notified().await;
+    up.started.notified().await;
     let mut others = JoinSet::new();
     for _ in 1..STAMPEDE_CALLERS {
         others.spawn(svc.clone().oneshot(1));
     }
     let mut outcome = Stampede::default();
     if disconnect {
-        tokio::time::sleep(DISCONNECT_AFTER).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
         first.abort();
     } else {
         match first.await {
@@ -282,27 +502,25 @@ async fn stampede_once(system: &str, disconnect: bool) -> Stampede {
         }
     }
     outcome.wall = started.elapsed();
-    outcome.upstream_calls = upstream.calls();
+    outcome.upstream_calls = up.calls();
     outcome
 }
 
-async fn stampede(report: &mut Report, rounds: usize) {
-    println!(
-        "stampede: {STAMPEDE_CALLERS} concurrent requests for one cold key, upstream {} ms, median of {rounds} round(s)",
-        STAMPEDE_LATENCY.as_millis()
-    );
-    let mut rows = Vec::new();
+async fn stampede(report: &mut Report, rounds: usize, bar: &ProgressBar) {
     for system in CACHES {
+        bar.set_message(format!("stampede / {system}"));
         let mut stay = Vec::new();
         let mut leave = Vec::new();
         for _ in 0..rounds {
             stay.push(stampede_once(system, false).await);
             leave.push(stampede_once(system, true).await);
         }
-        let stay = median_by(stay, |o| o.wall);
-        let leave = median_by(leave, |o| o.wall);
-        rows.push((
-            *system,
+        stay.sort_by_key(|o| o.wall);
+        leave.sort_by_key(|o| o.wall);
+        let (stay, leave) = (&stay[stay.len() / 2], &leave[leave.len() / 2]);
+        report.add(
+            "stampede",
+            system,
             vec![
                 ("upstream_calls", stay.upstream_calls as f64),
                 ("ok", stay.ok as f64),
@@ -313,18 +531,14 @@ async fn stampede(report: &mut Report, rounds: usize) {
                 ("disc_errors", leave.errors as f64),
                 ("disc_wall_ms", leave.wall.as_secs_f64() * 1e3),
             ],
-        ));
+        );
+        bar.inc(1);
     }
-    report.scenarios.insert("stampede", rows);
-    report.print("stampede");
 }
 
 // ---------------------------------------------------------------------------------------
 // tail
 
-const TAIL_CLIENTS: usize = 32;
-
-/// tower's hedge policy, written by hand as tower requires.
 #[derive(Clone)]
 struct ClonePolicy;
 
@@ -332,7 +546,6 @@ impl tower::hedge::Policy<u64> for ClonePolicy {
     fn clone_request(&self, req: &u64) -> Option<u64> {
         Some(*req)
     }
-
     fn can_retry(&self, _req: &u64) -> bool {
         true
     }
@@ -345,22 +558,17 @@ const HEDGES: &[&str] = &[
     "tower_resilience_hedge_5ms",
 ];
 
-fn hedge_system(system: &str, upstream: &Upstream) -> Svc {
+fn hedge_system(system: &str, call: HttpCall) -> Svc {
     match system {
-        "no_hedge" => boxed(upstream.service()),
+        "no_hedge" => boxed(call),
         "towerguard" => boxed(
             towerguard::hedge::HedgeLayer::new()
                 .name("synthetic_load")
-                .layer(upstream.service()),
+                .layer(call),
         ),
         "tower_hedge" => {
-            let hedge = tower::hedge::Hedge::new(
-                upstream.service(),
-                ClonePolicy,
-                100,
-                0.95,
-                Duration::from_secs(1),
-            );
+            let hedge =
+                tower::hedge::Hedge::new(call, ClonePolicy, 100, 0.95, Duration::from_secs(1));
             boxed(Buffer::new(hedge, 1_024))
         }
         "tower_resilience_hedge_5ms" => boxed(
@@ -368,78 +576,54 @@ fn hedge_system(system: &str, upstream: &Upstream) -> Svc {
                 .delay(Duration::from_millis(5))
                 .max_hedged_attempts(2)
                 .build()
-                .layer(upstream.service()),
+                .layer(call),
         ),
         other => unreachable!("unknown system {other}"),
     }
 }
 
-async fn tail(report: &mut Report, requests: usize) {
-    println!(
-        "tail: backend 2 ms, 2% of calls 100 ms; {TAIL_CLIENTS} concurrent clients, {requests} requests"
-    );
-    let mut rows = Vec::new();
+async fn tail(report: &mut Report, requests: usize, bar: &ProgressBar) {
     for system in HEDGES {
-        let upstream = Upstream::new(
-            |n| Duration::from_millis(if hash(n) % 50 == 0 { 100 } else { 2 }),
-            |_| false,
+        bar.set_message(format!("tail / {system}"));
+        let script: Script = Arc::new(|n| {
+            let slow = hash(n) % 50 == 0;
+            (Duration::from_millis(if slow { 100 } else { 2 }), false)
+        });
+        let up = upstream(script, None).await;
+        let svc = hedge_system(
+            system,
+            HttpCall {
+                client: client(),
+                addr: up.addr,
+            },
         );
-        let svc = hedge_system(system, &upstream);
-        let started = Instant::now();
-        let mut clients = JoinSet::new();
-        for c in 0..TAIL_CLIENTS {
-            let svc = svc.clone();
-            let per_client = requests / TAIL_CLIENTS;
-            clients.spawn(async move {
-                let mut histogram = Histogram::<u64>::new(3).expect("valid precision");
-                for i in 0..per_client {
-                    let start = Instant::now();
-                    svc.clone()
-                        .oneshot((c * per_client + i) as u64)
-                        .await
-                        .expect("no failures");
-                    let _ = histogram.record(start.elapsed().as_micros() as u64);
-                }
-                histogram
-            });
-        }
-        let mut histogram = Histogram::<u64>::new(3).expect("valid precision");
-        while let Some(h) = clients.join_next().await {
-            histogram
-                .add(h.expect("client task"))
-                .expect("same precision");
-        }
-        let wall = started.elapsed();
-        let done = histogram.len() as f64;
-        rows.push((
-            *system,
-            vec![
-                ("p50_us", histogram.value_at_quantile(0.5) as f64),
-                ("p99_us", histogram.value_at_quantile(0.99) as f64),
-                ("p999_us", histogram.value_at_quantile(0.999) as f64),
-                ("extra_load", upstream.calls() as f64 / done - 1.0),
-                ("rps", done / wall.as_secs_f64()),
-            ],
-        ));
+        let (h, ok, wall) = closed_loop(&svc, 32, requests, |i| i as u64).await;
+        let mut figures: Figures = percentiles(&h).to_vec();
+        figures.push(("extra_load", up.calls() as f64 / ok.max(1) as f64 - 1.0));
+        figures.push(("rps", ok as f64 / wall.as_secs_f64()));
+        report.add("tail", system, figures);
+        report
+            .latencies
+            .entry("tail")
+            .or_default()
+            .push((system, h));
+        bar.inc(1);
     }
-    report.scenarios.insert("tail", rows);
-    report.print("tail");
 }
 
 // ---------------------------------------------------------------------------------------
 // faults
 
-/// tower's retry policy, written by hand as tower requires: up to two retries on error.
 #[derive(Clone)]
 struct Attempts(usize);
 
-impl tower::retry::Policy<u64, Arc<str>, UpstreamError> for Attempts {
+impl tower::retry::Policy<u64, Bytes, UpstreamError> for Attempts {
     type Future = Ready<()>;
 
     fn retry(
         &mut self,
         _req: &mut u64,
-        result: &mut Result<Arc<str>, UpstreamError>,
+        result: &mut Result<Bytes, UpstreamError>,
     ) -> Option<Self::Future> {
         match result {
             Err(_) if self.0 > 0 => {
@@ -462,69 +646,51 @@ const RETRIES: &[&str] = &[
     "tower_resilience_retry",
 ];
 
-fn retry_system(system: &str, upstream: &Upstream) -> Svc {
+fn retry_system(system: &str, call: HttpCall) -> Svc {
     match system {
-        "no_retry" => boxed(upstream.service()),
+        "no_retry" => boxed(call),
         "towerguard" => boxed(
             towerguard::retry::RetryLayer::new()
                 .name("synthetic_load")
-                .layer(upstream.service()),
+                .layer(call),
         ),
-        "tower_retry" => {
-            boxed(tower::retry::RetryLayer::new(Attempts(2)).layer(upstream.service()))
-        }
+        "tower_retry" => boxed(tower::retry::RetryLayer::new(Attempts(2)).layer(call)),
         "tower_resilience_retry" => boxed(
-            tower_resilience::retry::RetryLayer::<u64, Arc<str>, UpstreamError>::builder()
+            tower_resilience::retry::RetryLayer::<u64, Bytes, UpstreamError>::builder()
                 .max_attempts(3)
                 .exponential_backoff(Duration::from_millis(25))
                 .build()
-                .layer(upstream.service()),
+                .layer(call),
         ),
         other => unreachable!("unknown system {other}"),
     }
 }
 
-/// `requests` requests from 32 clients; returns (successes, upstream calls).
-async fn drive(svc: &Svc, requests: usize) -> usize {
-    let mut clients = JoinSet::new();
-    for c in 0..32 {
-        let svc = svc.clone();
-        let per_client = requests / 32;
-        clients.spawn(async move {
-            let mut ok = 0;
-            for i in 0..per_client {
-                if svc
-                    .clone()
-                    .oneshot((c * per_client + i) as u64)
-                    .await
-                    .is_ok()
-                {
-                    ok += 1;
-                }
-            }
-            ok
-        });
-    }
-    let mut ok = 0;
-    while let Some(n) = clients.join_next().await {
-        ok += n.expect("client task");
-    }
-    ok
-}
-
-async fn faults(report: &mut Report, requests: usize) {
-    println!(
-        "faults: 10% transient failures, then a total outage; {requests} requests each, 32 clients"
-    );
+async fn faults(report: &mut Report, requests: usize, bar: &ProgressBar) {
     let requests = requests / 32 * 32;
-    let mut rows = Vec::new();
     for system in RETRIES {
-        let transient = Upstream::new(|_| Duration::ZERO, |n| hash(n) % 10 == 0);
-        let ok = drive(&retry_system(system, &transient), requests).await;
-        let outage = Upstream::new(|_| Duration::ZERO, |_| true);
-        drive(&retry_system(system, &outage), requests).await;
-        rows.push((
-            *system,
+        bar.set_message(format!("faults / {system}"));
+        let transient = upstream(Arc::new(|n| (Duration::ZERO, hash(n) % 10 == 0)), None).await;
+        let svc = retry_system(
+            system,
+            HttpCall {
+                client: client(),
+                addr: transient.addr,
+            },
+        );
+        let (_, ok, _) = closed_loop(&svc, 32, requests, |i| i as u64).await;
+        let outage = upstream(Arc::new(|_| (Duration::ZERO, true)), None).await;
+        let svc = retry_system(
+            system,
+            HttpCall {
+                client: client(),
+                addr: outage.addr,
+            },
+        );
+        closed_loop(&svc, 32, requests, |i| i as u64).await;
+        report.add(
+            "faults",
+            system,
             vec![
                 ("success_rate", ok as f64 / requests as f64),
                 ("amplification", transient.calls() as f64 / requests as f64),
@@ -533,28 +699,223 @@ async fn faults(report: &mut Report, requests: usize) {
                     outage.calls() as f64 / requests as f64,
                 ),
             ],
-        ));
+        );
+        bar.inc(1);
     }
-    report.scenarios.insert("faults", rows);
-    report.print("faults");
+}
+
+// ---------------------------------------------------------------------------------------
+// overload
+
+const SLOTS: usize = 16;
+const SERVICE_TIME: Duration = Duration::from_millis(20);
+const DEADLINE: Duration = Duration::from_millis(250);
+
+const LIMITS: &[&str] = &[
+    "no_limit",
+    "towerguard_adaptive",
+    "towerguard_static_16",
+    "tower_limit_16_loadshed",
+    "tower_resilience_bulkhead_16",
+];
+
+fn limit_system(system: &str, call: HttpCall) -> Svc {
+    match system {
+        "no_limit" => boxed(call),
+        // The stack's default adaptive limit: no number tuned to this upstream.
+        "towerguard_adaptive" => boxed(
+            towerguard::limit::ConcurrencyLimitLayer::builder()
+                .name("synthetic_load")
+                .adaptive(towerguard::limit::adaptive::Vegas::new(64, 4, 1_000))
+                .build()
+                .layer(call),
+        ),
+        "towerguard_static_16" => {
+            boxed(towerguard::limit::ConcurrencyLimitLayer::new(SLOTS).layer(call))
+        }
+        "tower_limit_16_loadshed" => boxed(
+            ServiceBuilder::new()
+                .load_shed()
+                .concurrency_limit(SLOTS)
+                .service(call),
+        ),
+        "tower_resilience_bulkhead_16" => boxed(
+            tower_resilience::bulkhead::BulkheadLayer::builder()
+                .max_concurrent_calls(SLOTS)
+                .reject_when_full()
+                .build()
+                .expect("valid bulkhead")
+                .layer(call),
+        ),
+        other => unreachable!("unknown system {other}"),
+    }
+}
+
+/// The upstream's throughput when it is never idle (twice its slots in flight, so a freed
+/// slot is taken at once), in requests per second.
+async fn capacity(up: &Upstream, seconds: f64) -> f64 {
+    let svc = boxed(HttpCall {
+        client: client(),
+        addr: up.addr,
+    });
+    let requests = ((seconds / SERVICE_TIME.as_secs_f64()) as usize).max(1) * SLOTS * 2;
+    let (_, ok, wall) = closed_loop(&svc, SLOTS * 2, requests, |i| i as u64).await;
+    ok as f64 / wall.as_secs_f64()
+}
+
+async fn overload(report: &mut Report, seconds: f64, bar: &ProgressBar) {
+    for system in LIMITS {
+        bar.set_message(format!("overload / {system}"));
+        let up = upstream(Arc::new(|_| (SERVICE_TIME, false)), Some(SLOTS)).await;
+        let capacity = capacity(&up, 1.0).await;
+        let svc = limit_system(
+            system,
+            HttpCall {
+                client: client(),
+                addr: up.addr,
+            },
+        );
+        // Open loop: arrivals on a fixed schedule at twice the capacity, whatever happens
+        // to earlier requests (no coordinated omission).
+        let rate = 2.0 * capacity;
+        let total = (rate * seconds) as usize;
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let started = tokio::time::Instant::now();
+        let mut tasks = JoinSet::new();
+        for i in 0..total {
+            let at = started + interval * i as u32;
+            let svc = svc.clone();
+            tasks.spawn(async move {
+                tokio::time::sleep_until(at).await;
+                let sent = Instant::now();
+                match tokio::time::timeout(DEADLINE, svc.oneshot(i as u64)).await {
+                    Ok(Ok(_)) => Some(sent.elapsed()),
+                    _ => None,
+                }
+            });
+        }
+        let mut h = histogram();
+        let mut good = 0usize;
+        while let Some(result) = tasks.join_next().await {
+            if let Ok(Some(latency)) = result {
+                good += 1;
+                let _ = h.record(latency.as_micros() as u64);
+            }
+        }
+        let goodput = good as f64 / seconds;
+        report.add(
+            "overload",
+            system,
+            vec![
+                ("capacity_rps", capacity.round()),
+                ("offered_rps", rate.round()),
+                ("goodput_ratio", goodput / capacity),
+                ("p99_us", h.value_at_quantile(0.99) as f64),
+            ],
+        );
+        report
+            .latencies
+            .entry("overload")
+            .or_default()
+            .push((system, h));
+        bar.inc(1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// hits
+
+/// The handler: waits 1 ms on its backend, answers a cacheable page.
+fn handler() -> impl Service<
+    Request<towerguard::http::BufferedBody<Incoming>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    service_fn(
+        |_req: Request<towerguard::http::BufferedBody<Incoming>>| async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("cache-control", "max-age=60")
+                    .body(Full::new(Bytes::from_static(b"a page")))
+                    .expect("a valid response"),
+            )
+        },
+    )
+}
+
+async fn hits(report: &mut Report, requests: usize, bar: &ProgressBar) {
+    for system in ["bare_handler", "towerguard_full_stack"] {
+        bar.set_message(format!("hits / {system}"));
+        let addr = match system {
+            "bare_handler" => {
+                serve(handler().map_request(|req: Request<Incoming>| {
+                    req.map(|body| {
+                        towerguard::http::BufferedBody::streaming(Default::default(), Some(body))
+                    })
+                }))
+                .await
+            }
+            _ => {
+                let stack = towerguard::stack::StackBuilder::new()
+                    .name("hits")
+                    .http_cache(
+                        towerguard::http::HttpCacheLayer::builder()
+                            .name("hits")
+                            .build(),
+                    )
+                    .build_http::<Incoming>()
+                    .expect("a consistent stack");
+                let svc = stack.layer(handler()).map_response(
+                    |response: Response<towerguard::http::BufferedBody<Full<Bytes>>>| {
+                        response.map(|body| {
+                            // The cached body is complete; a streamed one is not expected here.
+                            Full::new(body.into_bytes().unwrap_or_default())
+                        })
+                    },
+                );
+                serve(svc).await
+            }
+        };
+        let svc = boxed(HttpCall {
+            client: client(),
+            addr,
+        });
+        let (h, ok, wall) = closed_loop(&svc, 32, requests, |i| (i % 16) as u64).await;
+        let mut figures: Figures = vec![("rps", ok as f64 / wall.as_secs_f64())];
+        figures.extend(percentiles(&h));
+        report.add("hits", system, figures);
+        report
+            .latencies
+            .entry("hits")
+            .or_default()
+            .push((system, h));
+        bar.inc(1);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
 
-const SCENARIOS: &[&str] = &["stampede", "tail", "faults"];
+const SCENARIOS: &[&str] = &["stampede", "tail", "faults", "overload", "hits"];
 
 struct Args {
     quick: bool,
     scenario: Option<String>,
     json: Option<String>,
+    plots: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let usage = "usage: synthetic_load [--quick] [--scenario stampede|tail|faults] [--json FILE]";
+    let usage = "usage: synthetic_load [--quick] [--scenario stampede|tail|faults|overload|hits] [--json FILE] [--plots DIR]";
     let mut args = Args {
         quick: false,
         scenario: None,
         json: None,
+        plots: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -562,6 +923,7 @@ fn parse_args() -> Result<Args, String> {
             "--quick" => args.quick = true,
             "--scenario" => args.scenario = Some(it.next().ok_or(usage)?),
             "--json" => args.json = Some(it.next().ok_or(usage)?),
+            "--plots" => args.plots = Some(it.next().ok_or(usage)?),
             "--help" | "-h" => return Err(usage.to_owned()),
             other => return Err(format!("unknown argument {other}\n{usage}")),
         }
@@ -587,25 +949,71 @@ async fn main() {
         }
     };
     let wanted = |name: &str| args.scenario.as_deref().is_none_or(|s| s == name);
-    let mut report = Report {
-        scenarios: BTreeMap::new(),
-    };
+    let steps = [
+        ("stampede", CACHES.len()),
+        ("tail", HEDGES.len()),
+        ("faults", RETRIES.len()),
+        ("overload", LIMITS.len()),
+        ("hits", 2),
+    ]
+    .iter()
+    .filter(|(name, _)| wanted(name))
+    .map(|(_, n)| *n as u64)
+    .sum();
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let mut report = Report::default();
     let started = Instant::now();
+    let quick = args.quick;
     if wanted("stampede") {
-        stampede(&mut report, if args.quick { 1 } else { 5 }).await;
+        stampede(&mut report, if quick { 1 } else { 5 }, &bar).await;
     }
     if wanted("tail") {
-        tail(&mut report, if args.quick { 6_400 } else { 32_000 }).await;
+        tail(&mut report, if quick { 6_400 } else { 32_000 }, &bar).await;
     }
     if wanted("faults") {
-        faults(&mut report, if args.quick { 3_200 } else { 10_016 }).await;
+        faults(&mut report, if quick { 3_200 } else { 10_016 }, &bar).await;
+    }
+    if wanted("overload") {
+        overload(&mut report, if quick { 3.0 } else { 10.0 }, &bar).await;
+    }
+    if wanted("hits") {
+        hits(&mut report, if quick { 16_000 } else { 64_000 }, &bar).await;
+    }
+    bar.finish_and_clear();
+
+    let descriptions = [
+        ("stampede", "stampede: 10,000 concurrent requests for one cold key, upstream 50 ms (disc_: the first requester leaves 10 ms in)"),
+        ("tail", "tail: upstream 2 ms, 2% of calls 100 ms, 32 clients"),
+        ("faults", "faults: 10% transient failures, then a total outage, 32 clients"),
+        ("overload", "overload: open loop at 2x measured capacity (16 slots x 20 ms), 250 ms client deadline"),
+        ("hits", "hits: HTTP server, handler waits 1 ms on its backend; 32 clients over 16 URIs"),
+    ];
+    for (scenario, description) in descriptions {
+        if report.scenarios.contains_key(scenario) {
+            println!("{description}");
+            report.print(scenario);
+        }
     }
     println!("finished in {:.1} s", started.elapsed().as_secs_f64());
-    if let Some(path) = args.json {
-        if let Err(err) = std::fs::write(&path, report.json()) {
+    if let Some(path) = &args.json {
+        if let Err(err) = std::fs::write(path, report.json()) {
             eprintln!("cannot write {path}: {err}");
             std::process::exit(1);
         }
         println!("wrote {path}");
+    }
+    if let Some(dir) = &args.plots {
+        match report.plots(Path::new(dir)) {
+            Ok(files) => files.iter().for_each(|f| println!("wrote {f}")),
+            Err(err) => {
+                eprintln!("cannot write plots: {err}");
+                std::process::exit(1);
+            }
+        }
     }
 }
