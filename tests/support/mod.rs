@@ -279,6 +279,20 @@ impl Metrics {
         }
     }
 
+    /// Asserts that every metric the crate lists under one of `prefixes` was emitted.
+    pub fn assert_listed_emitted(&self, prefixes: &[&str]) {
+        let names = self.names();
+        for info in towerguard::metrics::METRICS {
+            if prefixes.iter().any(|p| info.name.starts_with(p)) {
+                assert!(
+                    names.contains(&info.name.to_owned()),
+                    "{} not emitted",
+                    info.name
+                );
+            }
+        }
+    }
+
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<_> = self.values.iter().map(|(n, _, _)| n.clone()).collect();
         names.sort();
