@@ -10,29 +10,40 @@
 //! | [`stack`] | all of the above in the recommended order, validated, with production defaults |
 //! | [`http`] | HTTP semantics: an RFC 9111 shared cache, retry policy and body buffering, errors mapped to 503 / 504 responses |
 //!
+//! # The recommended order
+//!
+//! From the caller inwards: **cache** (a hit costs nothing below), **total timeout**
+//! (bounds queue waits, attempts and backoffs; its deadline tells retry and hedge when to
+//! stop), **concurrency limit** (one permit per request, not per attempt), **retry**,
+//! **hedge**, **attempt timeout**. [`stack::StackBuilder`] assembles exactly this, checks
+//! the configuration, and for HTTP maps errors to responses.
+//!
 //! Every layer fails with the crate's one [`Error`] type, whose [`ErrorKind`] says what
 //! happened; stacked towerguard layers pass each other's errors through unchanged. Every
 //! layer exports metrics through the [`metrics`](https://docs.rs/metrics) facade, listed in
-//! [`metrics::METRICS`](crate::metrics::METRICS).
+//! [`metrics::METRICS`].
 //!
 //! # Example
 //!
 //! ```
 //! use std::time::Duration;
-//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower::{service_fn, Layer, ServiceExt};
 //! use towerguard::cache::CacheLayer;
+//! use towerguard::stack::StackBuilder;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), towerguard::Error> {
-//! let service = ServiceBuilder::new()
-//!     .layer(
-//!         CacheLayer::builder(|path: &String| Some(path.clone()))
-//!             .ttl(Duration::from_secs(30))
-//!             .build(),
-//!     )
-//!     .service(service_fn(|path: String| async move {
-//!         Ok::<_, std::io::Error>(path.len())
-//!     }));
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Cache, total timeout, adaptive limit, retry and attempt timeout, in that order.
+//! let cache = CacheLayer::builder(|path: &String| Some(path.clone()))
+//!     .ttl(Duration::from_secs(30))
+//!     .build();
+//! let stack = StackBuilder::new()
+//!     .total_timeout(Duration::from_secs(2))
+//!     .attempt_timeout(Duration::from_millis(500))
+//!     .build(Some(cache))?;
+//! let service = stack.layer(service_fn(|path: String| async move {
+//!     Ok::<_, std::io::Error>(path.len())
+//! }));
 //! assert_eq!(service.oneshot("/index.html".to_owned()).await?, 11);
 //! # Ok(())
 //! # }
