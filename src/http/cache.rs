@@ -456,7 +456,7 @@ fn respond<RB>(
     status: StatusCode,
     headers: &HeaderMap,
     body: &Bytes,
-    request: &(Method, HeaderMap),
+    request: (&Method, &HeaderMap),
     age: Option<Duration>,
     cache_status: &CacheStatus,
 ) -> Response<BufferedBody<RB>> {
@@ -485,7 +485,7 @@ fn respond<RB>(
 
 fn serve<RB>(
     stored: &Stored,
-    request: &(Method, HeaderMap),
+    request: (&Method, &HeaderMap),
     now: Instant,
     stale: bool,
 ) -> Response<BufferedBody<RB>> {
@@ -740,23 +740,25 @@ where
         None => None,
     };
 
-    let request = (method.clone(), req.headers().clone());
     let now = Instant::now();
-    let forced = core.policy.request_forces_origin(&request.1);
-    let stored = core.lookup(&key, &request.1, &extra);
+    let forced = core.policy.request_forces_origin(req.headers());
+    let stored = core.lookup(&key, req.headers(), &extra);
     if let (Some(stored), false) = (&stored, forced) {
         if stored.is_fresh(now) {
             metrics.hit.increment(1);
             tracing::debug!(result = "hit", "http cache: hit");
-            return Ok(serve(stored, &request, now, false));
+            return Ok(serve(stored, (&method, req.headers()), now, false));
         }
         if stored.in_window(now, stored.stale_while_revalidate) {
             metrics.stale.increment(1);
             tracing::debug!(result = "stale", "http cache: stale, revalidating");
+            let response = serve(stored, (&method, req.headers()), now, true);
             revalidate_in_background(&core, &inner, key, req, stored.clone(), extra);
-            return Ok(serve(stored, &request, now, true));
+            return Ok(response);
         }
     }
+    // Past the hit path the request is handed to a flight: keep what answering needs.
+    let request = (method.clone(), req.headers().clone());
     if method == Method::HEAD && stored.is_none() {
         // Nothing to answer a HEAD from; it is not stored either.
         metrics.bypass.increment(1);
@@ -797,7 +799,12 @@ where
         }
         Joined::Stored(stored) => {
             metrics.hit.increment(1);
-            return Ok(serve(&stored, &request, Instant::now(), false));
+            return Ok(serve(
+                &stored,
+                (&request.0, &request.1),
+                Instant::now(),
+                false,
+            ));
         }
         Joined::Full(_) | Joined::Busy(_) => {
             metrics.bypass.increment(1);
@@ -824,7 +831,12 @@ where
             // stale-if-error: an expired entry inside its window answers instead.
             if let Some(stale) = stored.filter(|s| s.in_window(Instant::now(), s.stale_if_error)) {
                 metrics.stale_if_error.increment(1);
-                return Ok(serve(&stale, &request, Instant::now(), true));
+                return Ok(serve(
+                    &stale,
+                    (&request.0, &request.1),
+                    Instant::now(),
+                    true,
+                ));
             }
             return Err(error);
         }
@@ -833,7 +845,7 @@ where
         if fetched.status.is_server_error() && stale.in_window(Instant::now(), stale.stale_if_error)
         {
             metrics.stale_if_error.increment(1);
-            return Ok(serve(stale, &request, Instant::now(), true));
+            return Ok(serve(stale, (&request.0, &request.1), Instant::now(), true));
         }
     }
 
@@ -866,7 +878,7 @@ where
                 *status,
                 headers,
                 body,
-                &request,
+                (&request.0, &request.1),
                 age,
                 &cache_status,
             ))
