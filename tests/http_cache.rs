@@ -464,6 +464,18 @@ async fn a_user_key_part_separates_what_is_shared() {
     assert_eq!(h.origin.hits("/doc"), 3);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_if_cached_is_answered_from_the_cache_or_with_504() {
+    let h = harness(layer()).await;
+    let (status, headers, _) = h.get("/page", &[("cache-control", "only-if-cached")]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(cache_status(&headers).contains("only-if-cached"));
+    assert_eq!(h.origin.hits("/page"), 0, "the origin is not asked");
+    h.get("/page", &[]).await;
+    let (status, _, body) = h.get("/page", &[("cache-control", "only-if-cached")]).await;
+    assert_eq!((status, body), (StatusCode::OK, Bytes::from("/page #1")));
+}
+
 #[test]
 fn the_service_and_its_future_are_send() {
     fn send<T: Send>() {}

@@ -20,6 +20,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::body::{read_ahead, BufferedBody};
+use super::cache_control::CacheControl;
 use super::cache_policy::{
     conditional_headers, has_validator, invalidates, invalidation_targets, not_modified,
     primary_key, update_headers, vary, vary_matches, AgeInputs, CacheStatus, HttpCachePolicy,
@@ -756,6 +757,22 @@ where
             revalidate_in_background(&core, &inner, key, req, stored.clone(), extra);
             return Ok(response);
         }
+    }
+    // only-if-cached (RFC 9111 section 5.2.1.7): nothing usable is stored, so 504.
+    if CacheControl::from_headers(req.headers()).only_if_cached {
+        metrics.bypass.increment(1);
+        let mut response = Response::new(BufferedBody::empty());
+        *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+        return Ok(with_status(
+            response,
+            &CacheStatus::Forward {
+                reason: "miss",
+                status: 504,
+                stored: false,
+                collapsed: false,
+                detail: Some("only-if-cached"),
+            },
+        ));
     }
     // Past the hit path the request is handed to a flight: keep what answering needs.
     let request = (method.clone(), req.headers().clone());
