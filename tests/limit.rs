@@ -208,6 +208,22 @@ fn limited(layer: &ConcurrencyLimitLayer, upstream: &Upstream) -> (Limited, Limi
     (layer.layer(upstream.clone()), layer.handle())
 }
 
+/// Test future of the limit over the test upstream.
+type Pending =
+    tokio_test::task::Spawn<ResponseFuture<Upstream, String, towerguard::limit::OnResponse>>;
+
+/// The layer over a held upstream, its one permit taken by a pending request.
+async fn held_limit(
+    layer: ConcurrencyLimitLayer,
+    upstream: &Upstream,
+) -> (Limited, LimitHandle, Pending) {
+    upstream.close();
+    let (mut svc, handle) = limited(&layer, upstream);
+    let mut held = task::spawn(start(&mut svc, "a").await);
+    assert_pending!(held.poll());
+    (svc, handle, held)
+}
+
 async fn start(
     svc: &mut Limited,
     key: &str,
@@ -260,14 +276,11 @@ async fn permits_come_back_after_success_error_panic_timeout_and_drop() {
 #[tokio::test]
 async fn reject_mode_rejects_at_once_with_overloaded() {
     let upstream = Upstream::new();
-    upstream.close();
     let layer = ConcurrencyLimitLayer::builder()
         .limit(1)
         .retry_after(Duration::from_secs(3))
         .build();
-    let (mut svc, _) = limited(&layer, &upstream);
-    let mut held = task::spawn(start(&mut svc, "a").await);
-    assert_pending!(held.poll());
+    let (mut svc, _, _held) = held_limit(layer, &upstream).await;
     let err = start(&mut svc, "b").await.await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Overloaded);
     assert_eq!(err.retry_after(), Some(Duration::from_secs(3)));
@@ -276,14 +289,11 @@ async fn reject_mode_rejects_at_once_with_overloaded() {
 #[tokio::test]
 async fn the_queue_length_bound_rejects_with_overloaded() {
     let upstream = Upstream::new();
-    upstream.close();
     let layer = ConcurrencyLimitLayer::builder()
         .limit(1)
         .queue(2, Duration::from_secs(60))
         .build();
-    let (mut svc, handle) = limited(&layer, &upstream);
-    let mut held = task::spawn(start(&mut svc, "a").await);
-    assert_pending!(held.poll());
+    let (mut svc, handle, held) = held_limit(layer, &upstream).await;
     let mut queued: Vec<_> = Vec::new();
     for key in ["b", "c"] {
         let mut fut = task::spawn(start(&mut svc, key).await);
@@ -306,14 +316,11 @@ async fn the_queue_length_bound_rejects_with_overloaded() {
 #[tokio::test(start_paused = true)]
 async fn the_queue_wait_bound_rejects_with_overloaded() {
     let upstream = Upstream::new();
-    upstream.close();
     let layer = ConcurrencyLimitLayer::builder()
         .limit(1)
         .queue(10, Duration::from_millis(100))
         .build();
-    let (mut svc, handle) = limited(&layer, &upstream);
-    let mut held = task::spawn(start(&mut svc, "a").await);
-    assert_pending!(held.poll());
+    let (mut svc, handle, _held) = held_limit(layer, &upstream).await;
     let waiting = start(&mut svc, "b").await;
     let started = tokio::time::Instant::now();
     let err = waiting.await.unwrap_err();

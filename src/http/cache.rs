@@ -707,17 +707,18 @@ where
     RB::Error: Into<BoxError>,
 {
     let method = req.method().clone();
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned);
+    let host = |req: &Request<B>| {
+        req.headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+    };
     let metrics = &core.metrics;
 
     if method != Method::GET && method != Method::HEAD {
         // Unsafe methods are written through; success invalidates what they touch.
         metrics.bypass.increment(1);
-        let uri = req.uri().clone();
+        let (uri, host) = (req.uri().clone(), host(&req));
         let response = forward(inner, req, forwarded("method", None)).await?;
         if invalidates(&method, response.status()) {
             for key in invalidation_targets(&uri, host.as_deref(), response.headers()) {
@@ -726,7 +727,9 @@ where
         }
         return Ok(response);
     }
-    let Some(key) = primary_key(&method, req.uri(), host.as_deref()) else {
+    // Borrowed: a hit allocates only its key.
+    let borrowed_host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
+    let Some(key) = primary_key(&method, req.uri(), borrowed_host) else {
         metrics.bypass.increment(1);
         return forward(inner, req, forwarded("bypass", None)).await;
     };
