@@ -42,6 +42,7 @@ impl Origin {
 
 async fn origin(State(origin): State<Arc<Origin>>, req: AxumRequest) -> AxumResponse {
     let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
     let n = {
         let mut hits = origin.hits.lock().unwrap();
         let n = hits.entry(path.clone()).or_insert(0);
@@ -113,6 +114,32 @@ async fn origin(State(origin): State<Arc<Origin>>, req: AxumRequest) -> AxumResp
                     .header("etag", "\"v1\"")
                     .header("cache-control", "max-age=0")
                     .body(AxumBody::from(format!("etag body #{n}")))
+            }
+        }
+        p if p.starts_with("/rv-") => {
+            // A stored 200 (stale at once) whose revalidation answers a 304 carrying the
+            // fields the path names.
+            if query.as_deref() == Some("gated") {
+                let mut gate = origin.gate.subscribe();
+                gate.wait_for(|open| *open).await.unwrap();
+            }
+            if headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some("\"v1\"") {
+                let builder = builder
+                    .status(StatusCode::NOT_MODIFIED)
+                    .header("etag", "\"v1\"");
+                match p {
+                    "/rv-cookie" => builder
+                        .header("cache-control", "max-age=60")
+                        .header("set-cookie", format!("session={n}")),
+                    "/rv-private" => builder.header("cache-control", "private, max-age=60"),
+                    _ => builder.header("cache-control", "no-store"),
+                }
+                .body(AxumBody::empty())
+            } else {
+                builder
+                    .header("etag", "\"v1\"")
+                    .header("cache-control", "max-age=0")
+                    .body(AxumBody::from(format!("{p} #{n}")))
             }
         }
         "/swr" => builder
@@ -210,8 +237,8 @@ fn layer() -> HttpCacheLayer {
 }
 
 /// Starts `n` concurrent GETs of `path`, each polled once (so it has joined the flight)
-/// before the gate opens; returns their bodies.
-async fn concurrent(h: &Harness, path: &str, n: usize) -> Vec<(StatusCode, String, String)> {
+/// before the gate opens; returns their statuses, bodies and headers.
+async fn concurrent(h: &Harness, path: &str, n: usize) -> Vec<(StatusCode, String, HeaderMap)> {
     h.origin.gate.send_replace(false);
     let joined = Arc::new(Semaphore::new(0));
     let mut tasks = JoinSet::new();
@@ -229,13 +256,12 @@ async fn concurrent(h: &Harness, path: &str, n: usize) -> Vec<(StatusCode, Strin
                 Poll::Pending => fut.await,
             }
             .unwrap();
-            let status = response.status();
-            let cache_status = cache_status(response.headers());
-            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
             (
-                status,
+                parts.status,
                 String::from_utf8(body.to_vec()).unwrap(),
-                cache_status,
+                parts.headers,
             )
         });
     }
@@ -258,7 +284,7 @@ async fn two_hundred_concurrent_gets_become_one_origin_request() {
         .all(|(s, b, _)| *s == StatusCode::OK && b == "gated #1"));
     let collapsed = results
         .iter()
-        .filter(|(_, _, cs)| cs.contains("collapsed"))
+        .filter(|(_, _, headers)| cache_status(headers).contains("collapsed"))
         .count();
     assert!(collapsed >= 199 - 1, "{collapsed} collapsed");
     // And the next one is a hit.
@@ -474,6 +500,89 @@ async fn only_if_cached_is_answered_from_the_cache_or_with_504() {
     h.get("/page", &[]).await;
     let (status, _, body) = h.get("/page", &[("cache-control", "only-if-cached")]).await;
     assert_eq!((status, body), (StatusCode::OK, Bytes::from("/page #1")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_cookie_on_a_304_goes_to_its_own_client_only() {
+    let h = harness(layer()).await;
+    assert_eq!(h.get("/rv-cookie", &[]).await.2, "/rv-cookie #1");
+    // Stale at once: revalidated, and the 304 sets this client's session.
+    let (status, headers, body) = h.get("/rv-cookie", &[]).await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, Bytes::from("/rv-cookie #1"))
+    );
+    assert_eq!(
+        headers["set-cookie"], "session=2",
+        "the revalidating client's own"
+    );
+    // The refreshed entry is fresh for 60 s: the next client is a hit, without the cookie.
+    let (_, headers, body) = h.get("/rv-cookie", &[]).await;
+    assert_eq!(body, "/rv-cookie #1");
+    assert!(
+        cache_status(&headers).contains("hit"),
+        "{}",
+        cache_status(&headers)
+    );
+    assert!(
+        !headers.contains_key("set-cookie"),
+        "another client's cookie was served: {:?}",
+        headers.get("set-cookie")
+    );
+    assert_eq!(h.origin.hits("/rv-cookie"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_waiters_never_get_the_cookie_of_a_304() {
+    let h = harness(layer()).await;
+    assert_eq!(h.get("/rv-cookie?gated", &[]).await.2, "/rv-cookie #1");
+    let results = concurrent(&h, "/rv-cookie?gated", 10).await;
+    let mut cookies: Vec<String> = results
+        .iter()
+        .flat_map(|(_, _, headers)| headers.get_all("set-cookie"))
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let received = cookies.len();
+    cookies.sort();
+    cookies.dedup();
+    assert_eq!(
+        cookies.len(),
+        received,
+        "a session cookie reached two clients"
+    );
+    assert!(results
+        .iter()
+        .all(|(s, b, _)| *s == StatusCode::OK && b == "/rv-cookie #1"));
+    let (_, headers, _) = h.get("/rv-cookie?gated", &[]).await;
+    assert!(!headers.contains_key("set-cookie"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_304_that_says_private_or_no_store_ends_the_sharing() {
+    let h = harness(layer()).await;
+    for path in ["/rv-private", "/rv-no-store"] {
+        assert_eq!(h.get(path, &[]).await.2, format!("{path} #1"));
+        let (status, _, body) = h.get(path, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body,
+            format!("{path} #1"),
+            "the revalidating client's answer"
+        );
+        // The entry is no longer shared: the next client goes to the origin, unconditionally.
+        let (_, headers, body) = h.get(path, &[]).await;
+        assert!(
+            !cache_status(&headers).contains("hit"),
+            "{path}: {}",
+            cache_status(&headers)
+        );
+        assert_eq!(
+            body,
+            format!("{path} #3"),
+            "{path}: a full response of its own"
+        );
+        assert_eq!(h.origin.hits(path), 3);
+    }
 }
 
 #[test]

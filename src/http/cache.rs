@@ -23,8 +23,7 @@ use super::body::{read_ahead, BufferedBody};
 use super::cache_control::CacheControl;
 use super::cache_policy::{
     conditional_headers, has_validator, invalidates, invalidation_targets, not_modified,
-    primary_key, update_headers, vary, vary_matches, AgeInputs, CacheStatus, HttpCachePolicy,
-    NotStored, Vary,
+    primary_key, vary, vary_matches, AgeInputs, CacheStatus, HttpCachePolicy, NotStored, Vary,
 };
 use crate::cache::flight::{FlightMap, Joined, Owner, Upstream, Waiter};
 use crate::error::{BoxError, Error, ErrorKind};
@@ -94,6 +93,9 @@ struct Fetched {
     /// The entry to store, when the response may be stored.
     store: Option<Arc<Stored>>,
     not_stored: Option<NotStored>,
+    /// A stored variant the outcome says may no longer be shared (a 304 that ended the
+    /// sharing): removed when the flight finishes.
+    evict: Option<Arc<Stored>>,
     /// It was a 304 to a revalidation: the stored body with refreshed headers.
     revalidated: bool,
 }
@@ -137,8 +139,14 @@ impl Owner<String, Arc<Fetched>> for Core {
         self.metrics.flight_duration.record(elapsed.as_secs_f64());
         match outcome {
             Ok(fetched) => {
-                if let (false, Some(stored)) = (detached, &fetched.store) {
+                if detached {
+                    return;
+                }
+                if let Some(stored) = &fetched.store {
                     self.insert(key, stored.clone());
+                }
+                if let Some(evicted) = &fetched.evict {
+                    self.remove_variant(key, evicted);
                 }
             }
             Err(error) if error.is(ErrorKind::Panicked) => {
@@ -178,6 +186,28 @@ impl Core {
         list.insert(0, stored);
         list.truncate(self.max_variants.max(1));
         self.store.insert(key.to_owned(), Arc::new(Variants(list)));
+        self.sample();
+    }
+
+    /// Removes the variant `stored` of `key`, if it is still stored.
+    fn remove_variant(&self, key: &str, stored: &Arc<Stored>) {
+        let Some(variants) = self.store.get(key) else {
+            return;
+        };
+        if !variants.0.iter().any(|v| Arc::ptr_eq(v, stored)) {
+            return;
+        }
+        let list: Vec<Arc<Stored>> = variants
+            .0
+            .iter()
+            .filter(|v| !Arc::ptr_eq(v, stored))
+            .cloned()
+            .collect();
+        if list.is_empty() {
+            self.store.invalidate(key);
+        } else {
+            self.store.insert(key.to_owned(), Arc::new(Variants(list)));
+        }
         self.sample();
     }
 
@@ -535,32 +565,46 @@ where
 
     if response.status() == StatusCode::NOT_MODIFIED {
         if let Some(stale) = revalidate {
-            let mut headers = stale.headers.clone();
-            update_headers(&mut headers, response.headers());
-            let refreshed = Arc::new(Stored {
-                status: stale.status,
-                freshness: policy.freshness(stale.status, &headers),
-                stale_while_revalidate: policy.stale_windows(&headers).0,
-                stale_if_error: policy.stale_windows(&headers).1,
-                age: AgeInputs::from_headers(&headers, request_time, response_time),
-                stored_at: Instant::now(),
-                vary: stale.vary.clone(),
-                request_headers: stale.request_headers.clone(),
-                extra: stale.extra.clone(),
-                body: stale.body.clone(),
-                headers,
-            });
+            // The updated response passes the storage rules again: a 304 may end the
+            // sharing (`private`, `no-store`) and its `Set-Cookie` is this client's alone.
+            let refreshed = policy.refresh(
+                &request_headers,
+                stale.status,
+                &stale.headers,
+                response.headers(),
+            );
+            let (store, not_stored, evict) = match refreshed.shared {
+                Ok(headers) => {
+                    let (swr, sie) = policy.stale_windows(&headers);
+                    let stored = Arc::new(Stored {
+                        status: stale.status,
+                        freshness: policy.freshness(stale.status, &headers),
+                        stale_while_revalidate: swr,
+                        stale_if_error: sie,
+                        age: AgeInputs::from_headers(&headers, request_time, response_time),
+                        stored_at: Instant::now(),
+                        vary: stale.vary.clone(),
+                        request_headers: stale.request_headers.clone(),
+                        extra: stale.extra.clone(),
+                        body: stale.body.clone(),
+                        headers,
+                    });
+                    (Some(stored), None, None)
+                }
+                Err(reason) => (None, Some(reason), Some(stale.clone())),
+            };
             return Ok(Arc::new(Fetched {
                 status: StatusCode::NOT_MODIFIED,
                 response: Fetch::Complete {
-                    status: refreshed.status,
-                    headers: refreshed.headers.clone(),
-                    body: refreshed.body.clone(),
+                    status: stale.status,
+                    headers: refreshed.client,
+                    body: stale.body.clone(),
                 },
                 request_headers,
                 extra,
-                store: Some(refreshed),
-                not_stored: None,
+                store,
+                not_stored,
+                evict,
                 revalidated: true,
             }));
         }
@@ -578,6 +622,7 @@ where
             extra: extra.clone(),
             store: None,
             not_stored: Some(reason),
+            evict: None,
             revalidated: false,
         })
     };
@@ -632,37 +677,33 @@ where
         extra,
         not_stored: store.is_none().then_some(NotStored::NoFreshness),
         store,
+        evict: None,
         revalidated: false,
     }))
 }
 
 /// True when a waiter whose request has `headers` may be handed `fetched`, fetched for
 /// another request.
+///
+/// Only what may be stored is ever shared: the response the flight would store, never the
+/// one its own requester got (which may carry that requester's `Set-Cookie`).
 fn usable_by(core: &Core, fetched: &Fetched, headers: &HeaderMap, extra: &Option<String>) -> bool {
     if fetched.extra != *extra {
         return false;
     }
-    let Fetch::Complete {
-        status,
-        headers: response_headers,
-        ..
-    } = &fetched.response
-    else {
+    let Some(stored) = &fetched.store else {
         return false;
     };
-    if fetched.store.is_none() {
-        return false;
-    }
     if core
         .policy
-        .storable(&Method::GET, headers, *status, response_headers)
+        .storable(&Method::GET, headers, stored.status, &stored.headers)
         .is_err()
     {
         return false;
     }
     // storable() above also decided `Authorization`: a request with credentials gets a
     // shared response only if the response says it may be shared.
-    vary_matches(&vary(response_headers), &fetched.request_headers, headers)
+    vary_matches(&stored.vary, &fetched.request_headers, headers)
 }
 
 async fn forward<S, B, RB>(
@@ -869,72 +910,78 @@ where
         }
     }
 
-    let usable = originator || usable_by(&core, &fetched, &request.1, &extra);
-    match (&fetched.response, usable) {
-        (
-            Fetch::Complete {
-                status,
-                headers,
-                body,
+    // The requester that started the flight gets what the origin sent it; a coalesced
+    // waiter only ever gets what may be stored and shared.
+    let complete = match &fetched.response {
+        Fetch::Complete {
+            status,
+            headers,
+            body,
+        } if originator => Some((*status, headers, body)),
+        _ if originator => None,
+        _ => match &fetched.store {
+            Some(shared) if usable_by(&core, &fetched, &request.1, &extra) => {
+                Some((shared.status, &shared.headers, &shared.body))
+            }
+            _ => {
+                // Fetched for someone else and not for us: to the origin on our own.
+                let Some(req) = request_slot.take() else {
+                    return Err(Error::new(ErrorKind::Cancelled));
+                };
+                let detail = fetched
+                    .not_stored
+                    .map(NotStored::as_str)
+                    .or(Some("not-shareable"));
+                return forward(inner, req, forwarded(reason, detail)).await;
+            }
+        },
+    };
+    if let Some((status, headers, body)) = complete {
+        let cache_status = CacheStatus::Forward {
+            reason,
+            status: if fetched.revalidated {
+                304
+            } else {
+                status.as_u16()
             },
-            true,
-        ) => {
+            stored: fetched.store.is_some(),
+            collapsed: !originator,
+            detail: fetched.not_stored.map(NotStored::as_str),
+        };
+        let age = fetched
+            .store
+            .as_ref()
+            .map(|s| s.current_age(Instant::now()));
+        return Ok(respond(
+            status,
+            headers,
+            body,
+            (&request.0, &request.1),
+            age,
+            &cache_status,
+        ));
+    }
+    let Fetch::Streaming(response) = &fetched.response else {
+        return Err(Error::new(ErrorKind::Cancelled));
+    };
+    let taken = response
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .and_then(|r| r.downcast::<Response<BufferedBody<RB>>>().ok());
+    match taken {
+        Some(response) => {
+            let status = response.status().as_u16();
             let cache_status = CacheStatus::Forward {
                 reason,
-                status: if fetched.revalidated {
-                    304
-                } else {
-                    status.as_u16()
-                },
-                stored: fetched.store.is_some(),
-                collapsed: !originator,
+                status,
+                stored: false,
+                collapsed: false,
                 detail: fetched.not_stored.map(NotStored::as_str),
             };
-            let age = fetched
-                .store
-                .as_ref()
-                .map(|s| s.current_age(Instant::now()));
-            Ok(respond(
-                *status,
-                headers,
-                body,
-                (&request.0, &request.1),
-                age,
-                &cache_status,
-            ))
+            Ok(with_status(*response, &cache_status))
         }
-        (Fetch::Streaming(response), true) => {
-            let taken = response
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .and_then(|r| r.downcast::<Response<BufferedBody<RB>>>().ok());
-            match taken {
-                Some(response) => {
-                    let status = response.status().as_u16();
-                    let cache_status = CacheStatus::Forward {
-                        reason,
-                        status,
-                        stored: false,
-                        collapsed: false,
-                        detail: fetched.not_stored.map(NotStored::as_str),
-                    };
-                    Ok(with_status(*response, &cache_status))
-                }
-                None => Err(Error::new(ErrorKind::Cancelled)),
-            }
-        }
-        (_, false) => {
-            // Fetched for someone else and not for us: to the origin on our own.
-            let Some(req) = request_slot.take() else {
-                return Err(Error::new(ErrorKind::Cancelled));
-            };
-            let detail = fetched
-                .not_stored
-                .map(NotStored::as_str)
-                .or(Some("not-shareable"));
-            forward(inner, req, forwarded(reason, detail)).await
-        }
+        None => Err(Error::new(ErrorKind::Cancelled)),
     }
 }
 

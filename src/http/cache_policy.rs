@@ -440,6 +440,43 @@ pub fn update_headers(stored: &mut HeaderMap, not_modified: &HeaderMap) {
     }
 }
 
+/// A stored response brought up to date by a 304 (RFC 9111 sections 3.2 and 4.3.4).
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    /// The headers the client whose request got the 304 receives: the stored fields
+    /// updated with every field of the 304, its `Set-Cookie` included.
+    pub client: HeaderMap,
+    /// The headers that may be stored and served to others, or why the updated response
+    /// may not be shared any more. The updated response passes the same storage rules
+    /// as a new one (section 3): a 304 that says `private` or `no-store`, or one to a
+    /// request with `Authorization` that does not allow sharing, ends the sharing; a
+    /// `Set-Cookie` on the 304 goes to its own client only (unless cookies are stored).
+    pub shared: Result<HeaderMap, NotStored>,
+}
+
+impl HttpCachePolicy {
+    /// Updates the stored response `stored` (status `status`) from a 304 that answered a
+    /// request with headers `request` (RFC 9111 sections 3.1, 3.2, 4.3.4).
+    pub fn refresh(
+        &self,
+        request: &HeaderMap,
+        status: StatusCode,
+        stored: &HeaderMap,
+        not_modified: &HeaderMap,
+    ) -> Refreshed {
+        let mut client = stored.clone();
+        update_headers(&mut client, not_modified);
+        let mut shared = client.clone();
+        if !self.store_set_cookie {
+            shared.remove(SET_COOKIE);
+        }
+        let shared = self
+            .storable(&Method::GET, request, status, &shared)
+            .map(|()| shared);
+        Refreshed { client, shared }
+    }
+}
+
 /// True for the methods whose successful responses invalidate stored responses (RFC 9111
 /// section 4.4): any method that is not safe.
 pub fn invalidates(method: &Method, status: StatusCode) -> bool {
