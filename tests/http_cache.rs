@@ -585,6 +585,109 @@ async fn a_304_that_says_private_or_no_store_ends_the_sharing() {
     }
 }
 
+/// An origin that hangs, then fails, for requests from tenant `a`, with credentials, or
+/// for `Accept-Language: en`; every other request gets a response naming who asked.
+fn failing_origin(
+    open: watch::Receiver<bool>,
+    arrived: Arc<Semaphore>,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = towerguard::BoxError,
+    Future = impl Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let mut open = open.clone();
+        let arrived = arrived.clone();
+        async move {
+            arrived.add_permits(1);
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_owned())
+            };
+            let (tenant, auth, lang) = (
+                header("x-tenant"),
+                header("authorization"),
+                header("accept-language"),
+            );
+            if tenant.as_deref() == Some("a") || auth.is_some() || lang.as_deref() == Some("en") {
+                open.wait_for(|open| *open).await.unwrap();
+                return Err("backend is down".into());
+            }
+            Ok(Response::builder()
+                .header("cache-control", "max-age=0")
+                .header("etag", "\"x\"")
+                .header("vary", "accept-language")
+                .body(Full::new(Bytes::from(format!("for {tenant:?} {lang:?}"))))
+                .unwrap())
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_never_waits_for_nor_inherits_an_unrelated_flight() {
+    let tenant = |_: &http::Uri, headers: &HeaderMap| {
+        Some(
+            headers
+                .get("x-tenant")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default(),
+        )
+    };
+    // (the request whose origin call hangs and then fails, an unrelated one for the same URI)
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(&str, Headers, Headers); 3] = [
+        ("tenant", &[("x-tenant", "a")], &[("x-tenant", "b")]),
+        ("credentials", &[("authorization", "Bearer a")], &[]),
+        (
+            "vary",
+            &[("accept-language", "en")],
+            &[("accept-language", "de")],
+        ),
+    ];
+    for (case, failing, other) in cases {
+        let (open, gate) = watch::channel(false);
+        let arrived = Arc::new(Semaphore::new(0));
+        let layer = HttpCacheLayer::builder().key_extra(tenant).build();
+        let svc = layer.layer(failing_origin(gate, arrived.clone()));
+        let request = |headers: &[(&str, &str)]| {
+            let mut builder = Request::get("http://origin.test/doc");
+            for (name, value) in headers {
+                builder = builder.header(*name, *value);
+            }
+            builder.body(Full::new(Bytes::new())).unwrap()
+        };
+        if case == "vary" {
+            // A stored variant makes the URI's `Vary` known (stale at once: max-age=0).
+            svc.clone().oneshot(request(other)).await.unwrap();
+            arrived.acquire().await.unwrap().forget();
+        }
+        let leader = tokio::spawn(svc.clone().oneshot(request(failing)));
+        // The leader's origin call is under way.
+        arrived.acquire().await.unwrap().forget();
+        // Had it joined the hanging flight, this would wait for the gate, which opens only
+        // afterwards: paused time would run the hour out.
+        let response = tokio::time::timeout(
+            std::time::Duration::from_secs(3600),
+            svc.clone().oneshot(request(other)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{case}: waited for an unrelated flight"))
+        .unwrap_or_else(|e| panic!("{case}: inherited an unrelated flight's error: {e}"));
+        assert_eq!(response.status(), StatusCode::OK, "{case}");
+        open.send_replace(true);
+        let leader = leader.await.unwrap();
+        assert!(
+            leader.is_err(),
+            "{case}: the failing request sees its own error"
+        );
+    }
+}
+
 #[test]
 fn the_service_and_its_future_are_send() {
     fn send<T: Send>() {}

@@ -188,13 +188,21 @@ where
         }
     }
 
-    /// Detaches every flight.
-    pub(crate) fn detach_all(&self) {
-        self.map.retain(|_, flight| {
+    /// Detaches every flight whose key satisfies `matches`.
+    pub(crate) fn detach_where(&self, matches: impl Fn(&K) -> bool) {
+        self.map.retain(|key, flight| {
+            if !matches(key) {
+                return true;
+            }
             flight.lock().no_store = true;
             self.len.fetch_sub(1, Ordering::Relaxed);
             false
         });
+    }
+
+    /// Detaches every flight.
+    pub(crate) fn detach_all(&self) {
+        self.detach_where(|_| true);
     }
 
     /// Flights under way.

@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, AGE, CONTENT_LENGTH, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH, TRANSFER_ENCODING,
+    HeaderValue, AGE, AUTHORIZATION, CONTENT_LENGTH, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH,
+    TRANSFER_ENCODING,
 };
 use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -22,8 +23,9 @@ use tower_service::Service;
 use super::body::{read_ahead, BufferedBody};
 use super::cache_control::CacheControl;
 use super::cache_policy::{
-    conditional_headers, has_validator, invalidates, invalidation_targets, not_modified,
-    primary_key, vary, vary_matches, AgeInputs, CacheStatus, HttpCachePolicy, NotStored, Vary,
+    conditional_headers, has_validator, invalidates, invalidation_targets, normalised,
+    not_modified, primary_key, vary, vary_matches, AgeInputs, CacheStatus, HttpCachePolicy,
+    NotStored, Vary,
 };
 use crate::cache::flight::{FlightMap, Joined, Owner, Upstream, Waiter};
 use crate::error::{BoxError, Error, ErrorKind};
@@ -111,27 +113,42 @@ enum Fetch {
     Streaming(Mutex<Option<Box<dyn Any + Send>>>),
 }
 
+/// What a flight is keyed by: everything that decides whether its response may be
+/// shared with a request. A request only joins a flight whose response it may use, so it
+/// never waits for, nor inherits the outcome of, an unrelated request's origin call.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct FlightKey {
+    /// The primary key (`scheme://authority/path?query`), under which it is stored.
+    primary: String,
+    /// The user key function's part.
+    extra: Option<String>,
+    /// The request's own credentials: a response to them is shared only when it says so.
+    credentials: Option<HeaderValue>,
+    /// The request's values of every field a stored variant of the URI varies on.
+    nominated: Vec<Option<String>>,
+}
+
 /// A user function that adds to the key: `None` bypasses the cache.
 type KeyExtra = Arc<dyn Fn(&http::Uri, &HeaderMap) -> Option<String> + Send + Sync>;
 
 struct Core {
     key_extra: Option<KeyExtra>,
     store: moka::sync::Cache<String, Arc<Variants>>,
-    flights: FlightMap<String, Arc<Fetched>>,
+    flights: FlightMap<FlightKey, Arc<Fetched>>,
     policy: HttpCachePolicy,
     max_body: usize,
     max_variants: usize,
     metrics: CacheMetrics,
 }
 
-impl Owner<String, Arc<Fetched>> for Core {
-    fn flights(&self) -> &FlightMap<String, Arc<Fetched>> {
+impl Owner<FlightKey, Arc<Fetched>> for Core {
+    fn flights(&self) -> &FlightMap<FlightKey, Arc<Fetched>> {
         &self.flights
     }
 
     fn finish(
         &self,
-        key: &String,
+        key: &FlightKey,
         outcome: &Result<Arc<Fetched>, Error>,
         elapsed: Duration,
         detached: bool,
@@ -143,10 +160,10 @@ impl Owner<String, Arc<Fetched>> for Core {
                     return;
                 }
                 if let Some(stored) = &fetched.store {
-                    self.insert(key, stored.clone());
+                    self.insert(&key.primary, stored.clone());
                 }
                 if let Some(evicted) = &fetched.evict {
-                    self.remove_variant(key, evicted);
+                    self.remove_variant(&key.primary, evicted);
                 }
             }
             Err(error) if error.is(ErrorKind::Panicked) => {
@@ -171,6 +188,34 @@ impl Core {
             .iter()
             .find(|v| v.extra == *extra && vary_matches(&v.vary, &v.request_headers, headers))
             .cloned()
+    }
+
+    /// The flight key of a request for `primary` with `headers`.
+    fn flight_key(
+        &self,
+        primary: String,
+        headers: &HeaderMap,
+        extra: &Option<String>,
+    ) -> FlightKey {
+        let mut fields: Vec<HeaderName> = Vec::new();
+        if let Some(variants) = self.store.get(&primary) {
+            for variant in &variants.0 {
+                if let Vary::Fields(names) = &variant.vary {
+                    fields.extend(names.iter().cloned());
+                }
+            }
+        }
+        fields.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        fields.dedup();
+        FlightKey {
+            primary,
+            extra: extra.clone(),
+            credentials: headers.get(AUTHORIZATION).cloned(),
+            nominated: fields
+                .iter()
+                .map(|name| normalised(headers, name))
+                .collect(),
+        }
     }
 
     /// Stores `stored` as a variant of `key`, replacing the variant it matches.
@@ -212,7 +257,7 @@ impl Core {
     }
 
     fn invalidate(&self, key: &str) {
-        self.flights.detach(&key.to_owned());
+        self.flights.detach_where(|flight| flight.primary == key);
         self.store.invalidate(key);
         self.sample();
     }
@@ -827,11 +872,12 @@ where
     }
 
     let revalidate = stored.clone().filter(|s| has_validator(&s.headers));
+    let flight_key = core.flight_key(key.clone(), &request.1, &extra);
     let mut request_slot = Some(req);
-    let owner: Arc<dyn Owner<String, Arc<Fetched>>> = core.clone();
+    let owner: Arc<dyn Owner<FlightKey, Arc<Fetched>>> = core.clone();
     let joined = {
-        let recheck = |key: &String| {
-            core.lookup(key, &request.1, &extra)
+        let recheck = |key: &FlightKey| {
+            core.lookup(&key.primary, &request.1, &extra)
                 .filter(|s| !forced && s.is_fresh(Instant::now()))
         };
         let slot = &mut request_slot;
@@ -845,9 +891,9 @@ where
             }
         };
         core.flights
-            .join_or_start(&owner, key.clone(), true, recheck, start)
+            .join_or_start(&owner, flight_key, true, recheck, start)
     };
-    let (waiter, originator): (Waiter<String, Arc<Fetched>>, bool) = match joined {
+    let (waiter, originator): (Waiter<FlightKey, Arc<Fetched>>, bool) = match joined {
         Joined::Started(waiter) => {
             metrics.miss.increment(1);
             tracing::debug!(result = "miss", "http cache: miss, flight started");
@@ -1005,7 +1051,8 @@ fn revalidate_in_background<S, B, RB>(
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let owner: Arc<dyn Owner<String, Arc<Fetched>>> = core.clone();
+    let owner: Arc<dyn Owner<FlightKey, Arc<Fetched>>> = core.clone();
+    let key = core.flight_key(key, req.headers(), &extra);
     let validators = has_validator(&stale.headers).then_some(stale);
     let (fetch_core, fetch_inner) = (core.clone(), inner.clone());
     let start = move || -> Upstream<Arc<Fetched>> {

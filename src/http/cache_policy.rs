@@ -330,7 +330,7 @@ pub fn vary(response: &HeaderMap) -> Vary {
 
 /// A field's values normalised for comparison: lines joined with commas, whitespace
 /// around list elements removed.
-fn normalised(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+pub(crate) fn normalised(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     let mut parts = Vec::new();
     for value in headers.get_all(name) {
         let value = String::from_utf8_lossy(value.as_bytes());
