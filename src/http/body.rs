@@ -141,13 +141,15 @@ where
                     .iter()
                     .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
                     .sum();
-                let mut hint = rest
+                let rest = rest
                     .as_ref()
-                    .map_or_else(SizeHint::default, |b| b.size_hint());
-                hint.set_lower(hint.lower() + ahead);
-                if let Some(upper) = hint.upper() {
-                    hint.set_upper(upper + ahead);
+                    .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint());
+                // The upper bound first: `set_lower` asserts it stays at or below it.
+                let mut hint = SizeHint::new();
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(ahead));
                 }
+                hint.set_lower(rest.lower().saturating_add(ahead));
                 hint
             }
         }
@@ -205,4 +207,31 @@ where
     } else {
         BufferedBody::streaming(frames, Some(body))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn a_body_read_past_the_bound_keeps_its_declared_length() {
+        for (len, max) in [(3_000_000usize, 1024usize), (200_000, 100 * 1024), (10, 0)] {
+            let body = Full::new(Bytes::from(vec![b'x'; len]));
+            let read = read_ahead(body, max).await.unwrap();
+            assert!(!read.is_replayable());
+            let hint = read.size_hint();
+            assert_eq!((hint.lower(), hint.upper()), (len as u64, Some(len as u64)));
+            let bytes = read.collect().await.unwrap().to_bytes();
+            assert_eq!(bytes.len(), len);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_with_no_rest_hints_what_was_read_ahead() {
+        let mut frames = VecDeque::new();
+        frames.push_back(Frame::data(Bytes::from_static(b"abc")));
+        let body = BufferedBody::<Full<Bytes>>::streaming(frames, None);
+        assert_eq!(body.size_hint().exact(), Some(3));
+    }
 }
