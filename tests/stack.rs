@@ -308,3 +308,51 @@ fn the_stack_service_and_future_are_send_sync_and_static() {
     let future = tower::Service::call(&mut svc, Request::new(Body::empty()));
     assert_future(&future);
 }
+
+/// A request body that announces its first poll and never ends.
+struct EndlessUpload(Arc<Notify>);
+
+impl http_body::Body for EndlessUpload {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.0.notify_one();
+        std::task::Poll::Pending
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_never_ending_upload_holds_no_permit() {
+    let stack = StackBuilder::new()
+        .static_limit(1)
+        .without_queue()
+        .build_http::<http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, Infallible>>()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let svc = stack.layer(service_fn(move |_req: Request<_>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(http::Response::new(Body::from("ok"))) }
+    }));
+    let reading = Arc::new(Notify::new());
+    let upload = Request::put("http://example.test/upload")
+        .body(EndlessUpload(reading.clone()).boxed_unsync())
+        .unwrap();
+    let uploading = tokio::spawn(svc.clone().oneshot(upload));
+    reading.notified().await;
+    let next = Request::get("http://example.test/next")
+        .body(http_body_util::Empty::new().boxed_unsync())
+        .unwrap();
+    let response = svc.clone().oneshot(next).await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "admitted while the upload reads"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    uploading.abort();
+}

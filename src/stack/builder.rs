@@ -1,79 +1,25 @@
-//! The standard stack: the layers in the recommended order, with defaults a production
-//! service can start from, and the configurations that contradict themselves refused.
-//!
-//! From the caller inwards:
-//!
-//! 1. **cache** — a hit costs nothing downstream, so it comes first and is never limited,
-//!    timed out or retried.
-//! 2. **total timeout** — bounds everything below it: the wait for a permit, every
-//!    attempt, every backoff. Its [`Deadline`](crate::timeout::Deadline) is what retry and
-//!    hedge check before starting another attempt.
-//! 3. **concurrency limit** — taken once per request, not per attempt, so retries and
-//!    hedges of an admitted request do not compete with new requests for permits (and a
-//!    shed request is not retried here).
-//! 4. **retry** — on transient failures, within the budget.
-//! 5. **hedge** — within each attempt, a second try when the first is slow; shares the
-//!    retry budget.
-//! 6. **attempt timeout** — bounds each attempt, so one hung call does not eat the whole
-//!    total timeout and retry gets its turn.
-//!
-//! The HTTP variant ([`StackBuilder::build_http`]) adds the RFC 9111 cache, reads
-//! replayable request bodies ahead (so retry and hedge can resend them), and maps errors
-//! to responses (503 with `Retry-After`, 504, 502), so the service is infallible and goes
-//! straight into axum's `Router::layer`.
-//!
-//! # Defaults
-//!
-//! | setting | default | why |
-//! |---|---|---|
-//! | total timeout | 10 s | long enough for slow pages, short enough to free resources |
-//! | attempt timeout | 3 s | leaves room for a retry inside the total |
-//! | concurrency limit | adaptive (Vegas), 4 to 1,000, starting at 64 | finds the backend's capacity instead of a guess |
-//! | queue | 256 requests, 100 ms | absorbs bursts; sheds before clients time out |
-//! | retry | 3 attempts, 25 ms to 1 s full-jitter backoff | masks transient faults |
-//! | budget | 20% of successful requests + 10 per second | a total outage adds at most the floor |
-//! | hedge | off | opt in: it costs extra load by design |
-//! | cache | off | opt in with a key (generic) or [`StackBuilder::http_cache`] |
-//!
-//! # Example
-//!
-//! ```
-//! use std::time::Duration;
-//! use towerguard::stack::StackBuilder;
-//!
-//! let stack = StackBuilder::new()
-//!     .name("api")
-//!     .total_timeout(Duration::from_secs(5))
-//!     .attempt_timeout(Duration::from_secs(1))
-//!     .static_limit(128)
-//!     .hedge(Duration::from_millis(50))
-//!     .build_http::<axum::body::Body>()
-//!     .expect("a consistent configuration");
-//! // axum: Router::new().route(...).layer(stack)
-//! # let _ = stack;
-//! ```
+//! The builder, its defaults and its validation.
 
 use std::convert::Infallible;
 use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body::Body;
-use tower::util::BoxCloneSyncService;
-use tower::ServiceExt;
+use tower::util::{BoxCloneSyncService, Either};
 use tower_layer::Layer;
-use tower_service::Service;
 
+use super::{GenericStack, HttpStack};
 use crate::budget::Budget;
 use crate::cache::CacheLayer;
-use crate::error::{BoxError, Error};
+use crate::error::Error;
 use crate::hedge::HedgeLayer;
 use crate::http::{BufferBodyLayer, BufferedBody, ErrorResponseLayer, HttpCacheLayer, HttpPolicy};
 use crate::limit::adaptive::Vegas;
 use crate::limit::ConcurrencyLimitLayer;
-use crate::retry::{Policy, RetryErrors, RetryLayer};
-use crate::timeout::{Carrier, HttpExtensions, TaskLocal, TimeoutLayer};
+use crate::retry::{RetryErrors, RetryLayer};
+use crate::timeout::{HttpExtensions, TaskLocal, TimeoutLayer};
 
 /// A configuration the builder refuses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,7 +89,7 @@ enum Limit {
     },
 }
 
-/// Builds the standard stack; see [the module](self) for the order and the defaults.
+/// Builds the standard stack; see [the module](super) for the order and the defaults.
 #[derive(Debug, Clone)]
 pub struct StackBuilder {
     name: String,
@@ -172,7 +118,7 @@ pub type HttpStackService<B, RB> =
     BoxCloneSyncService<Request<B>, Response<BufferedBody<RB>>, Infallible>;
 
 impl StackBuilder {
-    /// The defaults of [the module](self).
+    /// The defaults of [the module](super).
     pub fn new() -> Self {
         StackBuilder {
             name: "default".to_owned(),
@@ -344,27 +290,15 @@ impl StackBuilder {
         Some(builder.build())
     }
 
-    /// Assembles attempt timeout, hedge, retry, limit and total timeout around `inner`.
-    fn assemble<Req, Res, P, C>(
-        &self,
-        inner: StackService<Req, Res>,
-        policy: P,
-        carrier: C,
-    ) -> StackService<Req, Res>
-    where
-        Req: Send + 'static,
-        Res: Send + 'static,
-        P: Policy<Req, Res> + Clone + Send + Sync + 'static,
-        C: Carrier<Req> + Clone + Send + Sync + 'static,
-    {
-        let mut svc = inner;
-        if let Some(attempt) = self.attempt_timeout {
-            let layer = TimeoutLayer::new(attempt)
+    /// Builds every layer below the cache once, with its shared state: the limiter and
+    /// its algorithm, the hedge's latency window, the budget, the metric handles.
+    fn layers<P: Clone, C: Clone>(&self, policy: P, carrier: C) -> Layers<P, C> {
+        let attempt = self.attempt_timeout.map(|attempt| {
+            TimeoutLayer::new(attempt)
                 .name(format!("{}_attempt", self.name))
-                .carrier(carrier.clone());
-            svc = boxed(layer.layer(svc));
-        }
-        if let Some(delay) = self.hedge {
+                .carrier(carrier.clone())
+        });
+        let hedge = self.hedge.map(|delay| {
             let mut layer = HedgeLayer::new().name(self.name.clone());
             if let Some(delay) = delay {
                 layer = layer.fixed_delay(delay);
@@ -375,38 +309,30 @@ impl StackBuilder {
                     .budget(budget.clone())
                     .deposit(self.retry_attempts <= 1);
             }
-            svc = boxed(layer.policy(policy.clone()).layer(svc));
-        }
-        if self.retry_attempts > 1 {
-            let mut layer = RetryLayer::new()
+            layer.policy(policy.clone())
+        });
+        let retry = (self.retry_attempts > 1).then(|| {
+            let layer = RetryLayer::new()
                 .name(&self.name)
                 .max_attempts(self.retry_attempts);
-            layer = match &self.budget {
+            let layer = match &self.budget {
                 Some(budget) => layer.budget(budget.clone()),
                 None => layer.without_budget(),
             };
-            svc = boxed(layer.policy(policy).layer(svc));
-        }
-        svc
-    }
-
-    fn outer<Req, Res, C>(&self, svc: StackService<Req, Res>, carrier: C) -> StackService<Req, Res>
-    where
-        Req: Send + 'static,
-        Res: Send + 'static,
-        C: Carrier<Req> + Clone + Send + Sync + 'static,
-    {
-        let mut svc = svc;
-        if let Some(limit) = self.limit_layer() {
-            svc = boxed(limit.layer(svc));
-        }
-        if let Some(total) = self.total_timeout {
-            let layer = TimeoutLayer::new(total)
+            layer.policy(policy)
+        });
+        let total = self.total_timeout.map(|total| {
+            TimeoutLayer::new(total)
                 .name(format!("{}_total", self.name))
-                .carrier(carrier);
-            svc = boxed(layer.layer(svc));
+                .carrier(carrier)
+        });
+        Layers {
+            total,
+            limit: self.limit_layer(),
+            retry,
+            hedge,
+            attempt,
         }
-        svc
     }
 
     /// Builds the stack for any `Clone` request, with an optional single-flight cache.
@@ -421,8 +347,8 @@ impl StackBuilder {
     {
         self.validate()?;
         Ok(GenericStack {
-            builder: self.clone(),
             cache,
+            layers: Arc::new(self.layers(RetryErrors, TaskLocal)),
         })
     }
 
@@ -432,134 +358,30 @@ impl StackBuilder {
     pub fn build_http<B>(&self) -> Result<HttpStack<B>, StackError> {
         self.validate()?;
         Ok(HttpStack {
-            builder: self.clone(),
-            _body: std::marker::PhantomData,
+            layers: Arc::new(self.layers(HttpPolicy, HttpExtensions)),
+            http_cache: self.http_cache.clone(),
+            buffer: BufferBodyLayer::new(self.max_body),
+            errors: ErrorResponseLayer::new(),
+            _body: PhantomData,
         })
     }
 }
 
-fn boxed<S, Req>(svc: S) -> StackService<Req, S::Response>
-where
-    S: Service<Req> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    Req: 'static,
-{
-    BoxCloneSyncService::new(svc.map_err(Error::inner))
+/// The layers below the cache, built once by the builder and shared by every service the
+/// stack makes: its `layer()` only wraps.
+#[derive(Debug)]
+pub(super) struct Layers<P, C> {
+    pub(super) total: Option<TimeoutLayer<C>>,
+    pub(super) limit: Option<ConcurrencyLimitLayer>,
+    pub(super) retry: Option<RetryLayer<P>>,
+    pub(super) hedge: Option<HedgeLayer<P>>,
+    pub(super) attempt: Option<TimeoutLayer<C>>,
 }
 
-/// The standard stack for generic requests. Made by [`StackBuilder::build`].
-pub struct GenericStack<Req, K, Res> {
-    builder: StackBuilder,
-    cache: Option<CacheLayer<Req, K, Res>>,
-}
-
-impl<Req, K, Res> Clone for GenericStack<Req, K, Res> {
-    fn clone(&self) -> Self {
-        GenericStack {
-            builder: self.builder.clone(),
-            cache: self.cache.clone(),
-        }
-    }
-}
-
-impl<Req, K, Res> fmt::Debug for GenericStack<Req, K, Res> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GenericStack")
-            .field("builder", &self.builder)
-            .field("cache", &self.cache.is_some())
-            .finish()
-    }
-}
-
-impl<S, Req, K, Res> Layer<S> for GenericStack<Req, K, Res>
-where
-    S: Service<Req, Response = Res> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    Req: Clone + Send + Sync + 'static,
-    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
-    Res: Clone + Send + Sync + 'static,
-{
-    type Service = StackService<Req, Res>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        let b = &self.builder;
-        let svc = b.assemble(boxed(inner), RetryErrors, TaskLocal);
-        let svc = b.outer(svc, TaskLocal);
-        match &self.cache {
-            Some(cache) => boxed(cache.layer(svc)),
-            None => svc,
-        }
-    }
-}
-
-/// Names the body type of an `http::Response`, so the stack can name its own.
-pub trait ResponseBody {
-    /// The body type.
-    type Body;
-
-    /// The response itself.
-    fn into_response(self) -> Response<Self::Body>;
-}
-
-impl<T> ResponseBody for Response<T> {
-    type Body = T;
-
-    fn into_response(self) -> Response<T> {
-        self
-    }
-}
-
-/// The standard HTTP stack for request bodies of type `B`. Made by
-/// [`StackBuilder::build_http`].
-pub struct HttpStack<B> {
-    builder: StackBuilder,
-    _body: std::marker::PhantomData<fn(B)>,
-}
-
-impl<B> Clone for HttpStack<B> {
-    fn clone(&self) -> Self {
-        HttpStack {
-            builder: self.builder.clone(),
-            _body: std::marker::PhantomData,
-        }
-    }
-}
-
-impl<B> fmt::Debug for HttpStack<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpStack")
-            .field("builder", &self.builder)
-            .finish()
-    }
-}
-
-impl<S, B> Layer<S> for HttpStack<B>
-where
-    S: Service<Request<BufferedBody<B>>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Response: ResponseBody,
-    <S::Response as ResponseBody>::Body: Body<Data = Bytes> + Unpin + Send + 'static,
-    <<S::Response as ResponseBody>::Body as Body>::Error: Into<BoxError>,
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    type Service = HttpStackService<B, <S::Response as ResponseBody>::Body>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        let b = &self.builder;
-        let inner = boxed(inner.map_response(ResponseBody::into_response));
-        let svc = b.assemble(inner, HttpPolicy, HttpExtensions);
-        let svc = boxed(BufferBodyLayer::new(b.max_body).layer(svc));
-        let svc = b.outer(svc, HttpExtensions);
-        let svc = match &b.http_cache {
-            Some(cache) => boxed(cache.layer(svc)),
-            None => boxed(svc.map_response(|response: Response<_>| {
-                response.map(|body| BufferedBody::streaming(Default::default(), Some(body)))
-            })),
-        };
-        BoxCloneSyncService::new(ErrorResponseLayer::new().layer(svc))
+/// `layer` around `inner` when it is configured, `inner` itself when not: static, no box.
+pub(super) fn optional<L: Layer<S>, S>(layer: &Option<L>, inner: S) -> Either<L::Service, S> {
+    match layer {
+        Some(layer) => Either::Left(layer.layer(inner)),
+        None => Either::Right(inner),
     }
 }

@@ -1,0 +1,109 @@
+//! The standard stack for HTTP services.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::Response;
+use http_body::Body;
+use tower::util::{BoxCloneSyncService, Either};
+use tower::ServiceExt;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::builder::{optional, Layers};
+use super::HttpStackService;
+use crate::error::{BoxError, Error};
+use crate::http::{BufferBodyLayer, BufferedBody, ErrorResponseLayer, HttpCacheLayer, HttpPolicy};
+use crate::timeout::HttpExtensions;
+
+/// Names the body type of an `http::Response`, so the stack can name its own.
+pub trait ResponseBody {
+    /// The body type.
+    type Body;
+
+    /// The response itself.
+    fn into_response(self) -> Response<Self::Body>;
+}
+
+impl<T> ResponseBody for Response<T> {
+    type Body = T;
+
+    fn into_response(self) -> Response<T> {
+        self
+    }
+}
+
+/// The standard HTTP stack for request bodies of type `B`. Made by
+/// [`StackBuilder::build_http`](super::StackBuilder::build_http).
+///
+/// Every layer and its shared state were built by the builder; [`Layer::layer`] only
+/// wraps. axum calls `layer()` once per route and again per connection: every service
+/// shares one limit, one latency window, one budget, one cache and one set of metric
+/// series.
+pub struct HttpStack<B> {
+    pub(super) layers: Arc<Layers<HttpPolicy, HttpExtensions>>,
+    pub(super) http_cache: Option<HttpCacheLayer>,
+    pub(super) buffer: BufferBodyLayer,
+    pub(super) errors: ErrorResponseLayer,
+    pub(super) _body: PhantomData<fn(B)>,
+}
+
+impl<B> Clone for HttpStack<B> {
+    fn clone(&self) -> Self {
+        HttpStack {
+            layers: self.layers.clone(),
+            http_cache: self.http_cache.clone(),
+            buffer: self.buffer,
+            errors: self.errors.clone(),
+            _body: PhantomData,
+        }
+    }
+}
+
+impl<B> fmt::Debug for HttpStack<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpStack")
+            .field("layers", &self.layers)
+            .field("http_cache", &self.http_cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B> Layer<S> for HttpStack<B>
+where
+    S: Service<http::Request<BufferedBody<B>>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Response: ResponseBody,
+    <S::Response as ResponseBody>::Body: Body<Data = Bytes> + Unpin + Send + 'static,
+    <<S::Response as ResponseBody>::Body as Body>::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Service = HttpStackService<B, <S::Response as ResponseBody>::Body>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let layers = &*self.layers;
+        // From the inside out; one box, at the outside.
+        let svc = inner
+            .map_response(ResponseBody::into_response)
+            .map_err(Error::inner);
+        let svc = optional(&layers.attempt, svc);
+        let svc = optional(&layers.hedge, svc);
+        let svc = optional(&layers.retry, svc);
+        let svc = optional(&layers.limit, svc);
+        // Bodies are read ahead outside the limit (bounded by the total timeout), so a
+        // slow upload holds no permit.
+        let svc = self.buffer.layer(svc);
+        let svc = optional(&layers.total, svc);
+        let svc = match &self.http_cache {
+            Some(cache) => Either::Left(cache.layer(svc)),
+            None => Either::Right(svc.map_response(|response: Response<_>| {
+                response.map(|body| BufferedBody::streaming(Default::default(), Some(body)))
+            })),
+        };
+        BoxCloneSyncService::new(self.errors.layer(svc))
+    }
+}
