@@ -688,3 +688,124 @@ fn public_types_are_send_and_sync() {
     send_sync::<Error>();
     send::<ResponseFuture<Upstream, String, String, String>>();
 }
+
+/// Records, when dropped, whether the token it watches was cancelled.
+struct Observe(
+    tokio_util::sync::CancellationToken,
+    Arc<std::sync::atomic::AtomicBool>,
+);
+
+impl Drop for Observe {
+    fn drop(&mut self) {
+        self.1.store(self.0.is_cancelled(), Ordering::SeqCst);
+    }
+}
+
+/// An upstream that listens to its timeout context's token, as the timeout docs invite:
+/// it answers when the gate opens, or gives up when its token is cancelled.
+#[allow(clippy::type_complexity)]
+fn listening_upstream(
+    gate: tokio::sync::watch::Receiver<bool>,
+    arrived: Arc<tokio::sync::Semaphore>,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
+) -> tower::util::ServiceFn<
+    impl Fn(
+            String,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<String, towerguard::BoxError>> + Send>,
+        > + Clone,
+> {
+    tower::service_fn(move |k: String| {
+        let (mut gate, arrived, cancelled) = (gate.clone(), arrived.clone(), cancelled.clone());
+        calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let token = towerguard::timeout::TimeoutContext::current()
+                .expect("the flight's context")
+                .token();
+            let _observe = Observe(token.clone(), cancelled);
+            arrived.add_permits(1);
+            tokio::select! {
+                _ = token.cancelled() => Err("cancelled by caller".into()),
+                _ = gate.wait_for(|open| *open) => Ok(format!("{k}!")),
+            }
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_callers_timeout_or_drop_never_cancels_the_flight_others_wait_for() {
+    use towerguard::timeout::TimeoutLayer;
+    for how in ["timeout", "drop"] {
+        let (open, gate) = tokio::sync::watch::channel(false);
+        let arrived = Arc::new(tokio::sync::Semaphore::new(0));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let upstream = listening_upstream(gate, arrived.clone(), calls.clone(), cancelled.clone());
+        let cache = CacheLayer::builder(|k: &String| Some(k.clone())).build();
+        let svc = cache.layer(upstream);
+        let short = TimeoutLayer::new(Duration::from_millis(10)).layer(svc.clone());
+        let long = TimeoutLayer::new(Duration::from_secs(1)).layer(svc.clone());
+
+        // The first caller starts the flight and drives it.
+        let first = match how {
+            "timeout" => tokio::spawn(short.clone().oneshot("k".to_owned())),
+            _ => tokio::spawn(long.clone().oneshot("k".to_owned())),
+        };
+        arrived.acquire().await.unwrap().forget();
+        // Five more join it (each joined once `call` returns).
+        let mut others = JoinSet::new();
+        for _ in 0..5 {
+            let mut svc = long.clone();
+            let future = svc.ready().await.unwrap().call("k".to_owned());
+            others.spawn(future);
+        }
+        match how {
+            "timeout" => {
+                let err = first.await.unwrap().unwrap_err();
+                assert!(err.is(ErrorKind::TimedOut), "{how}: {err}");
+            }
+            _ => {
+                first.abort();
+                assert!(first.await.unwrap_err().is_cancelled());
+            }
+        }
+        assert!(
+            !cancelled.load(Ordering::SeqCst),
+            "{how}: the flight was cancelled"
+        );
+        open.send_replace(true);
+        while let Some(result) = others.join_next().await {
+            assert_eq!(result.unwrap().unwrap(), "k!", "{how}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "{how}: one upstream call");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_flight_token_is_cancelled_when_the_last_caller_leaves() {
+    use towerguard::timeout::TimeoutLayer;
+    let (_open, gate) = tokio::sync::watch::channel(false);
+    let arrived = Arc::new(tokio::sync::Semaphore::new(0));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let upstream = listening_upstream(gate, arrived.clone(), calls, cancelled.clone());
+    let cache = CacheLayer::builder(|k: &String| Some(k.clone())).build();
+    let handle = cache.handle();
+    let svc = TimeoutLayer::new(Duration::from_secs(1)).layer(cache.layer(upstream));
+    let callers: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(svc.clone().oneshot("k".to_owned())))
+        .collect();
+    arrived.acquire().await.unwrap().forget();
+    for caller in &callers {
+        caller.abort();
+    }
+    for caller in callers {
+        let _ = caller.await;
+    }
+    assert!(
+        cancelled.load(Ordering::SeqCst),
+        "the upstream saw its token cancelled"
+    );
+    assert_eq!(handle.flights_in_progress(), 0);
+}

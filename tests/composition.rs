@@ -4,7 +4,8 @@
 //! of metric series.
 //!
 //! This binary installs a global `DebuggingRecorder`, so the series registered on any
-//! thread, at any time, are seen; its tests use distinct instance names.
+//! thread, at any time, are seen; its tests use distinct instance names and run one at a
+//! time (a snapshot resets every gauge).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -23,6 +24,9 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 use towerguard::stack::StackBuilder;
+
+/// Held by each test: a snapshot swaps every gauge to zero, other tests' too.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn snapshotter() -> &'static Snapshotter {
     static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
@@ -165,6 +169,7 @@ const REQUESTS: usize = 40;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_limit_holds_across_routes_and_connections_of_axum_serve() {
+    let _serial = SERIAL.lock().await;
     snapshotter();
     let probe = Probe::new();
     let app = app("composition_tcp", LIMIT, probe.clone());
@@ -219,6 +224,7 @@ async fn a_static_limit_holds_across_routes_and_connections_of_axum_serve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_limit_holds_across_routes_through_router_oneshot() {
+    let _serial = SERIAL.lock().await;
     snapshotter();
     let probe = Probe::new();
     let app = app("composition_oneshot", LIMIT, probe.clone());

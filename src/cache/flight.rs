@@ -1,15 +1,40 @@
 //! Flights: one shared upstream future per key, owned by the callers waiting for it.
 //!
 //! A flight holds the upstream future and the list of its waiters. There is no spawned
-//! task: whichever waiter is polled drives the upstream future, with a waker that wakes
-//! every waiter, so the flight makes progress as long as anyone waits and does not depend
-//! on the caller that started it. Waiters count references: when the last one leaves before
-//! the result, the upstream future is dropped and the flight leaves the in-flight map in
-//! that same call, so a later caller starts a new flight instead of joining a dead one.
+//! task: one waiter at a time, the *driver*, polls the upstream future, with a waker that
+//! wakes only the driver; the others sleep until the outcome. When the driver leaves, the
+//! driving passes to another waiter. The flight makes progress as long as anyone waits and
+//! does not depend on the caller that started it. Waiters count references: when the last
+//! one leaves before the result, the flight's token is cancelled, the upstream future is
+//! dropped and the flight leaves the in-flight map in that same call, so a later caller
+//! starts a new flight instead of joining a dead one.
+//!
+//! The upstream runs in the flight's own context, never in a caller's: while it is polled,
+//! [`TimeoutContext::current`] is the flight's, with a cancellation token of its own
+//! (cancelled only when the last waiter leaves) and the latest deadline of its waiters (no
+//! deadline if one of them had none). One caller's timeout or disconnect never cancels
+//! what the others wait for.
 //!
 //! A panic while polling the upstream future (or in the storability predicate) is caught
 //! and becomes an error of kind panicked for every waiter; nobody is left waiting.
-
+//!
+//! # Invariants
+//!
+//! - `waiters` counts the live [`Waiter`]s; each owns one slot in `wakers`.
+//! - `outcome` is set at most once, and once set never changes; `upstream` is then `None`.
+//! - `abandoned` is set only when `waiters` reaches zero before the outcome; an abandoned
+//!   flight takes no new waiter, its upstream is dropped and it is out of the map.
+//! - `polling` is true only while one waiter has the upstream future out of `upstream`;
+//!   nobody else polls it meanwhile.
+//! - `driver` is a live waiter's slot or `None`; when it is `None` and no outcome is set,
+//!   some registered waiter has been woken (or will poll), so no wake-up is lost.
+//!
+//! # Lock order
+//!
+//! The in-flight map's shard lock (DashMap) may be held while taking a flight's `state`
+//! lock (join, detach), never the other way round: a flight leaves the map only after its
+//! own lock is released (`finish`, `leave`). Wakers are woken after every lock is released.
+//! The owner's `finish` runs under the flight's lock and takes only the store's locks.
 use std::future::Future;
 use std::hash::Hash;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -26,6 +51,7 @@ use tokio::time::Instant;
 use super::store::{Storable, Store};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::CacheMetrics;
+use crate::timeout::deadline::{far_future, Deadline, LazyToken, TimeoutContext};
 
 /// The upstream call of one flight.
 pub(crate) type Upstream<V> = Pin<Box<dyn Future<Output = Result<V, Error>> + Send>>;
@@ -216,8 +242,10 @@ pub(crate) struct Flight<K, V> {
     key: K,
     owner: Arc<dyn Owner<K, V>>,
     state: Mutex<State<V>>,
-    /// Wakes every waiter; handed to the upstream future when it is polled.
+    /// Wakes the driver; handed to the upstream future when it is polled.
     waker: Waker,
+    /// The flight's own cancellation token: cancelled when the last waiter leaves.
+    token: Arc<LazyToken>,
     started: Instant,
 }
 
@@ -230,10 +258,34 @@ struct State<V> {
     abandoned: bool,
     /// The result must not be stored (the key was invalidated meanwhile).
     no_store: bool,
-    /// The upstream future asked to be polled and nobody has polled it since.
-    needs_poll: bool,
     waiters: usize,
     wakers: Slots,
+    /// The waiter that polls the upstream future.
+    driver: Option<usize>,
+    /// Some waiter came with a timeout context: the upstream runs in the flight's own.
+    scoped: bool,
+    /// The latest of the waiters' deadlines (far in the future if one had none).
+    deadline: Option<Deadline>,
+}
+
+impl<V> State<V> {
+    /// Counts a joining waiter's deadline in: the flight's is the latest of theirs.
+    fn admit(&mut self, context: Option<TimeoutContext>) {
+        let deadline = match context {
+            Some(context) => {
+                self.scoped = true;
+                context.deadline()
+            }
+            None => Deadline::at(far_future(Instant::now())),
+        };
+        self.deadline = Some(self.deadline.map_or(deadline, |d| d.max(deadline)));
+    }
+
+    /// Wakes one waiter to take over the driving, if anyone waits.
+    fn hand_over(&mut self) -> Option<Waker> {
+        self.driver = None;
+        self.wakers.take_one()
+    }
 }
 
 /// Waker slots, one per waiter, reused through a free list.
@@ -273,6 +325,25 @@ impl Slots {
         }
     }
 
+    fn take(&mut self, slot: usize) -> Option<Waker> {
+        let waker = self.slots.get_mut(slot)?.take();
+        if waker.is_some() {
+            self.registered -= 1;
+        }
+        waker
+    }
+
+    fn take_one(&mut self) -> Option<Waker> {
+        if self.registered == 0 {
+            return None;
+        }
+        let waker = self.slots.iter_mut().find_map(Option::take);
+        if waker.is_some() {
+            self.registered -= 1;
+        }
+        waker
+    }
+
     fn take_all(&mut self) -> Vec<Waker> {
         if self.registered == 0 {
             return Vec::new();
@@ -297,12 +368,16 @@ where
 
     fn wake_by_ref(self: &Arc<Self>) {
         if let Some(flight) = self.flight.upgrade() {
-            let wakers = {
+            let waker = {
                 let mut state = flight.lock();
-                state.needs_poll = true;
-                state.wakers.take_all()
+                match state.driver {
+                    Some(driver) => state.wakers.take(driver),
+                    None => state.wakers.take_one(),
+                }
             };
-            wakers.into_iter().for_each(Waker::wake);
+            if let Some(waker) = waker {
+                waker.wake();
+            }
         }
     }
 }
@@ -322,13 +397,16 @@ where
                 outcome: None,
                 abandoned: false,
                 no_store: false,
-                needs_poll: true,
                 waiters: 0,
                 wakers: Slots::default(),
+                driver: None,
+                scoped: false,
+                deadline: None,
             }),
             waker: Waker::from(Arc::new(FlightWaker {
                 flight: weak.clone(),
             })),
+            token: LazyToken::root(),
             started: Instant::now(),
         })
     }
@@ -356,6 +434,7 @@ where
     }
 
     fn add_waiter(this: &Arc<Self>, state: &mut State<V>) -> Waiter<K, V> {
+        state.admit(TimeoutContext::current());
         state.waiters += 1;
         let slot = state.wakers.insert();
         Waiter {
@@ -364,30 +443,42 @@ where
         }
     }
 
-    /// Drives the upstream future on behalf of one waiter.
+    /// Drives the upstream future on behalf of one waiter, if it is the driver (or there
+    /// is none); any other waiter only waits for the outcome.
     fn poll_for(self: &Arc<Self>, slot: usize, cx: &mut Context<'_>) -> Poll<Result<V, Error>> {
-        let mut upstream = {
+        let (mut upstream, context) = {
             let mut state = self.lock();
             if let Some(outcome) = &state.outcome {
                 return Poll::Ready(outcome.clone());
             }
             state.wakers.register(slot, cx.waker());
-            if state.polling {
-                // Another waiter is polling; the flight's waker reaches us when it moves.
+            if state.polling || state.driver.is_some_and(|driver| driver != slot) {
+                // Another waiter drives; the outcome (or a hand-over) wakes us.
                 return Poll::Pending;
             }
             match state.upstream.take() {
                 Some(upstream) => {
+                    state.driver = Some(slot);
                     state.polling = true;
-                    state.needs_poll = false;
-                    upstream
+                    let context = state.scoped.then(|| {
+                        let deadline = state
+                            .deadline
+                            .unwrap_or_else(|| Deadline::at(far_future(Instant::now())));
+                        TimeoutContext::new(deadline, self.token.clone())
+                    });
+                    (upstream, context)
                 }
                 None => return Poll::Pending,
             }
         };
 
         let mut flight_cx = Context::from_waker(&self.waker);
-        let polled = catch_unwind(AssertUnwindSafe(|| upstream.as_mut().poll(&mut flight_cx)));
+        let mut poll = || catch_unwind(AssertUnwindSafe(|| upstream.as_mut().poll(&mut flight_cx)));
+        // In the flight's own context, never the polling caller's.
+        let polled = match context {
+            Some(context) => context.sync_scope(poll),
+            None => poll(),
+        };
         match polled {
             Ok(Poll::Pending) => {
                 let mut state = self.lock();
@@ -433,25 +524,30 @@ where
     /// A waiter leaves. The last one before the outcome drops the upstream future and
     /// removes the flight from the map.
     fn leave(self: &Arc<Self>, slot: usize) {
-        let (upstream, wakers) = {
+        let (upstream, waker) = {
             let mut state = self.lock();
             state.waiters -= 1;
             state.wakers.remove(slot);
             if state.waiters == 0 && state.outcome.is_none() {
                 state.abandoned = true;
-                (state.upstream.take(), Vec::new())
-            } else if state.needs_poll && state.outcome.is_none() {
-                // The leaver may have been the one woken to poll; pass that on.
-                (None, state.wakers.take_all())
+                state.driver = None;
+                (state.upstream.take(), None)
+            } else if state.driver == Some(slot) && state.outcome.is_none() {
+                // The driver leaves: another waiter takes over.
+                (None, state.hand_over())
             } else {
-                (None, Vec::new())
+                (None, None)
             }
         };
         if let Some(upstream) = upstream {
+            // Nobody waits any more: tell the work, then drop it.
+            self.token.cancel();
             self.owner.flights().remove(self);
             let _ = catch_unwind(AssertUnwindSafe(move || drop(upstream)));
         }
-        wakers.into_iter().for_each(Waker::wake);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 }
 

@@ -30,6 +30,8 @@ use super::cache_policy::{
 use crate::cache::flight::{FlightMap, Joined, Owner, Upstream, Waiter};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::metrics::CacheMetrics;
+use crate::timeout::{Carrier, Deadline, HttpExtensions, TimeoutContext};
+use tokio_util::sync::CancellationToken;
 
 /// The `Cache-Status` header (RFC 9211).
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -595,6 +597,15 @@ where
     RB::Error: Into<BoxError>,
 {
     let request_headers = req.headers().clone();
+    // The origin request answers to the flight, not to the caller that made it: the
+    // caller's timeout context leaves the request, the flight's (if any) takes its place.
+    let extensions = req.extensions_mut();
+    extensions.remove::<TimeoutContext>();
+    extensions.remove::<Deadline>();
+    extensions.remove::<CancellationToken>();
+    if let Some(context) = TimeoutContext::current() {
+        HttpExtensions.insert(&mut req, &context);
+    }
     // The cache makes its own conditional request; the client's is answered from the result.
     req.headers_mut().remove(IF_NONE_MATCH);
     req.headers_mut().remove(IF_MODIFIED_SINCE);
