@@ -316,5 +316,90 @@ fn public_types_are_send_and_sync() {
     type Inner = support::Upstream;
     send_sync::<HedgeLayer>();
     send_sync::<towerguard::hedge::Hedge<Inner, towerguard::retry::RetryErrors>>();
-    send::<towerguard::hedge::ResponseFuture<Inner, String, towerguard::retry::RetryErrors>>();
+    send::<
+        towerguard::hedge::ResponseFuture<
+            Inner,
+            String,
+            towerguard::retry::RetryErrors,
+            towerguard::timeout::TaskLocal,
+        >,
+    >();
+}
+
+/// An HTTP backend: the first call answers 200 after 50 ms, a hedged one answers 503 at
+/// once; every call records the token it finds in its request's extensions.
+#[allow(clippy::type_complexity)]
+fn http_backend(
+    tokens: Arc<Mutex<Vec<CancellationToken>>>,
+    first: Option<Duration>,
+    hedged: http::StatusCode,
+) -> impl Service<
+    http::Request<towerguard::http::BufferedBody<http_body_util::Empty<bytes::Bytes>>>,
+    Response = http::Response<String>,
+    Error = std::io::Error,
+    Future = impl std::future::Future<Output = Result<http::Response<String>, std::io::Error>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    let calls = Arc::new(AtomicUsize::new(0));
+    service_fn(move |req: http::Request<_>| {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        let token = req.extensions().get::<CancellationToken>().cloned();
+        tokens.lock().unwrap().extend(token);
+        async move {
+            let status = if n == 0 {
+                match first {
+                    Some(latency) => tokio::time::sleep(latency).await,
+                    None => std::future::pending().await,
+                }
+                http::StatusCode::OK
+            } else {
+                hedged
+            };
+            let mut response = http::Response::new(format!("#{n}"));
+            *response.status_mut() = status;
+            Ok(response)
+        }
+    })
+}
+
+fn http_get() -> http::Request<towerguard::http::BufferedBody<http_body_util::Empty<bytes::Bytes>>>
+{
+    http::Request::get("http://backend.test/")
+        .body(towerguard::http::BufferedBody::empty())
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fast_retryable_response_from_a_hedge_does_not_beat_a_pending_success() {
+    let tokens = Arc::default();
+    let svc = fixed(10)
+        .policy(towerguard::http::HttpPolicy)
+        .layer(http_backend(
+            tokens,
+            Some(Duration::from_millis(50)),
+            http::StatusCode::SERVICE_UNAVAILABLE,
+        ));
+    let response = svc.oneshot(http_get()).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    assert_eq!(response.body(), "#0", "the first attempt's success");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_losing_attempt_sees_the_token_in_its_request_extensions_cancelled() {
+    let tokens: Arc<Mutex<Vec<CancellationToken>>> = Arc::default();
+    let svc = fixed(10)
+        .policy(towerguard::http::HttpPolicy)
+        .carrier(towerguard::timeout::HttpExtensions)
+        .layer(http_backend(tokens.clone(), None, http::StatusCode::OK));
+    let response = svc.oneshot(http_get()).await.unwrap();
+    assert_eq!(response.body(), "#1", "the hedge won");
+    let tokens = tokens.lock().unwrap();
+    assert_eq!(
+        tokens.len(),
+        2,
+        "each attempt found a token in its extensions"
+    );
+    assert!(tokens[0].is_cancelled(), "the loser's token");
+    assert!(!tokens[1].is_cancelled(), "the winner's token");
 }

@@ -13,10 +13,10 @@ use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::layer::Shared;
-use crate::error::{BoxError, Error, ErrorKind};
-use crate::retry::Policy;
+use crate::error::{BoxError, Error};
+use crate::retry::{Policy, Verdict};
 use crate::timeout::deadline::CancelOnDrop;
-use crate::timeout::{Deadline, TimeoutContext};
+use crate::timeout::{Carrier, Deadline, TimeoutContext};
 
 pin_project! {
     /// One attempt, in its own cancellation scope: dropping it unfinished cancels its token.
@@ -64,7 +64,7 @@ pin_project! {
     ///
     /// Dropping it drops every attempt under way and cancels their tokens.
     #[must_use = "futures do nothing unless polled"]
-    pub struct ResponseFuture<S, Req, P>
+    pub struct ResponseFuture<S, Req, P, C>
     where
         S: Service<Req>,
     {
@@ -75,25 +75,29 @@ pin_project! {
         timer: Option<Sleep>,
         service: S,
         policy: P,
+        carrier: C,
         template: Option<Req>,
         sent: u32,
-        last_error: Option<Error>,
         shared: Arc<Shared>,
     }
 }
 
-impl<S, Req, P> ResponseFuture<S, Req, P>
+impl<S, Req, P, C> ResponseFuture<S, Req, P, C>
 where
     S: Service<Req> + Clone,
+    C: Carrier<Req>,
 {
     pub(crate) fn start(
         inner: &mut S,
-        req: Req,
+        mut req: Req,
         template: Option<Req>,
         policy: P,
+        carrier: C,
         shared: Arc<Shared>,
     ) -> Self {
-        let ctx = TimeoutContext::attempt();
+        let parent = carrier.existing(&req).or_else(TimeoutContext::current);
+        let ctx = TimeoutContext::attempt_under(parent);
+        carrier.insert(&mut req, &ctx);
         let future = ctx.clone().sync_scope(|| inner.call(req));
         shared.metrics.get().attempts.increment(1);
         let timer = template
@@ -105,61 +109,55 @@ where
             timer,
             service: inner.clone(),
             policy,
+            carrier,
             template,
             sent: 1,
-            last_error: None,
             shared,
         }
     }
 }
 
-impl<S, Req, P> Future for ResponseFuture<S, Req, P>
+impl<S, Req, P, C> Future for ResponseFuture<S, Req, P, C>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     P: Policy<Req, S::Response>,
+    C: Carrier<Req>,
 {
     type Output = Result<S::Response, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            // The first success wins; an error only counts once nothing else is running.
+            // The first success wins. An error, or a response the policy would retry,
+            // wins only when nothing else is running.
             if let Some(first) = this.first.as_mut().as_pin_mut() {
-                if let Poll::Ready((result, started)) = first.poll(cx) {
+                if let Poll::Ready((outcome, started)) = first.poll(cx) {
                     this.first.set(None);
-                    match result {
-                        Ok(response) => {
-                            won(this.shared, started, false);
-                            this.hedges.clear();
-                            return Poll::Ready(Ok(response));
-                        }
-                        Err(error) => *this.last_error = Some(error),
+                    let last = this.hedges.is_empty();
+                    if let Some(outcome) =
+                        settle(this.policy, this.shared, outcome, started, false, last)
+                    {
+                        this.hedges.clear();
+                        return Poll::Ready(outcome);
                     }
                 }
             }
             let mut i = 0;
             while i < this.hedges.len() {
-                match this.hedges[i].as_mut().poll(cx) {
-                    Poll::Pending => i += 1,
-                    Poll::Ready((Ok(response), started)) => {
-                        won(this.shared, started, true);
-                        this.hedges.clear();
-                        this.first.set(None);
-                        return Poll::Ready(Ok(response));
-                    }
-                    Poll::Ready((Err(error), _)) => {
-                        this.hedges.swap_remove(i);
-                        *this.last_error = Some(error);
-                    }
+                let Poll::Ready((outcome, started)) = this.hedges[i].as_mut().poll(cx) else {
+                    i += 1;
+                    continue;
+                };
+                this.hedges.swap_remove(i);
+                let last = this.first.is_none() && this.hedges.is_empty();
+                if let Some(outcome) =
+                    settle(this.policy, this.shared, outcome, started, true, last)
+                {
+                    this.hedges.clear();
+                    this.first.set(None);
+                    return Poll::Ready(outcome);
                 }
-            }
-            if this.first.is_none() && this.hedges.is_empty() {
-                let error = this
-                    .last_error
-                    .take()
-                    .unwrap_or_else(|| Error::new(ErrorKind::Cancelled));
-                return Poll::Ready(Err(error));
             }
             let Some(timer) = this.timer.as_mut().as_pin_mut() else {
                 return Poll::Pending;
@@ -178,7 +176,7 @@ where
                     copy
                 }
             });
-            let Some(request) = request.flatten() else {
+            let Some(mut request) = request.flatten() else {
                 this.timer.set(None);
                 continue;
             };
@@ -186,9 +184,12 @@ where
             shared.metrics.get().attempts.increment(1);
             shared.metrics.get().hedges.increment(1);
             tracing::debug!(attempt = *this.sent, "hedge: sent another attempt");
+            // Its own scope, in the task-local and (with a carrier) in the request.
+            let parent = TimeoutContext::current();
+            let ctx = TimeoutContext::attempt_under(parent);
+            this.carrier.insert(&mut request, &ctx);
             let call = Oneshot::new(this.service.clone(), request);
-            this.hedges
-                .push(Box::pin(Attempt::new(TimeoutContext::attempt(), call)));
+            this.hedges.push(Box::pin(Attempt::new(ctx, call)));
             if *this.sent < shared.max_attempts {
                 this.timer.set(Some(tokio::time::sleep(shared.delay())));
             } else {
@@ -196,6 +197,25 @@ where
             }
         }
     }
+}
+
+/// What to do with a finished attempt's outcome: `Some` to answer with it now (a success
+/// the policy accepts, or the last attempt running), `None` to wait for the others.
+/// Only accepted successes feed the latency window and the budget.
+fn settle<Req, Res, P: Policy<Req, Res>>(
+    policy: &P,
+    shared: &Shared,
+    outcome: Result<Res, Error>,
+    started: Instant,
+    hedged: bool,
+    last: bool,
+) -> Option<Result<Res, Error>> {
+    let accepted = outcome.is_ok() && policy.classify(&outcome) == Verdict::Done;
+    if accepted {
+        won(shared, started, hedged);
+        return Some(outcome);
+    }
+    last.then_some(outcome)
 }
 
 /// Budget and deadline checks before a hedge.
@@ -228,7 +248,7 @@ fn won(shared: &Shared, started: Instant, hedged: bool) {
     }
 }
 
-impl<S, Req, P> fmt::Debug for ResponseFuture<S, Req, P>
+impl<S, Req, P, C> fmt::Debug for ResponseFuture<S, Req, P, C>
 where
     S: Service<Req>,
 {

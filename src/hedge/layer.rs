@@ -9,6 +9,7 @@ use super::service::Hedge;
 use crate::budget::Budget;
 use crate::metrics::{HedgeMetrics, Lazy};
 use crate::retry::RetryErrors;
+use crate::timeout::TaskLocal;
 
 /// How the hedge delay is chosen.
 #[derive(Debug)]
@@ -73,9 +74,10 @@ impl Shared {
 /// let fixed = HedgeLayer::new().fixed_delay(Duration::from_millis(20));
 /// # let _ = (hedge, fixed);
 /// ```
-pub struct HedgeLayer<P = RetryErrors> {
+pub struct HedgeLayer<P = RetryErrors, C = TaskLocal> {
     shared: Arc<Shared>,
     policy: P,
+    carrier: C,
     settings: Settings,
 }
 
@@ -113,17 +115,18 @@ impl Settings {
     }
 }
 
-impl<P: Clone> Clone for HedgeLayer<P> {
+impl<P: Clone, C: Clone> Clone for HedgeLayer<P, C> {
     fn clone(&self) -> Self {
         HedgeLayer {
             shared: self.shared.clone(),
             policy: self.policy.clone(),
+            carrier: self.carrier.clone(),
             settings: self.settings.clone(),
         }
     }
 }
 
-impl<P: fmt::Debug> fmt::Debug for HedgeLayer<P> {
+impl<P: fmt::Debug, C> fmt::Debug for HedgeLayer<P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HedgeLayer")
             .field("settings", &self.settings)
@@ -157,12 +160,13 @@ impl HedgeLayer {
         HedgeLayer {
             shared: settings.build(),
             policy: RetryErrors,
+            carrier: TaskLocal,
             settings,
         }
     }
 }
 
-impl<P> HedgeLayer<P> {
+impl<P, C> HedgeLayer<P, C> {
     fn with(mut self, f: impl FnOnce(&mut Settings)) -> Self {
         f(&mut self.settings);
         self.shared = self.settings.build();
@@ -228,11 +232,25 @@ impl<P> HedgeLayer<P> {
         self.with(|s| s.deposit = deposit)
     }
 
-    /// Which requests may be hedged: those the policy can replay.
-    pub fn policy<Q>(self, policy: Q) -> HedgeLayer<Q> {
+    /// Which requests may be hedged (those the policy can replay), and which responses
+    /// may not win while another attempt is under way (those it would retry).
+    pub fn policy<Q>(self, policy: Q) -> HedgeLayer<Q, C> {
         HedgeLayer {
             shared: self.shared,
             policy,
+            carrier: self.carrier,
+            settings: self.settings,
+        }
+    }
+
+    /// Where each attempt's scope (cancellation token and deadline) is put besides the
+    /// task-local: [`HttpExtensions`](crate::timeout::HttpExtensions) puts it in the
+    /// request's extensions too, so a losing attempt sees its token cancelled there.
+    pub fn carrier<C2>(self, carrier: C2) -> HedgeLayer<P, C2> {
+        HedgeLayer {
+            shared: self.shared,
+            policy: self.policy,
+            carrier,
             settings: self.settings,
         }
     }
@@ -243,12 +261,17 @@ impl<P> HedgeLayer<P> {
     }
 }
 
-impl<S, P: Clone> Layer<S> for HedgeLayer<P> {
-    type Service = Hedge<S, P>;
+impl<S, P: Clone, C: Clone> Layer<S> for HedgeLayer<P, C> {
+    type Service = Hedge<S, P, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
         let delay = self.shared.delay();
         self.shared.metrics.get().delay.set(delay.as_secs_f64());
-        Hedge::from_parts(inner, self.policy.clone(), self.shared.clone())
+        Hedge::from_parts(
+            inner,
+            self.policy.clone(),
+            self.carrier.clone(),
+            self.shared.clone(),
+        )
     }
 }

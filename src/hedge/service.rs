@@ -8,22 +8,25 @@ use super::future::ResponseFuture;
 use super::layer::Shared;
 use crate::error::{BoxError, Error};
 use crate::retry::Policy;
+use crate::timeout::{Carrier, TaskLocal};
 
 /// Hedges requests to `S`. Made by [`HedgeLayer`](super::HedgeLayer).
 ///
 /// `poll_ready` asks the inner service and the first attempt goes to that readied service;
 /// each hedged attempt drives its own clone to readiness before calling it.
-pub struct Hedge<S, P> {
+pub struct Hedge<S, P, C = TaskLocal> {
     inner: S,
     policy: P,
+    carrier: C,
     shared: Arc<Shared>,
 }
 
-impl<S, P> Hedge<S, P> {
-    pub(crate) fn from_parts(inner: S, policy: P, shared: Arc<Shared>) -> Self {
+impl<S, P, C> Hedge<S, P, C> {
+    pub(crate) fn from_parts(inner: S, policy: P, carrier: C, shared: Arc<Shared>) -> Self {
         Hedge {
             inner,
             policy,
+            carrier,
             shared,
         }
     }
@@ -44,17 +47,18 @@ impl<S, P> Hedge<S, P> {
     }
 }
 
-impl<S: Clone, P: Clone> Clone for Hedge<S, P> {
+impl<S: Clone, P: Clone, C: Clone> Clone for Hedge<S, P, C> {
     fn clone(&self) -> Self {
         Hedge {
             inner: self.inner.clone(),
             policy: self.policy.clone(),
+            carrier: self.carrier.clone(),
             shared: self.shared.clone(),
         }
     }
 }
 
-impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for Hedge<S, P> {
+impl<S: fmt::Debug, P: fmt::Debug, C> fmt::Debug for Hedge<S, P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hedge")
             .field("inner", &self.inner)
@@ -63,15 +67,16 @@ impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for Hedge<S, P> {
     }
 }
 
-impl<S, P, Req> Service<Req> for Hedge<S, P>
+impl<S, P, C, Req> Service<Req> for Hedge<S, P, C>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     P: Policy<Req, S::Response> + Clone,
+    C: Carrier<Req> + Clone,
 {
     type Response = S::Response;
     type Error = Error;
-    type Future = ResponseFuture<S, Req, P>;
+    type Future = ResponseFuture<S, Req, P, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Error::inner)
@@ -89,6 +94,7 @@ where
             req,
             template,
             self.policy.clone(),
+            self.carrier.clone(),
             self.shared.clone(),
         )
     }

@@ -309,7 +309,7 @@ impl StackBuilder {
                     .budget(budget.clone())
                     .deposit(self.retry_attempts <= 1);
             }
-            layer.policy(policy.clone())
+            layer.policy(policy.clone()).carrier(carrier.clone())
         });
         let retry = (self.retry_attempts > 1).then(|| {
             let layer = RetryLayer::new()
@@ -374,7 +374,7 @@ pub(super) struct Layers<P, C> {
     pub(super) total: Option<TimeoutLayer<C>>,
     pub(super) limit: Option<ConcurrencyLimitLayer>,
     pub(super) retry: Option<RetryLayer<P>>,
-    pub(super) hedge: Option<HedgeLayer<P>>,
+    pub(super) hedge: Option<HedgeLayer<P, C>>,
     pub(super) attempt: Option<TimeoutLayer<C>>,
 }
 

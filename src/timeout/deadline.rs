@@ -175,10 +175,10 @@ impl TimeoutContext {
         &self.token
     }
 
-    /// A scope for one attempt inside the current one (or a fresh one): same deadline,
-    /// a child token.
-    pub(crate) fn attempt() -> TimeoutContext {
-        match TimeoutContext::current() {
+    /// A scope for one attempt under `parent` (or a root scope): a child token, the same
+    /// deadline.
+    pub(crate) fn attempt_under(parent: Option<TimeoutContext>) -> TimeoutContext {
+        match parent {
             Some(outer) => TimeoutContext::new(outer.deadline, LazyToken::child_of(&outer.token)),
             None => {
                 TimeoutContext::new(Deadline::at(far_future(Instant::now())), LazyToken::root())
