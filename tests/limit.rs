@@ -2,10 +2,11 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -544,6 +545,80 @@ async fn keys_beyond_the_bound_share_one_overflow_partition() {
     upstream.open();
     assert!(first.await.is_ok());
     assert!(overflow.await.is_ok());
+}
+
+#[tokio::test]
+async fn a_key_leaving_the_overflow_partition_keeps_its_per_key_limit() {
+    // Requests are "key/n"; each key's requests wait for that key's gate.
+    let gates: Arc<Mutex<HashMap<String, watch::Sender<bool>>>> = Arc::default();
+    let gate = |key: &str| {
+        gates
+            .lock()
+            .unwrap()
+            .entry(key.to_owned())
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe()
+    };
+    let open = |key: &str| {
+        gates.lock().unwrap()[key].send_replace(true);
+    };
+    let (a, b) = (gate("a"), gate("b"));
+    let upstream = service_fn(move |req: String| {
+        let mut gate = if req.starts_with('a') {
+            a.clone()
+        } else {
+            b.clone()
+        };
+        async move {
+            gate.wait_for(|open| *open).await.unwrap();
+            Ok::<_, Infallible>(req)
+        }
+    });
+    let layer = KeyedConcurrencyLimitLayer::builder(|r: &String| tenant(r))
+        .per_key(2)
+        .max_keys(1)
+        .build();
+    let mut svc = layer.layer(upstream);
+    let mut a1 = task::spawn(svc.ready().await.unwrap().call("a/1".to_owned()));
+    assert_pending!(a1.poll());
+    // The key set is full: b's two requests run in the overflow partition.
+    let mut b_held = Vec::new();
+    for req in ["b/1", "b/2"] {
+        let mut fut = task::spawn(svc.ready().await.unwrap().call(req.to_owned()));
+        assert_pending!(fut.poll());
+        b_held.push(fut);
+    }
+    open("a");
+    assert_eq!(a1.await.unwrap(), "a/1");
+    assert_eq!(
+        layer.partitions(),
+        0,
+        "a's partition is gone: there is room again"
+    );
+    // b still has two requests in the overflow partition: a third is one too many.
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call("b/3".to_owned())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Overloaded, "b would have had three");
+    assert_eq!(layer.partitions(), 0);
+    open("b");
+    for fut in b_held {
+        assert!(fut.await.is_ok());
+    }
+    // With nothing left in the overflow partition, b gets a partition of its own.
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call("b/4".to_owned())
+            .await
+            .unwrap(),
+        "b/4"
+    );
 }
 
 #[test]

@@ -29,9 +29,15 @@ pin_project! {
         #[pin]
         state: State<S, Req>,
         retry_after: Duration,
+        // Lives as long as the request holds its place (a keyed limit's count of a key's
+        // work in the overflow partition); dropped when the future completes.
+        companion: Option<Companion>,
         _release: std::marker::PhantomData<fn() -> M>,
     }
 }
+
+/// Something a request holds while it holds its place in a limit.
+pub(crate) type Companion = Box<dyn Send + Sync>;
 
 pin_project! {
     #[project = StateProj]
@@ -64,8 +70,15 @@ where
         ResponseFuture {
             state,
             retry_after,
+            companion: None,
             _release: std::marker::PhantomData,
         }
+    }
+
+    /// Holds `companion` while the request holds its place.
+    pub(crate) fn with_companion(mut self, companion: Companion) -> Self {
+        self.companion = Some(companion);
+        self
     }
 
     pub(crate) fn running(future: S::Future, permit: Permit, retry_after: Duration) -> Self {
@@ -116,11 +129,11 @@ where
         let mut state = this.state;
         let retry_after = *this.retry_after;
         let overloaded = || Error::with_retry_after(ErrorKind::Overloaded, retry_after);
-        loop {
+        let output = loop {
             match state.as_mut().project() {
                 StateProj::Rejected => {
                     state.set(State::Done);
-                    return Poll::Ready(Err(overloaded()));
+                    break Err(overloaded());
                 }
                 StateProj::Queued {
                     ticket,
@@ -135,7 +148,7 @@ where
                                 Ok(permit) => permit,
                                 Err(_) => {
                                     state.set(State::Done);
-                                    return Poll::Ready(Err(overloaded()));
+                                    break Err(overloaded());
                                 }
                             },
                             _ => return Poll::Pending,
@@ -144,7 +157,7 @@ where
                     let (Some(mut service), Some(request)) = (service.take(), request.take())
                     else {
                         state.set(State::Done);
-                        return Poll::Ready(Err(Error::new(ErrorKind::Cancelled)));
+                        break Err(Error::new(ErrorKind::Cancelled));
                     };
                     let future = service.call(request);
                     state.set(State::Running {
@@ -161,16 +174,18 @@ where
                     };
                     let Some(mut permit) = permit.take() else {
                         state.set(State::Done);
-                        return Poll::Ready(Err(Error::new(ErrorKind::Cancelled)));
+                        break Err(Error::new(ErrorKind::Cancelled));
                     };
                     permit.record(outcome_of(&result));
                     // Drops the inner future; the release mode decides when the permit goes.
                     state.set(State::Done);
-                    return Poll::Ready(result.map(|response| M::attach(response, permit)));
+                    break result.map(|response| M::attach(response, permit));
                 }
                 StateProj::Done => panic!("limit::ResponseFuture polled after completion"),
             }
-        }
+        };
+        *this.companion = None;
+        Poll::Ready(output)
     }
 }
 

@@ -13,7 +13,7 @@ use dashmap::DashMap;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::future::ResponseFuture;
+use super::future::{Companion, ResponseFuture};
 use super::layer::DEFAULT_RETRY_AFTER;
 use super::limiter::{Acquired, Limiter, Rejection};
 use super::release::OnResponse;
@@ -31,6 +31,10 @@ struct Partitions<K> {
     max_keys: usize,
     /// Shared by every key that arrives while `max_keys` partitions exist.
     overflow: Arc<Limiter>,
+    /// Requests each key has admitted or queued in the overflow partition. A key with work
+    /// there stays there: a fresh partition beside it would let it reach twice its limit.
+    /// Bounded by the overflow partition's limit plus its queue.
+    in_overflow: DashMap<K, usize>,
     per_key: usize,
     max_queue: usize,
     max_wait: Option<Duration>,
@@ -42,29 +46,40 @@ impl<K> Partitions<K>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
 {
-    /// Takes a permit (or a queue place) in `key`'s partition, creating it if needed.
-    /// Runs under the key's map lock, so an idle partition cannot be removed in between.
-    fn acquire(&self, key: K) -> (Arc<Limiter>, Result<Acquired, Rejection>) {
-        let limiter = match self.map.entry(key) {
+    /// Takes a permit (or a queue place) in `key`'s partition, creating it if needed, or
+    /// in the overflow partition. Runs under the key's map lock, so an idle partition
+    /// cannot be removed in between (lock order: the partition map, then `in_overflow`).
+    /// A request in the overflow partition comes back with the guard that counts it.
+    fn acquire(&self, key: K) -> (Arc<Limiter>, Result<Acquired, Rejection>, Option<Companion>) {
+        match self.map.entry(key) {
             Entry::Occupied(occupied) => {
                 let limiter = occupied.get().clone();
                 let acquired = limiter.acquire();
-                return (limiter, acquired);
+                (limiter, acquired, None)
             }
             Entry::Vacant(vacant) => {
-                if self.len.load(Ordering::Relaxed) >= self.max_keys {
-                    self.overflow.clone()
-                } else {
-                    let limiter = Arc::new(self.partition(vacant.key().clone()));
-                    let acquired = limiter.acquire();
-                    vacant.insert(limiter.clone());
-                    self.len.fetch_add(1, Ordering::Relaxed);
-                    return (limiter, acquired);
+                let full = self.len.load(Ordering::Relaxed) >= self.max_keys;
+                if full || self.in_overflow.contains_key(vacant.key()) {
+                    let acquired = self.overflow.acquire();
+                    let guard = acquired.is_ok().then(|| self.enter_overflow(vacant.key()));
+                    return (self.overflow.clone(), acquired, guard);
                 }
+                let limiter = Arc::new(self.partition(vacant.key().clone()));
+                let acquired = limiter.acquire();
+                vacant.insert(limiter.clone());
+                self.len.fetch_add(1, Ordering::Relaxed);
+                (limiter, acquired, None)
             }
-        };
-        let acquired = limiter.acquire();
-        (limiter, acquired)
+        }
+    }
+
+    /// Counts one more request of `key` in the overflow partition, until the guard drops.
+    fn enter_overflow(&self, key: &K) -> Companion {
+        *self.in_overflow.entry(key.clone()).or_insert(0) += 1;
+        Box::new(OverflowGuard {
+            partitions: self.this.clone(),
+            key: Some(key.clone()),
+        })
     }
 
     fn partition(&self, key: K) -> Limiter {
@@ -90,6 +105,27 @@ where
         if removed.is_some() {
             self.len.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// One request's place in the overflow partition, counted against its key.
+struct OverflowGuard<K>
+where
+    K: Hash + Eq,
+{
+    partitions: Weak<Partitions<K>>,
+    key: Option<K>,
+}
+
+impl<K: Hash + Eq> Drop for OverflowGuard<K> {
+    fn drop(&mut self) {
+        let (Some(partitions), Some(key)) = (self.partitions.upgrade(), self.key.take()) else {
+            return;
+        };
+        partitions.in_overflow.remove_if_mut(&key, |_, count| {
+            *count -= 1;
+            *count == 0
+        });
     }
 }
 
@@ -245,6 +281,7 @@ where
             len: AtomicUsize::new(0),
             max_keys: self.max_keys,
             overflow: Arc::new(overflow),
+            in_overflow: DashMap::new(),
             per_key,
             max_queue,
             max_wait,
@@ -318,7 +355,11 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let key = (self.key_fn)(&req);
-        let (limiter, acquired) = self.partitions.acquire(key);
-        admit(acquired, &limiter, &mut self.inner, req, self.retry_after)
+        let (limiter, acquired, guard) = self.partitions.acquire(key);
+        let future = admit(acquired, &limiter, &mut self.inner, req, self.retry_after);
+        match guard {
+            Some(guard) => future.with_companion(guard),
+            None => future,
+        }
     }
 }
