@@ -273,8 +273,8 @@ where
         let fresh_until = life.fresh.and_then(at);
         let (swr_until, sie_until) = match life.fresh {
             Some(fresh) => (
-                at(fresh + life.stale_while_revalidate),
-                at(fresh + life.stale_if_error),
+                at(fresh.saturating_add(life.stale_while_revalidate)),
+                at(fresh.saturating_add(life.stale_if_error)),
             ),
             None => (None, None),
         };

@@ -64,12 +64,12 @@ impl Stored {
     }
 
     fn in_window(&self, now: Instant, window: Duration) -> bool {
-        self.current_age(now) < self.freshness + window
+        self.current_age(now) < self.freshness.saturating_add(window)
     }
 
     fn ttl(&self, now: Instant) -> i64 {
-        let age = self.current_age(now).as_secs() as i64;
-        self.freshness.as_secs() as i64 - age
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        secs(self.freshness).saturating_sub(secs(self.current_age(now)))
     }
 
     fn weight(&self) -> u32 {

@@ -280,14 +280,14 @@ impl AgeInputs {
             .response_time
             .duration_since(self.request_time)
             .unwrap_or(Duration::ZERO);
-        let corrected = Duration::from_secs(self.age_header.unwrap_or(0)) + delay;
+        let corrected = Duration::from_secs(self.age_header.unwrap_or(0)).saturating_add(delay);
         apparent.max(corrected)
     }
 
     /// The current age after `resident` in the cache: `corrected_initial_age +
     /// resident_time`.
     pub fn current_age(&self, resident: Duration) -> Duration {
-        self.initial_age() + resident
+        self.initial_age().saturating_add(resident)
     }
 }
 

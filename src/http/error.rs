@@ -31,7 +31,9 @@ pub fn error_response<B: Default>(error: &Error, default_retry_after: Duration) 
         ErrorKind::Overloaded | ErrorKind::BudgetExhausted
     ) {
         let after = error.retry_after().unwrap_or(default_retry_after);
-        let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        let seconds = after
+            .as_secs()
+            .saturating_add(u64::from(after.subsec_nanos() > 0));
         response
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(seconds));

@@ -159,7 +159,8 @@ fn next_wait(
     };
     // Never start an attempt that cannot finish before the deadline.
     if let Some(deadline) = Deadline::current() {
-        if Instant::now() + wait >= deadline.instant() {
+        let ends = Instant::now().checked_add(wait);
+        if ends.is_none_or(|ends| ends >= deadline.instant()) {
             metrics.gave_up_deadline.increment(1);
             tracing::debug!("retry: no time left before the deadline");
             return None;

@@ -58,7 +58,8 @@ impl Deadline {
 
 pub(crate) fn far_future(now: Instant) -> Instant {
     // About thirty years: far enough to mean never, near enough not to overflow.
-    now + Duration::from_secs(86_400 * 365 * 30)
+    now.checked_add(Duration::from_secs(86_400 * 365 * 30))
+        .unwrap_or(now)
 }
 
 /// A cancellation token made only when somebody asks for it.
