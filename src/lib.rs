@@ -50,16 +50,25 @@
 //! ```
 
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "retry")]
 pub mod budget;
+#[cfg(feature = "cache")]
 pub mod cache;
 mod error;
+#[cfg(feature = "hedge")]
 pub mod hedge;
+#[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "limit")]
 pub mod limit;
 pub mod metrics;
+#[cfg(feature = "retry")]
 pub mod retry;
+#[cfg(feature = "stack")]
 pub mod stack;
+#[cfg(feature = "timeout")]
 pub mod timeout;
 
 pub use error::{BoxError, Error, ErrorKind};

@@ -14,7 +14,12 @@
 //! Install any `metrics` recorder (for example `metrics-exporter-prometheus`) before you
 //! build and apply the layers, and their metrics appear under these names.
 
-use metrics::{Counter, Gauge, Histogram, Unit};
+#[cfg(any(feature = "cache", feature = "limit", feature = "hedge"))]
+use metrics::Gauge;
+#[cfg(any(feature = "cache", feature = "limit", feature = "timeout"))]
+use metrics::Unit;
+#[cfg(any(feature = "cache", feature = "limit", feature = "timeout"))]
+use metrics::{Counter, Histogram};
 
 /// The kind of a metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,6 +280,7 @@ pub const METRICS: &[MetricInfo] = &[
 ];
 
 /// Instrument handles of one cache layer instance.
+#[cfg(feature = "cache")]
 #[derive(Debug, Clone)]
 pub(crate) struct CacheMetrics {
     pub(crate) hit: Counter,
@@ -294,6 +300,7 @@ pub(crate) struct CacheMetrics {
     pub(crate) evicted_invalidated: Counter,
 }
 
+#[cfg(feature = "cache")]
 impl CacheMetrics {
     pub(crate) fn register(name: &str) -> Self {
         describe();
@@ -321,6 +328,7 @@ impl CacheMetrics {
     }
 }
 
+#[cfg(feature = "limit")]
 /// Instrument handles of one concurrency limit instance.
 #[derive(Debug, Clone)]
 pub(crate) struct LimitMetrics {
@@ -334,6 +342,7 @@ pub(crate) struct LimitMetrics {
     pub(crate) queue_wait: Histogram,
 }
 
+#[cfg(feature = "limit")]
 impl LimitMetrics {
     pub(crate) fn register(name: &str) -> Self {
         describe();
@@ -352,6 +361,7 @@ impl LimitMetrics {
     }
 }
 
+#[cfg(feature = "timeout")]
 /// Instrument handles of one timeout instance.
 #[derive(Debug, Clone)]
 pub(crate) struct TimeoutMetrics {
@@ -361,6 +371,7 @@ pub(crate) struct TimeoutMetrics {
     pub(crate) timed_out: Histogram,
 }
 
+#[cfg(feature = "timeout")]
 impl TimeoutMetrics {
     pub(crate) fn register(name: &str) -> Self {
         describe();
@@ -375,6 +386,7 @@ impl TimeoutMetrics {
     }
 }
 
+#[cfg(feature = "retry")]
 /// Instrument handles of one retry instance.
 #[derive(Debug, Clone)]
 pub(crate) struct RetryMetrics {
@@ -388,6 +400,7 @@ pub(crate) struct RetryMetrics {
     pub(crate) gave_up_retry_after: Counter,
 }
 
+#[cfg(feature = "retry")]
 impl RetryMetrics {
     pub(crate) fn register(name: &str) -> Self {
         describe();
@@ -407,6 +420,7 @@ impl RetryMetrics {
     }
 }
 
+#[cfg(feature = "hedge")]
 /// Instrument handles of one hedge instance.
 #[derive(Debug, Clone)]
 pub(crate) struct HedgeMetrics {
@@ -417,6 +431,7 @@ pub(crate) struct HedgeMetrics {
     pub(crate) delay: Gauge,
 }
 
+#[cfg(feature = "hedge")]
 impl HedgeMetrics {
     pub(crate) fn register(name: &str) -> Self {
         describe();
@@ -431,6 +446,7 @@ impl HedgeMetrics {
     }
 }
 
+#[cfg(feature = "cache")]
 impl CacheMetrics {
     /// Counts a removal from a moka store. `expired` marks an explicit removal the cache
     /// made because the entry had expired (moka reports it as explicit).
@@ -446,6 +462,7 @@ impl CacheMetrics {
     }
 }
 
+#[cfg(feature = "timeout")]
 /// Instrument handles registered on first use, under the instance name set by then, so a
 /// layer renamed after construction never leaves a series under the default name.
 pub(crate) struct Lazy<M> {
@@ -454,6 +471,7 @@ pub(crate) struct Lazy<M> {
     cell: std::sync::OnceLock<M>,
 }
 
+#[cfg(feature = "timeout")]
 impl<M> Lazy<M> {
     pub(crate) fn new(name: impl Into<String>, register: fn(&str) -> M) -> Self {
         Lazy {
@@ -468,11 +486,13 @@ impl<M> Lazy<M> {
         self.cell.get_or_init(|| (self.register)(&self.name))
     }
 
+    #[cfg(feature = "retry")]
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
 }
 
+#[cfg(feature = "timeout")]
 impl<M> std::fmt::Debug for Lazy<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").field("name", &self.name).finish()
@@ -480,6 +500,7 @@ impl<M> std::fmt::Debug for Lazy<M> {
 }
 
 /// Registers descriptions and units with the installed recorder.
+#[cfg(any(feature = "cache", feature = "limit", feature = "timeout"))]
 fn describe() {
     for info in METRICS {
         let unit = match info.unit {

@@ -390,7 +390,7 @@ async fn a_losing_attempt_sees_the_token_in_its_request_extensions_cancelled() {
     let tokens: Arc<Mutex<Vec<CancellationToken>>> = Arc::default();
     let svc = fixed(10)
         .policy(towerguard::http::HttpPolicy)
-        .carrier(towerguard::timeout::HttpExtensions)
+        .carrier(towerguard::http::HttpExtensions)
         .layer(http_backend(tokens.clone(), None, http::StatusCode::OK));
     let response = svc.oneshot(http_get()).await.unwrap();
     assert_eq!(response.body(), "#1", "the hedge won");

@@ -627,7 +627,7 @@ fn public_types_are_send_and_sync() {
     send_sync::<Limited>();
     send_sync::<LimitHandle>();
     send::<ResponseFuture<Upstream, String, towerguard::limit::OnResponse>>();
-    send::<towerguard::limit::PermitBody<Body>>();
+    send::<towerguard::http::PermitBody<Body>>();
     send_sync::<KeyedConcurrencyLimitLayer<String, String>>();
     send_sync::<towerguard::limit::KeyedConcurrencyLimit<Upstream, String, String>>();
 }

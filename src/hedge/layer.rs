@@ -244,7 +244,7 @@ impl<P, C> HedgeLayer<P, C> {
     }
 
     /// Where each attempt's scope (cancellation token and deadline) is put besides the
-    /// task-local: [`HttpExtensions`](crate::timeout::HttpExtensions) puts it in the
+    /// task-local: `towerguard::http::HttpExtensions` puts it in the
     /// request's extensions too, so a losing attempt sees its token cancelled there.
     pub fn carrier<C2>(self, carrier: C2) -> HedgeLayer<P, C2> {
         HedgeLayer {

@@ -5,10 +5,14 @@ use std::fmt;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+#[cfg(any(feature = "cache", feature = "retry"))]
+use bytes::BytesMut;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::error::{BoxError, Error};
+use crate::error::BoxError;
+#[cfg(any(feature = "cache", feature = "retry"))]
+use crate::error::Error;
 
 /// A body read ahead up to a bound: either complete (held whole, cheap to clone, so a
 /// request can be replayed or a response shared and stored), or what was read ahead
@@ -158,6 +162,7 @@ where
 
 /// Reads frames of `body` into `frames` (data also into `data`) until its end (`true`), a
 /// trailers frame or more than `max` bytes (`false`).
+#[cfg(any(feature = "cache", feature = "retry"))]
 pub(crate) fn poll_read_ahead<B>(
     mut body: Pin<&mut B>,
     frames: &mut VecDeque<Frame<Bytes>>,
@@ -191,6 +196,7 @@ where
 }
 
 /// Reads `body` ahead up to `max` bytes: complete when it ends within the bound.
+#[cfg(feature = "cache")]
 pub(crate) async fn read_ahead<B>(mut body: B, max: usize) -> Result<BufferedBody<B>, Error>
 where
     B: Body<Data = Bytes> + Unpin,

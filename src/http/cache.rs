@@ -27,10 +27,11 @@ use super::cache_policy::{
     not_modified, primary_key, vary, vary_matches, AgeInputs, CacheStatus, HttpCachePolicy,
     NotStored, Vary,
 };
+use super::timeout::HttpExtensions;
 use crate::cache::flight::{FlightMap, Joined, Owner, Upstream, Waiter};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::metrics::CacheMetrics;
-use crate::timeout::{Carrier, Deadline, HttpExtensions, TimeoutContext};
+use crate::timeout::{Carrier, Deadline, TimeoutContext};
 use tokio_util::sync::CancellationToken;
 
 /// The `Cache-Status` header (RFC 9211).

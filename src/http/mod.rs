@@ -40,16 +40,28 @@
 //! ```
 
 mod body;
+#[cfg(feature = "cache")]
 mod cache;
 pub mod cache_control;
 pub mod cache_policy;
 mod error;
+#[cfg(feature = "limit")]
+mod limit;
+#[cfg(feature = "retry")]
 mod retry;
+#[cfg(feature = "timeout")]
+mod timeout;
 
 pub use self::body::BufferedBody;
+#[cfg(feature = "cache")]
 pub use self::cache::{HttpCache, HttpCacheBuilder, HttpCacheFuture, HttpCacheLayer, CACHE_STATUS};
 pub use self::error::{error_response, ErrorResponse, ErrorResponseFuture, ErrorResponseLayer};
+#[cfg(feature = "limit")]
+pub use self::limit::{OnBodyEnd, PermitBody};
+#[cfg(feature = "retry")]
 pub use self::retry::{
     is_replayable_request, is_retryable_status, retry_after, BufferBody, BufferBodyFuture,
     BufferBodyLayer, HttpPolicy, IDEMPOTENCY_KEY,
 };
+#[cfg(feature = "timeout")]
+pub use self::timeout::HttpExtensions;

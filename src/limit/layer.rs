@@ -7,7 +7,7 @@ use tower_layer::Layer;
 
 use super::adaptive::Algorithm;
 use super::limiter::Limiter;
-use super::release::{OnBodyEnd, OnResponse};
+use super::release::OnResponse;
 use super::service::ConcurrencyLimit;
 use crate::metrics::LimitMetrics;
 
@@ -88,10 +88,9 @@ impl<M> ConcurrencyLimitLayer<M> {
         }
     }
 
-    /// For HTTP services: hold each permit until the response body has been streamed to
-    /// its end (or dropped), not just until the response head is ready. Shares this
-    /// layer's limiter.
-    pub fn until_body_end(&self) -> ConcurrencyLimitLayer<OnBodyEnd> {
+    /// The same limiter, returning permits as `M2` says.
+    #[cfg(feature = "http")]
+    pub(crate) fn releasing<M2>(&self) -> ConcurrencyLimitLayer<M2> {
         ConcurrencyLimitLayer {
             limiter: self.limiter.clone(),
             retry_after: self.retry_after,

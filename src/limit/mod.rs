@@ -7,7 +7,7 @@
 //!   per-request clones and across every route the layer is applied to.
 //! - **Taken in `call`, never in `poll_ready`.** A connection that keeps a ready service
 //!   idle holds nothing. The permit is returned when the response future ends (success,
-//!   error, panic) or is dropped; with [`ConcurrencyLimitLayer::until_body_end`], when the
+//!   error, panic) or is dropped; with `ConcurrencyLimitLayer::until_body_end` (with the `http` feature), when the
 //!   HTTP response body ends.
 //! - **When full**: reject at once (the default) or wait in a FIFO queue bounded in length
 //!   and in wait; then fail with [`ErrorKind::Overloaded`], carrying a `Retry-After` hint.
@@ -67,5 +67,5 @@ pub use self::layer::{
     ConcurrencyLimitBuilder, ConcurrencyLimitLayer, LimitHandle, DEFAULT_RETRY_AFTER,
 };
 pub use self::limiter::Permit;
-pub use self::release::{OnBodyEnd, OnResponse, PermitBody, Release};
+pub use self::release::{OnResponse, Release};
 pub use self::service::ConcurrencyLimit;

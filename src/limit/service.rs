@@ -20,7 +20,7 @@ use crate::error::{BoxError, Error};
 /// and called once a permit is granted.
 ///
 /// `M` says when the permit is returned: [`OnResponse`](super::OnResponse) (the default)
-/// when the response future ends, [`OnBodyEnd`](super::OnBodyEnd) when an HTTP response's
+/// when the response future ends, `OnBodyEnd` (`towerguard::http`) when an HTTP response's
 /// body ends.
 pub struct ConcurrencyLimit<S, M = OnResponse> {
     inner: S,

@@ -1,25 +1,23 @@
 //! The builder, its defaults and its validation.
 
-use std::convert::Infallible;
 use std::fmt;
-use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
 use tower::util::{BoxCloneSyncService, Either};
 use tower_layer::Layer;
 
-use super::{GenericStack, HttpStack};
+use super::GenericStack;
 use crate::budget::Budget;
 use crate::cache::CacheLayer;
 use crate::error::Error;
 use crate::hedge::HedgeLayer;
-use crate::http::{BufferBodyLayer, BufferedBody, ErrorResponseLayer, HttpCacheLayer, HttpPolicy};
+#[cfg(feature = "http")]
+use crate::http::HttpCacheLayer;
 use crate::limit::adaptive::Vegas;
 use crate::limit::ConcurrencyLimitLayer;
 use crate::retry::{RetryErrors, RetryLayer};
-use crate::timeout::{HttpExtensions, TaskLocal, TimeoutLayer};
+use crate::timeout::{TaskLocal, TimeoutLayer};
 
 /// A configuration the builder refuses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,8 +98,10 @@ pub struct StackBuilder {
     retry_attempts: u32,
     budget: Option<Budget>,
     hedge: Option<Option<Duration>>,
-    http_cache: Option<HttpCacheLayer>,
-    max_body: usize,
+    #[cfg(feature = "http")]
+    pub(super) http_cache: Option<HttpCacheLayer>,
+    #[cfg(feature = "http")]
+    pub(super) max_body: usize,
 }
 
 impl Default for StackBuilder {
@@ -112,10 +112,6 @@ impl Default for StackBuilder {
 
 /// The stack's service for generic requests.
 pub type StackService<Req, Res> = BoxCloneSyncService<Req, Res, Error>;
-
-/// The stack's service for HTTP: infallible, errors mapped to responses.
-pub type HttpStackService<B, RB> =
-    BoxCloneSyncService<Request<B>, Response<BufferedBody<RB>>, Infallible>;
 
 impl StackBuilder {
     /// The defaults of [the module](super).
@@ -133,7 +129,9 @@ impl StackBuilder {
             retry_attempts: 3,
             budget: Some(Budget::new(0.2, 10.0)),
             hedge: None,
+            #[cfg(feature = "http")]
             http_cache: None,
+            #[cfg(feature = "http")]
             max_body: 64 * 1024,
         }
     }
@@ -228,18 +226,6 @@ impl StackBuilder {
         self
     }
 
-    /// The RFC 9111 cache, for [`build_http`](Self::build_http).
-    pub fn http_cache(mut self, cache: HttpCacheLayer) -> Self {
-        self.http_cache = Some(cache);
-        self
-    }
-
-    /// The largest request body read ahead for replay (HTTP).
-    pub fn max_replay_body(mut self, bytes: usize) -> Self {
-        self.max_body = bytes;
-        self
-    }
-
     /// Checks the configuration.
     pub fn validate(&self) -> Result<(), StackError> {
         if self.total_timeout.is_some_and(|t| t.is_zero())
@@ -292,7 +278,7 @@ impl StackBuilder {
 
     /// Builds every layer below the cache once, with its shared state: the limiter and
     /// its algorithm, the hedge's latency window, the budget, the metric handles.
-    fn layers<P: Clone, C: Clone>(&self, policy: P, carrier: C) -> Layers<P, C> {
+    pub(super) fn layers<P: Clone, C: Clone>(&self, policy: P, carrier: C) -> Layers<P, C> {
         let attempt = self.attempt_timeout.map(|attempt| {
             TimeoutLayer::new(attempt)
                 .name(format!("{}_attempt", self.name))
@@ -349,20 +335,6 @@ impl StackBuilder {
         Ok(GenericStack {
             cache,
             layers: Arc::new(self.layers(RetryErrors, TaskLocal)),
-        })
-    }
-
-    /// Builds the HTTP stack for request bodies of type `B`: infallible, for axum's
-    /// `Router::layer` (`B` = `axum::body::Body`) or a hyper server (`B` =
-    /// `hyper::body::Incoming`), or around a hyper-util client.
-    pub fn build_http<B>(&self) -> Result<HttpStack<B>, StackError> {
-        self.validate()?;
-        Ok(HttpStack {
-            layers: Arc::new(self.layers(HttpPolicy, HttpExtensions)),
-            http_cache: self.http_cache.clone(),
-            buffer: BufferBodyLayer::new(self.max_body),
-            errors: ErrorResponseLayer::new(),
-            _body: PhantomData,
         })
     }
 }

@@ -1,11 +1,12 @@
 //! The standard stack for HTTP services.
 
+use std::convert::Infallible;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::Response;
+use http::{Request, Response};
 use http_body::Body;
 use tower::util::{BoxCloneSyncService, Either};
 use tower::ServiceExt;
@@ -13,10 +14,43 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::builder::{optional, Layers};
-use super::HttpStackService;
+use super::{StackBuilder, StackError};
 use crate::error::{BoxError, Error};
-use crate::http::{BufferBodyLayer, BufferedBody, ErrorResponseLayer, HttpCacheLayer, HttpPolicy};
-use crate::timeout::HttpExtensions;
+use crate::http::{
+    BufferBodyLayer, BufferedBody, ErrorResponseLayer, HttpCacheLayer, HttpExtensions, HttpPolicy,
+};
+
+/// The stack's service for HTTP: infallible, errors mapped to responses.
+pub type HttpStackService<B, RB> =
+    BoxCloneSyncService<Request<B>, Response<BufferedBody<RB>>, Infallible>;
+
+impl StackBuilder {
+    /// The RFC 9111 cache, for [`build_http`](Self::build_http).
+    pub fn http_cache(mut self, cache: HttpCacheLayer) -> Self {
+        self.http_cache = Some(cache);
+        self
+    }
+
+    /// The largest request body read ahead for replay (HTTP).
+    pub fn max_replay_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// Builds the HTTP stack for request bodies of type `B`: infallible, for axum's
+    /// `Router::layer` (`B` = `axum::body::Body`) or a hyper server (`B` =
+    /// `hyper::body::Incoming`), or around a hyper-util client.
+    pub fn build_http<B>(&self) -> Result<HttpStack<B>, StackError> {
+        self.validate()?;
+        Ok(HttpStack {
+            layers: Arc::new(self.layers(HttpPolicy, HttpExtensions)),
+            http_cache: self.http_cache.clone(),
+            buffer: BufferBodyLayer::new(self.max_body),
+            errors: ErrorResponseLayer::new(),
+            _body: PhantomData,
+        })
+    }
+}
 
 /// Names the body type of an `http::Response`, so the stack can name its own.
 pub trait ResponseBody {

@@ -55,8 +55,10 @@
 
 mod builder;
 mod generic;
+#[cfg(feature = "http")]
 mod http;
 
-pub use self::builder::{HttpStackService, StackBuilder, StackError, StackService};
+pub use self::builder::{StackBuilder, StackError, StackService};
 pub use self::generic::GenericStack;
-pub use self::http::{HttpStack, ResponseBody};
+#[cfg(feature = "http")]
+pub use self::http::{HttpStack, HttpStackService, ResponseBody};

@@ -95,6 +95,7 @@ impl LazyToken {
     }
 
     /// A token made by an earlier hop, adopted as this scope's parent.
+    #[cfg(feature = "http")]
     pub(crate) fn adopt(token: CancellationToken) -> Arc<Self> {
         Arc::new(LazyToken {
             parent: None,
@@ -178,6 +179,7 @@ impl TimeoutContext {
 
     /// A scope for one attempt under `parent` (or a root scope): a child token, the same
     /// deadline.
+    #[cfg(feature = "hedge")]
     pub(crate) fn attempt_under(parent: Option<TimeoutContext>) -> TimeoutContext {
         match parent {
             Some(outer) => TimeoutContext::new(outer.deadline, LazyToken::child_of(&outer.token)),
@@ -227,34 +229,6 @@ impl<Req> Carrier<Req> for TaskLocal {
     }
 
     fn insert(&self, _req: &mut Req, _ctx: &TimeoutContext) {}
-}
-
-/// Also carries the context in `http::Request` extensions: a [`Deadline`], a
-/// [`CancellationToken`] and the [`TimeoutContext`], so handlers can extract them.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct HttpExtensions;
-
-impl<B> Carrier<http::Request<B>> for HttpExtensions {
-    fn existing(&self, req: &http::Request<B>) -> Option<TimeoutContext> {
-        let extensions = req.extensions();
-        if let Some(ctx) = extensions.get::<TimeoutContext>() {
-            return Some(ctx.clone());
-        }
-        // A token (and maybe a deadline) left by something other than a timeout.
-        let token = extensions.get::<CancellationToken>()?.clone();
-        let deadline = extensions
-            .get::<Deadline>()
-            .copied()
-            .unwrap_or_else(|| Deadline::at(far_future(Instant::now())));
-        Some(TimeoutContext::new(deadline, LazyToken::adopt(token)))
-    }
-
-    fn insert(&self, req: &mut http::Request<B>, ctx: &TimeoutContext) {
-        let extensions = req.extensions_mut();
-        extensions.insert(ctx.deadline);
-        extensions.insert(ctx.token());
-        extensions.insert(ctx.clone());
-    }
 }
 
 /// A timeout chosen per request; `None` falls back to the layer's.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::deadline::{HttpExtensions, PerRequest, SameForAll, TaskLocal};
+use super::deadline::{PerRequest, SameForAll, TaskLocal};
 use super::service::Timeout;
 use crate::metrics::{Lazy, TimeoutMetrics};
 
@@ -63,21 +63,8 @@ impl<C, T> TimeoutLayer<C, T> {
         self.timeout
     }
 
-    /// For `http::Request`s: also put the [`Deadline`](super::Deadline), the
-    /// [`CancellationToken`](tokio_util::sync::CancellationToken) and the
-    /// [`TimeoutContext`](super::TimeoutContext) in the request's extensions, and honour
-    /// one an earlier hop left there.
-    pub fn http_extensions(self) -> TimeoutLayer<HttpExtensions, T> {
-        TimeoutLayer {
-            timeout: self.timeout,
-            carrier: HttpExtensions,
-            per_request: self.per_request,
-            metrics: self.metrics,
-        }
-    }
-
-    /// Where the context is found and put: [`TaskLocal`] (any request) or
-    /// [`HttpExtensions`] (also `http::Request` extensions).
+    /// Where the context is found and put: [`TaskLocal`] (any request) or, with the `http`
+    /// feature, `towerguard::http::HttpExtensions` (also `http::Request` extensions).
     pub fn carrier<C2>(self, carrier: C2) -> TimeoutLayer<C2, T> {
         TimeoutLayer {
             timeout: self.timeout,

@@ -10,7 +10,7 @@
 //! - **Tells the work**: every request runs inside a [`TimeoutContext`] holding its
 //!   [`Deadline`] and a [`CancellationToken`](tokio_util::sync::CancellationToken). Inner
 //!   code reads it with [`TimeoutContext::current`] or [`Deadline::current`]; with
-//!   [`TimeoutLayer::http_extensions`] it is also in the `http::Request` extensions. The
+//!   `TimeoutLayer::http_extensions` (`http` feature) it is also in the `http::Request` extensions. The
 //!   token is cancelled on expiry and when the caller drops the response future early.
 //! - **Nests**: an inner timeout's token is a child of the outer one's, and the deadline
 //!   it reports is the earliest of the two.
@@ -48,8 +48,7 @@ mod layer;
 mod service;
 
 pub use self::deadline::{
-    Carrier, Deadline, HttpExtensions, PerRequest, RequestTimeout, SameForAll, TaskLocal,
-    TimeoutContext,
+    Carrier, Deadline, PerRequest, RequestTimeout, SameForAll, TaskLocal, TimeoutContext,
 };
 pub use self::future::ResponseFuture;
 pub use self::layer::TimeoutLayer;
