@@ -31,14 +31,17 @@ fn hedge(c: &mut Criterion) {
         &mut group,
         &rt,
         "towerguard_percentile",
-        towerguard::hedge::HedgeLayer::new().layer(common::echo()),
+        towerguard::hedge::HedgeLayer::builder()
+            .build()
+            .layer(common::echo()),
     );
     common::bench(
         &mut group,
         &rt,
         "towerguard_fixed",
-        towerguard::hedge::HedgeLayer::new()
+        towerguard::hedge::HedgeLayer::builder()
             .fixed_delay(Duration::from_millis(5))
+            .build()
             .layer(common::echo()),
     );
     // tower's Hedge is not `Clone`: each task gets its own (and its own histogram).

@@ -46,7 +46,9 @@ fn retry(c: &mut Criterion) {
         &mut group,
         &rt,
         "towerguard",
-        towerguard::retry::RetryLayer::new().layer(common::echo()),
+        towerguard::retry::RetryLayer::builder()
+            .build()
+            .layer(common::echo()),
     );
     common::bench(
         &mut group,

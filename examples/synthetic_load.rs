@@ -562,8 +562,9 @@ fn hedge_system(system: &str, call: HttpCall) -> Svc {
     match system {
         "no_hedge" => boxed(call),
         "towerguard" => boxed(
-            towerguard::hedge::HedgeLayer::new()
+            towerguard::hedge::HedgeLayer::builder()
                 .name("synthetic_load")
+                .build()
                 .layer(call),
         ),
         "tower_hedge" => {
@@ -673,8 +674,9 @@ fn retry_system(system: &str, call: HttpCall) -> Svc {
     match system {
         "no_retry" => boxed(call),
         "towerguard" => boxed(
-            towerguard::retry::RetryLayer::new()
+            towerguard::retry::RetryLayer::builder()
                 .name("synthetic_load")
+                .build()
                 .layer(call),
         ),
         "tower_retry" => boxed(tower::retry::RetryLayer::new(Attempts(2)).layer(call)),

@@ -32,6 +32,63 @@ use tokio::time::Instant;
 /// One token, in the fixed-point unit balances are kept in.
 const UNIT: i64 = 1_000_000;
 
+/// Configures a [`Budget`]; [`build`](Self::build) makes the bucket once.
+#[must_use]
+#[derive(Debug, Clone)]
+pub struct BudgetBuilder {
+    ratio: f64,
+    min_per_second: f64,
+    max_balance: Option<f64>,
+}
+
+impl BudgetBuilder {
+    /// Tokens deposited per successful request (clamped to `0..=1000`).
+    pub fn ratio(mut self, ratio: f64) -> Self {
+        self.ratio = ratio;
+        self
+    }
+
+    /// Tokens per second always available, whatever the successes (negative means none).
+    pub fn min_per_second(mut self, min_per_second: f64) -> Self {
+        self.min_per_second = min_per_second;
+        self
+    }
+
+    /// A cap on the deposited balance, in tokens.
+    pub fn max_balance(mut self, max_balance: f64) -> Self {
+        self.max_balance = Some(max_balance);
+        self
+    }
+
+    /// Builds the bucket.
+    pub fn build(self) -> Budget {
+        let finite_or_zero = |x: f64| if x.is_finite() { x } else { 0.0 };
+        let ratio = finite_or_zero(self.ratio).clamp(0.0, 1000.0);
+        let min_per_second = finite_or_zero(self.min_per_second).max(0.0);
+        let max_balance = match self.max_balance {
+            Some(max) => finite_or_zero(max).max(0.0),
+            None => (100.0f64).max(min_per_second * 10.0),
+        };
+        let floor = (min_per_second > 0.0).then(|| {
+            Mutex::new(Floor {
+                per_second: min_per_second,
+                tokens: min_per_second,
+                refilled: Instant::now(),
+            })
+        });
+        Budget {
+            inner: Arc::new(Inner {
+                ratio: (ratio * UNIT as f64) as i64,
+                max_balance: (max_balance * UNIT as f64) as i64,
+                balance: AtomicI64::new(0),
+                floor,
+                withdrawn: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
 /// A token bucket shared by every clone (it is an `Arc` inside).
 #[derive(Clone)]
 pub struct Budget {
@@ -58,47 +115,23 @@ struct Floor {
 }
 
 impl Budget {
-    /// `ratio` of a token per successful request (clamped to `0..=1000`) and a floor of
-    /// `min_per_second` tokens per second (negative means none). The deposited balance is
-    /// capped at 100 tokens or 10 seconds of the floor, whichever is more.
+    /// `ratio` of a token per successful request and a floor of `min_per_second` tokens
+    /// per second: `Budget::builder().ratio(ratio).min_per_second(min_per_second).build()`.
     pub fn new(ratio: f64, min_per_second: f64) -> Self {
-        let min_per_second = if min_per_second.is_finite() {
-            min_per_second.max(0.0)
-        } else {
-            0.0
-        };
-        let cap = (100.0f64).max(min_per_second * 10.0);
-        Self::with_cap(ratio, min_per_second, cap)
+        Self::builder()
+            .ratio(ratio)
+            .min_per_second(min_per_second)
+            .build()
     }
 
-    /// Like [`Budget::new`] with an explicit cap on the deposited balance, in tokens.
-    pub fn with_cap(ratio: f64, min_per_second: f64, max_balance: f64) -> Self {
-        let ratio = if ratio.is_finite() {
-            ratio.clamp(0.0, 1000.0)
-        } else {
-            0.0
-        };
-        let max_balance = if max_balance.is_finite() {
-            max_balance.max(0.0)
-        } else {
-            0.0
-        };
-        let floor = (min_per_second.is_finite() && min_per_second > 0.0).then(|| {
-            Mutex::new(Floor {
-                per_second: min_per_second,
-                tokens: min_per_second,
-                refilled: Instant::now(),
-            })
-        });
-        Budget {
-            inner: Arc::new(Inner {
-                ratio: (ratio * UNIT as f64) as i64,
-                max_balance: (max_balance * UNIT as f64) as i64,
-                balance: AtomicI64::new(0),
-                floor,
-                withdrawn: AtomicU64::new(0),
-                refused: AtomicU64::new(0),
-            }),
+    /// Starts a builder: 20% of a token per successful request, a floor of 10 tokens per
+    /// second, the deposited balance capped at 100 tokens or 10 seconds of the floor,
+    /// whichever is more.
+    pub fn builder() -> BudgetBuilder {
+        BudgetBuilder {
+            ratio: 0.2,
+            min_per_second: 10.0,
+            max_balance: None,
         }
     }
 
@@ -196,7 +229,11 @@ mod tests {
 
     #[test]
     fn the_balance_is_capped() {
-        let budget = Budget::with_cap(1.0, 0.0, 5.0);
+        let budget = Budget::builder()
+            .ratio(1.0)
+            .min_per_second(0.0)
+            .max_balance(5.0)
+            .build();
         for _ in 0..100 {
             budget.deposit();
         }
@@ -221,7 +258,7 @@ mod tests {
             ratio in 0.0f64..2.0,
             deposits in 0u32..5_000,
         ) {
-            let budget = Budget::with_cap(ratio, 0.0, 1e9);
+            let budget = Budget::builder().ratio(ratio).min_per_second(0.0).max_balance(1e9).build();
             for _ in 0..deposits {
                 budget.deposit();
             }

@@ -485,11 +485,6 @@ impl<M> Lazy<M> {
     pub(crate) fn get(&self) -> &M {
         self.cell.get_or_init(|| (self.register)(&self.name))
     }
-
-    #[cfg(feature = "retry")]
-    pub(crate) fn name(&self) -> &str {
-        &self.name
-    }
 }
 
 #[cfg(feature = "timeout")]

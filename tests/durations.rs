@@ -92,14 +92,14 @@ proptest! {
             let per_request = TimeoutLayer::new(a).per_request(move |_: &u32| Some(b));
             settled(per_request.layer(echo()).oneshot(1).await);
 
-            let hedge = HedgeLayer::new().initial_delay(a, 1).budget(Budget::new(0.5, 1.0));
+            let hedge = HedgeLayer::builder().initial_delay(a, 1).budget(Budget::new(0.5, 1.0)).build();
             settled(hedge.layer(echo()).oneshot(1).await);
-            let fixed = HedgeLayer::new().fixed_delay(b).without_budget();
+            let fixed = HedgeLayer::builder().fixed_delay(b).without_budget().build();
             settled(fixed.layer(echo()).oneshot(1).await);
 
-            let retry = RetryLayer::new()
+            let retry = RetryLayer::builder()
                 .backoff(Backoff::new(a, b))
-                .max_retry_after(a);
+                .max_retry_after(a).build();
             let failing = service_fn(|_: u32| async { Err::<u32, _>(std::io::Error::other("down")) });
             settled(TimeoutLayer::new(b).layer(retry.layer(failing)).oneshot(1).await);
         });
@@ -169,10 +169,10 @@ proptest! {
                         .unwrap(),
                 )
             });
-            let retry = RetryLayer::new()
+            let retry = RetryLayer::builder()
                 .max_retry_after(Duration::MAX)
                 .without_budget()
-                .policy(HttpPolicy);
+                .policy(HttpPolicy).build();
             let svc = TimeoutLayer::new(deadline).layer(retry.layer(backend));
             let req = Request::get("http://example.test/")
                 .body(BufferedBody::complete(Bytes::new()))

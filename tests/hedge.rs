@@ -12,7 +12,7 @@ use tokio_test::{assert_pending, task};
 use tokio_util::sync::CancellationToken;
 use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 use towerguard::budget::Budget;
-use towerguard::hedge::HedgeLayer;
+use towerguard::hedge::{HedgeBuilder, HedgeLayer};
 use towerguard::timeout::{TimeoutContext, TimeoutLayer};
 
 use support::{Metrics, Probe};
@@ -92,8 +92,8 @@ impl Backend {
     }
 }
 
-fn fixed(delay_ms: u64) -> HedgeLayer {
-    HedgeLayer::new()
+fn fixed(delay_ms: u64) -> HedgeBuilder {
+    HedgeLayer::builder()
         .fixed_delay(Duration::from_millis(delay_ms))
         .without_budget()
 }
@@ -101,7 +101,7 @@ fn fixed(delay_ms: u64) -> HedgeLayer {
 #[tokio::test(start_paused = true)]
 async fn a_hedge_fires_after_the_delay_and_not_before_and_the_loser_is_dropped() {
     let backend = Backend::new(|n| Duration::from_millis(if n == 0 { 1_000 } else { 10 }));
-    let mut svc = fixed(50).layer(backend.service());
+    let mut svc = fixed(50).build().layer(backend.service());
     let start = Instant::now();
     let mut fut = task::spawn(svc.ready().await.unwrap().call(0));
     assert_pending!(fut.poll());
@@ -127,7 +127,7 @@ async fn a_hedge_fires_after_the_delay_and_not_before_and_the_loser_is_dropped()
 #[tokio::test(start_paused = true)]
 async fn a_fast_first_attempt_sends_no_hedge() {
     let backend = Backend::new(|_| Duration::from_millis(10));
-    let svc = fixed(50).layer(backend.service());
+    let svc = fixed(50).build().layer(backend.service());
     assert_eq!(svc.oneshot(0).await.unwrap(), 0);
     tokio::time::advance(Duration::from_millis(100)).await;
     assert_eq!(backend.calls(), 1);
@@ -137,7 +137,7 @@ async fn a_fast_first_attempt_sends_no_hedge() {
 async fn an_early_error_does_not_win_while_another_attempt_is_outstanding() {
     // The first attempt fails at 100 ms; the hedge, sent at 50 ms, succeeds at 150 ms.
     let backend = Backend::new(|_| Duration::from_millis(100)).failing(|n| n == 0);
-    let svc = fixed(50).layer(backend.service());
+    let svc = fixed(50).build().layer(backend.service());
     let start = Instant::now();
     assert_eq!(svc.oneshot(0).await.unwrap(), 1);
     assert_eq!(start.elapsed(), Duration::from_millis(150));
@@ -146,7 +146,7 @@ async fn an_early_error_does_not_win_while_another_attempt_is_outstanding() {
 #[tokio::test(start_paused = true)]
 async fn when_every_attempt_fails_the_last_error_comes_back() {
     let backend = Backend::new(|_| Duration::from_millis(100)).failing(|_| true);
-    let svc = fixed(50).layer(backend.service());
+    let svc = fixed(50).build().layer(backend.service());
     let err = svc.oneshot(0).await.unwrap_err();
     assert_eq!(err.kind(), towerguard::ErrorKind::Inner);
     assert_eq!(backend.calls(), 2);
@@ -157,11 +157,12 @@ async fn the_percentile_delay_follows_a_shifted_latency_distribution() {
     let phase = Arc::new(AtomicUsize::new(10));
     let p = phase.clone();
     let backend = Backend::new(move |_| Duration::from_millis(p.load(Ordering::SeqCst) as u64));
-    let layer = HedgeLayer::new()
+    let layer = HedgeLayer::builder()
         .percentile(0.9)
         .window(100)
         .initial_delay(Duration::from_millis(500), 20)
-        .without_budget();
+        .without_budget()
+        .build();
     let svc = layer.layer(backend.service());
     assert_eq!(
         layer.current_delay(),
@@ -191,9 +192,16 @@ async fn the_percentile_delay_follows_a_shifted_latency_distribution() {
 async fn with_every_call_slow_hedges_stay_within_the_budget_fraction() {
     const REQUESTS: usize = 10_000;
     let backend = Backend::new(|_| Duration::from_millis(100));
-    let layer = HedgeLayer::new()
+    let layer = HedgeLayer::builder()
         .fixed_delay(Duration::from_millis(10))
-        .budget(Budget::with_cap(0.05, 0.0, 100.0));
+        .budget(
+            Budget::builder()
+                .ratio(0.05)
+                .min_per_second(0.0)
+                .max_balance(100.0)
+                .build(),
+        )
+        .build();
     let svc = layer.layer(backend.service());
     for batch in 0..REQUESTS / 500 {
         let mut set = JoinSet::new();
@@ -217,7 +225,7 @@ async fn no_hedge_starts_when_the_deadline_cannot_be_met() {
     let backend = Backend::new(|_| Duration::from_millis(100));
     let svc = ServiceBuilder::new()
         .layer(TimeoutLayer::new(Duration::from_millis(30)))
-        .layer(fixed(20))
+        .layer(fixed(20).build())
         .service(backend.service());
     let err = svc.oneshot(0).await.unwrap_err();
     assert_eq!(err.kind(), towerguard::ErrorKind::TimedOut);
@@ -233,7 +241,7 @@ async fn every_attempt_drives_its_own_service_to_ready() {
     let backend = Backend::new(|n| Duration::from_millis(if n == 0 { 1_000 } else { 10 }));
     let probe = Probe::new(backend.service());
     let (polls, calls) = (probe.polls.clone(), probe.calls.clone());
-    let mut svc = fixed(50).max_attempts(3).layer(probe);
+    let mut svc = fixed(50).max_attempts(3).build().layer(probe);
     let answer = svc.ready().await.unwrap().call(0).await.unwrap();
     assert_eq!(answer, 1);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -251,7 +259,7 @@ async fn requests_the_policy_cannot_replay_are_not_hedged() {
         |_: &u32| None,
         |_: &Result<usize, towerguard::Error>| towerguard::retry::Verdict::Done,
     );
-    let svc = fixed(10).policy(policy).layer(backend.service());
+    let svc = fixed(10).policy(policy).build().layer(backend.service());
     svc.oneshot(0).await.unwrap();
     assert_eq!(backend.calls(), 1);
 }
@@ -259,7 +267,7 @@ async fn requests_the_policy_cannot_replay_are_not_hedged() {
 #[tokio::test(start_paused = true)]
 async fn dropping_the_response_future_drops_every_attempt() {
     let backend = Backend::new(|_| Duration::from_secs(10));
-    let mut svc = fixed(10).layer(backend.service());
+    let mut svc = fixed(10).build().layer(backend.service());
     let mut fut = task::spawn(svc.ready().await.unwrap().call(0));
     assert_pending!(fut.poll());
     tokio::time::advance(Duration::from_millis(10)).await;
@@ -282,10 +290,17 @@ fn hedge_metrics_are_emitted() {
     let backend = Backend::new(|n| Duration::from_millis(if n == 0 { 1_000 } else { 10 }));
     // Handles register when the layer wraps its service.
     let svc = metrics::with_local_recorder(&recorder, || {
-        HedgeLayer::new()
+        HedgeLayer::builder()
             .name("m")
             .fixed_delay(Duration::from_millis(50))
-            .budget(Budget::with_cap(0.0, 1.0, 0.0))
+            .budget(
+                Budget::builder()
+                    .ratio(0.0)
+                    .min_per_second(1.0)
+                    .max_balance(0.0)
+                    .build(),
+            )
+            .build()
             .layer(backend.service())
     });
     let runtime = support::paused_runtime();
@@ -375,6 +390,7 @@ async fn a_fast_retryable_response_from_a_hedge_does_not_beat_a_pending_success(
     let tokens = Arc::default();
     let svc = fixed(10)
         .policy(towerguard::http::HttpPolicy)
+        .build()
         .layer(http_backend(
             tokens,
             Some(Duration::from_millis(50)),
@@ -391,6 +407,7 @@ async fn a_losing_attempt_sees_the_token_in_its_request_extensions_cancelled() {
     let svc = fixed(10)
         .policy(towerguard::http::HttpPolicy)
         .carrier(towerguard::http::HttpExtensions)
+        .build()
         .layer(http_backend(tokens.clone(), None, http::StatusCode::OK));
     let response = svc.oneshot(http_get()).await.unwrap();
     assert_eq!(response.body(), "#1", "the hedge won");

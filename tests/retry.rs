@@ -31,7 +31,7 @@ async fn transient_errors_are_retried_until_success() {
         1 | 2 => Outcome::Err("reset"),
         _ => Outcome::Ok(format!("{key}#{n}")),
     });
-    let svc = RetryLayer::new().layer(upstream.clone());
+    let svc = RetryLayer::builder().build().layer(upstream.clone());
     assert_eq!(svc.oneshot("k".to_owned()).await.unwrap(), "k#3");
     assert_eq!(upstream.calls(), 3);
 }
@@ -39,7 +39,10 @@ async fn transient_errors_are_retried_until_success() {
 #[tokio::test(start_paused = true)]
 async fn max_attempts_bounds_the_retries_and_the_last_error_comes_back() {
     let upstream = Upstream::scripted(|_, _| Outcome::Err("down"));
-    let svc = RetryLayer::new().max_attempts(4).layer(upstream.clone());
+    let svc = RetryLayer::builder()
+        .max_attempts(4)
+        .build()
+        .layer(upstream.clone());
     let err = svc.oneshot("k".to_owned()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Inner);
     assert_eq!(upstream.calls(), 4);
@@ -55,10 +58,11 @@ async fn waits_between_attempts_stay_within_the_backoff_ceiling() {
         upstream.clone().oneshot(key)
     });
     let backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(300));
-    let svc = RetryLayer::new()
+    let svc = RetryLayer::builder()
         .max_attempts(5)
         .backoff(backoff)
         .without_budget()
+        .build()
         .layer(inner);
     svc.oneshot("k".to_owned()).await.unwrap_err();
     let times = times.lock().unwrap();
@@ -135,9 +139,10 @@ fn http_retry(
     ServiceBuilder::new()
         .layer(BufferBodyLayer::new(64))
         .layer(
-            RetryLayer::new()
+            RetryLayer::builder()
                 .policy(HttpPolicy)
-                .max_retry_after(Duration::from_secs(60)),
+                .max_retry_after(Duration::from_secs(60))
+                .build(),
         )
         .service(upstream.clone())
 }
@@ -316,8 +321,9 @@ async fn under_a_total_outage_the_budget_bounds_upstream_calls_per_request() {
     const REQUESTS: usize = 10_000;
     let upstream = Upstream::scripted(|_, _| Outcome::Err("down"));
     let budget = Budget::new(0.2, 10.0);
-    let svc = RetryLayer::new()
+    let svc = RetryLayer::builder()
         .budget(budget.clone())
+        .build()
         .layer(upstream.clone());
     let start = Instant::now();
     let mut set = JoinSet::new();
@@ -339,9 +345,10 @@ async fn under_a_total_outage_the_budget_bounds_upstream_calls_per_request() {
 
     // Without a budget the same outage triples the load.
     let upstream = Upstream::scripted(|_, _| Outcome::Err("down"));
-    let svc = RetryLayer::new()
+    let svc = RetryLayer::builder()
         .max_attempts(3)
         .without_budget()
+        .build()
         .layer(upstream.clone());
     let mut set = JoinSet::new();
     for i in 0..1_000 {
@@ -369,7 +376,7 @@ async fn a_ten_percent_transient_failure_rate_is_masked() {
             Outcome::Ok(format!("{key}#{n}"))
         }
     });
-    let svc = RetryLayer::new().layer(upstream.clone());
+    let svc = RetryLayer::builder().build().layer(upstream.clone());
     let mut ok = 0;
     for i in 0..REQUESTS {
         if svc.clone().oneshot(format!("k{i}")).await.is_ok() {
@@ -398,7 +405,7 @@ async fn no_retry_starts_when_the_deadline_cannot_be_met() {
     );
     let svc = ServiceBuilder::new()
         .layer(TimeoutLayer::new(Duration::from_secs(1)))
-        .layer(RetryLayer::new().policy(policy))
+        .layer(RetryLayer::builder().policy(policy).build())
         .service(upstream.clone());
     let start = Instant::now();
     let err = svc.oneshot("k".to_owned()).await.unwrap_err();
@@ -423,7 +430,7 @@ async fn every_attempt_drives_its_service_to_ready_first() {
     });
     let probe = Probe::new(upstream.clone());
     let polls = probe.polls.clone();
-    let mut svc = RetryLayer::new().layer(probe);
+    let mut svc = RetryLayer::builder().build().layer(probe);
     let answer = svc
         .ready()
         .await
@@ -451,10 +458,17 @@ fn retry_metrics_are_emitted() {
     // Handles register when the layer wraps its service.
     let svc = metrics::with_local_recorder(&recorder, || {
         // Only the floor pays: two tokens, for the first two retries.
-        RetryLayer::new()
+        RetryLayer::builder()
             .name("m")
             .max_attempts(2)
-            .budget(Budget::with_cap(0.0, 2.0, 0.0))
+            .budget(
+                Budget::builder()
+                    .ratio(0.0)
+                    .min_per_second(2.0)
+                    .max_balance(0.0)
+                    .build(),
+            )
+            .build()
             .layer(upstream)
     });
     let runtime = support::paused_runtime();

@@ -24,6 +24,7 @@ pub const DEFAULT_MAX_FLIGHTS: usize = 10_000;
 /// Built with [`CacheLayer::builder`]. All state (the store, the in-flight map, the metric
 /// handles) is created once by [`CacheBuilder::build`]: every clone of the layer and every
 /// service it makes share it, however many times `layer()` is called.
+#[must_use]
 pub struct CacheLayer<Req, K, V> {
     pub(crate) core: Arc<Core<K, V>>,
     pub(crate) key_fn: KeyFn<Req, K>,
@@ -104,6 +105,7 @@ impl<S, Req, K, V> Layer<S> for CacheLayer<Req, K, V> {
 ///     .build();
 /// # let _ = layer;
 /// ```
+#[must_use]
 pub struct CacheBuilder<Req, K, V> {
     key_fn: KeyFn<Req, K>,
     name: String,

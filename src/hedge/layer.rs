@@ -60,59 +60,31 @@ impl Shared {
 
 /// A [`Layer`] that sends another attempt when the first is slow.
 ///
+/// Built once with [`HedgeLayer::builder`]; every clone of the layer and every service it
+/// makes share one latency window, one budget and one set of metric series.
+///
 /// ```
 /// use std::time::Duration;
 /// use towerguard::budget::Budget;
 /// use towerguard::hedge::HedgeLayer;
 ///
 /// // Hedge after the 95th percentile of recent latencies, for at most 5% of requests.
-/// let hedge = HedgeLayer::new()
+/// let hedge = HedgeLayer::builder()
 ///     .name("backend")
 ///     .percentile(0.95)
-///     .budget(Budget::new(0.05, 1.0));
+///     .budget(Budget::new(0.05, 1.0))
+///     .build();
 /// // Or after a fixed delay.
-/// let fixed = HedgeLayer::new().fixed_delay(Duration::from_millis(20));
+/// let fixed = HedgeLayer::builder()
+///     .fixed_delay(Duration::from_millis(20))
+///     .build();
 /// # let _ = (hedge, fixed);
 /// ```
+#[must_use]
 pub struct HedgeLayer<P = RetryErrors, C = TaskLocal> {
     shared: Arc<Shared>,
     policy: P,
     carrier: C,
-    settings: Settings,
-}
-
-/// The builder's settings; the shared state is rebuilt from them when they change.
-#[derive(Debug, Clone)]
-struct Settings {
-    name: String,
-    fixed: Option<Duration>,
-    percentile: f64,
-    window: u64,
-    min_samples: u64,
-    initial: Duration,
-    max_attempts: u32,
-    budget: Option<Budget>,
-    deposit: bool,
-}
-
-impl Settings {
-    fn build(&self) -> Arc<Shared> {
-        let metrics = Lazy::new(self.name.clone(), HedgeMetrics::register);
-        let delay = match self.fixed {
-            Some(delay) => Delay::Fixed(delay),
-            None => Delay::Percentile {
-                window: LatencyWindow::new(self.window, self.min_samples, self.percentile),
-                initial: self.initial,
-            },
-        };
-        Arc::new(Shared {
-            delay,
-            max_attempts: self.max_attempts,
-            budget: self.budget.clone(),
-            deposit: self.deposit,
-            metrics,
-        })
-    }
 }
 
 impl<P: Clone, C: Clone> Clone for HedgeLayer<P, C> {
@@ -121,7 +93,6 @@ impl<P: Clone, C: Clone> Clone for HedgeLayer<P, C> {
             shared: self.shared.clone(),
             policy: self.policy.clone(),
             carrier: self.carrier.clone(),
-            settings: self.settings.clone(),
         }
     }
 }
@@ -129,24 +100,25 @@ impl<P: Clone, C: Clone> Clone for HedgeLayer<P, C> {
 impl<P: fmt::Debug, C> fmt::Debug for HedgeLayer<P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HedgeLayer")
-            .field("settings", &self.settings)
+            .field("shared", &self.shared)
             .field("policy", &self.policy)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 impl Default for HedgeLayer {
+    /// [`HedgeLayer::builder`]'s defaults.
     fn default() -> Self {
-        Self::new()
+        Self::builder().build()
     }
 }
 
 impl HedgeLayer {
-    /// Two attempts at most; the delay is the 95th percentile of the last 1,000 to 2,000
-    /// successful attempts, 10 ms until 20 have been seen; hedges spend from a budget of
-    /// 10% of successful requests plus 1 per second.
-    pub fn new() -> Self {
-        let settings = Settings {
+    /// Starts a builder: two attempts at most; the delay is the 95th percentile of the
+    /// last 1,000 to 2,000 successful attempts, 10 ms until 20 have been seen; hedges
+    /// spend from a budget of 10% of successful requests plus 1 per second.
+    pub fn builder() -> HedgeBuilder {
+        HedgeBuilder {
             name: "default".to_owned(),
             fixed: None,
             percentile: 0.95,
@@ -156,108 +128,156 @@ impl HedgeLayer {
             max_attempts: 2,
             budget: Some(Budget::new(0.1, 1.0)),
             deposit: true,
-        };
-        HedgeLayer {
-            shared: settings.build(),
             policy: RetryErrors,
             carrier: TaskLocal,
-            settings,
         }
     }
 }
 
 impl<P, C> HedgeLayer<P, C> {
-    fn with(mut self, f: impl FnOnce(&mut Settings)) -> Self {
-        f(&mut self.settings);
-        self.shared = self.settings.build();
+    /// The current hedge delay.
+    pub fn current_delay(&self) -> Duration {
+        self.shared.delay()
+    }
+}
+
+/// Configures a [`HedgeLayer`]; [`build`](Self::build) makes its shared state once.
+#[must_use]
+#[derive(Debug, Clone)]
+pub struct HedgeBuilder<P = RetryErrors, C = TaskLocal> {
+    name: String,
+    fixed: Option<Duration>,
+    percentile: f64,
+    window: u64,
+    min_samples: u64,
+    initial: Duration,
+    max_attempts: u32,
+    budget: Option<Budget>,
+    deposit: bool,
+    policy: P,
+    carrier: C,
+}
+
+impl<P, C> HedgeBuilder<P, C> {
+    /// The instance name, the `name` label of every metric (default `"default"`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
         self
     }
 
-    /// The instance name, the `name` label of every metric (default `"default"`).
-    pub fn name(self, name: impl Into<String>) -> Self {
-        let name = name.into();
-        self.with(|s| s.name = name)
-    }
-
     /// Hedge after this percentile (`0.0..=1.0`) of recent successful latencies.
-    pub fn percentile(self, percentile: f64) -> Self {
-        let percentile = if percentile.is_finite() {
+    pub fn percentile(mut self, percentile: f64) -> Self {
+        self.percentile = if percentile.is_finite() {
             percentile.clamp(0.0, 1.0)
         } else {
             0.95
         };
-        self.with(|s| {
-            s.percentile = percentile;
-            s.fixed = None;
-        })
+        self.fixed = None;
+        self
     }
 
     /// The sliding window: the percentile covers the last `samples` to `2 × samples`
     /// successful attempts.
-    pub fn window(self, samples: u64) -> Self {
-        self.with(|s| s.window = samples.max(1))
+    pub fn window(mut self, samples: u64) -> Self {
+        self.window = samples.max(1);
+        self
     }
 
     /// The delay used until `min_samples` successful attempts have been seen.
-    pub fn initial_delay(self, delay: Duration, min_samples: u64) -> Self {
-        self.with(|s| {
-            s.initial = delay;
-            s.min_samples = min_samples.max(1);
-        })
+    pub fn initial_delay(mut self, delay: Duration, min_samples: u64) -> Self {
+        self.initial = delay;
+        self.min_samples = min_samples.max(1);
+        self
     }
 
     /// Hedge after a fixed delay instead of a percentile.
-    pub fn fixed_delay(self, delay: Duration) -> Self {
-        self.with(|s| s.fixed = Some(delay))
+    pub fn fixed_delay(mut self, delay: Duration) -> Self {
+        self.fixed = Some(delay);
+        self
     }
 
     /// Attempts in all, the first included (at least 1; 1 turns hedging off).
-    pub fn max_attempts(self, attempts: u32) -> Self {
-        self.with(|s| s.max_attempts = attempts.max(1))
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
     }
 
     /// The budget hedges spend from (share one with a retry layer).
-    pub fn budget(self, budget: Budget) -> Self {
-        self.with(|s| s.budget = Some(budget))
+    pub fn budget(mut self, budget: Budget) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// No budget: a uniformly slow backend then gets up to `max_attempts` times the load.
-    pub fn without_budget(self) -> Self {
-        self.with(|s| s.budget = None)
+    pub fn without_budget(mut self) -> Self {
+        self.budget = None;
+        self
     }
 
     /// Whether successful requests deposit into the budget (default yes). Turn it off when
     /// a retry layer outside shares the budget and deposits already.
-    pub fn deposit(self, deposit: bool) -> Self {
-        self.with(|s| s.deposit = deposit)
+    pub fn deposit(mut self, deposit: bool) -> Self {
+        self.deposit = deposit;
+        self
     }
 
     /// Which requests may be hedged (those the policy can replay), and which responses
     /// may not win while another attempt is under way (those it would retry).
-    pub fn policy<Q>(self, policy: Q) -> HedgeLayer<Q, C> {
-        HedgeLayer {
-            shared: self.shared,
+    pub fn policy<Q>(self, policy: Q) -> HedgeBuilder<Q, C> {
+        HedgeBuilder {
+            name: self.name,
+            fixed: self.fixed,
+            percentile: self.percentile,
+            window: self.window,
+            min_samples: self.min_samples,
+            initial: self.initial,
+            max_attempts: self.max_attempts,
+            budget: self.budget,
+            deposit: self.deposit,
             policy,
             carrier: self.carrier,
-            settings: self.settings,
         }
     }
 
     /// Where each attempt's scope (cancellation token and deadline) is put besides the
-    /// task-local: `towerguard::http::HttpExtensions` puts it in the
-    /// request's extensions too, so a losing attempt sees its token cancelled there.
-    pub fn carrier<C2>(self, carrier: C2) -> HedgeLayer<P, C2> {
-        HedgeLayer {
-            shared: self.shared,
+    /// task-local: with the `http` feature, `towerguard::http::HttpExtensions` puts it in
+    /// the request's extensions too, so a losing attempt sees its token cancelled there.
+    pub fn carrier<C2>(self, carrier: C2) -> HedgeBuilder<P, C2> {
+        HedgeBuilder {
+            name: self.name,
+            fixed: self.fixed,
+            percentile: self.percentile,
+            window: self.window,
+            min_samples: self.min_samples,
+            initial: self.initial,
+            max_attempts: self.max_attempts,
+            budget: self.budget,
+            deposit: self.deposit,
             policy: self.policy,
             carrier,
-            settings: self.settings,
         }
     }
 
-    /// The current hedge delay.
-    pub fn current_delay(&self) -> Duration {
-        self.shared.delay()
+    /// Builds the layer and its shared state.
+    pub fn build(self) -> HedgeLayer<P, C> {
+        let delay = match self.fixed {
+            Some(delay) => Delay::Fixed(delay),
+            None => Delay::Percentile {
+                window: LatencyWindow::new(self.window, self.min_samples, self.percentile),
+                initial: self.initial,
+            },
+        };
+        HedgeLayer {
+            shared: Arc::new(Shared {
+                delay,
+                max_attempts: self.max_attempts,
+                budget: self.budget,
+                deposit: self.deposit,
+                metrics: Lazy::new(self.name, HedgeMetrics::register),
+            }),
+            policy: self.policy,
+            carrier: self.carrier,
+        }
     }
 }
 

@@ -33,9 +33,9 @@
 //!     tokio::time::sleep(Duration::from_millis(if attempt == 0 { 500 } else { 1 })).await;
 //!     Ok::<_, std::io::Error>(attempt)
 //! });
-//! let hedged = HedgeLayer::new()
+//! let hedged = HedgeLayer::builder()
 //!     .fixed_delay(Duration::from_millis(20))
-//!     .layer(slow_once);
+//!     .build().layer(slow_once);
 //! # let _ = hedged;
 //! # Ok(())
 //! # }
@@ -47,5 +47,5 @@ mod layer;
 mod service;
 
 pub use self::future::ResponseFuture;
-pub use self::layer::HedgeLayer;
+pub use self::layer::{HedgeBuilder, HedgeLayer};
 pub use self::service::Hedge;

@@ -305,6 +305,7 @@ impl Core {
 /// # let _ = cache;
 /// ```
 #[derive(Clone)]
+#[must_use]
 pub struct HttpCacheLayer {
     core: Arc<Core>,
 }
@@ -355,6 +356,7 @@ impl HttpCacheLayer {
 }
 
 /// Configures an [`HttpCacheLayer`].
+#[must_use]
 pub struct HttpCacheBuilder {
     key_extra: Option<KeyExtra>,
     name: String,

@@ -43,6 +43,7 @@ pub fn error_response<B: Default>(error: &Error, default_retry_after: Duration) 
 
 /// A [`Layer`] that maps the crate's errors to HTTP responses; see [the module](super).
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct ErrorResponseLayer {
     default_retry_after: Duration,
 }
@@ -87,6 +88,18 @@ pub struct ErrorResponse<S> {
     default_retry_after: Duration,
     /// An error `poll_ready` met: answered on the next call without calling `inner`.
     ready_error: Option<Error>,
+}
+
+impl<S> ErrorResponse<S> {
+    /// `inner` with its errors mapped to responses (as `ErrorResponseLayer::new().layer(inner)`).
+    pub fn new(inner: S) -> Self {
+        ErrorResponseLayer::new().layer(inner)
+    }
+
+    /// The layer: [`ErrorResponseLayer::new`].
+    pub fn layer() -> ErrorResponseLayer {
+        ErrorResponseLayer::new()
+    }
 }
 
 impl<S: Clone> Clone for ErrorResponse<S> {

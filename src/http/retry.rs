@@ -94,6 +94,7 @@ impl<B, RB> Policy<Request<BufferedBody<B>>, Response<RB>> for HttpPolicy {
 /// `Idempotency-Key`) are read ahead; a body over the bound is passed on whole, and its
 /// request is sent once.
 #[derive(Debug, Clone, Copy)]
+#[must_use]
 pub struct BufferBodyLayer {
     max_bytes: usize,
 }
@@ -121,6 +122,19 @@ impl<S> Layer<S> for BufferBodyLayer {
 pub struct BufferBody<S> {
     inner: S,
     max_bytes: usize,
+}
+
+impl<S> BufferBody<S> {
+    /// `inner` with request bodies read ahead up to `max_bytes` (as
+    /// `BufferBodyLayer::new(max_bytes).layer(inner)`).
+    pub fn new(inner: S, max_bytes: usize) -> Self {
+        BufferBodyLayer::new(max_bytes).layer(inner)
+    }
+
+    /// The layer: [`BufferBodyLayer::new`].
+    pub fn layer(max_bytes: usize) -> BufferBodyLayer {
+        BufferBodyLayer::new(max_bytes)
+    }
 }
 
 impl<S, B> Service<Request<B>> for BufferBody<S>

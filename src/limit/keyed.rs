@@ -148,6 +148,7 @@ impl<K: Hash + Eq> Drop for OverflowGuard<K> {
 ///     .build();
 /// # let _ = per_tenant;
 /// ```
+#[must_use]
 pub struct KeyedConcurrencyLimitLayer<Req, K> {
     partitions: Arc<Partitions<K>>,
     key_fn: KeyFn<Req, K>,
@@ -213,6 +214,7 @@ where
 }
 
 /// Configures a [`KeyedConcurrencyLimitLayer`].
+#[must_use]
 pub struct KeyedConcurrencyLimitBuilder<Req, K> {
     key_fn: KeyFn<Req, K>,
     name: String,

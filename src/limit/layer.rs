@@ -36,6 +36,7 @@ pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 ///     .build();
 /// # let _ = (strict, adaptive);
 /// ```
+#[must_use]
 pub struct ConcurrencyLimitLayer<M = OnResponse> {
     limiter: Arc<Limiter>,
     retry_after: Duration,
@@ -108,6 +109,7 @@ impl<S, M> Layer<S> for ConcurrencyLimitLayer<M> {
 }
 
 /// Configures a [`ConcurrencyLimitLayer`].
+#[must_use]
 pub struct ConcurrencyLimitBuilder {
     name: String,
     limit: usize,

@@ -55,6 +55,21 @@ impl<S, M> ConcurrencyLimit<S, M> {
     }
 }
 
+impl<S> ConcurrencyLimit<S> {
+    /// `inner` behind a static limit of `max` of its own (as
+    /// `ConcurrencyLimitLayer::new(max).layer(inner)`). To share one limit between
+    /// services, build a [`ConcurrencyLimitLayer`](super::ConcurrencyLimitLayer) once and
+    /// layer each with it.
+    pub fn new(inner: S, max: usize) -> Self {
+        tower_layer::Layer::layer(&super::ConcurrencyLimitLayer::new(max), inner)
+    }
+
+    /// A layer with a static limit of `max`: [`ConcurrencyLimitLayer::new`](super::ConcurrencyLimitLayer::new).
+    pub fn layer(max: usize) -> super::ConcurrencyLimitLayer {
+        super::ConcurrencyLimitLayer::new(max)
+    }
+}
+
 impl<S: Clone, M> Clone for ConcurrencyLimit<S, M> {
     fn clone(&self) -> Self {
         Self::from_parts(self.inner.clone(), self.limiter.clone(), self.retry_after)

@@ -24,18 +24,23 @@ pub(crate) struct Shared {
 
 /// A [`Layer`] that retries transient failures with backoff, within a budget.
 ///
+/// Built once with [`RetryLayer::builder`]; every clone of the layer and every service it
+/// makes share one budget and one set of metric series.
+///
 /// ```
 /// use std::time::Duration;
 /// use towerguard::budget::Budget;
 /// use towerguard::retry::{Backoff, RetryLayer};
 ///
-/// let retry = RetryLayer::new()
+/// let retry = RetryLayer::builder()
 ///     .name("backend")
 ///     .max_attempts(3)
 ///     .backoff(Backoff::new(Duration::from_millis(20), Duration::from_secs(1)))
-///     .budget(Budget::new(0.2, 10.0));
+///     .budget(Budget::new(0.2, 10.0))
+///     .build();
 /// # let _ = retry;
 /// ```
+#[must_use]
 pub struct RetryLayer<P = RetryErrors> {
     shared: Arc<Shared>,
     policy: P,
@@ -60,97 +65,121 @@ impl<P: fmt::Debug> fmt::Debug for RetryLayer<P> {
 }
 
 impl Default for RetryLayer {
+    /// [`RetryLayer::builder`]'s defaults.
     fn default() -> Self {
-        Self::new()
+        Self::builder().build()
     }
 }
 
 impl RetryLayer {
-    /// Four attempts in all, backoff 25 ms doubling to 1 s with full jitter, `Retry-After`
-    /// honoured up to 10 s, a budget of 20% of successful requests plus 10 per second, and
-    /// the [`RetryErrors`] policy.
-    pub fn new() -> Self {
-        RetryLayer {
-            shared: Arc::new(Shared {
-                max_attempts: 4,
-                backoff: Backoff::default(),
-                max_retry_after: Duration::from_secs(10),
-                budget: Some(Budget::new(0.2, 10.0)),
-                deposit: true,
-                jitter: Jitter::new(),
-                metrics: Lazy::new("default", RetryMetrics::register),
-            }),
+    /// Starts a builder: four attempts in all, backoff 25 ms doubling to 1 s with full
+    /// jitter, `Retry-After` honoured up to 10 s, a budget of 20% of successful requests
+    /// plus 10 per second, and the [`RetryErrors`] policy.
+    pub fn builder() -> RetryBuilder {
+        RetryBuilder {
+            name: "default".to_owned(),
+            max_attempts: 4,
+            backoff: Backoff::default(),
+            max_retry_after: Duration::from_secs(10),
+            budget: Some(Budget::new(0.2, 10.0)),
+            deposit: true,
             policy: RetryErrors,
         }
     }
 }
 
 impl<P> RetryLayer<P> {
-    fn with(self, f: impl FnOnce(&mut Shared)) -> Self {
-        let mut shared = Arc::try_unwrap(self.shared).unwrap_or_else(|shared| Shared {
-            max_attempts: shared.max_attempts,
-            backoff: shared.backoff,
-            max_retry_after: shared.max_retry_after,
-            budget: shared.budget.clone(),
-            deposit: shared.deposit,
-            jitter: Jitter::new(),
-            metrics: Lazy::new(shared.metrics.name(), RetryMetrics::register),
-        });
-        f(&mut shared);
-        RetryLayer {
-            shared: Arc::new(shared),
-            policy: self.policy,
-        }
+    /// The budget, if any.
+    pub fn budget(&self) -> Option<&Budget> {
+        self.shared.budget.as_ref()
     }
+}
 
+/// Configures a [`RetryLayer`]; [`build`](Self::build) makes its shared state once.
+#[must_use]
+#[derive(Debug, Clone)]
+pub struct RetryBuilder<P = RetryErrors> {
+    name: String,
+    max_attempts: u32,
+    backoff: Backoff,
+    max_retry_after: Duration,
+    budget: Option<Budget>,
+    deposit: bool,
+    policy: P,
+}
+
+impl<P> RetryBuilder<P> {
     /// The instance name, the `name` label of every metric (default `"default"`).
-    pub fn name(self, name: &str) -> Self {
-        self.with(|s| s.metrics = Lazy::new(name, RetryMetrics::register))
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// Attempts in all, the first included (at least 1).
-    pub fn max_attempts(self, attempts: u32) -> Self {
-        self.with(|s| s.max_attempts = attempts.max(1))
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
     }
 
     /// The wait between attempts when the server names none.
-    pub fn backoff(self, backoff: Backoff) -> Self {
-        self.with(|s| s.backoff = backoff)
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
     }
 
     /// The longest `Retry-After` honoured; a longer one ends the retries.
-    pub fn max_retry_after(self, cap: Duration) -> Self {
-        self.with(|s| s.max_retry_after = cap)
+    pub fn max_retry_after(mut self, cap: Duration) -> Self {
+        self.max_retry_after = cap;
+        self
     }
 
     /// The budget retries spend from (share one with a hedge layer).
-    pub fn budget(self, budget: Budget) -> Self {
-        self.with(|s| s.budget = Some(budget))
+    pub fn budget(mut self, budget: Budget) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// No budget: only `max_attempts` bounds the retries. A total outage then multiplies
     /// the load by `max_attempts`.
-    pub fn without_budget(self) -> Self {
-        self.with(|s| s.budget = None)
+    pub fn without_budget(mut self) -> Self {
+        self.budget = None;
+        self
     }
 
     /// Whether successful requests deposit into the budget (default yes). Turn it off on
     /// the inner of two layers sharing one budget, so a request deposits once.
-    pub fn deposit(self, deposit: bool) -> Self {
-        self.with(|s| s.deposit = deposit)
+    pub fn deposit(mut self, deposit: bool) -> Self {
+        self.deposit = deposit;
+        self
     }
 
     /// Which requests are replayed and which outcomes retried.
-    pub fn policy<Q>(self, policy: Q) -> RetryLayer<Q> {
-        RetryLayer {
-            shared: self.shared,
+    pub fn policy<Q>(self, policy: Q) -> RetryBuilder<Q> {
+        RetryBuilder {
+            name: self.name,
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            max_retry_after: self.max_retry_after,
+            budget: self.budget,
+            deposit: self.deposit,
             policy,
         }
     }
 
-    /// The budget, if any.
-    pub fn get_budget(&self) -> Option<&Budget> {
-        self.shared.budget.as_ref()
+    /// Builds the layer and its shared state.
+    pub fn build(self) -> RetryLayer<P> {
+        RetryLayer {
+            shared: Arc::new(Shared {
+                max_attempts: self.max_attempts,
+                backoff: self.backoff,
+                max_retry_after: self.max_retry_after,
+                budget: self.budget,
+                deposit: self.deposit,
+                jitter: Jitter::new(),
+                metrics: Lazy::new(self.name, RetryMetrics::register),
+            }),
+            policy: self.policy,
+        }
     }
 }
 

@@ -36,7 +36,7 @@
 //!         if n == 0 { Err(std::io::Error::other("reset")) } else { Ok(x) }
 //!     }
 //! });
-//! let service = RetryLayer::new().layer(flaky);
+//! let service = RetryLayer::builder().build().layer(flaky);
 //! assert_eq!(service.oneshot(7).await?, 7);
 //! assert_eq!(calls.load(Ordering::SeqCst), 2);
 //! # Ok(())
@@ -51,6 +51,6 @@ mod service;
 
 pub use self::backoff::Backoff;
 pub use self::future::ResponseFuture;
-pub use self::layer::RetryLayer;
+pub use self::layer::{RetryBuilder, RetryLayer};
 pub use self::policy::{is_transient, FnPolicy, Policy, RetryErrors, Verdict};
 pub use self::service::Retry;

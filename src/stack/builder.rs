@@ -89,6 +89,7 @@ enum Limit {
 
 /// Builds the standard stack; see [the module](super) for the order and the defaults.
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct StackBuilder {
     name: String,
     total_timeout: Option<Duration>,
@@ -285,7 +286,7 @@ impl StackBuilder {
                 .carrier(carrier.clone())
         });
         let hedge = self.hedge.map(|delay| {
-            let mut layer = HedgeLayer::new().name(self.name.clone());
+            let mut layer = HedgeLayer::builder().name(self.name.clone());
             if let Some(delay) = delay {
                 layer = layer.fixed_delay(delay);
             }
@@ -295,17 +296,20 @@ impl StackBuilder {
                     .budget(budget.clone())
                     .deposit(self.retry_attempts <= 1);
             }
-            layer.policy(policy.clone()).carrier(carrier.clone())
+            layer
+                .policy(policy.clone())
+                .carrier(carrier.clone())
+                .build()
         });
         let retry = (self.retry_attempts > 1).then(|| {
-            let layer = RetryLayer::new()
-                .name(&self.name)
+            let layer = RetryLayer::builder()
+                .name(self.name.clone())
                 .max_attempts(self.retry_attempts);
             let layer = match &self.budget {
                 Some(budget) => layer.budget(budget.clone()),
                 None => layer.without_budget(),
             };
-            layer.policy(policy)
+            layer.policy(policy).build()
         });
         let total = self.total_timeout.map(|total| {
             TimeoutLayer::new(total)

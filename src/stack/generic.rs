@@ -21,6 +21,7 @@ use crate::timeout::TaskLocal;
 /// Every layer and its shared state were built by the builder; [`Layer::layer`] only
 /// wraps, so every service it makes (one per clone, per route, per connection) shares one
 /// limit, one latency window, one budget and one set of metric series.
+#[must_use]
 pub struct GenericStack<Req, K, Res> {
     pub(super) cache: Option<CacheLayer<Req, K, Res>>,
     pub(super) layers: Arc<Layers<RetryErrors, TaskLocal>>,

@@ -76,6 +76,7 @@ impl<T> ResponseBody for Response<T> {
 /// wraps. axum calls `layer()` once per route and again per connection: every service
 /// shares one limit, one latency window, one budget, one cache and one set of metric
 /// series.
+#[must_use]
 pub struct HttpStack<B> {
     pub(super) layers: Arc<Layers<HttpPolicy, HttpExtensions>>,
     pub(super) http_cache: Option<HttpCacheLayer>,

@@ -22,6 +22,7 @@ use crate::metrics::{Lazy, TimeoutMetrics};
 /// # let _ = (total, per_request);
 /// ```
 #[derive(Clone)]
+#[must_use]
 pub struct TimeoutLayer<C = TaskLocal, T = SameForAll> {
     timeout: Duration,
     carrier: C,

@@ -6,8 +6,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::deadline::{far_future, Carrier, Deadline, LazyToken, RequestTimeout, TimeoutContext};
+use super::deadline::{
+    far_future, Carrier, Deadline, LazyToken, RequestTimeout, SameForAll, TaskLocal, TimeoutContext,
+};
 use super::future::ResponseFuture;
+use super::layer::TimeoutLayer;
 use crate::error::{BoxError, Error};
 use crate::metrics::{Lazy, TimeoutMetrics};
 
@@ -20,6 +23,19 @@ pub struct Timeout<S, C, T> {
     carrier: C,
     per_request: T,
     metrics: Arc<Lazy<TimeoutMetrics>>,
+}
+
+impl<S> Timeout<S, TaskLocal, SameForAll> {
+    /// `inner` with every request bounded by `timeout` (as
+    /// `TimeoutLayer::new(timeout).layer(inner)`).
+    pub fn new(inner: S, timeout: Duration) -> Self {
+        tower_layer::Layer::layer(&TimeoutLayer::new(timeout), inner)
+    }
+
+    /// A layer bounding every request by `timeout`: [`TimeoutLayer::new`].
+    pub fn layer(timeout: Duration) -> TimeoutLayer {
+        TimeoutLayer::new(timeout)
+    }
 }
 
 impl<S, C, T> Timeout<S, C, T> {
