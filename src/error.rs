@@ -27,7 +27,10 @@ pub enum ErrorKind {
     Overloaded,
     /// A timeout expired before the response was ready.
     TimedOut,
-    /// The work was cancelled before it finished.
+    /// The work was cancelled before it finished: for inner code that stops when its
+    /// [`CancellationToken`](tokio_util::sync::CancellationToken) fires and says so with
+    /// `Error::new(ErrorKind::Cancelled)`. The layers never make one up: dropping a
+    /// response future is how a caller cancels, and it gets no error at all.
     Cancelled,
     /// A retry or hedge was wanted but the shared budget had no tokens left.
     BudgetExhausted,

@@ -901,7 +901,7 @@ where
         let start = move || -> Upstream<Arc<Fetched>> {
             match slot.take() {
                 Some(req) => Box::pin(fetch(start_core, start_inner, req, revalidate, start_extra)),
-                None => Box::pin(async { Err(Error::new(ErrorKind::Cancelled)) }),
+                None => unreachable!("a flight starts once"),
             }
         };
         core.flights
@@ -930,7 +930,7 @@ where
         Joined::Full(_) | Joined::Busy(_) => {
             metrics.bypass.increment(1);
             let Some(req) = request_slot.take() else {
-                return Err(Error::new(ErrorKind::Cancelled));
+                unreachable!("no flight took the request");
             };
             return forward(inner, req, forwarded("miss", Some("flights-full"))).await;
         }
@@ -986,7 +986,7 @@ where
             _ => {
                 // Fetched for someone else and not for us: to the origin on our own.
                 let Some(req) = request_slot.take() else {
-                    return Err(Error::new(ErrorKind::Cancelled));
+                    unreachable!("a waiter that did not start the flight keeps its request");
                 };
                 let detail = fetched
                     .not_stored
@@ -1022,7 +1022,7 @@ where
         ));
     }
     let Fetch::Streaming(response) = &fetched.response else {
-        return Err(Error::new(ErrorKind::Cancelled));
+        unreachable!("a complete response was answered above");
     };
     let taken = response
         .lock()
@@ -1041,7 +1041,7 @@ where
             };
             Ok(with_status(*response, &cache_status))
         }
-        None => Err(Error::new(ErrorKind::Cancelled)),
+        None => unreachable!("only the originator takes the streamed response, once"),
     }
 }
 

@@ -201,7 +201,7 @@ where
             },
             StateProj::Failed { error } => error
                 .take()
-                .unwrap_or_else(|| Error::new(ErrorKind::Cancelled)),
+                .expect("ErrorResponseFuture polled after completion"),
         };
         Poll::Ready(Ok(error_response(&error, *this.default_retry_after)))
     }

@@ -247,7 +247,7 @@ where
                     max_bytes,
                 } => {
                     let Some(reading) = body.as_mut() else {
-                        return Poll::Ready(Err(Error::new(crate::ErrorKind::Cancelled)));
+                        unreachable!("the body is read until the request is called");
                     };
                     let complete = match ready!(poll_read_ahead(
                         Pin::new(&mut *reading),
@@ -265,7 +265,7 @@ where
                         BufferedBody::streaming(std::mem::take(frames), body.take())
                     };
                     let (Some(mut service), Some(parts)) = (service.take(), parts.take()) else {
-                        return Poll::Ready(Err(Error::new(crate::ErrorKind::Cancelled)));
+                        unreachable!("the request is called once");
                     };
                     let future = service.call(Request::from_parts(parts, replay));
                     state.set(BufferState::Calling { future });

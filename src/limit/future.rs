@@ -156,8 +156,7 @@ where
                     };
                     let (Some(mut service), Some(request)) = (service.take(), request.take())
                     else {
-                        state.set(State::Done);
-                        break Err(Error::new(ErrorKind::Cancelled));
+                        unreachable!("a queued request leaves the queue once");
                     };
                     let future = service.call(request);
                     state.set(State::Running {
@@ -173,8 +172,7 @@ where
                         Err(payload) => Err(Error::panicked(&*payload)),
                     };
                     let Some(mut permit) = permit.take() else {
-                        state.set(State::Done);
-                        break Err(Error::new(ErrorKind::Cancelled));
+                        unreachable!("a running request holds its permit until it ends");
                     };
                     permit.record(outcome_of(&result));
                     // Drops the inner future; the release mode decides when the permit goes.

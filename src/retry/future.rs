@@ -92,7 +92,7 @@ where
                     // A fresh copy, or the kept one itself when the policy makes no more.
                     let copy = this.replay.as_ref().and_then(|r| this.policy.replay(r));
                     let Some(request) = copy.or_else(|| this.replay.take()) else {
-                        return Poll::Ready(Err(Error::new(crate::ErrorKind::Cancelled)));
+                        unreachable!("only a replayable request waits for a retry");
                     };
                     this.shared.metrics.get().attempts.increment(1);
                     let call = Oneshot::new(this.service.clone(), request);
