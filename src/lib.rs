@@ -68,6 +68,8 @@ pub mod metrics;
 pub mod retry;
 #[cfg(feature = "stack")]
 pub mod stack;
+#[cfg(any(feature = "cache", feature = "limit"))]
+mod sync;
 #[cfg(feature = "timeout")]
 pub mod timeout;
 

@@ -39,18 +39,17 @@ use std::future::Future;
 use std::hash::Hash;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use dashmap::mapref::entry::Entry as MapEntry;
-use dashmap::DashMap;
 use tokio::time::Instant;
 
 use super::store::{Storable, Store};
+use super::table::Table;
 use crate::error::{Error, ErrorKind};
 use crate::metrics::CacheMetrics;
+use crate::sync::{lock, AtomicUsize, Mutex, MutexGuard, Ordering};
 use crate::timeout::deadline::{far_future, Deadline, LazyToken, TimeoutContext};
 
 /// The upstream call of one flight.
@@ -112,7 +111,7 @@ where
 
 /// The in-flight map, bounded by `max`.
 pub(crate) struct FlightMap<K, V> {
-    map: DashMap<K, Arc<Flight<K, V>>>,
+    map: Table<K, Arc<Flight<K, V>>>,
     len: AtomicUsize,
     max: usize,
 }
@@ -144,7 +143,7 @@ where
 {
     pub(crate) fn new(max: usize) -> Self {
         FlightMap {
-            map: DashMap::new(),
+            map: Table::new(),
             len: AtomicUsize::new(0),
             max,
         }
@@ -164,42 +163,41 @@ where
     where
         F: FnOnce() -> Upstream<V>,
     {
-        let entry = self.map.entry(key);
-        if let MapEntry::Occupied(occupied) = &entry {
-            if !join {
-                return Joined::Busy(start);
+        self.map.upsert(key, |key, current| {
+            if let Some(current) = current {
+                if !join {
+                    return (None, Joined::Busy(start));
+                }
+                if let Some(waiter) = Flight::join(current) {
+                    return (None, Joined::Coalesced(waiter));
+                }
+                // Abandoned by its last waiter, which is about to remove it: replace it.
             }
-            if let Some(waiter) = Flight::join(occupied.get()) {
-                return Joined::Coalesced(waiter);
+            let vacant = current.is_none();
+            if vacant {
+                // A flight stores its result before it leaves the map, so with the key's
+                // slot locked and empty, anything it stored is visible now.
+                if let Some(stored) = recheck(key) {
+                    return (None, Joined::Stored(stored));
+                }
+                if self.len.load(Ordering::Relaxed) >= self.max {
+                    return (None, Joined::Full(start));
+                }
             }
-            // Abandoned by its last waiter, which is about to remove it: replace it.
-        }
-        let vacant = matches!(entry, MapEntry::Vacant(_));
-        if vacant {
-            // A flight stores its result before it leaves the map, so with the key's slot
-            // locked and empty, anything it stored is visible now.
-            if let Some(stored) = recheck(entry.key()) {
-                return Joined::Stored(stored);
+            let flight = Flight::new(owner, key.clone(), start());
+            let waiter = Flight::first_waiter(&flight);
+            if vacant {
+                self.len.fetch_add(1, Ordering::Relaxed);
             }
-            if self.len.load(Ordering::Relaxed) >= self.max {
-                return Joined::Full(start);
-            }
-        }
-        let flight = Flight::new(owner, entry.key().clone(), start());
-        let waiter = Flight::first_waiter(&flight);
-        entry.insert(flight);
-        if vacant {
-            self.len.fetch_add(1, Ordering::Relaxed);
-        }
-        Joined::Started(waiter)
+            (Some(flight), Joined::Started(waiter))
+        })
     }
 
     /// Removes `flight` if it is still the one registered under its key.
     pub(crate) fn remove(&self, flight: &Arc<Flight<K, V>>) {
         if self
             .map
-            .remove_if(&flight.key, |_, current| Arc::ptr_eq(current, flight))
-            .is_some()
+            .remove_if(&flight.key, |current| Arc::ptr_eq(current, flight))
         {
             self.len.fetch_sub(1, Ordering::Relaxed);
         }
@@ -208,7 +206,7 @@ where
     /// Detaches the flight for `key`: its waiters still get its result, but it is not
     /// stored and later callers start a new flight.
     pub(crate) fn detach(&self, key: &K) {
-        if let Some((_, flight)) = self.map.remove(key) {
+        if let Some(flight) = self.map.remove(key) {
             self.len.fetch_sub(1, Ordering::Relaxed);
             flight.lock().no_store = true;
         }
@@ -413,9 +411,7 @@ where
 
     fn lock(&self) -> MutexGuard<'_, State<V>> {
         // Nothing panics while holding the lock, but a poisoned lock must not hang anyone.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     /// Adds a waiter, unless the flight was abandoned.

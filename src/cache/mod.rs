@@ -81,6 +81,7 @@ mod future;
 mod layer;
 mod service;
 mod store;
+mod table;
 
 pub use self::future::ResponseFuture;
 pub use self::layer::{

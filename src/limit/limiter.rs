@@ -1,6 +1,23 @@
 //! The shared limiter: permits counted in one atomic, a bounded FIFO queue, and an optional
 //! adaptive algorithm.
 //!
+//! # Invariants
+//!
+//! - `in_flight` counts the live [`Permit`]s, plus permits granted to queued slots whose
+//!   ticket has not yet taken them; it exceeds `limit` only after `limit` was lowered.
+//! - `queued` is the length of `queue`; both change only under the queue's lock.
+//! - A slot is granted at most once, and only after it left `queue`; a granted slot's
+//!   permit is taken by its ticket or, if the ticket is gone, released by the ticket's drop.
+//! - No permit is lost: a release either hands its permit to the first queued slot (the
+//!   count stays) or decrements `in_flight` and then drains the queue if it is not empty;
+//!   a request that queues counts itself in `queued` before it drains. Each side writes
+//!   its counter before it reads the other's, so one of them sees the other and grants.
+//!
+//! # Lock order
+//!
+//! The queue's lock, then a slot's waker lock (in `grant`). The adaptive algorithm's lock
+//! is taken alone. Wakers are woken while the queue's lock may be held; they only schedule.
+//!
 //! The fast path is one compare-and-swap on the in-flight count; the queue's lock is taken
 //! only when the limit is reached or somebody is already waiting. A released permit is
 //! handed straight to the first waiter, so a queued request cannot be overtaken by a newly
@@ -8,8 +25,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::Waker;
 use std::time::Duration;
 
@@ -17,6 +33,7 @@ use tokio::time::Instant;
 
 use super::adaptive::{Algorithm, Sample};
 use crate::metrics::LimitMetrics;
+use crate::sync::{load_latest, lock, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// Why the limit turned a request away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,12 +142,6 @@ impl Slot {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl Limiter {
     pub(crate) fn new(
         limit: usize,
@@ -194,7 +205,7 @@ impl Limiter {
 
     fn try_increment(&self) -> Option<usize> {
         let limit = self.limit.load(Ordering::SeqCst);
-        let mut current = self.in_flight.load(Ordering::SeqCst);
+        let mut current = load_latest(&self.in_flight);
         loop {
             if current >= limit {
                 return None;
@@ -290,8 +301,10 @@ impl Limiter {
             }
         }
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        // A request may have queued between the check above and the decrement.
-        if self.queued.load(Ordering::SeqCst) > 0 {
+        // A request may have queued between the check above and the decrement: it reads
+        // the in-flight count after counting itself in, and this reads the queue after
+        // the decrement, so one of the two sees the other (`SeqCst`).
+        if load_latest(&self.queued) > 0 {
             let mut queue = lock(&self.queue);
             self.drain(&mut queue);
         }
