@@ -3,17 +3,17 @@
 //! explore their interleavings. Reference counts stay std's `Arc` (receivers such as
 //! `self: &Arc<Self>` need it); what is modelled is every lock and atomic they guard.
 
+#[cfg(towerguard_loom)]
+pub(crate) use loom::sync::atomic::AtomicUsize;
 #[cfg(all(towerguard_loom, feature = "limit"))]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64};
 #[cfg(towerguard_loom)]
-pub(crate) use loom::sync::atomic::AtomicUsize;
-#[cfg(towerguard_loom)]
 pub(crate) use loom::sync::{Mutex, MutexGuard};
+#[cfg(not(towerguard_loom))]
+pub(crate) use std::sync::atomic::AtomicUsize;
 pub(crate) use std::sync::atomic::Ordering;
 #[cfg(all(not(towerguard_loom), feature = "limit"))]
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64};
-#[cfg(not(towerguard_loom))]
-pub(crate) use std::sync::atomic::AtomicUsize;
 #[cfg(not(towerguard_loom))]
 pub(crate) use std::sync::{Mutex, MutexGuard};
 

@@ -1,0 +1,153 @@
+//! The state one HTTP cache layer shares with its services: the store of variants, the
+//! flights under way, the policy and the metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName};
+
+use super::stored::{Fetched, FlightKey, KeyExtra, Stored, Variants};
+use crate::cache::flight::{FlightMap, Owner};
+use crate::error::{Error, ErrorKind};
+use crate::http::cache_policy::{normalised, vary_matches, HttpCachePolicy, Vary};
+use crate::metrics::CacheMetrics;
+
+pub(super) struct Core {
+    pub(super) key_extra: Option<KeyExtra>,
+    pub(super) store: moka::sync::Cache<String, Arc<Variants>>,
+    pub(super) flights: FlightMap<FlightKey, Arc<Fetched>>,
+    pub(super) policy: HttpCachePolicy,
+    pub(super) max_body: usize,
+    pub(super) max_variants: usize,
+    pub(super) metrics: CacheMetrics,
+}
+
+impl Owner<FlightKey, Arc<Fetched>> for Core {
+    fn flights(&self) -> &FlightMap<FlightKey, Arc<Fetched>> {
+        &self.flights
+    }
+
+    fn finish(
+        &self,
+        key: &FlightKey,
+        outcome: &Result<Arc<Fetched>, Error>,
+        elapsed: Duration,
+        detached: bool,
+    ) {
+        self.metrics.flight_duration.record(elapsed.as_secs_f64());
+        match outcome {
+            Ok(fetched) => {
+                if detached {
+                    return;
+                }
+                if let Some(stored) = &fetched.store {
+                    self.insert(&key.primary, stored.clone());
+                }
+                if let Some(evicted) = &fetched.evict {
+                    self.remove_variant(&key.primary, evicted);
+                }
+            }
+            Err(error) if error.is(ErrorKind::Panicked) => {
+                self.metrics.upstream_panicked.increment(1)
+            }
+            Err(_) => self.metrics.upstream_error.increment(1),
+        }
+    }
+}
+
+impl Core {
+    /// The stored variant that may answer a request with `headers`, if any.
+    pub(super) fn lookup(
+        &self,
+        key: &str,
+        headers: &HeaderMap,
+        extra: &Option<String>,
+    ) -> Option<Arc<Stored>> {
+        let variants = self.store.get(key)?;
+        variants
+            .0
+            .iter()
+            .find(|v| v.extra == *extra && vary_matches(&v.vary, &v.request_headers, headers))
+            .cloned()
+    }
+
+    /// The flight key of a request for `primary` with `headers`.
+    pub(super) fn flight_key(
+        &self,
+        primary: String,
+        headers: &HeaderMap,
+        extra: &Option<String>,
+    ) -> FlightKey {
+        let mut fields: Vec<HeaderName> = Vec::new();
+        if let Some(variants) = self.store.get(&primary) {
+            for variant in &variants.0 {
+                if let Vary::Fields(names) = &variant.vary {
+                    fields.extend(names.iter().cloned());
+                }
+            }
+        }
+        fields.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        fields.dedup();
+        FlightKey {
+            primary,
+            extra: extra.clone(),
+            credentials: headers.get(AUTHORIZATION).cloned(),
+            nominated: fields
+                .iter()
+                .map(|name| normalised(headers, name))
+                .collect(),
+        }
+    }
+
+    /// Stores `stored` as a variant of `key`, replacing the variant it matches.
+    pub(super) fn insert(&self, key: &str, stored: Arc<Stored>) {
+        let mut list: Vec<Arc<Stored>> =
+            self.store.get(key).map(|v| v.0.clone()).unwrap_or_default();
+        // The new variant replaces the one it would match.
+        list.retain(|v| {
+            !(v.extra == stored.extra
+                && v.vary == stored.vary
+                && vary_matches(&v.vary, &v.request_headers, &stored.request_headers))
+        });
+        list.insert(0, stored);
+        list.truncate(self.max_variants.max(1));
+        self.store.insert(key.to_owned(), Arc::new(Variants(list)));
+        self.sample();
+    }
+
+    /// Removes the variant `stored` of `key`, if it is still stored.
+    pub(super) fn remove_variant(&self, key: &str, stored: &Arc<Stored>) {
+        let Some(variants) = self.store.get(key) else {
+            return;
+        };
+        if !variants.0.iter().any(|v| Arc::ptr_eq(v, stored)) {
+            return;
+        }
+        let list: Vec<Arc<Stored>> = variants
+            .0
+            .iter()
+            .filter(|v| !Arc::ptr_eq(v, stored))
+            .cloned()
+            .collect();
+        if list.is_empty() {
+            self.store.invalidate(key);
+        } else {
+            self.store.insert(key.to_owned(), Arc::new(Variants(list)));
+        }
+        self.sample();
+    }
+
+    pub(super) fn invalidate(&self, key: &str) {
+        self.flights.detach_where(|flight| flight.primary == key);
+        self.store.invalidate(key);
+        self.sample();
+    }
+
+    pub(super) fn sample(&self) {
+        self.metrics.entries.set(self.store.entry_count() as f64);
+        self.metrics
+            .weighted_size
+            .set(self.store.weighted_size() as f64);
+    }
+}

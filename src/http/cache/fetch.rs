@@ -1,0 +1,250 @@
+//! Going to the origin: a flight's request (revalidating what is stale), a request of its
+//! own for one that cannot share, and the background refresh of stale-while-revalidate.
+
+use std::any::Any;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Body;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::util::Oneshot;
+use tower_service::Service;
+
+use super::core::Core;
+use super::respond::with_status;
+use super::stored::{Fetch, Fetched, FlightKey, Stored};
+use crate::cache::flight::{Joined, Owner, Upstream};
+use crate::error::{BoxError, Error};
+use crate::http::body::{read_ahead, BufferedBody};
+use crate::http::cache_policy::{
+    conditional_headers, has_validator, vary, AgeInputs, CacheStatus, NotStored, Vary,
+};
+use crate::http::timeout::HttpExtensions;
+use crate::timeout::{Carrier, Deadline, TimeoutContext};
+
+/// Sends `req` to the origin and reads its response ahead, deciding whether it may be
+/// stored. `revalidate` is the stale entry whose validators the request carries.
+pub(super) async fn fetch<S, B, RB>(
+    core: Arc<Core>,
+    inner: S,
+    mut req: Request<B>,
+    revalidate: Option<Arc<Stored>>,
+    extra: Option<String>,
+) -> Result<Arc<Fetched>, Error>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let request_headers = req.headers().clone();
+    // The origin request answers to the flight, not to the caller that made it: the
+    // caller's timeout context leaves the request, the flight's (if any) takes its place.
+    let extensions = req.extensions_mut();
+    extensions.remove::<TimeoutContext>();
+    extensions.remove::<Deadline>();
+    extensions.remove::<CancellationToken>();
+    if let Some(context) = TimeoutContext::current() {
+        HttpExtensions.insert(&mut req, &context);
+    }
+    // The cache makes its own conditional request; the client's is answered from the result.
+    req.headers_mut().remove(IF_NONE_MATCH);
+    req.headers_mut().remove(IF_MODIFIED_SINCE);
+    if let Some(stale) = &revalidate {
+        req.headers_mut()
+            .extend(conditional_headers(&stale.headers));
+    }
+    *req.method_mut() = Method::GET;
+    let request_time = SystemTime::now();
+    let response = Oneshot::new(inner, req).await.map_err(Error::inner)?;
+    let response_time = SystemTime::now();
+    let policy = &core.policy;
+
+    if response.status() == StatusCode::NOT_MODIFIED {
+        if let Some(stale) = revalidate {
+            // The updated response passes the storage rules again: a 304 may end the
+            // sharing (`private`, `no-store`) and its `Set-Cookie` is this client's alone.
+            let refreshed = policy.refresh(
+                &request_headers,
+                stale.status,
+                &stale.headers,
+                response.headers(),
+            );
+            let (store, not_stored, evict) = match refreshed.shared {
+                Ok(headers) => {
+                    let (swr, sie) = policy.stale_windows(&headers);
+                    let stored = Arc::new(Stored {
+                        status: stale.status,
+                        freshness: policy.freshness(stale.status, &headers),
+                        stale_while_revalidate: swr,
+                        stale_if_error: sie,
+                        age: AgeInputs::from_headers(&headers, request_time, response_time),
+                        stored_at: Instant::now(),
+                        vary: stale.vary.clone(),
+                        request_headers: stale.request_headers.clone(),
+                        extra: stale.extra.clone(),
+                        body: stale.body.clone(),
+                        headers,
+                    });
+                    (Some(stored), None, None)
+                }
+                Err(reason) => (None, Some(reason), Some(stale.clone())),
+            };
+            return Ok(Arc::new(Fetched {
+                status: StatusCode::NOT_MODIFIED,
+                response: Fetch::Complete {
+                    status: stale.status,
+                    headers: refreshed.client,
+                    body: stale.body.clone(),
+                },
+                request_headers,
+                extra,
+                store,
+                not_stored,
+                evict,
+                revalidated: true,
+            }));
+        }
+    }
+
+    let status = response.status();
+    let decision = policy.storable(&Method::GET, &request_headers, status, response.headers());
+    let (parts, body) = response.into_parts();
+    let streaming = |body: BufferedBody<RB>, parts: http::response::Parts, reason| {
+        let response: Box<dyn Any + Send> = Box::new(Response::from_parts(parts, body));
+        Arc::new(Fetched {
+            status,
+            response: Fetch::Streaming(Mutex::new(Some(response))),
+            request_headers: request_headers.clone(),
+            extra: extra.clone(),
+            store: None,
+            not_stored: Some(reason),
+            evict: None,
+            revalidated: false,
+        })
+    };
+    if let Err(reason) = decision {
+        return Ok(streaming(
+            BufferedBody::streaming(Default::default(), Some(body)),
+            parts,
+            reason,
+        ));
+    }
+    let body = read_ahead(body, core.max_body).await?;
+    if !body.is_replayable() {
+        return Ok(streaming(body, parts, NotStored::TooLarge));
+    }
+    let bytes = body.into_bytes().unwrap_or_default();
+    let freshness = policy.freshness(status, &parts.headers);
+    let (swr, sie) = policy.stale_windows(&parts.headers);
+    let response_vary = vary(&parts.headers);
+    let useful =
+        !freshness.is_zero() || has_validator(&parts.headers) || !swr.is_zero() || !sie.is_zero();
+    let store = useful.then(|| {
+        let mut nominated = HeaderMap::new();
+        if let Vary::Fields(fields) = &response_vary {
+            for name in fields {
+                for value in request_headers.get_all(name) {
+                    nominated.append(name.clone(), value.clone());
+                }
+            }
+        }
+        Arc::new(Stored {
+            status,
+            headers: parts.headers.clone(),
+            body: bytes.clone(),
+            vary: response_vary,
+            request_headers: nominated,
+            extra: extra.clone(),
+            age: AgeInputs::from_headers(&parts.headers, request_time, response_time),
+            stored_at: Instant::now(),
+            freshness,
+            stale_while_revalidate: swr,
+            stale_if_error: sie,
+        })
+    });
+    Ok(Arc::new(Fetched {
+        status,
+        response: Fetch::Complete {
+            status,
+            headers: parts.headers,
+            body: bytes,
+        },
+        request_headers,
+        extra,
+        not_stored: store.is_none().then_some(NotStored::NoFreshness),
+        store,
+        evict: None,
+        revalidated: false,
+    }))
+}
+
+pub(super) async fn forward<S, B, RB>(
+    inner: S,
+    req: Request<B>,
+    status: impl FnOnce(StatusCode) -> CacheStatus,
+) -> Result<Response<BufferedBody<RB>>, Error>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+{
+    let response = Oneshot::new(inner, req).await.map_err(Error::inner)?;
+    let cache_status = status(response.status());
+    let response = response.map(|body| BufferedBody::streaming(Default::default(), Some(body)));
+    Ok(with_status(response, &cache_status))
+}
+
+pub(super) fn forwarded(
+    reason: &'static str,
+    detail: Option<&'static str>,
+) -> impl FnOnce(StatusCode) -> CacheStatus {
+    move |status| CacheStatus::Forward {
+        reason,
+        status: status.as_u16(),
+        stored: false,
+        collapsed: false,
+        detail,
+    }
+}
+
+/// Starts one background revalidation of `key` (stale-while-revalidate), unless one is
+/// under way or there is no runtime.
+pub(super) fn revalidate_in_background<S, B, RB>(
+    core: &Arc<Core>,
+    inner: &S,
+    key: String,
+    req: Request<B>,
+    stale: Arc<Stored>,
+    extra: Option<String>,
+) where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let owner: Arc<dyn Owner<FlightKey, Arc<Fetched>>> = core.clone();
+    let key = core.flight_key(key, req.headers(), &extra);
+    let validators = has_validator(&stale.headers).then_some(stale);
+    let (fetch_core, fetch_inner) = (core.clone(), inner.clone());
+    let start = move || -> Upstream<Arc<Fetched>> {
+        Box::pin(fetch(fetch_core, fetch_inner, req, validators, extra))
+    };
+    if let Joined::Started(waiter) =
+        core.flights
+            .join_or_start(&owner, key, false, |_| None::<()>, start)
+    {
+        core.metrics.refreshes.increment(1);
+        runtime.spawn(async move {
+            let _ = waiter.await;
+        });
+    }
+}

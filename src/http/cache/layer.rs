@@ -1,0 +1,211 @@
+//! The layer and its builder.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use tower_layer::Layer;
+
+use super::core::Core;
+use super::service::HttpCache;
+use super::stored::{KeyExtra, Variants};
+use crate::cache::flight::FlightMap;
+use crate::http::cache_policy::HttpCachePolicy;
+use crate::metrics::CacheMetrics;
+
+/// A [`Layer`] that puts an RFC 9111 shared cache in front of an HTTP service.
+///
+/// - **Stored** only what a shared cache may store (section 3): GET responses with a final
+///   status, no `no-store`, no `private`, no `Set-Cookie` (configurable), `Authorization`
+///   only with `public`, `s-maxage` or `must-revalidate`, and explicit or heuristic
+///   freshness. Bodies are read ahead up to a bound; a larger response is passed through
+///   whole and not stored.
+/// - **Served** while fresh (section 4.2, `s-maxage` first), with `Age`; HEAD from a
+///   stored GET; a client's own conditional request answered with 304; `Vary` matched
+///   per section 4.1.
+/// - **Revalidated** when stale, with `If-None-Match` / `If-Modified-Since`; a 304
+///   refreshes the stored headers. `stale-while-revalidate` serves stale while one
+///   background revalidation runs; `stale-if-error` serves stale when the origin fails;
+///   neither when `must-revalidate`, `proxy-revalidate`, `no-cache` or `s-maxage` forbid.
+/// - **Coalesced**: one origin request per URI at a time. A waiter that cannot use that
+///   response (another `Vary` variant, `private`, `Set-Cookie`, `no-store`, its own
+///   `Authorization`) is forwarded to the origin on its own.
+/// - **Invalidated** by unsafe methods that succeed: the target URI and same-origin
+///   `Location` / `Content-Location`.
+/// - Every response carries `Cache-Status` (RFC 9211).
+///
+/// ```
+/// use towerguard::http::HttpCacheLayer;
+///
+/// let cache = HttpCacheLayer::builder()
+///     .name("proxy")
+///     .capacity_bytes(256 * 1024 * 1024)
+///     .max_body_bytes(8 * 1024 * 1024)
+///     .build();
+/// # let _ = cache;
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct HttpCacheLayer {
+    core: Arc<Core>,
+}
+
+impl fmt::Debug for HttpCacheLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpCacheLayer")
+            .field("policy", &self.core.policy)
+            .field("max_body", &self.core.max_body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpCacheLayer {
+    /// Starts a builder: 64 MiB of responses, bodies up to 1 MiB, the default policy.
+    pub fn builder() -> HttpCacheBuilder {
+        HttpCacheBuilder {
+            key_extra: None,
+            name: "http".to_owned(),
+            policy: HttpCachePolicy::default(),
+            capacity_bytes: 64 * 1024 * 1024,
+            max_body: 1024 * 1024,
+            max_variants: 8,
+            max_flights: 10_000,
+        }
+    }
+
+    /// Removes every stored variant of `uri` (as a primary key: `scheme://authority/path?query`).
+    pub fn invalidate(&self, primary_key: &str) {
+        self.core.invalidate(primary_key);
+    }
+
+    /// URIs with stored responses; exact after [`run_pending_tasks`](Self::run_pending_tasks).
+    pub fn entry_count(&self) -> u64 {
+        self.core.store.entry_count()
+    }
+
+    /// Bytes held (bodies and headers, estimated).
+    pub fn weighted_size(&self) -> u64 {
+        self.core.store.weighted_size()
+    }
+
+    /// Applies the store's pending work now.
+    pub fn run_pending_tasks(&self) {
+        self.core.store.run_pending_tasks();
+        self.core.sample();
+    }
+}
+
+/// Configures an [`HttpCacheLayer`].
+#[must_use]
+pub struct HttpCacheBuilder {
+    key_extra: Option<KeyExtra>,
+    name: String,
+    policy: HttpCachePolicy,
+    capacity_bytes: u64,
+    max_body: usize,
+    max_variants: usize,
+    max_flights: usize,
+}
+
+impl fmt::Debug for HttpCacheBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpCacheBuilder")
+            .field("name", &self.name)
+            .field("policy", &self.policy)
+            .field("capacity_bytes", &self.capacity_bytes)
+            .field("max_body", &self.max_body)
+            .field("max_variants", &self.max_variants)
+            .field("max_flights", &self.max_flights)
+            .field("key_extra", &self.key_extra.is_some())
+            .finish()
+    }
+}
+
+impl HttpCacheBuilder {
+    /// Adds a part of your own to every key, from the request's URI and headers (a
+    /// tenant, a device class); `None` bypasses the cache for that request. Requests
+    /// whose parts differ never share a stored response or an origin response.
+    pub fn key_extra<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&http::Uri, &HeaderMap) -> Option<String> + Send + Sync + 'static,
+    {
+        self.key_extra = Some(Arc::new(f));
+        self
+    }
+
+    /// The instance name, the `name` label of every metric (default `"http"`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The storage rules' choices ([`HttpCachePolicy`]).
+    pub fn policy(mut self, policy: HttpCachePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Bytes of stored responses at most (bodies and headers).
+    pub fn capacity_bytes(mut self, bytes: u64) -> Self {
+        self.capacity_bytes = bytes;
+        self
+    }
+
+    /// The largest body stored; larger responses pass through whole, unstored.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// Variants kept per URI (`Vary`), most recent first.
+    pub fn max_variants(mut self, variants: usize) -> Self {
+        self.max_variants = variants.max(1);
+        self
+    }
+
+    /// Origin requests under way at once for distinct URIs; past it, misses go to the
+    /// origin uncoalesced.
+    pub fn max_flights(mut self, flights: usize) -> Self {
+        self.max_flights = flights;
+        self
+    }
+
+    /// Builds the layer and its shared store.
+    pub fn build(self) -> HttpCacheLayer {
+        let metrics = CacheMetrics::register(&self.name);
+        let listener = metrics.clone();
+        let store = moka::sync::Cache::builder()
+            .max_capacity(self.capacity_bytes)
+            .weigher(|_key: &String, variants: &Arc<Variants>| {
+                variants
+                    .0
+                    .iter()
+                    .map(|v| v.weight())
+                    .fold(0u32, u32::saturating_add)
+            })
+            .eviction_listener(move |_key, _value, cause| listener.record_removal(cause, false))
+            .build();
+        HttpCacheLayer {
+            core: Arc::new(Core {
+                key_extra: self.key_extra,
+                store,
+                flights: FlightMap::new(self.max_flights),
+                policy: self.policy,
+                max_body: self.max_body,
+                max_variants: self.max_variants,
+                metrics,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for HttpCacheLayer {
+    type Service = HttpCache<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HttpCache {
+            inner,
+            core: self.core.clone(),
+        }
+    }
+}

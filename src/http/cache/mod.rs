@@ -1,0 +1,18 @@
+//! The HTTP cache layer: RFC 9111 shared-cache semantics on top of single-flight.
+//!
+//! - `layer`: [`HttpCacheLayer`] and its builder;
+//! - `service`: [`HttpCache`], a request's way through the cache;
+//! - `fetch`: requests to the origin (flights, revalidation, background refresh);
+//! - `core` and `stored`: the shared state, the stored variants and flight outcomes;
+//! - `respond`: responses assembled from the store, with `Cache-Status`.
+
+mod core;
+mod fetch;
+mod layer;
+mod respond;
+mod service;
+mod stored;
+
+pub use self::layer::{HttpCacheBuilder, HttpCacheLayer};
+pub use self::respond::CACHE_STATUS;
+pub use self::service::{HttpCache, HttpCacheFuture};

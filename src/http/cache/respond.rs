@@ -1,0 +1,84 @@
+//! Responses assembled from what is stored or fetched, with their `Cache-Status`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AGE, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, Method, Response, StatusCode};
+use tokio::time::Instant;
+
+use super::stored::Stored;
+use crate::http::body::BufferedBody;
+use crate::http::cache_policy::{not_modified, CacheStatus};
+
+/// The `Cache-Status` header (RFC 9211).
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+pub(super) fn with_status<T>(mut response: Response<T>, status: &CacheStatus) -> Response<T> {
+    let ours = status.to_string();
+    let value = match response
+        .headers()
+        .get(&CACHE_STATUS)
+        .and_then(|v| v.to_str().ok())
+    {
+        // Caches closer to the origin come first (RFC 9211 section 2).
+        Some(earlier) => format!("{earlier}, {ours}"),
+        None => ours,
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        response.headers_mut().insert(CACHE_STATUS, value);
+    }
+    response
+}
+
+/// A response built from a stored (or just fetched, complete) response.
+pub(super) fn respond<RB>(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &Bytes,
+    request: (&Method, &HeaderMap),
+    age: Option<Duration>,
+    cache_status: &CacheStatus,
+) -> Response<BufferedBody<RB>> {
+    let (method, request_headers) = request;
+    let conditional = status == StatusCode::OK && not_modified(request_headers, headers);
+    let mut response = Response::new(if *method == Method::HEAD || conditional {
+        BufferedBody::empty()
+    } else {
+        BufferedBody::complete(body.clone())
+    });
+    *response.headers_mut() = headers.clone();
+    if conditional {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        response.headers_mut().remove(CONTENT_LENGTH);
+        response.headers_mut().remove(TRANSFER_ENCODING);
+    } else {
+        *response.status_mut() = status;
+    }
+    if let Some(age) = age {
+        response
+            .headers_mut()
+            .insert(AGE, HeaderValue::from(age.as_secs()));
+    }
+    with_status(response, cache_status)
+}
+
+pub(super) fn serve<RB>(
+    stored: &Stored,
+    request: (&Method, &HeaderMap),
+    now: Instant,
+    stale: bool,
+) -> Response<BufferedBody<RB>> {
+    let status = CacheStatus::Hit {
+        stale,
+        ttl: stored.ttl(now),
+    };
+    respond(
+        stored.status,
+        &stored.headers,
+        &stored.body,
+        request,
+        Some(stored.current_age(now)),
+        &status,
+    )
+}

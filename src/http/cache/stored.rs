@@ -1,0 +1,108 @@
+//! What the cache keeps and what a flight brings back.
+
+use std::any::Any;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tokio::time::Instant;
+
+use crate::http::cache_policy::{AgeInputs, NotStored, Vary};
+
+/// A stored response: one variant of one URI.
+pub(super) struct Stored {
+    pub(super) status: StatusCode,
+    pub(super) headers: HeaderMap,
+    pub(super) body: Bytes,
+    pub(super) vary: Vary,
+    /// The nominated request fields of the request that fetched it.
+    pub(super) request_headers: HeaderMap,
+    /// The user key function's part of the key, when one is set.
+    pub(super) extra: Option<String>,
+    pub(super) age: AgeInputs,
+    pub(super) stored_at: Instant,
+    pub(super) freshness: Duration,
+    pub(super) stale_while_revalidate: Duration,
+    pub(super) stale_if_error: Duration,
+}
+
+impl Stored {
+    pub(super) fn current_age(&self, now: Instant) -> Duration {
+        self.age
+            .current_age(now.saturating_duration_since(self.stored_at))
+    }
+
+    pub(super) fn is_fresh(&self, now: Instant) -> bool {
+        self.current_age(now) < self.freshness
+    }
+
+    pub(super) fn in_window(&self, now: Instant, window: Duration) -> bool {
+        self.current_age(now) < self.freshness.saturating_add(window)
+    }
+
+    pub(super) fn ttl(&self, now: Instant) -> i64 {
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        secs(self.freshness).saturating_sub(secs(self.current_age(now)))
+    }
+
+    pub(super) fn weight(&self) -> u32 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        u32::try_from(self.body.len() + headers + 256).unwrap_or(u32::MAX)
+    }
+}
+
+/// The variants stored for one URI.
+pub(super) struct Variants(pub(super) Vec<Arc<Stored>>);
+
+/// What a flight brings back.
+pub(super) struct Fetched {
+    /// The origin's status (304 for a revalidation).
+    pub(super) status: StatusCode,
+    pub(super) response: Fetch,
+    /// Headers of the request that fetched it, to judge whether another waiter may use it.
+    pub(super) request_headers: HeaderMap,
+    /// The key function's part for that request.
+    pub(super) extra: Option<String>,
+    /// The entry to store, when the response may be stored.
+    pub(super) store: Option<Arc<Stored>>,
+    pub(super) not_stored: Option<NotStored>,
+    /// A stored variant the outcome says may no longer be shared (a 304 that ended the
+    /// sharing): removed when the flight finishes.
+    pub(super) evict: Option<Arc<Stored>>,
+    /// It was a 304 to a revalidation: the stored body with refreshed headers.
+    pub(super) revalidated: bool,
+}
+
+pub(super) enum Fetch {
+    Complete {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+    },
+    /// A response only the request that started the flight may have (too large, or not
+    /// storable): a `Response<BufferedBody<RB>>`, taken once.
+    Streaming(Mutex<Option<Box<dyn Any + Send>>>),
+}
+
+/// What a flight is keyed by: everything that decides whether its response may be
+/// shared with a request. A request only joins a flight whose response it may use, so it
+/// never waits for, nor inherits the outcome of, an unrelated request's origin call.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(super) struct FlightKey {
+    /// The primary key (`scheme://authority/path?query`), under which it is stored.
+    pub(super) primary: String,
+    /// The user key function's part.
+    pub(super) extra: Option<String>,
+    /// The request's own credentials: a response to them is shared only when it says so.
+    pub(super) credentials: Option<HeaderValue>,
+    /// The request's values of every field a stored variant of the URI varies on.
+    pub(super) nominated: Vec<Option<String>>,
+}
+
+/// A user function that adds to the key: `None` bypasses the cache.
+pub(super) type KeyExtra = Arc<dyn Fn(&http::Uri, &HeaderMap) -> Option<String> + Send + Sync>;
