@@ -697,3 +697,76 @@ fn the_service_and_its_future_are_send() {
     send::<towerguard::http::HttpCacheFuture<hyper::body::Incoming>>();
     let _ = Response::new(());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_callers_timeout_never_cancels_the_origin_request_others_wait_for() {
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+    use towerguard::timeout::TimeoutLayer;
+    let (open, gate) = watch::channel(false);
+    let arrived = Arc::new(Semaphore::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let cancelled_seen = Arc::new(AtomicUsize::new(0));
+    let origin = {
+        let (arrived, calls, cancelled_seen) =
+            (arrived.clone(), calls.clone(), cancelled_seen.clone());
+        tower::service_fn(move |req: Request<Full<Bytes>>| {
+            let (mut gate, arrived, cancelled_seen) =
+                (gate.clone(), arrived.clone(), cancelled_seen.clone());
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                // The token the request carries, as the timeout docs invite inner code to use.
+                let token = req
+                    .extensions()
+                    .get::<CancellationToken>()
+                    .cloned()
+                    .expect("the flight's token in the request extensions");
+                arrived.add_permits(1);
+                tokio::select! {
+                    _ = token.cancelled() => {
+                        cancelled_seen.fetch_add(1, Ordering::SeqCst);
+                        Err::<Response<Full<Bytes>>, towerguard::BoxError>("cancelled by caller".into())
+                    }
+                    _ = gate.wait_for(|open| *open) => Ok(Response::builder()
+                        .header("cache-control", "max-age=60")
+                        .body(Full::new(Bytes::from("shared")))
+                        .unwrap()),
+                }
+            }
+        })
+    };
+    let cache = HttpCacheLayer::builder().build().layer(origin);
+    let short = TimeoutLayer::new(Duration::from_millis(10))
+        .http_extensions()
+        .layer(cache.clone());
+    let long = TimeoutLayer::new(Duration::from_secs(1))
+        .http_extensions()
+        .layer(cache.clone());
+    let get = || {
+        Request::get("http://origin.test/doc")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let first = tokio::spawn(short.oneshot(get()));
+    arrived.acquire().await.unwrap().forget();
+    let mut others = JoinSet::new();
+    for _ in 0..5 {
+        let mut svc = long.clone();
+        let future = svc.ready().await.unwrap().call(get());
+        others.spawn(future);
+    }
+    let err = first.await.unwrap().unwrap_err();
+    assert!(err.is(towerguard::ErrorKind::TimedOut), "{err}");
+    assert_eq!(
+        cancelled_seen.load(Ordering::SeqCst),
+        0,
+        "the flight was cancelled"
+    );
+    open.send_replace(true);
+    while let Some(result) = others.join_next().await {
+        let response = result.unwrap().unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "shared");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one origin request");
+}
