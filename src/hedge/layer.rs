@@ -119,15 +119,17 @@ impl HedgeLayer {
     /// spend from a budget of 10% of successful requests plus 1 per second.
     pub fn builder() -> HedgeBuilder {
         HedgeBuilder {
-            name: "default".to_owned(),
-            fixed: None,
-            percentile: 0.95,
-            window: 1_000,
-            min_samples: 20,
-            initial: Duration::from_millis(10),
-            max_attempts: 2,
-            budget: Some(Budget::new(0.1, 1.0)),
-            deposit: true,
+            settings: Settings {
+                name: "default".to_owned(),
+                fixed: None,
+                percentile: 0.95,
+                window: 1_000,
+                min_samples: 20,
+                initial: Duration::from_millis(10),
+                max_attempts: 2,
+                budget: Some(Budget::new(0.1, 1.0)),
+                deposit: true,
+            },
             policy: RetryErrors,
             carrier: TaskLocal,
         }
@@ -145,6 +147,14 @@ impl<P, C> HedgeLayer<P, C> {
 #[must_use]
 #[derive(Debug, Clone)]
 pub struct HedgeBuilder<P = RetryErrors, C = TaskLocal> {
+    settings: Settings,
+    policy: P,
+    carrier: C,
+}
+
+/// What the builder sets besides the policy and the carrier.
+#[derive(Debug, Clone)]
+struct Settings {
     name: String,
     fixed: Option<Duration>,
     percentile: f64,
@@ -154,70 +164,68 @@ pub struct HedgeBuilder<P = RetryErrors, C = TaskLocal> {
     max_attempts: u32,
     budget: Option<Budget>,
     deposit: bool,
-    policy: P,
-    carrier: C,
 }
 
 impl<P, C> HedgeBuilder<P, C> {
     /// The instance name, the `name` label of every metric (default `"default"`).
     pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
+        self.settings.name = name.into();
         self
     }
 
     /// Hedge after this percentile (`0.0..=1.0`) of recent successful latencies.
     pub fn percentile(mut self, percentile: f64) -> Self {
-        self.percentile = if percentile.is_finite() {
+        self.settings.percentile = if percentile.is_finite() {
             percentile.clamp(0.0, 1.0)
         } else {
             0.95
         };
-        self.fixed = None;
+        self.settings.fixed = None;
         self
     }
 
     /// The sliding window: the percentile covers the last `samples` to `2 × samples`
     /// successful attempts.
     pub fn window(mut self, samples: u64) -> Self {
-        self.window = samples.max(1);
+        self.settings.window = samples.max(1);
         self
     }
 
     /// The delay used until `min_samples` successful attempts have been seen.
     pub fn initial_delay(mut self, delay: Duration, min_samples: u64) -> Self {
-        self.initial = delay;
-        self.min_samples = min_samples.max(1);
+        self.settings.initial = delay;
+        self.settings.min_samples = min_samples.max(1);
         self
     }
 
     /// Hedge after a fixed delay instead of a percentile.
     pub fn fixed_delay(mut self, delay: Duration) -> Self {
-        self.fixed = Some(delay);
+        self.settings.fixed = Some(delay);
         self
     }
 
     /// Attempts in all, the first included (at least 1; 1 turns hedging off).
     pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.max_attempts = attempts.max(1);
+        self.settings.max_attempts = attempts.max(1);
         self
     }
 
     /// The budget hedges spend from (share one with a retry layer).
     pub fn budget(mut self, budget: Budget) -> Self {
-        self.budget = Some(budget);
+        self.settings.budget = Some(budget);
         self
     }
 
     /// No budget: a uniformly slow backend then gets up to `max_attempts` times the load.
     pub fn without_budget(mut self) -> Self {
-        self.budget = None;
+        self.settings.budget = None;
         self
     }
 
     /// Whether successful requests deposit into the budget (default yes). Turn it off when
     /// a retry layer outside shares the budget and deposits already.
     pub fn deposit(mut self, deposit: bool) -> Self {
-        self.deposit = deposit;
+        self.settings.deposit = deposit;
         self
     }
 
@@ -225,15 +233,7 @@ impl<P, C> HedgeBuilder<P, C> {
     /// may not win while another attempt is under way (those it would retry).
     pub fn policy<Q>(self, policy: Q) -> HedgeBuilder<Q, C> {
         HedgeBuilder {
-            name: self.name,
-            fixed: self.fixed,
-            percentile: self.percentile,
-            window: self.window,
-            min_samples: self.min_samples,
-            initial: self.initial,
-            max_attempts: self.max_attempts,
-            budget: self.budget,
-            deposit: self.deposit,
+            settings: self.settings,
             policy,
             carrier: self.carrier,
         }
@@ -244,15 +244,7 @@ impl<P, C> HedgeBuilder<P, C> {
     /// the request's extensions too, so a losing attempt sees its token cancelled there.
     pub fn carrier<C2>(self, carrier: C2) -> HedgeBuilder<P, C2> {
         HedgeBuilder {
-            name: self.name,
-            fixed: self.fixed,
-            percentile: self.percentile,
-            window: self.window,
-            min_samples: self.min_samples,
-            initial: self.initial,
-            max_attempts: self.max_attempts,
-            budget: self.budget,
-            deposit: self.deposit,
+            settings: self.settings,
             policy: self.policy,
             carrier,
         }
@@ -260,20 +252,25 @@ impl<P, C> HedgeBuilder<P, C> {
 
     /// Builds the layer and its shared state.
     pub fn build(self) -> HedgeLayer<P, C> {
-        let delay = match self.fixed {
+        let settings = self.settings;
+        let delay = match settings.fixed {
             Some(delay) => Delay::Fixed(delay),
             None => Delay::Percentile {
-                window: LatencyWindow::new(self.window, self.min_samples, self.percentile),
-                initial: self.initial,
+                window: LatencyWindow::new(
+                    settings.window,
+                    settings.min_samples,
+                    settings.percentile,
+                ),
+                initial: settings.initial,
             },
         };
         HedgeLayer {
             shared: Arc::new(Shared {
                 delay,
-                max_attempts: self.max_attempts,
-                budget: self.budget,
-                deposit: self.deposit,
-                metrics: Lazy::new(self.name, HedgeMetrics::register),
+                max_attempts: settings.max_attempts,
+                budget: settings.budget,
+                deposit: settings.deposit,
+                metrics: Lazy::new(settings.name, HedgeMetrics::register),
             }),
             policy: self.policy,
             carrier: self.carrier,
