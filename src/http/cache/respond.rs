@@ -54,6 +54,16 @@ pub(super) fn respond<RB>(
         response.headers_mut().remove(TRANSFER_ENCODING);
     } else {
         *response.status_mut() = status;
+        // The complete body goes with its length, so the fields a HEAD gets are the ones
+        // the GET has (RFC 9110 section 9.3.2), however the origin framed it.
+        // (A 204 carries no Content-Length at all, RFC 9110 section 8.6.)
+        let headers = response.headers_mut();
+        headers.remove(TRANSFER_ENCODING);
+        if status == StatusCode::NO_CONTENT {
+            headers.remove(CONTENT_LENGTH);
+        } else {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
     }
     if let Some(age) = age {
         response
