@@ -38,6 +38,9 @@ pub enum ErrorKind {
     Panicked,
     /// The inner service returned an error; it is kept as the source.
     Inner,
+    /// The client's request could not be read (its body failed or ended early); the
+    /// inner service was not called. HTTP answers it with 400.
+    BadRequest,
 }
 
 impl ErrorKind {
@@ -50,6 +53,7 @@ impl ErrorKind {
             ErrorKind::BudgetExhausted => "budget exhausted",
             ErrorKind::Panicked => "panicked",
             ErrorKind::Inner => "inner service error",
+            ErrorKind::BadRequest => "bad request",
         }
     }
 }
@@ -122,6 +126,22 @@ impl Error {
                     retry_after: None,
                 }),
             },
+        }
+    }
+
+    /// An error of `kind` that keeps `source` (a towerguard [`Error`] source is kept as
+    /// the source too, not passed through: the kind says what this layer saw).
+    pub fn with_source<E>(kind: ErrorKind, source: E) -> Self
+    where
+        E: Into<BoxError>,
+    {
+        Error {
+            inner: Arc::new(Inner {
+                kind,
+                message: None,
+                source: Some(Arc::from(source.into())),
+                retry_after: None,
+            }),
         }
     }
 
@@ -240,6 +260,7 @@ mod tests {
             ErrorKind::BudgetExhausted,
             ErrorKind::Panicked,
             ErrorKind::Inner,
+            ErrorKind::BadRequest,
         ] {
             let text = Error::new(kind).to_string();
             assert_eq!(text, text.to_lowercase(), "{text}");

@@ -356,3 +356,45 @@ async fn a_never_ending_upload_holds_no_permit() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     uploading.abort();
 }
+
+/// A request body that sends a chunk and then fails, as a client that goes away does.
+struct BrokenUpload(bool);
+
+impl http_body::Body for BrokenUpload {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if self.0 {
+            return std::task::Poll::Ready(Some(Err(std::io::Error::other("connection reset"))));
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from("part")))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_body_that_fails_is_the_clients_fault_400_and_the_backend_is_not_called() {
+    let stack = StackBuilder::new()
+        .build_http::<http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::io::Error>>()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let svc = stack.layer(service_fn(move |_req: Request<_>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(http::Response::new(Body::from("ok"))) }
+    }));
+    let req = Request::put("http://example.test/upload")
+        .body(BrokenUpload(false).boxed_unsync())
+        .unwrap();
+    let response = svc.oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "the backend was not called"
+    );
+}

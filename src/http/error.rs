@@ -22,6 +22,7 @@ pub fn error_response<B: Default>(error: &Error, default_retry_after: Duration) 
         }
         ErrorKind::TimedOut => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Panicked => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
         _ => StatusCode::BAD_GATEWAY,
     };
     let mut response = Response::new(B::default());

@@ -18,7 +18,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::error::{BoxError, Error};
+use crate::error::{BoxError, Error, ErrorKind};
 use crate::retry::{is_transient, Policy, Verdict};
 
 /// The header that lets a client mark a non-idempotent request as safe to repeat.
@@ -257,7 +257,13 @@ where
                         cx
                     )) {
                         Ok(complete) => complete,
-                        Err(error) => return Poll::Ready(Err(error)),
+                        // The client's body failed: its fault, not the upstream's.
+                        Err(error) => {
+                            return Poll::Ready(Err(Error::with_source(
+                                ErrorKind::BadRequest,
+                                error,
+                            )))
+                        }
                     };
                     let replay = if complete {
                         BufferedBody::complete(std::mem::take(data).freeze())
