@@ -448,6 +448,18 @@ impl HedgeMetrics {
 
 #[cfg(feature = "cache")]
 impl CacheMetrics {
+    /// Sets the entry and size gauges from `store`, after moka has applied the writes
+    /// it still holds (its counts otherwise lag a write behind).
+    pub(crate) fn sample<K, V>(&self, store: &moka::sync::Cache<K, V>)
+    where
+        K: std::hash::Hash + Eq + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        store.run_pending_tasks();
+        self.entries.set(store.entry_count() as f64);
+        self.weighted_size.set(store.weighted_size() as f64);
+    }
+
     /// Counts a removal from a moka store. `expired` marks an explicit removal the cache
     /// made because the entry had expired (moka reports it as explicit).
     pub(crate) fn record_removal(&self, cause: moka::notification::RemovalCause, expired: bool) {

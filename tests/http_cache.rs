@@ -770,3 +770,45 @@ async fn a_callers_timeout_never_cancels_the_origin_request_others_wait_for() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1, "one origin request");
 }
+
+#[test]
+fn the_size_gauges_count_the_first_store_at_once() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let layer = metrics::with_local_recorder(&recorder, || {
+        HttpCacheLayer::builder().name("gauges").build()
+    });
+    let origin = tower::service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, std::convert::Infallible>(
+            Response::builder()
+                .header("cache-control", "max-age=60")
+                .body(Full::new(Bytes::from("stored")))
+                .unwrap(),
+        )
+    });
+    let svc = layer.layer(origin);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let req = Request::get("http://origin.test/doc")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        svc.oneshot(req).await.unwrap();
+    });
+    // One snapshot: taking one swaps every gauge to zero.
+    let snapshot = snapshotter.snapshot().into_vec();
+    let gauge = |name: &str| {
+        snapshot
+            .iter()
+            .find_map(|(key, _, _, value)| match value {
+                DebugValue::Gauge(v) if key.key().name() == name => Some(v.into_inner()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(gauge("towerguard_cache_entries"), 1.0);
+    assert!(gauge("towerguard_cache_weighted_size") > 0.0);
+}

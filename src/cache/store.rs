@@ -304,7 +304,6 @@ where
     }
 
     pub(crate) fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks();
         self.sample();
     }
 
@@ -318,9 +317,6 @@ where
 
     /// Updates the size gauges.
     fn sample(&self) {
-        self.metrics.entries.set(self.cache.entry_count() as f64);
-        self.metrics
-            .weighted_size
-            .set(self.cache.weighted_size() as f64);
+        self.metrics.sample(&self.cache);
     }
 }

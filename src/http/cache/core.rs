@@ -145,9 +145,6 @@ impl Core {
     }
 
     pub(super) fn sample(&self) {
-        self.metrics.entries.set(self.store.entry_count() as f64);
-        self.metrics
-            .weighted_size
-            .set(self.store.weighted_size() as f64);
+        self.metrics.sample(&self.store);
     }
 }

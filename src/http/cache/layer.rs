@@ -90,7 +90,6 @@ impl HttpCacheLayer {
 
     /// Applies the store's pending work now.
     pub fn run_pending_tasks(&self) {
-        self.core.store.run_pending_tasks();
         self.core.sample();
     }
 }
