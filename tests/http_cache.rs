@@ -142,6 +142,21 @@ async fn origin(State(origin): State<Arc<Origin>>, req: AxumRequest) -> AxumResp
                     .body(AxumBody::from(format!("{p} #{n}")))
             }
         }
+        "/no-cache" => {
+            if headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some("\"nc\"") {
+                origin.conditional.fetch_add(1, Ordering::SeqCst);
+                builder
+                    .status(StatusCode::NOT_MODIFIED)
+                    .header("etag", "\"nc\"")
+                    .header("cache-control", "Max-Age=10000, No-Cache")
+                    .body(AxumBody::empty())
+            } else {
+                builder
+                    .header("etag", "\"nc\"")
+                    .header("cache-control", "Max-Age=10000, No-Cache")
+                    .body(AxumBody::from(format!("no-cache #{n}")))
+            }
+        }
         "/swr" => builder
             .header("cache-control", "max-age=0, stale-while-revalidate=60")
             .body(AxumBody::from(format!("swr #{n}"))),
@@ -685,6 +700,22 @@ async fn a_request_never_waits_for_nor_inherits_an_unrelated_flight() {
             leader.is_err(),
             "{case}: the failing request sees its own error"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_cache_response_is_revalidated_on_every_use() {
+    let h = harness(layer()).await;
+    assert_eq!(h.get("/no-cache", &[]).await.2, "no-cache #1");
+    for round in 1..=3 {
+        let (status, headers, body) = h.get("/no-cache", &[]).await;
+        assert_eq!((status, body), (StatusCode::OK, Bytes::from("no-cache #1")));
+        let cs = cache_status(&headers);
+        assert!(
+            cs.contains("fwd=stale") && cs.contains("fwd-status=304"),
+            "use {round}: {cs}"
+        );
+        assert_eq!(h.origin.conditional.load(Ordering::SeqCst), round);
     }
 }
 

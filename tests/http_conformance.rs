@@ -397,6 +397,49 @@ fn storing_responses_section_3() {
             &[("cache-control", "community=\"x\", max-age=60")],
             ok,
         ),
+        store(
+            "5.2.2.3: must-understand with a status the cache does not implement",
+            Method::GET,
+            &[],
+            299,
+            &[("cache-control", "must-understand, max-age=60")],
+            Err(NotStored::Status),
+        ),
+        store(
+            "5.2.2.3: MUST-UNDERSTAND, any case",
+            Method::GET,
+            &[],
+            209,
+            &[("cache-control", "Must-Understand, max-age=60")],
+            Err(NotStored::Status),
+        ),
+        store(
+            "5.2.2.3: must-understand with an understood status",
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "must-understand, max-age=60")],
+            ok,
+        ),
+        store(
+            "5.2.2.3: must-understand with a redirection the cache implements",
+            Method::GET,
+            &[],
+            307,
+            &[("cache-control", "must-understand, max-age=60")],
+            ok,
+        ),
+        store(
+            "5.2.2.4: response no-cache may be stored (it is validated on every use)",
+            Method::GET,
+            &[],
+            200,
+            &[
+                ("cache-control", "max-age=10000, no-cache"),
+                ("etag", "\"v\""),
+            ],
+            ok,
+        ),
     ];
     assert!(cases.len() >= 40);
     let policy = HttpCachePolicy::default();
@@ -555,6 +598,36 @@ fn freshness_lifetime_section_4_2_1() {
             vec![("cache-control", "s-maxage=0, max-age=60".into())],
             0,
         ),
+        (
+            "5.2.2.4: no-cache: every use needs validation, whatever max-age says",
+            200,
+            vec![("cache-control", "max-age=10000, no-cache".into())],
+            0,
+        ),
+        (
+            "5.2.2.4: directive names are case-insensitive",
+            200,
+            vec![("cache-control", "Max-Age=10000, No-Cache".into())],
+            0,
+        ),
+        (
+            "5.2.2.4: qualified no-cache is read as unqualified (conservative)",
+            200,
+            vec![(
+                "cache-control",
+                "max-age=10000, no-cache=\"set-cookie\"".into(),
+            )],
+            0,
+        ),
+        (
+            "5.2.2.4: no-cache in its own field line",
+            200,
+            vec![
+                ("cache-control", "s-maxage=600".into()),
+                ("cache-control", "no-cache".into()),
+            ],
+            0,
+        ),
     ];
     let policy = HttpCachePolicy::default();
     for (rule, status, pairs, expect) in &cases {
@@ -669,11 +742,54 @@ fn age_calculation_section_4_2_3() {
         AgeInputs::from_headers(&headers(&[("age", "12"), ("date", &date(0))]), at(0), at(0));
     assert_eq!(parsed.age_header, Some(12));
     let bad = AgeInputs::from_headers(&headers(&[("age", "x")]), at(0), at(0));
-    assert_eq!(bad.age_header, None, "an invalid Age is ignored");
+    assert_eq!(
+        bad.age_header,
+        Some(DELTA_SECONDS_MAX),
+        "5.1: an invalid Age reads as the largest age (stale), not as none"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
 // RFC 9111 section 4.2.4 and RFC 5861: serving stale.
+
+#[test]
+fn strict_age_parsing_section_5_1() {
+    // (rule, Age field lines, the age read)
+    let max = Some(DELTA_SECONDS_MAX);
+    let cases: Vec<(&str, Vec<&str>, Option<u64>)> = vec![
+        ("5.1: no Age", vec![], None),
+        ("5.1: one non-negative integer", vec!["7200"], Some(7200)),
+        ("5.1: zero", vec!["0"], Some(0)),
+        (
+            "5.1: optional whitespace around it",
+            vec!["  60 "],
+            Some(60),
+        ),
+        ("5.1: not a number: stale", vec!["abc"], max),
+        ("5.1: negative: stale", vec!["-7200"], max),
+        ("5.1: a fraction: stale", vec!["7200.0"], max),
+        ("5.1: a list: stale", vec!["old, 0"], max),
+        ("5.1: two field lines: stale", vec!["10", "20"], max),
+        ("5.1: a parameter: stale", vec!["60;q=1"], max),
+        ("5.1: a plus sign: stale", vec!["+60"], max),
+        ("5.1: empty: stale", vec![""], max),
+        ("1.2.2: past 2^31 is capped", vec!["99999999999"], max),
+        (
+            "1.2.2: past u64 is capped",
+            vec!["999999999999999999999999"],
+            max,
+        ),
+    ];
+    for (rule, lines, expect) in &cases {
+        let map = headers(&lines.iter().map(|v| ("age", *v)).collect::<Vec<_>>());
+        assert_eq!(towerguard::http::cache_policy::age(&map), *expect, "{rule}");
+    }
+    // And a response with an invalid Age is stale at once, whatever its max-age.
+    let map = headers(&[("age", "abc"), ("cache-control", "max-age=3600")]);
+    let inputs = AgeInputs::from_headers(&map, at(0), at(0));
+    let freshness = HttpCachePolicy::default().freshness(StatusCode::OK, &map);
+    assert!(inputs.current_age(Duration::ZERO) >= freshness);
+}
 
 #[test]
 fn stale_windows_section_4_2_4_and_rfc_5861() {

@@ -87,6 +87,32 @@ pub fn is_heuristically_cacheable(status: StatusCode) -> bool {
     )
 }
 
+/// True for the final status codes whose caching requirements this cache implements: the
+/// heuristically cacheable ones and the redirections (RFC 9111 section 5.2.2.3).
+pub fn is_understood(status: StatusCode) -> bool {
+    is_heuristically_cacheable(status) || matches!(status.as_u16(), 302 | 303 | 307)
+}
+
+/// The `Age` of a response, read strictly (RFC 9111 section 5.1): one field line whose
+/// value is one non-negative integer. Anything else (`abc`, `-7200`, `7200.0`, a list, two
+/// lines, a parameter) is read as the largest age, so the response counts as stale;
+/// `None` when there is no `Age`. Values past 2^31 are capped there (section 1.2.2).
+pub fn age(headers: &HeaderMap) -> Option<u64> {
+    let mut lines = headers.get_all(AGE).iter();
+    let first = lines.next()?;
+    if lines.next().is_some() {
+        return Some(DELTA_SECONDS_MAX);
+    }
+    let value = first.as_bytes().trim_ascii();
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return Some(DELTA_SECONDS_MAX);
+    }
+    let parsed = value.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    });
+    Some(parsed.map_or(DELTA_SECONDS_MAX, |n| n.min(DELTA_SECONDS_MAX)))
+}
+
 fn http_date(headers: &HeaderMap, name: HeaderName) -> Option<SystemTime> {
     let value = headers.get(name)?.to_str().ok()?;
     httpdate::parse_http_date(value.trim()).ok()
@@ -156,6 +182,11 @@ impl HttpCachePolicy {
         if res_cc.private {
             return Err(NotStored::Private);
         }
+        // must-understand with a status whose caching rules this cache does not implement
+        // (section 5.2.2.3).
+        if res_cc.must_understand && !is_understood(status) {
+            return Err(NotStored::Status);
+        }
         if request.contains_key(AUTHORIZATION)
             && !(res_cc.public || res_cc.s_maxage.is_some() || res_cc.must_revalidate)
         {
@@ -179,8 +210,15 @@ impl HttpCachePolicy {
 
     /// The freshness lifetime of a stored response (RFC 9111 section 4.2.1, shared cache):
     /// `s-maxage`, then `max-age`, then `Expires` minus `Date`, then the heuristic.
+    ///
+    /// A response with `no-cache` (any case, qualified or not: conservatively the whole
+    /// response) has none: it may be stored, but every use needs a successful validation
+    /// first (section 5.2.2.4), and without a validator it is not worth storing.
     pub fn freshness(&self, status: StatusCode, response: &HeaderMap) -> Duration {
         let cc = CacheControl::from_headers(response);
+        if cc.no_cache {
+            return Duration::ZERO;
+        }
         if let Some(s) = cc.s_maxage {
             return s.duration();
         }
@@ -257,11 +295,7 @@ impl AgeInputs {
         request_time: SystemTime,
         response_time: SystemTime,
     ) -> Self {
-        let age_header = headers
-            .get(AGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|v| v.min(DELTA_SECONDS_MAX));
+        let age_header = age(headers);
         AgeInputs {
             age_header,
             date: http_date(headers, DATE),
