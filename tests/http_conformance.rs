@@ -1166,6 +1166,32 @@ fn revalidation_uses_the_stored_validators_and_a_304_updates_headers() {
         "kept: it describes the stored body"
     );
     assert_eq!(stored["x-kept"], "1", "untouched");
+
+    // (rule, field) kept from the stored response whatever the 304 says.
+    let kept = [
+        ("3.2: the stored content's length", "content-length"),
+        ("3.2: the stored content's coding", "content-encoding"),
+        ("3.2: the stored content's range", "content-range"),
+        ("3.2: the stored content's digest", "content-md5"),
+        ("3.2: the stored content's entity tag", "etag"),
+        (
+            "3.1: hop-by-hop fields are never stored",
+            "transfer-encoding",
+        ),
+        ("3.1: hop-by-hop fields are never stored", "connection"),
+    ];
+    for (rule, field) in kept {
+        let mut stored = headers(&[(field, "stored"), ("cache-control", "max-age=10")]);
+        update_headers(
+            &mut stored,
+            &headers(&[(field, "from-304"), ("cache-control", "max-age=60")]),
+        );
+        assert_eq!(stored[field], "stored", "{rule}");
+        assert_eq!(
+            stored["cache-control"], "max-age=60",
+            "{rule}: the rest is refreshed"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -456,8 +456,21 @@ pub fn conditional_headers(stored: &HeaderMap) -> HeaderMap {
     headers
 }
 
-/// Headers a 304 must not replace in the stored response (RFC 9111 section 3.2).
-const KEEP_ON_UPDATE: [HeaderName; 1] = [http::header::CONTENT_LENGTH];
+/// Fields a 304 (or a HEAD's 200) must not replace in the stored response (RFC 9111
+/// section 3.2): those that describe the stored content (its length, coding, range,
+/// digest and entity tag), and the hop-by-hop fields a cache never stores (section 3.1).
+const KEEP_ON_UPDATE: [HeaderName; 10] = [
+    http::header::CONTENT_LENGTH,
+    http::header::CONTENT_ENCODING,
+    http::header::CONTENT_RANGE,
+    HeaderName::from_static("content-md5"),
+    ETAG,
+    http::header::TRANSFER_ENCODING,
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    http::header::TE,
+    http::header::UPGRADE,
+];
 
 /// Updates a stored response's headers from a 304 (RFC 9111 sections 3.2 and 4.3.4).
 pub fn update_headers(stored: &mut HeaderMap, not_modified: &HeaderMap) {
