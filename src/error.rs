@@ -88,6 +88,7 @@ struct Inner {
     message: Option<String>,
     source: Option<Arc<dyn StdError + Send + Sync + 'static>>,
     retry_after: Option<Duration>,
+    cache_status: Option<String>,
 }
 
 impl Error {
@@ -99,6 +100,7 @@ impl Error {
                 message: None,
                 source: None,
                 retry_after: None,
+                cache_status: None,
             }),
         }
     }
@@ -124,6 +126,7 @@ impl Error {
                     message: None,
                     source: Some(Arc::from(other)),
                     retry_after: None,
+                    cache_status: None,
                 }),
             },
         }
@@ -141,6 +144,7 @@ impl Error {
                 message: None,
                 source: Some(Arc::from(source.into())),
                 retry_after: None,
+                cache_status: None,
             }),
         }
     }
@@ -159,6 +163,7 @@ impl Error {
                 message,
                 source: None,
                 retry_after: None,
+                cache_status: None,
             }),
         }
     }
@@ -172,6 +177,7 @@ impl Error {
                 message: None,
                 source: None,
                 retry_after: Some(after),
+                cache_status: None,
             }),
         }
     }
@@ -195,6 +201,29 @@ impl Error {
     /// string.
     pub fn panic_message(&self) -> Option<&str> {
         self.inner.message.as_deref()
+    }
+
+    /// The same error, noting how a cache in front of the failure handled the request:
+    /// a `Cache-Status` value (RFC 9211) that
+    /// [`ErrorResponseLayer`](crate::http::ErrorResponseLayer) puts on the error's
+    /// response, so an error answer says what the cache did too.
+    pub fn with_cache_status(self, value: impl Into<String>) -> Self {
+        let inner = &self.inner;
+        Error {
+            inner: Arc::new(Inner {
+                kind: inner.kind,
+                message: inner.message.clone(),
+                source: inner.source.clone(),
+                retry_after: inner.retry_after,
+                cache_status: Some(value.into()),
+            }),
+        }
+    }
+
+    /// The `Cache-Status` value a cache noted with
+    /// [`with_cache_status`](Self::with_cache_status), if any.
+    pub fn cache_status(&self) -> Option<&str> {
+        self.inner.cache_status.as_deref()
     }
 
     /// The kept source error, if any, downcast to `E`.

@@ -32,6 +32,10 @@ struct Origin {
     arrived: tokio::sync::Notify,
     conditional: AtomicUsize,
     gate: watch::Sender<bool>,
+    /// Every request the origin received: method, path and the headers asked about.
+    seen: Mutex<Vec<(Method, String, HeaderMap)>>,
+    /// The status `/soe*` answers with instead of 200, when set.
+    failing: Mutex<Option<StatusCode>>,
 }
 
 impl Origin {
@@ -51,6 +55,11 @@ async fn origin(State(origin): State<Arc<Origin>>, req: AxumRequest) -> AxumResp
     };
     origin.arrived.notify_waiters();
     let headers = req.headers().clone();
+    origin
+        .seen
+        .lock()
+        .unwrap()
+        .push((req.method().clone(), path.clone(), headers.clone()));
     let builder = AxumResponse::builder();
     let lang = headers
         .get("accept-language")
@@ -166,6 +175,58 @@ async fn origin(State(origin): State<Arc<Origin>>, req: AxumRequest) -> AxumResp
         "/sie" => builder
             .status(StatusCode::INTERNAL_SERVER_ERROR)
             .body(AxumBody::from("down")),
+        "/inm" => {
+            // Answers a client's own If-None-Match.
+            if headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some("\"i\"") {
+                builder
+                    .status(StatusCode::NOT_MODIFIED)
+                    .header("etag", "\"i\"")
+                    .body(AxumBody::empty())
+            } else {
+                builder
+                    .header("etag", "\"i\"")
+                    .header("cache-control", "max-age=60")
+                    .body(AxumBody::from(format!("inm #{n}")))
+            }
+        }
+        "/digits" => builder
+            .header("cache-control", "max-age=60")
+            .header("etag", "\"d\"")
+            .body(AxumBody::from("0123456789")),
+        "/head-stale" => if req.method() == Method::HEAD {
+            builder
+                .header("etag", "\"h\"")
+                .header("cache-control", "max-age=60")
+                .header("x-head", n.to_string())
+        } else {
+            builder
+                .header("etag", "\"h\"")
+                .header("cache-control", "max-age=0")
+        }
+        .body(AxumBody::from(format!("head-stale #{n}"))),
+        "/head-changed" => builder
+            .header("etag", format!("\"v{n}\""))
+            .header("cache-control", "max-age=0")
+            .body(AxumBody::from(format!("head-changed #{n}"))),
+        p if p.starts_with("/soe") => {
+            // A 200, stale at once, or the failure status the test set.
+            let cc = match p {
+                "/soe-must-revalidate" => "max-age=0, must-revalidate",
+                "/soe-old" => "max-age=0",
+                _ => "max-age=0",
+            };
+            let status = origin.failing.lock().unwrap().unwrap_or(StatusCode::OK);
+            let builder = builder
+                .status(status)
+                .header("cache-control", cc)
+                .header("etag", "\"soe\"");
+            let builder = if p == "/soe-old" {
+                builder.header("age", "600")
+            } else {
+                builder
+            };
+            builder.body(AxumBody::from(format!("{p} #{n}")))
+        }
         "/large" => builder
             .header("cache-control", "max-age=60")
             .body(AxumBody::from(vec![b'x'; 100 * 1024])),
@@ -192,6 +253,8 @@ async fn harness(layer: HttpCacheLayer) -> Harness {
         arrived: tokio::sync::Notify::new(),
         conditional: AtomicUsize::new(0),
         gate: watch::channel(true).0,
+        seen: Mutex::default(),
+        failing: Mutex::default(),
     });
     let app = Router::new()
         .fallback(origin_route)
@@ -842,4 +905,328 @@ fn the_size_gauges_count_the_first_store_at_once() {
     };
     assert_eq!(gauge("towerguard_cache_entries"), 1.0);
     assert!(gauge("towerguard_cache_weighted_size") > 0.0);
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 9111 rules over TCP: client conditionals, ranges, HEAD, stale on error, error
+// answers.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_if_none_match_goes_to_the_origin_on_a_miss_and_its_304_comes_back() {
+    let h = harness(layer()).await;
+    let (status, headers, body) = h.get("/inm", &[("if-none-match", "\"i\"")]).await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED, "the origin's answer");
+    assert!(body.is_empty());
+    let cs = cache_status(&headers);
+    assert!(
+        cs.contains("fwd=uri-miss") && cs.contains("fwd-status=304") && !cs.contains("stored"),
+        "{cs}"
+    );
+    let seen = h.origin.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].2["if-none-match"], "\"i\"", "forwarded as sent");
+
+    // The 304 was this client's alone: the next plain GET goes to the origin, and its 200
+    // is stored...
+    let (status, _, body) = h.get("/inm", &[]).await;
+    assert_eq!((status, body), (StatusCode::OK, Bytes::from("inm #2")));
+    // ...so a conditional request is now answered 304 by the cache.
+    let (status, headers, _) = h.get("/inm", &[("if-none-match", "\"i\"")]).await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+    assert!(cache_status(&headers).contains("hit"));
+    assert_eq!(h.origin.hits("/inm"), 2);
+
+    // A conditional request that does not match, on a miss, gets the origin's 200, which
+    // is stored.
+    let h = harness(layer()).await;
+    let (status, headers, body) = h.get("/inm", &[("if-none-match", "\"old\"")]).await;
+    assert_eq!((status, body), (StatusCode::OK, Bytes::from("inm #1")));
+    assert!(cache_status(&headers).contains("stored"));
+    assert_eq!(h.get("/inm", &[]).await.2, "inm #1");
+    assert_eq!(h.origin.hits("/inm"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_is_answered_206_from_a_stored_200_and_416_when_unsatisfiable() {
+    let h = harness(layer()).await;
+    // Nothing stored: forwarded as it is, and not stored.
+    let (status, headers, _) = h.get("/digits", &[("range", "bytes=2-4")]).await;
+    assert_eq!(status, StatusCode::OK, "this origin ignores ranges");
+    assert!(cache_status(&headers).contains("detail=range"));
+    assert_eq!(h.origin.seen.lock().unwrap()[0].2["range"], "bytes=2-4");
+
+    assert_eq!(h.get("/digits", &[]).await.2, "0123456789");
+    // (request fields, status, body, Content-Range)
+    type Case<'a> = (
+        Vec<(&'a str, &'a str)>,
+        StatusCode,
+        &'a str,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            vec![("range", "bytes=2-4")],
+            StatusCode::PARTIAL_CONTENT,
+            "234",
+            Some("bytes 2-4/10"),
+        ),
+        (
+            vec![("range", "bytes=7-")],
+            StatusCode::PARTIAL_CONTENT,
+            "789",
+            Some("bytes 7-9/10"),
+        ),
+        (
+            vec![("range", "bytes=-2")],
+            StatusCode::PARTIAL_CONTENT,
+            "89",
+            Some("bytes 8-9/10"),
+        ),
+        (
+            vec![("range", "bytes=20-")],
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "",
+            Some("bytes */10"),
+        ),
+        (
+            vec![("range", "bytes=0-0"), ("if-range", "\"d\"")],
+            StatusCode::PARTIAL_CONTENT,
+            "0",
+            Some("bytes 0-0/10"),
+        ),
+        (
+            vec![("range", "bytes=0-0"), ("if-range", "\"changed\"")],
+            StatusCode::OK,
+            "0123456789",
+            None,
+        ),
+    ];
+    for (request, status, body, content_range) in cases {
+        let (got, headers, got_body) = h.get("/digits", &request).await;
+        assert_eq!((got, got_body), (status, Bytes::from(body)), "{request:?}");
+        assert_eq!(
+            headers.get("content-range").map(|v| v.to_str().unwrap()),
+            content_range,
+            "{request:?}"
+        );
+        assert_eq!(headers["content-length"], body.len().to_string().as_str());
+        assert!(cache_status(&headers).contains("hit"), "{request:?}");
+    }
+    assert_eq!(
+        h.origin.hits("/digits"),
+        2,
+        "every range came from the store"
+    );
+
+    // Several ranges are the origin's to answer.
+    let (_, headers, _) = h.get("/digits", &[("range", "bytes=0-1, 4-5")]).await;
+    assert!(cache_status(&headers).contains("detail=multi-range"));
+    assert_eq!(h.origin.hits("/digits"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_for_a_stale_entry_goes_to_the_origin_as_head_and_refreshes_the_stored_headers() {
+    let h = harness(layer()).await;
+    assert_eq!(h.get("/head-stale", &[]).await.2, "head-stale #1");
+    let (status, headers, body) = h.send(h.request(Method::HEAD, "/head-stale", &[])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.is_empty());
+    assert_eq!(headers["x-head"], "2");
+    let cs = cache_status(&headers);
+    assert!(
+        cs.contains("fwd=stale") && cs.contains("stored") && cs.contains("head-refreshed"),
+        "{cs}"
+    );
+    assert_eq!(
+        h.origin.seen.lock().unwrap()[1].0,
+        Method::HEAD,
+        "sent as HEAD"
+    );
+
+    // The stored GET now has the HEAD's fields (fresh for 60 s) and its own body.
+    let (status, headers, body) = h.get("/head-stale", &[]).await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, Bytes::from("head-stale #1"))
+    );
+    assert_eq!(headers["x-head"], "2");
+    assert_eq!(
+        headers["content-length"], "13",
+        "the stored body's length is kept"
+    );
+    assert!(cache_status(&headers).contains("hit"));
+    assert_eq!(h.origin.hits("/head-stale"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_that_shows_another_representation_removes_the_stored_one() {
+    let h = harness(layer()).await;
+    assert_eq!(h.get("/head-changed", &[]).await.2, "head-changed #1");
+    let (_, headers, _) = h.send(h.request(Method::HEAD, "/head-changed", &[])).await;
+    assert_eq!(headers["etag"], "\"v2\"");
+    assert!(!cache_status(&headers).contains("stored"));
+    // Nothing stored to revalidate: the next GET asks for the whole response.
+    assert_eq!(h.get("/head-changed", &[]).await.2, "head-changed #3");
+    let seen = h.origin.seen.lock().unwrap().clone();
+    assert!(!seen[2].2.contains_key("if-none-match"), "{:?}", seen[2].2);
+}
+
+/// The origin, or (once `down` is set) an address where nothing listens.
+#[derive(Clone)]
+struct MaybeDown {
+    client: Client<HttpConnector, Full<Bytes>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Service<Request<Full<Bytes>>> for MaybeDown {
+    type Response = Response<hyper::body::Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = hyper_util::client::legacy::ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Full<Bytes>>) -> Self::Future {
+        if self.down.load(Ordering::SeqCst) {
+            let path = req.uri().path().to_owned();
+            // Port 1 on loopback: connection refused.
+            *req.uri_mut() = format!("http://127.0.0.1:1{path}").parse().unwrap();
+        }
+        self.client.request(req)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_on_error_serves_within_its_bound_and_refuses_under_must_revalidate() {
+    let policy = towerguard::http::cache_policy::HttpCachePolicy::default()
+        .stale_on_error(std::time::Duration::from_secs(60));
+    let h = harness(
+        HttpCacheLayer::builder()
+            .max_body_bytes(1024)
+            .policy(policy)
+            .build(),
+    )
+    .await;
+    for path in ["/soe", "/soe-must-revalidate", "/soe-old"] {
+        assert_eq!(h.get(path, &[]).await.2, format!("{path} #1"));
+    }
+    // The origin answers an error status.
+    for code in [500, 502, 503, 504, 404] {
+        *h.origin.failing.lock().unwrap() = Some(StatusCode::from_u16(code).unwrap());
+        let (status, headers, body) = h.get("/soe", &[]).await;
+        if code == 404 {
+            assert_eq!(
+                status,
+                StatusCode::NOT_FOUND,
+                "a 404 is an answer, not a failure"
+            );
+            continue;
+        }
+        assert_eq!(
+            (status, body),
+            (StatusCode::OK, Bytes::from("/soe #1")),
+            "{code}"
+        );
+        assert!(cache_status(&headers).contains("hit; fwd=stale"), "{code}");
+        let (status, headers, _) = h.get("/soe-must-revalidate", &[]).await;
+        assert_eq!(status.as_u16(), code, "must-revalidate: never stale");
+        assert!(cache_status(&headers).contains(&format!("fwd-status={code}")));
+        let (status, _, _) = h.get("/soe-old", &[]).await;
+        assert_eq!(status.as_u16(), code, "600 s old: past the 60 s bound");
+    }
+
+    // The origin cannot be reached at all.
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut cache = h.layer.layer(MaybeDown {
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        down: down.clone(),
+    });
+    *h.origin.failing.lock().unwrap() = None;
+    let request = |path: &str| h.request(Method::GET, path, &[]);
+    assert_eq!(
+        h.get("/soe", &[]).await.0,
+        StatusCode::OK,
+        "refreshed while up"
+    );
+    down.store(true, Ordering::SeqCst);
+    let response = cache
+        .ready()
+        .await
+        .unwrap()
+        .call(request("/soe"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(cache_status(response.headers()).contains("hit; fwd=stale"));
+    let error = cache
+        .ready()
+        .await
+        .unwrap()
+        .call(request("/soe-must-revalidate"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.cache_status(),
+        Some("towerguard; fwd=stale; detail=origin-unreachable")
+    );
+    // As an HTTP answer: 502 with the same Cache-Status.
+    let mut answered = towerguard::http::ErrorResponse::new(cache.clone());
+    let response = answered
+        .ready()
+        .await
+        .unwrap()
+        .call(request("/soe-must-revalidate"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        cache_status(response.headers()),
+        "towerguard; fwd=stale; detail=origin-unreachable"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_stale_on_error_an_unreachable_origin_is_an_error() {
+    let h = harness(layer()).await;
+    assert_eq!(h.get("/soe", &[]).await.0, StatusCode::OK);
+    let mut cache = h.layer.layer(MaybeDown {
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        down: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    });
+    let error = cache
+        .ready()
+        .await
+        .unwrap()
+        .call(h.request(Method::GET, "/soe", &[]))
+        .await
+        .unwrap_err();
+    assert!(error
+        .cache_status()
+        .is_some_and(|cs| cs.contains("detail=origin-unreachable")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stacks_timeout_answer_carries_cache_status() {
+    let h = harness(layer()).await;
+    let stack = towerguard::stack::StackBuilder::new()
+        .without_limit()
+        .without_attempt_timeout()
+        .retry_attempts(1)
+        .total_timeout(std::time::Duration::from_millis(200))
+        .http_cache(layer())
+        .build_http::<Full<Bytes>>()
+        .unwrap();
+    let service = stack.layer(Client::builder(TokioExecutor::new()).build_http());
+    h.origin.gate.send_replace(false);
+    let response = service
+        .oneshot(h.request(Method::GET, "/gated", &[]))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        cache_status(response.headers()),
+        "towerguard; fwd=uri-miss; detail=timed-out"
+    );
+    h.origin.gate.send_replace(true);
 }

@@ -10,10 +10,11 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use towerguard::http::cache_control::{CacheControl, Seconds, DELTA_SECONDS_MAX};
 use towerguard::http::cache_policy::{
-    conditional_headers, has_validator, invalidates, invalidation_targets, not_modified,
-    primary_key, update_headers, vary, vary_matches, AgeInputs, CacheStatus, HttpCachePolicy,
-    NotStored, Vary,
+    conditional_headers, has_validator, head_matches, invalidates, invalidation_targets,
+    is_stale_on_error_status, not_modified, primary_key, quoted_etag, update_headers, vary,
+    vary_matches, AgeInputs, CacheStatus, HttpCachePolicy, NotStored, Reuse, Vary,
 };
+use towerguard::http::range::{byte_range, several_ranges, RangeAnswer};
 
 fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     let mut map = HeaderMap::new();
@@ -841,26 +842,310 @@ fn stale_windows_section_4_2_4_and_rfc_5861() {
 }
 
 #[test]
-fn request_directives_do_not_force_origin_load_unless_honoured() {
-    let cases = [
-        ("no-cache", true),
-        ("max-age=0", true),
-        ("max-age=5", false),
-        ("no-store", false),
-        ("", false),
+fn request_directives_section_5_2_1_and_immutable_rfc_8246() {
+    use Reuse::{Fresh, Stale, StaleAccepted, Validate};
+    // (rule, request Cache-Control, response Cache-Control, freshness, age, honoured, CDN mode)
+    let cases: Vec<(&str, &str, &str, u64, u64, Reuse, Reuse)> = vec![
+        (
+            "4.2 fresh, no directives",
+            "",
+            "max-age=60",
+            60,
+            10,
+            Fresh,
+            Fresh,
+        ),
+        (
+            "4.2 stale, no directives",
+            "",
+            "max-age=60",
+            60,
+            61,
+            Stale,
+            Stale,
+        ),
+        (
+            "5.2.1.1 max-age=0 (a reload) validates",
+            "max-age=0",
+            "max-age=60",
+            60,
+            10,
+            Validate,
+            Fresh,
+        ),
+        (
+            "5.2.1.1 max-age older than the entry: fresh",
+            "max-age=30",
+            "max-age=60",
+            60,
+            10,
+            Fresh,
+            Fresh,
+        ),
+        (
+            "5.2.1.1 max-age younger than the entry validates",
+            "max-age=5",
+            "max-age=60",
+            60,
+            10,
+            Validate,
+            Fresh,
+        ),
+        (
+            "5.2.1.1 max-age=age is still acceptable",
+            "max-age=10",
+            "max-age=60",
+            60,
+            10,
+            Fresh,
+            Fresh,
+        ),
+        (
+            "5.2.1.1 invalid max-age counts as zero",
+            "max-age=soon",
+            "max-age=60",
+            60,
+            10,
+            Validate,
+            Fresh,
+        ),
+        (
+            "5.2.1.3 min-fresh met",
+            "min-fresh=20",
+            "max-age=60",
+            60,
+            10,
+            Fresh,
+            Fresh,
+        ),
+        (
+            "5.2.1.3 min-fresh not met validates",
+            "min-fresh=55",
+            "max-age=60",
+            60,
+            10,
+            Validate,
+            Fresh,
+        ),
+        (
+            "5.2.1.4 no-cache validates a fresh entry",
+            "no-cache",
+            "max-age=60",
+            60,
+            10,
+            Validate,
+            Fresh,
+        ),
+        (
+            "5.2.1.4 No-Cache in any case",
+            "No-Cache",
+            "max-age=60",
+            60,
+            10,
+            Validate,
+            Fresh,
+        ),
+        (
+            "5.2.1.2 max-stale without a value takes any staleness",
+            "max-stale",
+            "max-age=60",
+            60,
+            6000,
+            StaleAccepted,
+            Stale,
+        ),
+        (
+            "5.2.1.2 max-stale within its bound",
+            "max-stale=30",
+            "max-age=60",
+            60,
+            80,
+            StaleAccepted,
+            Stale,
+        ),
+        (
+            "5.2.1.2 max-stale past its bound",
+            "max-stale=30",
+            "max-age=60",
+            60,
+            100,
+            Stale,
+            Stale,
+        ),
+        (
+            "5.2.1.2 max-stale invalid accepts none",
+            "max-stale=x",
+            "max-age=60",
+            60,
+            61,
+            Stale,
+            Stale,
+        ),
+        (
+            "5.2.1.2 + 5.2.2.2 must-revalidate refuses max-stale",
+            "max-stale",
+            "max-age=60, must-revalidate",
+            60,
+            61,
+            Stale,
+            Stale,
+        ),
+        (
+            "5.2.1.2 + 5.2.2.8 proxy-revalidate refuses max-stale",
+            "max-stale",
+            "max-age=60, proxy-revalidate",
+            60,
+            61,
+            Stale,
+            Stale,
+        ),
+        (
+            "5.2.1.2 + 5.2.2.10 s-maxage refuses max-stale",
+            "max-stale",
+            "s-maxage=60",
+            60,
+            61,
+            Stale,
+            Stale,
+        ),
+        (
+            "5.2.1.2 max-stale on a fresh entry: fresh",
+            "max-stale=5",
+            "max-age=60",
+            60,
+            10,
+            Fresh,
+            Fresh,
+        ),
+        (
+            "5.2.1.1 + 5.2.1.2 max-age bounds max-stale too",
+            "max-stale, max-age=62",
+            "max-age=60",
+            60,
+            70,
+            Stale,
+            Stale,
+        ),
+        (
+            "RFC 8246 immutable: a reload does not validate a fresh entry",
+            "max-age=0",
+            "max-age=60, immutable",
+            60,
+            10,
+            Fresh,
+            Fresh,
+        ),
+        (
+            "RFC 8246 immutable: a stale entry is validated",
+            "max-age=0",
+            "max-age=60, immutable",
+            60,
+            61,
+            Stale,
+            Stale,
+        ),
+        (
+            "RFC 8246 immutable: a forced reload (no-cache) validates",
+            "no-cache",
+            "max-age=60, immutable",
+            60,
+            10,
+            Validate,
+            Fresh,
+        ),
+        (
+            "5.2.1.5 no-store does not stop a hit",
+            "no-store",
+            "max-age=60",
+            60,
+            10,
+            Fresh,
+            Fresh,
+        ),
     ];
-    let default = HttpCachePolicy::default();
-    let honouring = HttpCachePolicy::default().honour_request_no_cache(true);
-    for (cc, forces) in cases {
-        let req = headers(&[("cache-control", cc)]);
-        assert!(
-            !default.request_forces_origin(&req),
-            "default ignores {cc:?}"
+    let honouring = HttpCachePolicy::default();
+    let cdn = HttpCachePolicy::default().ignore_client_directives(true);
+    assert!(honouring.honours_client_directives());
+    assert!(!cdn.honours_client_directives());
+    for (rule, req, res, freshness, age, expect, expect_cdn) in cases {
+        let request = headers(&[("cache-control", req)]);
+        let response = headers(&[("cache-control", res)]);
+        let (freshness, age) = (Duration::from_secs(freshness), Duration::from_secs(age));
+        assert_eq!(
+            honouring.reuse(&request, &response, freshness, age),
+            expect,
+            "{rule}"
         );
         assert_eq!(
-            honouring.request_forces_origin(&req),
-            forces,
-            "honouring {cc:?}"
+            cdn.reuse(&request, &response, freshness, age),
+            expect_cdn,
+            "CDN mode: {rule}"
+        );
+    }
+}
+
+#[test]
+fn request_no_store_section_5_2_1_5() {
+    let request = headers(&[("cache-control", "no-store")]);
+    let response = headers(&[("cache-control", "max-age=60")]);
+    assert_eq!(
+        HttpCachePolicy::default().storable(&Method::GET, &request, StatusCode::OK, &response),
+        Err(NotStored::NoStore),
+        "5.2.1.5: a request's no-store keeps its response out of the store"
+    );
+    assert_eq!(
+        HttpCachePolicy::default()
+            .ignore_client_directives(true)
+            .storable(&Method::GET, &request, StatusCode::OK, &response),
+        Ok(()),
+        "CDN mode ignores the client's no-store"
+    );
+}
+
+#[test]
+fn stale_on_error_section_4_2_4() {
+    // (rule, Cache-Control, stale-if-error window with stale_on_error(300s))
+    let cases: Vec<(&str, &str, u64)> = vec![
+        (
+            "4.2.4 a disconnected cache may serve stale",
+            "max-age=60",
+            300,
+        ),
+        (
+            "RFC 5861 a longer stale-if-error wins",
+            "max-age=60, stale-if-error=900",
+            900,
+        ),
+        (
+            "the configured bound wins over a shorter one",
+            "max-age=60, stale-if-error=10",
+            300,
+        ),
+        (
+            "5.2.2.2 never under must-revalidate",
+            "max-age=60, must-revalidate",
+            0,
+        ),
+        (
+            "5.2.2.8 never under proxy-revalidate",
+            "max-age=60, proxy-revalidate",
+            0,
+        ),
+        ("5.2.2.4 never under no-cache", "max-age=60, no-cache", 0),
+        ("5.2.2.10 never under s-maxage", "s-maxage=60", 0),
+    ];
+    let policy = HttpCachePolicy::default().stale_on_error(Duration::from_secs(300));
+    for (rule, cc, sie) in cases {
+        let (_, got) = policy.stale_windows(&headers(&[("cache-control", cc)]));
+        assert_eq!(got, Duration::from_secs(sie), "{rule}");
+    }
+    // RFC 5861 section 4: the statuses that count as an error.
+    for status in 100..600u16 {
+        let status = StatusCode::from_u16(status).unwrap();
+        assert_eq!(
+            is_stale_on_error_status(status),
+            matches!(status.as_u16(), 500 | 502 | 503 | 504),
+            "{status}"
         );
     }
 }
@@ -934,10 +1219,38 @@ fn vary_matching_section_4_1() {
             true,
         ),
         (
-            "order of values matters",
+            "order of values matters for other fields",
+            vec![("vary", "accept")],
+            vec![("accept", "text/html, application/json")],
+            vec![("accept", "application/json, text/html")],
+            false,
+        ),
+        (
+            "4.1 normalised: Accept-Encoding order does not matter",
             vec![("vary", "accept-encoding")],
             vec![("accept-encoding", "gzip, br")],
             vec![("accept-encoding", "br, gzip")],
+            true,
+        ),
+        (
+            "4.1 normalised: Accept-Encoding case and inner whitespace",
+            vec![("vary", "accept-encoding")],
+            vec![("accept-encoding", "GZIP;q=1.0, br")],
+            vec![("accept-encoding", "br,gzip; q=1.0")],
+            true,
+        ),
+        (
+            "4.1 normalised: Accept-Language order, case, whitespace",
+            vec![("vary", "accept-language")],
+            vec![("accept-language", "en-US, fr;q=0.5")],
+            vec![("accept-language", "fr; q=0.5,en-us")],
+            true,
+        ),
+        (
+            "4.1 normalised: other Accept-Language values still differ",
+            vec![("vary", "accept-language")],
+            vec![("accept-language", "en-US, fr;q=0.5")],
+            vec![("accept-language", "en-US, fr;q=0.9")],
             false,
         ),
         (
@@ -1310,6 +1623,13 @@ fn cache_control_parsing_section_5_2() {
 fn cache_status_values_rfc_9211() {
     let cases = vec![
         (
+            CacheStatus::Failed {
+                reason: "uri-miss",
+                detail: "origin-unreachable",
+            },
+            "towerguard; fwd=uri-miss; detail=origin-unreachable",
+        ),
+        (
             CacheStatus::Hit {
                 stale: false,
                 ttl: 42,
@@ -1439,5 +1759,257 @@ mod parsing_never_panics {
             let _ = policy.storable(&Method::GET, &map, StatusCode::OK, &map);
             let _ = cc.forbids_stale();
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 9110 section 14: byte ranges from a stored complete response.
+
+#[test]
+fn byte_ranges_rfc_9110_section_14() {
+    let stored = headers(&[("etag", "\"s\""), ("last-modified", &date(-3600))]);
+    let whole = RangeAnswer::Whole;
+    let part = |start, end| RangeAnswer::Partial { start, end };
+    // (rule, request fields, body length, answer, Content-Range)
+    let cases: Vec<(&str, Vec<(&str, String)>, u64, RangeAnswer, Option<&str>)> = vec![
+        (
+            "14.1.2 a-b",
+            vec![("range", "bytes=0-4".into())],
+            10,
+            part(0, 4),
+            Some("bytes 0-4/10"),
+        ),
+        (
+            "14.1.2 a- to the end",
+            vec![("range", "bytes=6-".into())],
+            10,
+            part(6, 9),
+            Some("bytes 6-9/10"),
+        ),
+        (
+            "14.1.2 -n the last n",
+            vec![("range", "bytes=-3".into())],
+            10,
+            part(7, 9),
+            Some("bytes 7-9/10"),
+        ),
+        (
+            "14.1.2 -n longer than the body is all of it",
+            vec![("range", "bytes=-50".into())],
+            10,
+            part(0, 9),
+            Some("bytes 0-9/10"),
+        ),
+        (
+            "14.1.2 b past the end is cut to the end",
+            vec![("range", "bytes=5-500".into())],
+            10,
+            part(5, 9),
+            Some("bytes 5-9/10"),
+        ),
+        (
+            "14.1.2 unit case-insensitive, whitespace",
+            vec![("range", "Bytes = 1-1".into())],
+            10,
+            part(1, 1),
+            Some("bytes 1-1/10"),
+        ),
+        (
+            "15.5.17 a start past the end is unsatisfiable",
+            vec![("range", "bytes=10-".into())],
+            10,
+            RangeAnswer::Unsatisfiable,
+            Some("bytes */10"),
+        ),
+        (
+            "15.5.17 -0 is unsatisfiable",
+            vec![("range", "bytes=-0".into())],
+            10,
+            RangeAnswer::Unsatisfiable,
+            Some("bytes */10"),
+        ),
+        (
+            "15.5.17 any range of an empty body is unsatisfiable",
+            vec![("range", "bytes=0-".into())],
+            0,
+            RangeAnswer::Unsatisfiable,
+            Some("bytes */0"),
+        ),
+        (
+            "14.1.1 last before first is invalid: ignored",
+            vec![("range", "bytes=5-1".into())],
+            10,
+            whole,
+            None,
+        ),
+        (
+            "14.2 another unit is ignored",
+            vec![("range", "items=0-1".into())],
+            10,
+            whole,
+            None,
+        ),
+        (
+            "14.2 garbage is ignored",
+            vec![("range", "bytes=a-b".into())],
+            10,
+            whole,
+            None,
+        ),
+        (
+            "14.2 two Range lines are invalid: ignored",
+            vec![("range", "bytes=0-1".into()), ("range", "bytes=2-3".into())],
+            10,
+            whole,
+            None,
+        ),
+        ("14.2 no Range: whole", vec![], 10, whole, None),
+        (
+            "14.1.2 several ranges go to the origin",
+            vec![("range", "bytes=0-1, 4-5".into())],
+            10,
+            RangeAnswer::Forward,
+            None,
+        ),
+        (
+            "13.1.5 If-Range with the stored strong tag",
+            vec![("range", "bytes=0-1".into()), ("if-range", "\"s\"".into())],
+            10,
+            part(0, 1),
+            Some("bytes 0-1/10"),
+        ),
+        (
+            "13.1.5 If-Range with another tag: whole",
+            vec![("range", "bytes=0-1".into()), ("if-range", "\"t\"".into())],
+            10,
+            whole,
+            None,
+        ),
+        (
+            "13.1.5 If-Range with a weak tag never matches",
+            vec![
+                ("range", "bytes=0-1".into()),
+                ("if-range", "W/\"s\"".into()),
+            ],
+            10,
+            whole,
+            None,
+        ),
+        (
+            "13.1.5 If-Range with the Last-Modified date",
+            vec![("range", "bytes=0-1".into()), ("if-range", date(-3600))],
+            10,
+            part(0, 1),
+            Some("bytes 0-1/10"),
+        ),
+        (
+            "13.1.5 If-Range with another date: whole",
+            vec![("range", "bytes=0-1".into()), ("if-range", date(-60))],
+            10,
+            whole,
+            None,
+        ),
+    ];
+    for (rule, request, length, expect, content_range) in cases {
+        let pairs: Vec<(&str, &str)> = request.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let request = headers(&pairs);
+        let got = byte_range(&request, &stored, length);
+        assert_eq!(got, expect, "{rule}");
+        assert_eq!(
+            got.content_range(length).as_deref(),
+            content_range,
+            "{rule}"
+        );
+        assert_eq!(
+            several_ranges(&request),
+            expect == RangeAnswer::Forward,
+            "{rule}"
+        );
+    }
+}
+
+#[test]
+fn entity_tags_are_generated_quoted_rfc_9110_section_8_8_3() {
+    let cases = [
+        ("abc", "\"abc\""),
+        ("\"abc\"", "\"abc\""),
+        ("W/abc", "W/\"abc\""),
+        ("W/\"abc\"", "W/\"abc\""),
+        (" \"a b\" ", "\"a b\""),
+    ];
+    for (tag, quoted) in cases {
+        assert_eq!(quoted_etag(tag), quoted, "{tag}");
+        // The validator the cache sends is the quoted form.
+        let sent = conditional_headers(&headers(&[("etag", tag)]));
+        assert_eq!(sent.get("if-none-match").unwrap(), quoted, "{tag}");
+    }
+    // A client that echoes the quoted form of an unquoted stored tag gets its 304.
+    assert!(not_modified(
+        &headers(&[("if-none-match", "\"abc\"")]),
+        &headers(&[("etag", "abc")])
+    ));
+}
+
+#[test]
+fn a_head_response_updates_only_the_same_representation_section_4_3_5() {
+    let lm = date(-3600);
+    let other = date(-60);
+    // (rule, stored, HEAD response, matches)
+    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<(&str, &str)>, bool)> = vec![
+        (
+            "same strong tag",
+            vec![("etag", "\"a\"")],
+            vec![("etag", "\"a\"")],
+            true,
+        ),
+        (
+            "another tag",
+            vec![("etag", "\"a\"")],
+            vec![("etag", "\"b\"")],
+            false,
+        ),
+        (
+            "weak tags do not match strongly",
+            vec![("etag", "W/\"a\"")],
+            vec![("etag", "W/\"a\"")],
+            false,
+        ),
+        (
+            "a tag on one side only",
+            vec![("etag", "\"a\"")],
+            vec![],
+            false,
+        ),
+        (
+            "same Last-Modified",
+            vec![("last-modified", &lm)],
+            vec![("last-modified", &lm)],
+            true,
+        ),
+        (
+            "another Last-Modified",
+            vec![("last-modified", &lm)],
+            vec![("last-modified", &other)],
+            false,
+        ),
+        (
+            "no validators, same length",
+            vec![("content-length", "10")],
+            vec![("content-length", "10")],
+            true,
+        ),
+        (
+            "no validators, another length",
+            vec![("content-length", "10")],
+            vec![("content-length", "11")],
+            false,
+        ),
+    ];
+    for (rule, stored, head, expect) in cases {
+        assert_eq!(
+            head_matches(&headers(&stored), &headers(&head)),
+            expect,
+            "{rule}"
+        );
     }
 }

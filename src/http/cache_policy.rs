@@ -9,8 +9,8 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use http::header::{
-    HeaderName, AGE, AUTHORIZATION, CONTENT_LOCATION, DATE, ETAG, EXPIRES, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, LAST_MODIFIED, LOCATION, SET_COOKIE, VARY,
+    HeaderName, ACCEPT_ENCODING, ACCEPT_LANGUAGE, AGE, AUTHORIZATION, CONTENT_LOCATION, DATE, ETAG,
+    EXPIRES, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, LOCATION, SET_COOKIE, VARY,
 };
 use http::{HeaderMap, Method, StatusCode, Uri};
 
@@ -61,20 +61,22 @@ impl NotStored {
 #[derive(Debug, Clone)]
 pub struct HttpCachePolicy {
     store_set_cookie: bool,
-    honour_request_no_cache: bool,
+    client_directives: bool,
     heuristic_fraction: f64,
     max_heuristic: Duration,
     default_ttl: Option<Duration>,
+    stale_on_error: Duration,
 }
 
 impl Default for HttpCachePolicy {
     fn default() -> Self {
         HttpCachePolicy {
             store_set_cookie: false,
-            honour_request_no_cache: false,
+            client_directives: true,
             heuristic_fraction: 0.1,
             max_heuristic: Duration::from_secs(24 * 3600),
             default_ttl: None,
+            stale_on_error: Duration::ZERO,
         }
     }
 }
@@ -126,16 +128,28 @@ impl HttpCachePolicy {
         self
     }
 
-    /// Let a request's `no-cache` or `max-age=0` force a trip to the origin (off by
-    /// default: otherwise any client can force origin load at will).
-    pub fn honour_request_no_cache(mut self, honour: bool) -> Self {
-        self.honour_request_no_cache = honour;
+    /// Ignore the request's own `Cache-Control` (`max-age`, `min-fresh`, `max-stale`,
+    /// `no-cache`, `no-store`): CDN mode, which keeps clients from forcing origin load at
+    /// will (a reload, a cache-busting client). Off by default: the request directives
+    /// are honoured as RFC 9111 section 5.2.1 says.
+    pub fn ignore_client_directives(mut self, ignore: bool) -> Self {
+        self.client_directives = !ignore;
         self
     }
 
-    /// True when requests may force revalidation.
-    pub fn honours_request_no_cache(&self) -> bool {
-        self.honour_request_no_cache
+    /// True when the request's own `Cache-Control` is honoured (the default).
+    pub fn honours_client_directives(&self) -> bool {
+        self.client_directives
+    }
+
+    /// Serve a stale response, up to `max` past its freshness, when the origin cannot be
+    /// reached or answers 500, 502, 503 or 504 (RFC 9111 section 4.2.4 allows a
+    /// disconnected cache to), unless the response forbids serving it stale
+    /// (`must-revalidate`, `proxy-revalidate`, `no-cache`, `s-maxage`). Off (zero) by
+    /// default; a response's own `stale-if-error` applies either way.
+    pub fn stale_on_error(mut self, max: Duration) -> Self {
+        self.stale_on_error = max;
+        self
     }
 
     /// Heuristic freshness: `fraction` of the time since `Last-Modified`, at most `max`.
@@ -176,7 +190,7 @@ impl HttpCachePolicy {
         }
         let req_cc = CacheControl::from_headers(request);
         let res_cc = CacheControl::from_headers(response);
-        if req_cc.no_store || res_cc.no_store {
+        if self.request_no_store(&req_cc) || res_cc.no_store {
             return Err(NotStored::NoStore);
         }
         if res_cc.private {
@@ -253,26 +267,100 @@ impl HttpCachePolicy {
     }
 
     /// How long past its freshness a response may be served while it is revalidated in
-    /// the background, and when its refresh fails (RFC 5861), zero when RFC 9111 forbids
-    /// serving it stale.
+    /// the background (its `stale-while-revalidate`), and when its refresh fails (the
+    /// longer of its `stale-if-error` and the configured
+    /// [`stale_on_error`](Self::stale_on_error)); both zero when RFC 9111 forbids serving
+    /// it stale (sections 4.2.4, 5.2.2.2, 5.2.2.4, 5.2.2.8, 5.2.2.10; RFC 5861).
     pub fn stale_windows(&self, response: &HeaderMap) -> (Duration, Duration) {
         let cc = CacheControl::from_headers(response);
         if cc.forbids_stale() {
             return (Duration::ZERO, Duration::ZERO);
         }
         let window = |s: Option<Seconds>| s.map_or(Duration::ZERO, Seconds::duration);
-        (window(cc.stale_while_revalidate), window(cc.stale_if_error))
+        (
+            window(cc.stale_while_revalidate),
+            window(cc.stale_if_error).max(self.stale_on_error),
+        )
     }
 
-    /// True when the request asks for a response from the origin (`no-cache`,
-    /// `max-age=0`) and the policy honours that.
-    pub fn request_forces_origin(&self, request: &HeaderMap) -> bool {
-        if !self.honour_request_no_cache {
-            return false;
+    /// How a stored response `response`, `age` old with a freshness lifetime of
+    /// `freshness`, may answer a request with headers `request`: the request's directives
+    /// (RFC 9111 section 5.2.1) against the stored response's freshness (section 4.2),
+    /// with `immutable` (RFC 8246) and CDN mode ([`ignore_client_directives`](Self::ignore_client_directives)).
+    ///
+    /// - `max-age=N`: usable only when no older than N (a reload sends `max-age=0`),
+    ///   except a fresh `immutable` response, which a reload does not revalidate;
+    /// - `min-fresh=N`: usable only when fresh for at least N more;
+    /// - `no-cache`: validated with the origin first (a forced reload; `immutable` too);
+    /// - `max-stale[=N]`: a stale response may be used (up to N past its freshness)
+    ///   unless the response forbids serving it stale;
+    /// - an invalid value counts as zero.
+    pub fn reuse(
+        &self,
+        request: &HeaderMap,
+        response: &HeaderMap,
+        freshness: Duration,
+        age: Duration,
+    ) -> Reuse {
+        let fresh = age < freshness;
+        if !self.client_directives || !request.contains_key(http::header::CACHE_CONTROL) {
+            return if fresh { Reuse::Fresh } else { Reuse::Stale };
         }
-        let cc = CacheControl::from_headers(request);
-        cc.no_cache || cc.max_age == Some(Seconds::Valid(0))
+        let req = CacheControl::from_headers(request);
+        let res = CacheControl::from_headers(response);
+        if req.no_cache {
+            return Reuse::Validate;
+        }
+        if fresh {
+            let too_old = req.max_age.is_some_and(|max| age > max.duration());
+            if too_old && !res.immutable {
+                return Reuse::Validate;
+            }
+            let left = freshness - age;
+            if req.min_fresh.is_some_and(|min| left < min.duration()) {
+                return Reuse::Validate;
+            }
+            return Reuse::Fresh;
+        }
+        if let Some(max_stale) = req.max_stale {
+            let stale_for = age - freshness;
+            let accepted = match max_stale {
+                None => true,
+                Some(limit) => stale_for <= limit.duration(),
+            };
+            let within_max_age = req.max_age.is_none_or(|max| age <= max.duration());
+            if accepted && within_max_age && !res.forbids_stale() {
+                return Reuse::StaleAccepted;
+            }
+        }
+        Reuse::Stale
     }
+
+    /// True when the request's `no-store` keeps its response out of the store (section
+    /// 5.2.1.5), which CDN mode ignores.
+    fn request_no_store(&self, request: &CacheControl) -> bool {
+        self.client_directives && request.no_store
+    }
+}
+
+/// How a stored response may answer a request: [`HttpCachePolicy::reuse`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Fresh enough for the request: served from the cache.
+    Fresh,
+    /// Stale, and the request accepts it stale (`max-stale`): served from the cache.
+    StaleAccepted,
+    /// Stale: revalidated (or served within `stale-while-revalidate`).
+    Stale,
+    /// The request asks for validation (`no-cache`, `max-age`, `min-fresh`): validated with
+    /// the origin before use, never served stale while revalidating.
+    Validate,
+}
+
+/// True for the origin statuses after which a stale response may be served instead
+/// (RFC 5861 section 4): 500, 502, 503 and 504.
+pub fn is_stale_on_error_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 500 | 502 | 503 | 504)
 }
 
 /// Inputs of the age calculation (RFC 9111 section 4.2.3).
@@ -363,14 +451,34 @@ pub fn vary(response: &HeaderMap) -> Vary {
 }
 
 /// A field's values normalised for comparison: lines joined with commas, whitespace
-/// around list elements removed.
+/// around list elements removed. `Accept-Encoding` and `Accept-Language`, whose elements
+/// are case-insensitive tokens and whose order does not change what a server picks for a
+/// given set of weights, are also lowercased, stripped of inner whitespace and sorted, so
+/// `en-US, fr;q=0.5` and `fr; q=0.5,en-us` select the same variant.
 pub(crate) fn normalised(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     let mut parts = Vec::new();
     for value in headers.get_all(name) {
         let value = String::from_utf8_lossy(value.as_bytes());
-        parts.extend(value.split(',').map(|p| p.trim().to_owned()));
+        parts.extend(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned),
+        );
     }
-    (!parts.is_empty()).then(|| parts.join(","))
+    if parts.is_empty() {
+        return None;
+    }
+    if *name == ACCEPT_ENCODING || *name == ACCEPT_LANGUAGE {
+        for part in &mut parts {
+            part.retain(|c| !c.is_ascii_whitespace());
+            part.make_ascii_lowercase();
+        }
+        parts.sort_unstable();
+        parts.dedup();
+    }
+    Some(parts.join(","))
 }
 
 /// True when a request with `request` headers may be answered by a response stored for a
@@ -413,8 +521,56 @@ fn tags(value: &str) -> Vec<&str> {
         .collect()
 }
 
+/// An entity tag in its quoted form (RFC 9110 section 8.8.3): `abc` becomes `"abc"` and
+/// `W/abc` becomes `W/"abc"`; a tag already quoted is kept.
+pub fn quoted_etag(tag: &str) -> String {
+    let tag = tag.trim();
+    let (weak, opaque) = match tag.strip_prefix("W/") {
+        Some(rest) => ("W/", rest),
+        None => ("", tag),
+    };
+    if opaque.len() >= 2 && opaque.starts_with('"') && opaque.ends_with('"') {
+        format!("{weak}{opaque}")
+    } else {
+        format!("{weak}\"{}\"", opaque.trim_matches('"'))
+    }
+}
+
 fn weak_eq(a: &str, b: &str) -> bool {
-    a.trim_start_matches("W/") == b.trim_start_matches("W/")
+    let opaque = |t: &str| quoted_etag(t).trim_start_matches("W/").to_owned();
+    opaque(a) == opaque(b)
+}
+
+/// Strong comparison (RFC 9110 section 8.8.3.2): both tags strong and equal.
+fn strong_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (quoted_etag(a), quoted_etag(b));
+    !a.starts_with("W/") && a == b
+}
+
+/// True when a HEAD response describes the same representation as the stored one, so it
+/// may update the stored headers (RFC 9111 section 4.3.5): the entity tags match (strong
+/// comparison) when either has one, otherwise the `Last-Modified` dates when either has
+/// one, otherwise the `Content-Length`s.
+pub fn head_matches(stored: &HeaderMap, head: &HeaderMap) -> bool {
+    let text = |h: &HeaderMap, n: &HeaderName| {
+        h.get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .map(str::to_owned)
+    };
+    let (a, b) = (text(stored, &ETAG), text(head, &ETAG));
+    if a.is_some() || b.is_some() {
+        return matches!((a, b), (Some(a), Some(b)) if strong_eq(&a, &b));
+    }
+    let (a, b) = (
+        http_date(stored, LAST_MODIFIED),
+        http_date(head, LAST_MODIFIED),
+    );
+    if stored.contains_key(LAST_MODIFIED) || head.contains_key(LAST_MODIFIED) {
+        return a.is_some() && a == b;
+    }
+    let length = http::header::CONTENT_LENGTH;
+    text(stored, &length) == text(head, &length)
 }
 
 /// True when a client's conditional request is satisfied by a stored response, so it can
@@ -447,8 +603,11 @@ pub fn has_validator(stored: &HeaderMap) -> bool {
 /// The conditional headers to revalidate a stored response (RFC 9111 section 4.3.1).
 pub fn conditional_headers(stored: &HeaderMap) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    if let Some(etag) = stored.get(ETAG) {
-        headers.insert(IF_NONE_MATCH, etag.clone());
+    if let Some(etag) = stored.get(ETAG).and_then(|v| v.to_str().ok()) {
+        // Sent quoted even when the origin's tag was not.
+        if let Ok(value) = http::HeaderValue::from_str(&quoted_etag(etag)) {
+            headers.insert(IF_NONE_MATCH, value);
+        }
     }
     if let Some(modified) = stored.get(LAST_MODIFIED) {
         headers.insert(IF_MODIFIED_SINCE, modified.clone());
@@ -600,6 +759,14 @@ pub enum CacheStatus {
         /// Why it was not stored, or why it was forwarded alone.
         detail: Option<&'static str>,
     },
+    /// Forwarded, and no response came back (the origin was unreachable, the request
+    /// timed out): the error answer says so.
+    Failed {
+        /// Why it was forwarded, as for [`Forward`](CacheStatus::Forward).
+        reason: &'static str,
+        /// What went wrong, as a token (`origin-unreachable`, `timed-out`, ...).
+        detail: &'static str,
+    },
 }
 
 impl fmt::Display for CacheStatus {
@@ -631,6 +798,9 @@ impl fmt::Display for CacheStatus {
                     write!(f, "; detail={detail}")?;
                 }
                 Ok(())
+            }
+            CacheStatus::Failed { reason, detail } => {
+                write!(f, "; fwd={reason}; detail={detail}")
             }
         }
     }

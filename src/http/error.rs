@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::{HeaderValue, RETRY_AFTER};
+use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -14,7 +14,8 @@ use tower_service::Service;
 use crate::error::{BoxError, Error, ErrorKind};
 
 /// The response for `error`: status by kind, `Retry-After` (whole seconds, rounded up)
-/// when the service is overloaded or out of budget, and an empty body.
+/// when the service is overloaded or out of budget, the `Cache-Status` a cache noted on the
+/// error, and an empty body.
 pub fn error_response<B: Default>(error: &Error, default_retry_after: Duration) -> Response<B> {
     let status = match error.kind() {
         ErrorKind::Overloaded | ErrorKind::BudgetExhausted | ErrorKind::Cancelled => {
@@ -27,6 +28,14 @@ pub fn error_response<B: Default>(error: &Error, default_retry_after: Duration) 
     };
     let mut response = Response::new(B::default());
     *response.status_mut() = status;
+    if let Some(value) = error
+        .cache_status()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("cache-status"), value);
+    }
     if matches!(
         error.kind(),
         ErrorKind::Overloaded | ErrorKind::BudgetExhausted

@@ -9,7 +9,8 @@
 //!   a larger body is sent once, intact.
 //! - [`cache_control`] and [`cache_policy`]: RFC 9111 rules for a shared cache (what may
 //!   be stored, freshness, age, `Vary`, conditional requests, invalidation, stale rules)
-//!   and RFC 9211 `Cache-Status`, as functions of messages.
+//!   and RFC 9211 `Cache-Status`, as functions of messages; [`range`] for byte ranges
+//!   served from a stored response.
 //!
 //! [`ErrorResponseLayer`] turns the crate's errors into HTTP responses, so a stack of
 //! towerguard layers has `Error = Infallible` and goes straight into axum's
@@ -47,6 +48,7 @@ pub mod cache_policy;
 mod error;
 #[cfg(feature = "limit")]
 mod limit;
+pub mod range;
 #[cfg(feature = "retry")]
 mod retry;
 #[cfg(feature = "timeout")]

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
+use http::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, RANGE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use tokio::time::Instant;
@@ -21,19 +21,33 @@ use crate::cache::flight::{Joined, Owner, Upstream};
 use crate::error::{BoxError, Error};
 use crate::http::body::{read_ahead, BufferedBody};
 use crate::http::cache_policy::{
-    conditional_headers, has_validator, vary, AgeInputs, CacheStatus, NotStored, Vary,
+    conditional_headers, has_validator, is_stale_on_error_status, vary, AgeInputs, CacheStatus,
+    NotStored, Vary,
 };
 use crate::http::timeout::HttpExtensions;
 use crate::timeout::{Carrier, Deadline, TimeoutContext};
 
+/// How a fetch treats the client's own conditional fields.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Conditionals {
+    /// The cache makes its own conditional request (from `revalidate`, if any); the
+    /// client's is answered from the result.
+    Ours,
+    /// Nothing usable is stored: the client's `If-None-Match` / `If-Modified-Since` go to
+    /// the origin, which may answer them 304.
+    Clients,
+}
+
 /// Sends `req` to the origin and reads its response ahead, deciding whether it may be
-/// stored. `revalidate` is the stale entry whose validators the request carries.
+/// stored. `revalidate` is the stale entry whose validators the request carries. The
+/// request asks for the whole representation (a `Range` is answered from it).
 pub(super) async fn fetch<S, B, RB>(
     core: Arc<Core>,
     inner: S,
     mut req: Request<B>,
     revalidate: Option<Arc<Stored>>,
     extra: Option<String>,
+    conditionals: Conditionals,
 ) -> Result<Arc<Fetched>, Error>
 where
     S: Service<Request<B>, Response = Response<RB>>,
@@ -51,9 +65,13 @@ where
     if let Some(context) = TimeoutContext::current() {
         HttpExtensions.insert(&mut req, &context);
     }
-    // The cache makes its own conditional request; the client's is answered from the result.
-    req.headers_mut().remove(IF_NONE_MATCH);
-    req.headers_mut().remove(IF_MODIFIED_SINCE);
+    let headers = req.headers_mut();
+    headers.remove(RANGE);
+    headers.remove(IF_RANGE);
+    if conditionals == Conditionals::Ours {
+        headers.remove(IF_NONE_MATCH);
+        headers.remove(IF_MODIFIED_SINCE);
+    }
     if let Some(stale) = &revalidate {
         req.headers_mut()
             .extend(conditional_headers(&stale.headers));
@@ -76,21 +94,8 @@ where
             );
             let (store, not_stored, evict) = match refreshed.shared {
                 Ok(headers) => {
-                    let (swr, sie) = policy.stale_windows(&headers);
-                    let stored = Arc::new(Stored {
-                        status: stale.status,
-                        freshness: policy.freshness(stale.status, &headers),
-                        stale_while_revalidate: swr,
-                        stale_if_error: sie,
-                        age: AgeInputs::from_headers(&headers, request_time, response_time),
-                        stored_at: Instant::now(),
-                        vary: stale.vary.clone(),
-                        request_headers: stale.request_headers.clone(),
-                        extra: stale.extra.clone(),
-                        body: stale.body.clone(),
-                        headers,
-                    });
-                    (Some(stored), None, None)
+                    let stored = stale.refreshed(policy, headers, request_time, response_time);
+                    (Some(Arc::new(stored)), None, None)
                 }
                 Err(reason) => (None, Some(reason), Some(stale.clone())),
             };
@@ -142,8 +147,13 @@ where
     let freshness = policy.freshness(status, &parts.headers);
     let (swr, sie) = policy.stale_windows(&parts.headers);
     let response_vary = vary(&parts.headers);
-    let useful =
-        !freshness.is_zero() || has_validator(&parts.headers) || !swr.is_zero() || !sie.is_zero();
+    // Worth storing when it can answer a later request; an error that is stale at once
+    // never takes the place of the response stale-on-error would serve.
+    let useful = if is_stale_on_error_status(status) {
+        !freshness.is_zero()
+    } else {
+        !freshness.is_zero() || has_validator(&parts.headers) || !swr.is_zero() || !sie.is_zero()
+    };
     let store = useful.then(|| {
         let mut nominated = HeaderMap::new();
         if let Vary::Fields(fields) = &response_vary {
@@ -236,7 +246,14 @@ pub(super) fn revalidate_in_background<S, B, RB>(
     let validators = has_validator(&stale.headers).then_some(stale);
     let (fetch_core, fetch_inner) = (core.clone(), inner.clone());
     let start = move || -> Upstream<Arc<Fetched>> {
-        Box::pin(fetch(fetch_core, fetch_inner, req, validators, extra))
+        Box::pin(fetch(
+            fetch_core,
+            fetch_inner,
+            req,
+            validators,
+            extra,
+            Conditionals::Ours,
+        ))
     };
     if let Joined::Started(waiter) =
         core.flights

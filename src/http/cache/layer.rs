@@ -20,19 +20,32 @@ use crate::metrics::CacheMetrics;
 ///   only with `public`, `s-maxage` or `must-revalidate`, and explicit or heuristic
 ///   freshness. Bodies are read ahead up to a bound; a larger response is passed through
 ///   whole and not stored.
-/// - **Served** while fresh (section 4.2, `s-maxage` first), with `Age`; HEAD from a
-///   stored GET; a client's own conditional request answered with 304; `Vary` matched
-///   per section 4.1.
+/// - **Served** while fresh (section 4.2, `s-maxage` first), with `Age`, as far as the
+///   request's own directives allow (`max-age`, `min-fresh`, `max-stale`, `no-cache`,
+///   section 5.2.1; a fresh `immutable` response survives a reload, RFC 8246), unless
+///   [`HttpCachePolicy::ignore_client_directives`] (CDN mode) is set; HEAD from a stored
+///   GET; a client's own conditional request answered with 304; a single byte range
+///   answered 206 (or 416) from a stored 200, honouring `If-Range`; `Vary` matched per
+///   section 4.1, with `Accept-Encoding` and `Accept-Language` normalised.
 /// - **Revalidated** when stale, with `If-None-Match` / `If-Modified-Since`; a 304
-///   refreshes the stored headers. `stale-while-revalidate` serves stale while one
-///   background revalidation runs; `stale-if-error` serves stale when the origin fails;
-///   neither when `must-revalidate`, `proxy-revalidate`, `no-cache` or `s-maxage` forbid.
+///   refreshes the stored headers. A HEAD for a stale entry goes to the origin as a HEAD,
+///   and its 200 refreshes the stored headers (section 4.3.5). `stale-while-revalidate`
+///   serves stale while one background revalidation runs; `stale-if-error`, or the
+///   opt-in [`HttpCachePolicy::stale_on_error`], serves stale when the origin cannot be
+///   reached or answers 500, 502, 503 or 504; neither when `must-revalidate`,
+///   `proxy-revalidate`, `no-cache` or `s-maxage` forbid.
+/// - **Forwarded as sent** when nothing usable is stored: a client's own `If-None-Match`
+///   / `If-Modified-Since` (so the origin can answer 304), a `Range`, a HEAD; requests
+///   for several ranges always.
 /// - **Coalesced**: one origin request per URI at a time. A waiter that cannot use that
 ///   response (another `Vary` variant, `private`, `Set-Cookie`, `no-store`, its own
 ///   `Authorization`) is forwarded to the origin on its own.
 /// - **Invalidated** by unsafe methods that succeed: the target URI and same-origin
 ///   `Location` / `Content-Location`.
-/// - Every response carries `Cache-Status` (RFC 9211).
+/// - Every response carries `Cache-Status` (RFC 9211); an origin request that fails
+///   returns an [`Error`](crate::Error) carrying one too
+///   ([`Error::cache_status`](crate::Error::cache_status)), which
+///   [`ErrorResponseLayer`](crate::http::ErrorResponseLayer) puts on the 502 or 504.
 ///
 /// ```
 /// use towerguard::http::HttpCacheLayer;

@@ -3,13 +3,14 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AGE, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{HeaderValue, AGE, CONTENT_LENGTH, CONTENT_RANGE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, Method, Response, StatusCode};
 use tokio::time::Instant;
 
 use super::stored::Stored;
 use crate::http::body::BufferedBody;
 use crate::http::cache_policy::{not_modified, CacheStatus};
+use crate::http::range::{byte_range, RangeAnswer};
 
 /// The `Cache-Status` header (RFC 9211).
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -42,16 +43,38 @@ pub(super) fn respond<RB>(
 ) -> Response<BufferedBody<RB>> {
     let (method, request_headers) = request;
     let conditional = status == StatusCode::OK && not_modified(request_headers, headers);
-    let mut response = Response::new(if *method == Method::HEAD || conditional {
-        BufferedBody::empty()
+    // A byte range of a complete 200 (RFC 9110 section 14), for GET only.
+    let range = if status == StatusCode::OK && *method == Method::GET && !conditional {
+        byte_range(request_headers, headers, body.len() as u64)
     } else {
-        BufferedBody::complete(body.clone())
+        RangeAnswer::Whole
+    };
+    let mut response = Response::new(match range {
+        _ if *method == Method::HEAD || conditional => BufferedBody::empty(),
+        RangeAnswer::Partial { start, end } => {
+            // Within the body: byte_range bounds both by its length.
+            BufferedBody::complete(body.slice(start as usize..=end as usize))
+        }
+        RangeAnswer::Unsatisfiable => BufferedBody::empty(),
+        RangeAnswer::Whole | RangeAnswer::Forward => BufferedBody::complete(body.clone()),
     });
     *response.headers_mut() = headers.clone();
     if conditional {
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         response.headers_mut().remove(CONTENT_LENGTH);
         response.headers_mut().remove(TRANSFER_ENCODING);
+    } else if let Some(content_range) = range.content_range(body.len() as u64) {
+        let (status, length) = match range {
+            RangeAnswer::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, end - start + 1),
+            _ => (StatusCode::RANGE_NOT_SATISFIABLE, 0),
+        };
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.remove(TRANSFER_ENCODING);
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        if let Ok(value) = HeaderValue::from_str(&content_range) {
+            headers.insert(CONTENT_RANGE, value);
+        }
     } else {
         *response.status_mut() = status;
         // The complete body goes with its length, so the fields a HEAD gets are the ones

@@ -5,26 +5,29 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::HOST;
+use http::header::{HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use tokio::time::Instant;
+use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::core::Core;
-use super::fetch::{fetch, forward, forwarded, revalidate_in_background};
+use super::fetch::{fetch, forward, forwarded, revalidate_in_background, Conditionals};
 use super::respond::{respond, serve, with_status};
-use super::stored::{Fetch, Fetched, FlightKey};
+use super::stored::{Fetch, Fetched, FlightKey, Stored};
 use crate::cache::flight::{Joined, Owner, Upstream, Waiter};
-use crate::error::{BoxError, Error};
+use crate::error::{BoxError, Error, ErrorKind};
 use crate::http::body::BufferedBody;
 use crate::http::cache_control::CacheControl;
 use crate::http::cache_policy::{
-    has_validator, invalidates, invalidation_targets, primary_key, vary_matches, CacheStatus,
-    NotStored,
+    has_validator, head_matches, invalidates, invalidation_targets, is_stale_on_error_status,
+    primary_key, vary_matches, CacheStatus, NotStored, Reuse,
 };
+use crate::http::range::{has_range, several_ranges};
 
 /// An RFC 9111 shared cache in front of `S`. Made by [`HttpCacheLayer`](super::HttpCacheLayer).
 ///
@@ -136,21 +139,38 @@ where
         None => None,
     };
 
+    let ranged = method == Method::GET && has_range(req.headers());
+    if ranged && several_ranges(req.headers()) {
+        // The origin assembles several ranges (multipart/byteranges).
+        metrics.bypass.increment(1);
+        return forward(inner, req, forwarded("request", Some("multi-range"))).await;
+    }
     let now = Instant::now();
-    let forced = core.policy.request_forces_origin(req.headers());
     let stored = core.lookup(&key, req.headers(), &extra);
-    if let (Some(stored), false) = (&stored, forced) {
-        if stored.is_fresh(now) {
-            metrics.hit.increment(1);
-            tracing::debug!(result = "hit", "http cache: hit");
-            return Ok(serve(stored, (&method, req.headers()), now, false));
-        }
-        if stored.in_window(now, stored.stale_while_revalidate) {
-            metrics.stale.increment(1);
-            tracing::debug!(result = "stale", "http cache: stale, revalidating");
-            let response = serve(stored, (&method, req.headers()), now, true);
-            revalidate_in_background(&core, &inner, key, req, stored.clone(), extra);
-            return Ok(response);
+    let reuse = stored.as_ref().map(|s| {
+        core.policy
+            .reuse(req.headers(), &s.headers, s.freshness, s.current_age(now))
+    });
+    if let (Some(stored), Some(reuse)) = (&stored, reuse) {
+        match reuse {
+            Reuse::Fresh => {
+                metrics.hit.increment(1);
+                tracing::debug!(result = "hit", "http cache: hit");
+                return Ok(serve(stored, (&method, req.headers()), now, false));
+            }
+            Reuse::StaleAccepted => {
+                metrics.stale.increment(1);
+                tracing::debug!(result = "stale", "http cache: stale, accepted by max-stale");
+                return Ok(serve(stored, (&method, req.headers()), now, true));
+            }
+            Reuse::Stale if stored.in_window(now, stored.stale_while_revalidate) => {
+                metrics.stale.increment(1);
+                tracing::debug!(result = "stale", "http cache: stale, revalidating");
+                let response = serve(stored, (&method, req.headers()), now, true);
+                revalidate_in_background(&core, &inner, key, req, stored.clone(), extra);
+                return Ok(response);
+            }
+            Reuse::Stale | Reuse::Validate => {}
         }
     }
     // only-if-cached (RFC 9111 section 5.2.1.7): nothing usable is stored, so 504.
@@ -158,22 +178,66 @@ where
         metrics.bypass.increment(1);
         return Ok(only_if_cached_miss());
     }
-    // Past the hit path the request is handed to a flight: keep what answering needs.
-    let request = (method.clone(), req.headers().clone());
-    if method == Method::HEAD && stored.is_none() {
-        // Nothing to answer a HEAD from; it is not stored either.
-        metrics.bypass.increment(1);
-        return forward(inner, req, forwarded("uri-miss", Some("head"))).await;
+    let reason = match (&stored, reuse) {
+        (Some(_), Some(Reuse::Validate)) => "request",
+        (Some(_), _) => "stale",
+        (None, _) if core.store.contains_key(&key) => "vary-miss",
+        (None, _) => "uri-miss",
+    };
+    let Some(stored) = stored else {
+        if method == Method::HEAD || ranged {
+            // Nothing to answer a HEAD or a range from: to the origin as it is, not stored.
+            metrics.bypass.increment(1);
+            let detail = if ranged { "range" } else { "head" };
+            return forward(inner, req, forwarded(reason, Some(detail))).await;
+        }
+        if has_conditional(req.headers()) {
+            // Nothing usable stored: the client's own validators go to the origin.
+            metrics.miss.increment(1);
+            return conditional_miss(&core, inner, req, key, extra, reason).await;
+        }
+        return coalesced(&core, inner, req, (key, extra), None, reason).await;
+    };
+    if method == Method::HEAD {
+        metrics.miss.increment(1);
+        return head_through(&core, inner, req, &key, stored, reason).await;
     }
+    coalesced(&core, inner, req, (key, extra), Some(stored), reason).await
+}
 
+/// A GET that goes to the origin through a flight: one origin request per flight key, the
+/// stale entry `stored` (if any) revalidated with its validators.
+async fn coalesced<S, B, RB>(
+    core: &Arc<Core>,
+    inner: S,
+    req: Request<B>,
+    (key, extra): (String, Option<String>),
+    stored: Option<Arc<Stored>>,
+    reason: &'static str,
+) -> Result<Response<BufferedBody<RB>>, Error>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let metrics = &core.metrics;
+    // Past the hit path the request is handed to a flight: keep what answering needs.
+    let request = (req.method().clone(), req.headers().clone());
     let revalidate = stored.clone().filter(|s| has_validator(&s.headers));
-    let flight_key = core.flight_key(key.clone(), &request.1, &extra);
+    let flight_key = core.flight_key(key, &request.1, &extra);
     let mut request_slot = Some(req);
     let owner: Arc<dyn Owner<FlightKey, Arc<Fetched>>> = core.clone();
     let joined = {
         let recheck = |key: &FlightKey| {
-            core.lookup(&key.primary, &request.1, &extra)
-                .filter(|s| !forced && s.is_fresh(Instant::now()))
+            core.lookup(&key.primary, &request.1, &extra).filter(|s| {
+                let now = Instant::now();
+                core.policy
+                    .reuse(&request.1, &s.headers, s.freshness, s.current_age(now))
+                    == Reuse::Fresh
+            })
         };
         let slot = &mut request_slot;
         let start_inner = inner.clone();
@@ -181,7 +245,14 @@ where
         let start_extra = extra.clone();
         let start = move || -> Upstream<Arc<Fetched>> {
             match slot.take() {
-                Some(req) => Box::pin(fetch(start_core, start_inner, req, revalidate, start_extra)),
+                Some(req) => Box::pin(fetch(
+                    start_core,
+                    start_inner,
+                    req,
+                    revalidate,
+                    start_extra,
+                    Conditionals::Ours,
+                )),
                 None => unreachable!("a flight starts once"),
             }
         };
@@ -217,42 +288,34 @@ where
         }
     };
 
-    let reason = match &stored {
-        Some(_) => "stale",
-        None => {
-            if core.store.contains_key(&key) {
-                "vary-miss"
-            } else {
-                "uri-miss"
-            }
-        }
+    let stale_answer = |stale: &Arc<Stored>| {
+        metrics.stale_if_error.increment(1);
+        tracing::warn!(
+            result = "stale-if-error",
+            "http cache: origin failed, serving stale"
+        );
+        serve(stale, (&request.0, &request.1), Instant::now(), true)
     };
     let fetched = match waiter.await {
         Ok(fetched) => fetched,
         Err(error) => {
-            // stale-if-error: an expired entry inside its window answers instead.
+            // Serve stale on error: an expired entry inside its window answers instead.
             if let Some(stale) = stored.filter(|s| s.in_window(Instant::now(), s.stale_if_error)) {
-                metrics.stale_if_error.increment(1);
-                return Ok(serve(
-                    &stale,
-                    (&request.0, &request.1),
-                    Instant::now(),
-                    true,
-                ));
+                return Ok(stale_answer(&stale));
             }
-            return Err(error);
+            return Err(failed(error, reason));
         }
     };
     if let Some(stale) = &stored {
-        if fetched.status.is_server_error() && stale.in_window(Instant::now(), stale.stale_if_error)
+        if is_stale_on_error_status(fetched.status)
+            && stale.in_window(Instant::now(), stale.stale_if_error)
         {
-            metrics.stale_if_error.increment(1);
-            return Ok(serve(stale, (&request.0, &request.1), Instant::now(), true));
+            return Ok(stale_answer(stale));
         }
     }
 
     let answering = Answering {
-        core: &core,
+        core,
         fetched: &fetched,
         request: (&request.0, &request.1),
         extra: &extra,
@@ -266,9 +329,155 @@ where
             let Some(req) = request_slot.take() else {
                 unreachable!("a waiter that did not start the flight keeps its request");
             };
-            forward(inner, req, forwarded(reason, Some(detail))).await
+            forward(inner, req, forwarded(reason, Some(detail)))
+                .await
+                .map_err(|error| failed(error, reason))
         }
     }
+}
+
+/// The error of an origin request, logged, with the `Cache-Status` its error answer
+/// carries.
+fn failed(error: Error, reason: &'static str) -> Error {
+    let detail = match error.kind() {
+        ErrorKind::TimedOut => "timed-out",
+        ErrorKind::Overloaded => "overloaded",
+        ErrorKind::BudgetExhausted => "budget-exhausted",
+        ErrorKind::Cancelled => "cancelled",
+        ErrorKind::Panicked => "origin-panicked",
+        ErrorKind::BadRequest => "bad-request",
+        _ => "origin-unreachable",
+    };
+    tracing::warn!(error = %error, reason, detail, "http cache: origin request failed");
+    let status = CacheStatus::Failed { reason, detail };
+    error.with_cache_status(status.to_string())
+}
+
+/// True when the request carries its own validators.
+fn has_conditional(headers: &HeaderMap) -> bool {
+    headers.contains_key(IF_NONE_MATCH) || headers.contains_key(IF_MODIFIED_SINCE)
+}
+
+/// A conditional GET with nothing usable stored: sent to the origin with the client's
+/// validators, alone (its answer may be a 304 for this client only); a 200 that may be
+/// stored is stored.
+async fn conditional_miss<S, B, RB>(
+    core: &Arc<Core>,
+    inner: S,
+    req: Request<B>,
+    key: String,
+    extra: Option<String>,
+    reason: &'static str,
+) -> Result<Response<BufferedBody<RB>>, Error>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let request = (req.method().clone(), req.headers().clone());
+    let fetched = fetch(
+        core.clone(),
+        inner,
+        req,
+        None,
+        extra.clone(),
+        Conditionals::Clients,
+    )
+    .await
+    .map_err(|error| failed(error, reason))?;
+    if let Some(stored) = &fetched.store {
+        core.insert(&key, stored.clone());
+    }
+    let answering = Answering {
+        core,
+        fetched: &fetched,
+        request: (&request.0, &request.1),
+        extra: &extra,
+        originator: true,
+        reason,
+    };
+    match answering.answer() {
+        Answer::Response(response) => Ok(response),
+        Answer::Alone(_) => unreachable!("the originator is always answered"),
+    }
+}
+
+/// A HEAD for a stored response that is stale or that the request wants validated: sent
+/// to the origin as a HEAD; a 200 that describes the stored representation refreshes its
+/// headers, one that does not removes it (RFC 9111 section 4.3.5).
+async fn head_through<S, B, RB>(
+    core: &Core,
+    inner: S,
+    req: Request<B>,
+    key: &str,
+    stored: Arc<Stored>,
+    reason: &'static str,
+) -> Result<Response<BufferedBody<RB>>, Error>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+{
+    let request_headers = req.headers().clone();
+    let request_time = SystemTime::now();
+    let serve_stale = |stored: &Stored| {
+        core.metrics.stale_if_error.increment(1);
+        serve(
+            stored,
+            (&Method::HEAD, &request_headers),
+            Instant::now(),
+            true,
+        )
+    };
+    let response = match Oneshot::new(inner, req).await.map_err(Error::inner) {
+        Ok(response) => {
+            response.map(|body| BufferedBody::streaming(Default::default(), Some(body)))
+        }
+        Err(_) if stored.in_window(Instant::now(), stored.stale_if_error) => {
+            return Ok(serve_stale(&stored));
+        }
+        Err(error) => return Err(failed(error, reason)),
+    };
+    let status = response.status();
+    if is_stale_on_error_status(status) && stored.in_window(Instant::now(), stored.stale_if_error) {
+        return Ok(serve_stale(&stored));
+    }
+    if status != StatusCode::OK {
+        return Ok(response);
+    }
+    let mut stored_again = false;
+    if head_matches(&stored.headers, response.headers()) {
+        let refreshed = core.policy.refresh(
+            &request_headers,
+            stored.status,
+            &stored.headers,
+            response.headers(),
+        );
+        match refreshed.shared {
+            Ok(headers) => {
+                let updated =
+                    stored.refreshed(&core.policy, headers, request_time, SystemTime::now());
+                core.insert(key, Arc::new(updated));
+                stored_again = true;
+            }
+            Err(_) => core.remove_variant(key, &stored),
+        }
+    } else {
+        // The origin has another representation now: the stored one is out of date.
+        core.remove_variant(key, &stored);
+    }
+    let cache_status = CacheStatus::Forward {
+        reason,
+        status: status.as_u16(),
+        stored: stored_again,
+        collapsed: false,
+        detail: Some(if stored_again {
+            "head-refreshed"
+        } else {
+            "head"
+        }),
+    };
+    Ok(with_status(response, &cache_status))
 }
 
 /// Sends an unsafe request through; its success invalidates what it touches (RFC 9111

@@ -2,13 +2,13 @@
 
 use std::any::Any;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
-use crate::http::cache_policy::{AgeInputs, NotStored, Vary};
+use crate::http::cache_policy::{AgeInputs, HttpCachePolicy, NotStored, Vary};
 
 /// A stored response: one variant of one URI.
 pub(super) struct Stored {
@@ -33,10 +33,6 @@ impl Stored {
             .current_age(now.saturating_duration_since(self.stored_at))
     }
 
-    pub(super) fn is_fresh(&self, now: Instant) -> bool {
-        self.current_age(now) < self.freshness
-    }
-
     pub(super) fn in_window(&self, now: Instant, window: Duration) -> bool {
         self.current_age(now) < self.freshness.saturating_add(window)
     }
@@ -44,6 +40,32 @@ impl Stored {
     pub(super) fn ttl(&self, now: Instant) -> i64 {
         let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
         secs(self.freshness).saturating_sub(secs(self.current_age(now)))
+    }
+
+    /// This response with `headers` from a 304 or a matching HEAD's 200 (already merged
+    /// and judged shareable by [`HttpCachePolicy::refresh`]): the same body and variant,
+    /// a new freshness and age.
+    pub(super) fn refreshed(
+        &self,
+        policy: &HttpCachePolicy,
+        headers: HeaderMap,
+        request_time: SystemTime,
+        response_time: SystemTime,
+    ) -> Stored {
+        let (swr, sie) = policy.stale_windows(&headers);
+        Stored {
+            status: self.status,
+            freshness: policy.freshness(self.status, &headers),
+            stale_while_revalidate: swr,
+            stale_if_error: sie,
+            age: AgeInputs::from_headers(&headers, request_time, response_time),
+            stored_at: Instant::now(),
+            vary: self.vary.clone(),
+            request_headers: self.request_headers.clone(),
+            extra: self.extra.clone(),
+            body: self.body.clone(),
+            headers,
+        }
     }
 
     pub(super) fn weight(&self) -> u32 {
