@@ -1,46 +1,187 @@
-//! A caching reverse proxy: towerguard's RFC 9111 shared cache in front of any HTTP server.
+//! A caching reverse proxy: towerguard's RFC 9111 shared cache and resilience stack in front
+//! of any HTTP server.
 //!
 //! ```text
-//! cargo run --release --example proxy -- --listen 127.0.0.1:8080 --upstream http://127.0.0.1:8000
-//!     [--no-cache] [--cache-capacity-mb N] [--max-body-kb N]
-//!     [--timeout-ms N] [--attempt-timeout-ms N] [--limit N|adaptive] [--retry N] [--hedge]
-//!     [--metrics ADDR]
+//! cargo run --release --example proxy -- --listen localhost:8080 --upstream http://127.0.0.1:8000
+//! cargo run --release --example proxy -- --help
 //! ```
 //!
-//! Without the resilience flags it is a plain caching proxy. `--timeout-ms` and
-//! `--attempt-timeout-ms` bound each request and each attempt, `--limit` caps concurrency
-//! (or finds the cap itself with `adaptive`), `--retry N` allows N attempts of idempotent
-//! requests within a budget, `--hedge` hedges them after the 95th percentile latency, and
-//! `--metrics ADDR` serves Prometheus text at `http://ADDR/metrics`.
+//! It serves HTTP/1.1 and HTTP/2 over cleartext (h2c, prior knowledge) on one port and
+//! forwards to an HTTP/1.1 upstream (optionally under a path prefix, `--upstream
+//! http://host:port/base`). It answers from the cache what RFC 9111 allows a shared cache
+//! to answer and reports each decision in `Cache-Status`; everything else is streamed.
 //!
-//! It forwards method, path, query, headers (minus hop-by-hop ones) and body to the
-//! upstream, streams responses that are not stored, answers from the cache what RFC 9111
-//! allows a shared cache to answer, and reports each decision in `Cache-Status`. It prints
-//! `listening on ADDR` once it accepts connections.
+//! As a proxy (RFC 9110 section 7.6) it removes the hop-by-hop fields in both directions
+//! (`Connection` and every field it lists, `Keep-Alive`, `Proxy-Connection`, `TE`,
+//! `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-Authenticate`,
+//! `Proxy-Authorization`), adds itself to `Via` both ways, and appends the client's
+//! address to `X-Forwarded-For`. Request headers are bounded (`--max-header-kb`; larger
+//! ones get 431), upstream connections time out (`--connect-timeout-ms`), and each
+//! request is logged through `tracing` (method, path, status, cache status, duration;
+//! `RUST_LOG` filters, `--no-access-log` turns it off).
+//!
+//! On SIGTERM or Ctrl-C it stops accepting connections, lets the requests under way
+//! finish (up to `--shutdown-grace-secs`), and exits 0; it prints `listening on ADDR` once
+//! it accepts connections and `stopped` when it is done.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::process::ExitCode;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use http::header::{HeaderName, CONNECTION, HOST};
-use http::uri::{Authority, Scheme};
-use http::{HeaderMap, Request, Response, Uri};
+use clap::Parser;
+use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, VIA};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use std::time::Duration;
-
 use metrics_exporter_prometheus::PrometheusBuilder;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::util::BoxCloneSyncService;
-use tower::{Layer, Service};
-use towerguard::http::{BufferedBody, HttpCacheLayer};
+use tower::{Layer, Service, ServiceExt};
+use towerguard::http::cache_policy::HttpCachePolicy;
+use towerguard::http::{BufferedBody, HttpCacheLayer, CACHE_STATUS};
 use towerguard::stack::StackBuilder;
 
+/// A caching reverse proxy built from towerguard's layers.
+#[derive(Parser, Debug)]
+#[command(name = "proxy", version)]
+struct Args {
+    /// Address to listen on (a host name such as `localhost:8080` is resolved).
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
+    listen: String,
+
+    /// The server to forward to: `http://HOST:PORT`, optionally with a path prefix
+    /// (`http://HOST:PORT/base` sends `/x` to `/base/x`).
+    #[arg(long, default_value = "http://127.0.0.1:8000", value_name = "URL", value_parser = parse_upstream)]
+    upstream: Upstream,
+
+    /// Turn the HTTP cache off (the resilience layers stay).
+    #[arg(long)]
+    no_cache: bool,
+
+    /// Memory for stored responses, in MiB.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    cache_capacity_mb: u64,
+
+    /// Largest response body stored (larger ones are streamed, not stored), and largest
+    /// request body read ahead for retries, in KiB.
+    #[arg(long, default_value_t = 1024, value_name = "KIB")]
+    max_body_kb: usize,
+
+    /// Serve a stale response up to this many seconds past its freshness when the
+    /// upstream is unreachable or answers 500/502/503/504 (never when the response
+    /// forbids it). 0 turns it off.
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    stale_on_error_secs: u64,
+
+    /// Ignore clients' own Cache-Control (a reload's `max-age=0`, `no-cache`), so clients
+    /// cannot force upstream load.
+    #[arg(long)]
+    cdn_mode: bool,
+
+    /// Bound on each request, end to end, in milliseconds (none when not given).
+    #[arg(long, value_name = "MS")]
+    timeout_ms: Option<u64>,
+
+    /// Bound on each attempt at the upstream, in milliseconds (none when not given).
+    #[arg(long, value_name = "MS")]
+    attempt_timeout_ms: Option<u64>,
+
+    /// Cap on requests at the upstream at once: a number, or `adaptive` (AIMD between 4
+    /// and 1000); no cap when not given.
+    #[arg(long, value_name = "N|adaptive", value_parser = parse_limit)]
+    limit: Option<Limit>,
+
+    /// Retries of idempotent requests after a failure or a retryable status (0: none),
+    /// within a budget of 20% of requests (plus 10 per second).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    retry: u32,
+
+    /// Hedge idempotent requests after the upstream's 95th percentile latency.
+    #[arg(long)]
+    hedge: bool,
+
+    /// Time to connect to the upstream, in milliseconds.
+    #[arg(long, default_value_t = 2_000, value_name = "MS")]
+    connect_timeout_ms: u64,
+
+    /// Largest request header section accepted, in KiB (larger requests get 431).
+    #[arg(long, default_value_t = 64, value_name = "KIB")]
+    max_header_kb: usize,
+
+    /// How long requests under way may take to finish after SIGTERM or Ctrl-C.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    shutdown_grace_secs: u64,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<SocketAddr>,
+
+    /// Do not log a line per request.
+    #[arg(long)]
+    no_access_log: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Upstream {
+    authority: Authority,
+    /// The path prefix, without a trailing `/` (empty for none).
+    prefix: String,
+}
+
+fn parse_upstream(value: &str) -> Result<Upstream, String> {
+    let uri: Uri = value
+        .parse()
+        .map_err(|e| format!("not a URL ({e}); expected http://HOST:PORT[/PREFIX]"))?;
+    match uri.scheme() {
+        Some(scheme) if *scheme == Scheme::HTTP => {}
+        Some(scheme) => {
+            return Err(format!(
+                "the {scheme} scheme is not supported; this proxy speaks http:// to its upstream"
+            ))
+        }
+        None => return Err("expected http://HOST:PORT[/PREFIX]".to_owned()),
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or("expected http://HOST:PORT[/PREFIX]")?;
+    if uri.query().is_some() {
+        return Err("a query in the upstream URL is not supported".to_owned());
+    }
+    let prefix = uri.path().trim_end_matches('/').to_owned();
+    Ok(Upstream { authority, prefix })
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Static(usize),
+    Adaptive,
+}
+
+fn parse_limit(value: &str) -> Result<Limit, String> {
+    if value == "adaptive" {
+        return Ok(Limit::Adaptive);
+    }
+    match value.parse::<usize>() {
+        Ok(0) => Err("a limit of 0 would refuse every request".to_owned()),
+        Ok(n) => Ok(Limit::Static(n)),
+        Err(_) => Err("expected a number or `adaptive`".to_owned()),
+    }
+}
+
 /// Hop-by-hop fields (RFC 9110 section 7.6.1), never forwarded.
-const HOP_BY_HOP: [&str; 8] = [
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -48,9 +189,11 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authorization",
     "te",
     "trailer",
+    "transfer-encoding",
     "upgrade",
 ];
 
+/// Removes the hop-by-hop fields: the fixed ones and every field `Connection` lists.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -65,26 +208,39 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
-    // The body is re-framed hop by hop.
-    headers.remove(http::header::TRANSFER_ENCODING);
 }
 
-/// Sends requests to the upstream: rewrites the target, strips hop-by-hop fields.
+/// Adds this proxy to `Via` (RFC 9110 section 7.6.3) for a message of `version`.
+fn add_via(headers: &mut HeaderMap, version: Version) {
+    let protocol = match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    };
+    if let Ok(value) = HeaderValue::from_str(&format!("{protocol} towerguard")) {
+        headers.append(VIA, value);
+    }
+}
+
+/// Sends requests to the upstream: rewrites the target, strips hop-by-hop fields, adds
+/// `Via`.
 struct Forward<B> {
     client: Client<HttpConnector, B>,
-    scheme: Scheme,
-    authority: Authority,
+    upstream: Upstream,
 }
 
 impl<B> Clone for Forward<B> {
     fn clone(&self) -> Self {
         Forward {
             client: self.client.clone(),
-            scheme: self.scheme.clone(),
-            authority: self.authority.clone(),
+            upstream: self.upstream.clone(),
         }
     }
 }
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<B> Service<Request<B>> for Forward<B>
 where
@@ -94,38 +250,38 @@ where
 {
     type Response = Response<Incoming>;
     type Error = hyper_util::client::legacy::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response<Incoming>, Self::Error>> + Send>,
-    >;
+    type Future = BoxFuture<Result<Response<Incoming>, Self::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Service::<Request<B>>::poll_ready(&mut self.client, cx)
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let path_and_query = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
+        let path_and_query = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+        let target = format!("{}{path_and_query}", self.upstream.prefix);
         let uri = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
+            .scheme(Scheme::HTTP)
+            .authority(self.upstream.authority.clone())
+            .path_and_query(target)
             .build();
         if let Ok(uri) = uri {
             *req.uri_mut() = uri;
         }
-        strip_hop_by_hop(req.headers_mut());
-        if let Ok(host) = self.authority.as_str().parse() {
-            req.headers_mut().insert(HOST, host);
+        let version = req.version();
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        add_via(headers, version);
+        if let Ok(host) = self.upstream.authority.as_str().parse() {
+            headers.insert(HOST, host);
         }
+        // The upstream connection is HTTP/1.1 whatever the client spoke.
+        *req.version_mut() = Version::HTTP_11;
         let call = self.client.request(req);
         Box::pin(async move {
             let mut response = call.await?;
+            let version = response.version();
             strip_hop_by_hop(response.headers_mut());
-            // Answer in the version of the client's connection, not the upstream's.
-            *response.version_mut() = http::Version::HTTP_11;
+            add_via(response.headers_mut(), version);
             Ok(response)
         })
     }
@@ -133,123 +289,76 @@ where
 
 type Proxy = BoxCloneSyncService<Request<Incoming>, Response<BufferedBody<Incoming>>, Infallible>;
 
-struct Args {
-    listen: SocketAddr,
-    upstream: Uri,
-    cache: bool,
-    capacity_mb: u64,
-    max_body_kb: usize,
-    timeout_ms: Option<u64>,
-    attempt_timeout_ms: Option<u64>,
-    limit: Option<String>,
-    retry: u32,
-    hedge: bool,
-    metrics: Option<SocketAddr>,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let usage = "usage: proxy --listen ADDR --upstream http://HOST:PORT [--no-cache] [--cache-capacity-mb N] [--max-body-kb N] [--timeout-ms N] [--attempt-timeout-ms N] [--limit N|adaptive] [--retry N] [--hedge] [--metrics ADDR]";
-    let mut listen = None;
-    let mut upstream = None;
-    let mut args = Args {
-        listen: "127.0.0.1:8080".parse().expect("valid address"),
-        upstream: Uri::from_static("http://127.0.0.1:8000"),
-        cache: true,
-        capacity_mb: 64,
-        max_body_kb: 1024,
-        timeout_ms: None,
-        attempt_timeout_ms: None,
-        limit: None,
-        retry: 1,
-        hedge: false,
-        metrics: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || {
-            it.next()
-                .ok_or_else(|| format!("{arg} needs a value\n{usage}"))
+/// Per connection: `X-Forwarded-For`, then the proxy, then the access log line.
+fn connection_service(
+    proxy: Proxy,
+    peer: SocketAddr,
+    access_log: bool,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<BufferedBody<Incoming>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    let forwarded_for = HeaderName::from_static("x-forwarded-for");
+    tower::service_fn(move |mut req: Request<Incoming>| {
+        let (method, path, version) = (
+            req.method().clone(),
+            req.uri().path().to_owned(),
+            req.version(),
+        );
+        let client = peer.ip().to_string();
+        let value = match req
+            .headers()
+            .get(&forwarded_for)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(earlier) => format!("{earlier}, {client}"),
+            None => client,
         };
-        match arg.as_str() {
-            "--listen" => listen = Some(value()?),
-            "--upstream" => upstream = Some(value()?),
-            "--no-cache" => args.cache = false,
-            "--cache-capacity-mb" => {
-                args.capacity_mb = value()?
-                    .parse()
-                    .map_err(|e| format!("--cache-capacity-mb: {e}"))?
-            }
-            "--max-body-kb" => {
-                args.max_body_kb = value()?
-                    .parse()
-                    .map_err(|e| format!("--max-body-kb: {e}"))?
-            }
-            "--timeout-ms" => {
-                args.timeout_ms = Some(value()?.parse().map_err(|e| format!("--timeout-ms: {e}"))?)
-            }
-            "--attempt-timeout-ms" => {
-                args.attempt_timeout_ms = Some(
-                    value()?
-                        .parse()
-                        .map_err(|e| format!("--attempt-timeout-ms: {e}"))?,
-                )
-            }
-            "--limit" => args.limit = Some(value()?),
-            "--retry" => args.retry = value()?.parse().map_err(|e| format!("--retry: {e}"))?,
-            "--hedge" => args.hedge = true,
-            "--metrics" => {
-                let addr = value()?;
-                args.metrics = Some(addr.parse().map_err(|e| format!("--metrics {addr}: {e}"))?)
-            }
-            "--help" | "-h" => return Err(usage.to_owned()),
-            other => return Err(format!("unknown argument {other}\n{usage}")),
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            req.headers_mut().insert(forwarded_for.clone(), value);
         }
-    }
-    if let Some(listen) = listen {
-        args.listen = listen
-            .parse()
-            .map_err(|e| format!("--listen {listen}: {e}"))?;
-    }
-    if let Some(upstream) = upstream {
-        args.upstream = upstream
-            .parse()
-            .map_err(|e| format!("--upstream {upstream}: {e}"))?;
-    }
-    if args.upstream.scheme() != Some(&Scheme::HTTP) || args.upstream.authority().is_none() {
-        return Err(format!("--upstream must be http://HOST:PORT\n{usage}"));
-    }
-    Ok(args)
+        let call = proxy.clone().oneshot(req);
+        async move {
+            let start = Instant::now();
+            let response = call.await?;
+            if access_log {
+                let cache_status = response
+                    .headers()
+                    .get(&CACHE_STATUS)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info!(
+                    target: "access",
+                    client = %peer.ip(),
+                    %method,
+                    path,
+                    version = ?version,
+                    status = response.status().as_u16(),
+                    cache_status,
+                    ms = format_args!("{:.3}", start.elapsed().as_secs_f64() * 1000.0),
+                );
+            }
+            Ok(response)
+        }
+    })
 }
 
-#[tokio::main]
-async fn main() -> std::io::Result<()> {
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("{message}");
-            std::process::exit(2);
-        }
-    };
-    let metrics = args.metrics.map(|addr| {
-        let handle = PrometheusBuilder::new()
-            .install_recorder()
-            .unwrap_or_else(|err| {
-                eprintln!("cannot install the metrics recorder: {err}");
-                std::process::exit(1);
-            });
-        (addr, handle)
-    });
+fn build_proxy(args: &Args) -> Result<Proxy, String> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_millis(args.connect_timeout_ms)));
+    connector.set_nodelay(true);
     let forward = Forward {
-        client: Client::builder(TokioExecutor::new()).build_http(),
-        scheme: Scheme::HTTP,
-        authority: args.upstream.authority().cloned().expect("checked above"),
+        client: Client::builder(TokioExecutor::new()).build(connector),
+        upstream: args.upstream.clone(),
     };
     let mut builder = StackBuilder::new()
         .name("proxy")
         .without_total_timeout()
         .without_attempt_timeout()
         .without_limit()
-        .retry_attempts(args.retry)
+        .retry_attempts(args.retry.saturating_add(1))
         .max_replay_body(args.max_body_kb * 1024);
     if let Some(ms) = args.timeout_ms {
         builder = builder.total_timeout(Duration::from_millis(ms));
@@ -257,56 +366,177 @@ async fn main() -> std::io::Result<()> {
     if let Some(ms) = args.attempt_timeout_ms {
         builder = builder.attempt_timeout(Duration::from_millis(ms));
     }
-    match args.limit.as_deref() {
+    match args.limit {
         None => {}
-        Some("adaptive") => builder = builder.adaptive_limit(32, 4, 1_000),
-        Some(n) => match n.parse() {
-            Ok(n) => builder = builder.static_limit(n),
-            Err(_) => {
-                eprintln!("--limit takes a number or `adaptive`");
-                std::process::exit(2);
-            }
-        },
+        Some(Limit::Adaptive) => builder = builder.adaptive_limit(32, 4, 1_000),
+        Some(Limit::Static(n)) => builder = builder.static_limit(n),
     }
     if args.hedge {
         builder = builder.hedge_adaptive();
     }
-    if args.cache {
+    if !args.no_cache {
+        let policy = HttpCachePolicy::default()
+            .ignore_client_directives(args.cdn_mode)
+            .stale_on_error(Duration::from_secs(args.stale_on_error_secs));
         builder = builder.http_cache(
             HttpCacheLayer::builder()
                 .name("proxy")
-                .capacity_bytes(args.capacity_mb * 1024 * 1024)
+                .policy(policy)
+                .capacity_bytes(args.cache_capacity_mb * 1024 * 1024)
                 .max_body_bytes(args.max_body_kb * 1024)
                 .build(),
         );
     }
-    let stack = builder.build_http::<Incoming>().unwrap_or_else(|err| {
-        eprintln!("invalid configuration: {err}");
-        std::process::exit(2);
-    });
-    let proxy: Proxy = stack.layer(forward);
-    if let Some((addr, handle)) = metrics {
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || std::future::ready(handle.render())),
-        );
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        println!("metrics on http://{}/metrics", listener.local_addr()?);
-        tokio::spawn(async move { axum::serve(listener, app).await });
-    }
-    let proxy = Arc::new(proxy);
+    let stack = builder
+        .build_http::<Incoming>()
+        .map_err(|err| format!("invalid configuration: {err}"))?;
+    Ok(stack.layer(forward))
+}
 
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    println!("listening on {}", listener.local_addr()?);
+/// Resolves when SIGTERM or Ctrl-C arrives.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn serve_metrics(addr: SocketAddr) -> Result<(), String> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|err| format!("cannot install the metrics recorder: {err}"))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || std::future::ready(handle.render())),
+    );
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|err| format!("cannot serve metrics on {addr}: {err}"))?;
+    let local = listener.local_addr().map_err(|err| err.to_string())?;
+    println!("metrics on http://{local}/metrics");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    if let Some(addr) = args.metrics {
+        serve_metrics(addr).await?;
+    }
+    let proxy = build_proxy(&args)?;
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::AddrInUse => format!(
+                "cannot listen on {}: the address is already in use (is another server running on that port?)",
+                args.listen
+            ),
+            _ => format!("cannot listen on {}: {err}", args.listen),
+        })?;
+    println!(
+        "listening on {}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    let header_bytes = args.max_header_kb.max(1) * 1024;
+    // hyper's HTTP/1 read buffer bounds the request head; it cannot be set below 8 KiB.
+    server.http1().max_buf_size(header_bytes.max(8192));
+    server
+        .http2()
+        .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
+
+    let stopping = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
     loop {
-        let (stream, _) = listener.accept().await?;
-        let service = TowerToHyperService::new((*proxy).clone());
-        tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(err) = connection.await {
-                eprintln!("connection error: {err}");
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of descriptors and the like: keep serving the connections we have.
+                    tracing::warn!(error = %err, "accept failed");
+                    continue;
+                }
+            },
+            () = &mut signal => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service =
+            TowerToHyperService::new(connection_service(proxy.clone(), peer, !args.no_access_log));
+        let server = server.clone();
+        let stopping = stopping.clone();
+        connections.spawn(async move {
+            let connection = server.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stopping.cancelled() => {
+                    // Finish the requests under way, accept no more on this connection.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "connection ended with an error");
             }
         });
+    }
+    drop(listener);
+    let under_way = connections.len();
+    eprintln!(
+        "shutting down: {under_way} connection(s) open, waiting up to {} s for their requests",
+        args.shutdown_grace_secs
+    );
+    stopping.cancel();
+    connections.close();
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_err()
+    {
+        return Err(format!(
+            "{} connection(s) still busy after {} s; stopping anyway",
+            connections.len(),
+            args.shutdown_grace_secs
+        ));
+    }
+    println!("stopped");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(true)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("proxy: {message}");
+            ExitCode::FAILURE
+        }
     }
 }

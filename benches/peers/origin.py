@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""The origin the proxy scripts put caches in front of.
+
+    python3 benches/peers/origin.py PORT
+
+GET /obj/NAME          1 KiB, Cache-Control: public, max-age=3600
+GET /slow/NAME?ms=N    the same after N ms (default 500), for cold bursts and slow requests
+GET /count/NAME        how many requests for /obj/NAME or /slow/NAME arrived, as text
+Every response is HTTP/1.1 with Content-Length; connections are kept alive.
+"""
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+COUNTS = {}
+LOCK = threading.Lock()
+BODY = b"x" * 1024
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, body, cache_control="public, max-age=3600", head=False):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", cache_control)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def handle_one(self, head):
+        url = urlsplit(self.path)
+        parts = url.path.strip("/").split("/", 1)
+        kind, name = (parts + [""])[:2]
+        if kind == "count":
+            with LOCK:
+                n = COUNTS.get(name, 0)
+            self.answer(str(n).encode(), cache_control="no-store", head=head)
+            return
+        if kind not in ("obj", "slow"):
+            self.send_error(404)
+            return
+        with LOCK:
+            COUNTS[name] = COUNTS.get(name, 0) + 1
+        if kind == "slow":
+            ms = int(parse_qs(url.query).get("ms", ["500"])[0])
+            time.sleep(ms / 1000)
+        self.answer(BODY, head=head)
+
+    def do_GET(self):
+        self.handle_one(head=False)
+
+    def do_HEAD(self):
+        self.handle_one(head=True)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 2048
+
+
+if __name__ == "__main__":
+    Server(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
