@@ -47,7 +47,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::util::BoxCloneSyncService;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 use towerguard::http::cache_policy::HttpCachePolicy;
 use towerguard::http::{BufferedBody, HttpCacheLayer, CACHE_STATUS};
 use towerguard::stack::StackBuilder;
@@ -290,40 +290,67 @@ where
 type Proxy = BoxCloneSyncService<Request<Incoming>, Response<BufferedBody<Incoming>>, Infallible>;
 
 /// Per connection: `X-Forwarded-For`, then the proxy, then the access log line.
-fn connection_service(
+#[derive(Clone)]
+struct ConnectionService {
     proxy: Proxy,
     peer: SocketAddr,
+    /// The peer's address as a field value, made once per connection.
+    peer_value: HeaderValue,
     access_log: bool,
-) -> impl Service<
-    Request<Incoming>,
-    Response = Response<BufferedBody<Incoming>>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone {
-    let forwarded_for = HeaderName::from_static("x-forwarded-for");
-    tower::service_fn(move |mut req: Request<Incoming>| {
-        let (method, path, version) = (
-            req.method().clone(),
-            req.uri().path().to_owned(),
-            req.version(),
-        );
-        let client = peer.ip().to_string();
-        let value = match req
-            .headers()
-            .get(&forwarded_for)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(earlier) => format!("{earlier}, {client}"),
-            None => client,
-        };
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            req.headers_mut().insert(forwarded_for.clone(), value);
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+impl ConnectionService {
+    fn new(proxy: Proxy, peer: SocketAddr, access_log: bool) -> Self {
+        let peer_value = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnectionService {
+            proxy,
+            peer,
+            peer_value,
+            access_log,
         }
-        let call = proxy.clone().oneshot(req);
-        async move {
+    }
+}
+
+impl Service<Request<Incoming>> for ConnectionService {
+    type Response = Response<BufferedBody<Incoming>>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.proxy.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let headers = req.headers_mut();
+        let forwarded = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+            Some(earlier) => {
+                let mut value = earlier.to_vec();
+                value.extend_from_slice(b", ");
+                value.extend_from_slice(self.peer_value.as_bytes());
+                HeaderValue::from_bytes(&value).ok()
+            }
+            None => Some(self.peer_value.clone()),
+        };
+        if let Some(value) = forwarded {
+            headers.insert(X_FORWARDED_FOR, value);
+        }
+        // What the log line needs, taken only when it is written.
+        let logged = self.access_log.then(|| {
+            (
+                req.method().clone(),
+                req.uri().path().to_owned(),
+                req.version(),
+            )
+        });
+        let call = self.proxy.call(req);
+        let peer = self.peer;
+        Box::pin(async move {
             let start = Instant::now();
             let response = call.await?;
-            if access_log {
+            if let Some((method, path, version)) = logged {
                 let cache_status = response
                     .headers()
                     .get(&CACHE_STATUS)
@@ -341,8 +368,8 @@ fn connection_service(
                 );
             }
             Ok(response)
-        }
-    })
+        })
+    }
 }
 
 fn build_proxy(args: &Args) -> Result<Proxy, String> {
@@ -477,9 +504,13 @@ async fn run(args: Args) -> Result<(), String> {
             },
             () = &mut signal => break,
         };
+        // Answers go out at once, as nginx's tcp_nodelay does.
         let _ = stream.set_nodelay(true);
-        let service =
-            TowerToHyperService::new(connection_service(proxy.clone(), peer, !args.no_access_log));
+        let service = TowerToHyperService::new(ConnectionService::new(
+            proxy.clone(),
+            peer,
+            !args.no_access_log,
+        ));
         let server = server.clone();
         let stopping = stopping.clone();
         connections.spawn(async move {
