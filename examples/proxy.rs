@@ -282,6 +282,8 @@ where
             let version = response.version();
             strip_hop_by_hop(response.headers_mut());
             add_via(response.headers_mut(), version);
+            // Answered in HTTP/1.1 (or the client's HTTP/2), whatever the upstream spoke.
+            *response.version_mut() = Version::HTTP_11;
             Ok(response)
         })
     }
