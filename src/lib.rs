@@ -70,6 +70,8 @@ pub mod retry;
 pub mod stack;
 #[cfg(any(feature = "cache", feature = "limit"))]
 mod sync;
+#[cfg(feature = "redis")]
+pub mod tier;
 #[cfg(feature = "timeout")]
 pub mod timeout;
 

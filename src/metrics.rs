@@ -100,6 +100,42 @@ pub const HEDGE_BUDGET_EXHAUSTED: &str = "towerguard_hedge_budget_exhausted_tota
 /// The current hedge delay.
 pub const HEDGE_DELAY: &str = "towerguard_hedge_delay_seconds";
 
+/// Second-tier (Redis) operations of a cache, labelled by `result`.
+#[cfg(feature = "redis")]
+pub const TIER_REQUESTS: &str = "towerguard_second_tier_requests_total";
+/// How long each second-tier operation took, labelled by `op`.
+#[cfg(feature = "redis")]
+pub const TIER_DURATION: &str = "towerguard_second_tier_duration_seconds";
+/// 1 while the second tier's breaker keeps the instance off Redis, else 0.
+#[cfg(feature = "redis")]
+pub const TIER_BREAKER_OPEN: &str = "towerguard_second_tier_breaker_open";
+
+/// The metrics a cache with a second tier adds (feature `redis`).
+#[cfg(feature = "redis")]
+pub const TIER_METRICS: &[MetricInfo] = &[
+    MetricInfo {
+        name: TIER_REQUESTS,
+        kind: MetricType::Counter,
+        labels: &["result"],
+        unit: "operations",
+        help: "second-tier operations by result: hit, miss, write, error, skipped",
+    },
+    MetricInfo {
+        name: TIER_DURATION,
+        kind: MetricType::Histogram,
+        labels: &["op"],
+        unit: "seconds",
+        help: "time of each second-tier operation: get, set, del",
+    },
+    MetricInfo {
+        name: TIER_BREAKER_OPEN,
+        kind: MetricType::Gauge,
+        labels: &[],
+        unit: "state",
+        help: "1 while the breaker keeps the instance off Redis, else 0",
+    },
+];
+
 /// Every metric the crate emits.
 pub const METRICS: &[MetricInfo] = &[
     MetricInfo {
@@ -506,10 +542,21 @@ impl<M> std::fmt::Debug for Lazy<M> {
     }
 }
 
+/// Registers the second tier's descriptions and units with the installed recorder.
+#[cfg(feature = "redis")]
+pub(crate) fn describe_tier() {
+    describe_all(TIER_METRICS);
+}
+
 /// Registers descriptions and units with the installed recorder.
 #[cfg(any(feature = "cache", feature = "limit", feature = "timeout"))]
 fn describe() {
-    for info in METRICS {
+    describe_all(METRICS);
+}
+
+#[cfg(any(feature = "cache", feature = "limit", feature = "timeout"))]
+fn describe_all(list: &[MetricInfo]) {
+    for info in list {
         let unit = match info.unit {
             "seconds" => Some(Unit::Seconds),
             _ => None,

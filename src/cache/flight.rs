@@ -75,6 +75,40 @@ pub(crate) struct Core<K, V> {
     pub(crate) flights: FlightMap<K, V>,
     pub(crate) storable: StorableFn<V>,
     pub(crate) metrics: CacheMetrics,
+    /// The second tier, when one is configured.
+    #[cfg(feature = "redis")]
+    pub(crate) second: Option<Arc<super::tiered::SecondTier<K, V>>>,
+}
+
+impl<K, V> Core<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// The upstream of a flight for `key`: through the second tier when there is one (read
+    /// it first; on a miss call `upstream` and write what may be stored).
+    #[cfg(feature = "redis")]
+    pub(crate) fn through_tiers(self: &Arc<Self>, key: K, upstream: Upstream<V>) -> Upstream<V> {
+        let Some(tier) = self.second.clone() else {
+            return upstream;
+        };
+        let core = self.clone();
+        Box::pin(async move {
+            if let Some(value) = tier.read(&key).await {
+                return Ok(value);
+            }
+            let value = upstream.await?;
+            let life = match (core.storable)(&value) {
+                Storable::No => None,
+                Storable::Default => Some(core.store.default_life()),
+                Storable::For(life) => Some(life),
+            };
+            if let Some(life) = life {
+                tier.write(&key, &value, life).await;
+            }
+            Ok(value)
+        })
+    }
 }
 
 impl<K, V> Owner<K, V> for Core<K, V>
@@ -91,7 +125,15 @@ where
         let now = Instant::now();
         let entry = match outcome {
             Ok(value) => {
-                let storable = (self.storable)(value);
+                // A value read from the second tier lives as long as it is fresh there.
+                #[cfg(feature = "redis")]
+                let from_tier = self.second.as_ref().and_then(|tier| tier.take_life(key));
+                #[cfg(not(feature = "redis"))]
+                let from_tier: Option<super::store::Lifetime> = None;
+                let storable = match from_tier {
+                    Some(life) => Storable::For(life),
+                    None => (self.storable)(value),
+                };
                 self.store.entry_for_value(value.clone(), storable, now)
             }
             Err(error) => {

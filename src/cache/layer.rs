@@ -67,6 +67,8 @@ where
             negative_ttl: None,
             storable: Arc::new(|_: &V| Storable::Default),
             max_flights: DEFAULT_MAX_FLIGHTS,
+            #[cfg(feature = "redis")]
+            second: None,
             _req: PhantomData,
         }
     }
@@ -118,6 +120,8 @@ pub struct CacheBuilder<Req, K, V> {
     negative_ttl: Option<Duration>,
     storable: StorableFn<V>,
     max_flights: usize,
+    #[cfg(feature = "redis")]
+    second: Option<super::tiered::TierConfig<K, V>>,
     _req: PhantomData<fn(&Req)>,
 }
 
@@ -218,6 +222,20 @@ where
         self
     }
 
+    /// A second tier in Redis shared by every instance (feature `redis`): a miss in memory
+    /// reads it before the upstream, and what the upstream returns (and may be stored) is
+    /// written to both, with the same lifetime. `key` names a key in Redis (the tier adds
+    /// its prefix); `codec` turns values into bytes and back. See [`crate::tier`].
+    #[cfg(feature = "redis")]
+    pub fn second_tier<F, C>(mut self, tier: crate::tier::RedisTier, key: F, codec: C) -> Self
+    where
+        F: Fn(&K) -> String + Send + Sync + 'static,
+        C: crate::tier::Codec<V>,
+    {
+        self.second = Some((tier, Arc::new(key), Arc::new(codec)));
+        self
+    }
+
     /// Builds the layer and its shared state.
     pub fn build(self) -> CacheLayer<Req, K, V> {
         let metrics = CacheMetrics::register(&self.name);
@@ -242,6 +260,11 @@ where
                 store,
                 flights: FlightMap::new(self.max_flights),
                 storable: self.storable,
+                #[cfg(feature = "redis")]
+                second: self.second.map(|(tier, key, codec)| {
+                    let metrics = crate::tier::TierMetrics::register(&self.name);
+                    Arc::new(super::tiered::SecondTier::new(tier, key, codec, metrics))
+                }),
                 metrics,
             }),
             key_fn: self.key_fn,
@@ -281,6 +304,27 @@ where
     pub fn invalidate(&self, key: &K) {
         self.core.flights.detach(key);
         self.core.store.invalidate(key);
+        #[cfg(feature = "redis")]
+        if let (Some(tier), Ok(runtime)) = (
+            self.core.second.clone(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            // Deleted from the second tier in the background; `purge` waits for it.
+            let key = key.clone();
+            runtime.spawn(async move { tier.remove(&key).await });
+        }
+    }
+
+    /// Removes `key` from the store and from the second tier, and returns once Redis has
+    /// deleted it (or its timeout passed); detaches its flight like
+    /// [`invalidate`](Self::invalidate). Feature `redis`.
+    #[cfg(feature = "redis")]
+    pub async fn purge(&self, key: &K) {
+        self.core.flights.detach(key);
+        self.core.store.invalidate(key);
+        if let Some(tier) = &self.core.second {
+            tier.remove(key).await;
+        }
     }
 
     /// Removes every entry and detaches every flight.

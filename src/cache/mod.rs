@@ -82,6 +82,8 @@ mod layer;
 mod service;
 mod store;
 mod table;
+#[cfg(feature = "redis")]
+mod tiered;
 
 pub use self::future::ResponseFuture;
 pub use self::layer::{

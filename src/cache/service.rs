@@ -118,7 +118,7 @@ where
             }
             Lookup::Miss { fallback } => {
                 let inner = self.inner.clone();
-                let start = move || upstream(inner, req);
+                let start = self.start(&key, inner, req);
                 let owner: Arc<dyn Owner<K, V>> = core.clone();
                 let recheck = |key: &K| match core.store.lookup(key, Instant::now()) {
                     Lookup::Fresh(entry) => Some(entry),
@@ -161,14 +161,40 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
+    /// What starts a flight for `key`: the upstream call, through the second tier when
+    /// there is one.
+    fn start(
+        &self,
+        key: &K,
+        inner: S,
+        req: Req,
+    ) -> impl FnOnce() -> Upstream<V> + use<S, Req, K, V> {
+        #[cfg(feature = "redis")]
+        {
+            let tiered = self
+                .core
+                .second
+                .is_some()
+                .then(|| (self.core.clone(), key.clone()));
+            move || match tiered {
+                Some((core, key)) => core.through_tiers(key, upstream(inner, req)),
+                None => upstream(inner, req),
+            }
+        }
+        #[cfg(not(feature = "redis"))]
+        {
+            let _ = key;
+            move || upstream(inner, req)
+        }
+    }
+
     /// Starts a background refresh of `key` with `req`, unless a flight for it is under way
     /// or there is no runtime to run it on.
     fn refresh(&self, key: K, req: Req) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let inner = self.inner.clone();
-        let start = move || upstream(inner, req);
+        let start = self.start(&key, self.inner.clone(), req);
         let owner: Arc<dyn Owner<K, V>> = self.core.clone();
         let joined = self
             .core

@@ -103,7 +103,7 @@ impl Lifetime {
         self.stale_if_error
     }
 
-    fn usable_for(&self) -> Option<Duration> {
+    pub(crate) fn usable_for(&self) -> Option<Duration> {
         let fresh = self.fresh?;
         Some(fresh + self.stale_while_revalidate.max(self.stale_if_error))
     }
@@ -301,6 +301,12 @@ where
     pub(crate) fn invalidate_all(&self) {
         self.cache.invalidate_all();
         self.sample();
+    }
+
+    /// The lifetime of entries stored with [`Storable::Default`].
+    #[cfg(feature = "redis")]
+    pub(crate) fn default_life(&self) -> Lifetime {
+        self.default_life
     }
 
     pub(crate) fn run_pending_tasks(&self) {
