@@ -297,7 +297,9 @@ async fn the_second_tier_reports_hits_misses_and_writes() {
                 let key = key.key();
                 key.name() == "towerguard_second_tier_requests_total"
                     && key.labels().any(|l| l.key() == "name" && l.value() == name)
-                    && key.labels().any(|l| l.key() == "result" && l.value() == result)
+                    && key
+                        .labels()
+                        .any(|l| l.key() == "result" && l.value() == result)
             })
             .map(|(_, _, _, value)| match value {
                 metrics_util::debugging::DebugValue::Counter(n) => *n,
