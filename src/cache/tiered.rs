@@ -57,6 +57,8 @@ where
     /// The value stored for `key` while it is still fresh; `None` on a miss, a stale or
     /// unreadable entry, or when Redis is unavailable.
     pub(crate) async fn read(&self, key: &K) -> Option<V> {
+        // A life left by a flight that was dropped after its read must not outlive it.
+        self.lives.remove(key);
         let Read::Found(bytes) = self.tier.get(&self.redis_key(key), &self.metrics).await else {
             self.metrics.miss.increment(1);
             return None;

@@ -288,29 +288,26 @@ where
         }
     };
 
-    let stale_answer = |stale: &Arc<Stored>| {
-        metrics.stale_if_error.increment(1);
-        tracing::warn!(
-            result = "stale-if-error",
-            "http cache: origin failed, serving stale"
-        );
-        serve(stale, (&request.0, &request.1), Instant::now(), true)
-    };
+    let request_ref = (&request.0, &request.1);
     let fetched = match waiter.await {
         Ok(fetched) => fetched,
         Err(error) => {
             // Serve stale on error: an expired entry inside its window answers instead.
-            if let Some(stale) = stored.filter(|s| s.in_window(Instant::now(), s.stale_if_error)) {
-                return Ok(stale_answer(&stale));
+            if let Some(response) = stored
+                .as_deref()
+                .and_then(|s| serve_on_error(core, s, request_ref))
+            {
+                return Ok(response);
             }
             return Err(failed(error, reason));
         }
     };
-    if let Some(stale) = &stored {
-        if is_stale_on_error_status(fetched.status)
-            && stale.in_window(Instant::now(), stale.stale_if_error)
+    if is_stale_on_error_status(fetched.status) {
+        if let Some(response) = stored
+            .as_deref()
+            .and_then(|s| serve_on_error(core, s, request_ref))
         {
-            return Ok(stale_answer(stale));
+            return Ok(response);
         }
     }
 
@@ -334,6 +331,26 @@ where
                 .map_err(|error| failed(error, reason))
         }
     }
+}
+
+/// The stale `stored` as the answer to `request` when its origin request failed, if it is
+/// inside its stale-if-error window (the response's own, or the configured
+/// stale-on-error).
+fn serve_on_error<RB>(
+    core: &Core,
+    stored: &Stored,
+    request: (&Method, &HeaderMap),
+) -> Option<Response<BufferedBody<RB>>> {
+    let now = Instant::now();
+    if !stored.in_window(now, stored.stale_if_error) {
+        return None;
+    }
+    core.metrics.stale_if_error.increment(1);
+    tracing::warn!(
+        result = "stale-if-error",
+        "http cache: origin failed, serving stale"
+    );
+    Some(serve(stored, request, now, true))
 }
 
 /// The error of an origin request, logged, with the `Cache-Status` its error answer
@@ -437,27 +454,22 @@ where
 {
     let request_headers = req.headers().clone();
     let request_time = SystemTime::now();
-    let serve_stale = |stored: &Stored| {
-        core.metrics.stale_if_error.increment(1);
-        serve(
-            stored,
-            (&Method::HEAD, &request_headers),
-            Instant::now(),
-            true,
-        )
-    };
     let response = match Oneshot::new(inner, req).await.map_err(Error::inner) {
         Ok(response) => {
             response.map(|body| BufferedBody::streaming(Default::default(), Some(body)))
         }
-        Err(_) if stored.in_window(Instant::now(), stored.stale_if_error) => {
-            return Ok(serve_stale(&stored));
+        Err(error) => {
+            return match serve_on_error(core, &stored, (&Method::HEAD, &request_headers)) {
+                Some(response) => Ok(response),
+                None => Err(failed(error, reason)),
+            }
         }
-        Err(error) => return Err(failed(error, reason)),
     };
     let status = response.status();
-    if is_stale_on_error_status(status) && stored.in_window(Instant::now(), stored.stale_if_error) {
-        return Ok(serve_stale(&stored));
+    if is_stale_on_error_status(status) {
+        if let Some(response) = serve_on_error(core, &stored, (&Method::HEAD, &request_headers)) {
+            return Ok(response);
+        }
     }
     if status != StatusCode::OK {
         return Ok(response);
