@@ -109,6 +109,17 @@ pub const TIER_DURATION: &str = "towerguard_second_tier_duration_seconds";
 /// 1 while the second tier's breaker keeps the instance off Redis, else 0.
 #[cfg(feature = "redis")]
 pub const TIER_BREAKER_OPEN: &str = "towerguard_second_tier_breaker_open";
+/// Backplane messages, labelled by `direction` (`sent`, `received`).
+#[cfg(feature = "redis")]
+pub const TIER_BACKPLANE: &str = "towerguard_second_tier_backplane_messages_total";
+/// Times the first tier was emptied because the backplane reconnected (messages may
+/// have been missed meanwhile).
+#[cfg(feature = "redis")]
+pub const TIER_RESYNCS: &str = "towerguard_second_tier_resyncs_total";
+/// Cross-instance leases, labelled by `result` (`acquired`, `waited`, `takeover`,
+/// `timeout`).
+#[cfg(feature = "redis")]
+pub const TIER_LEASES: &str = "towerguard_second_tier_leases_total";
 
 /// The metrics a cache with a second tier adds (feature `redis`).
 #[cfg(feature = "redis")]
@@ -125,7 +136,7 @@ pub const TIER_METRICS: &[MetricInfo] = &[
         kind: MetricType::Histogram,
         labels: &["op"],
         unit: "seconds",
-        help: "time of each second-tier operation: get, set, del",
+        help: "time of each second-tier operation: get, set, del, lease, publish, purge",
     },
     MetricInfo {
         name: TIER_BREAKER_OPEN,
@@ -133,6 +144,27 @@ pub const TIER_METRICS: &[MetricInfo] = &[
         labels: &[],
         unit: "state",
         help: "1 while the breaker keeps the instance off Redis, else 0",
+    },
+    MetricInfo {
+        name: TIER_BACKPLANE,
+        kind: MetricType::Counter,
+        labels: &["direction"],
+        unit: "messages",
+        help: "backplane messages by direction: sent, received",
+    },
+    MetricInfo {
+        name: TIER_RESYNCS,
+        kind: MetricType::Counter,
+        labels: &[],
+        unit: "resyncs",
+        help: "first tier emptied after the backplane reconnected",
+    },
+    MetricInfo {
+        name: TIER_LEASES,
+        kind: MetricType::Counter,
+        labels: &["result"],
+        unit: "leases",
+        help: "cross-instance flights: acquired, waited, takeover, timeout",
     },
 ];
 

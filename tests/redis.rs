@@ -1,6 +1,8 @@
-//! The cache's second tier in Redis, with three instances (separate first tiers) sharing
-//! one `redis-server` that each test starts on a free loopback port and stops. Without
-//! `redis-server` on the machine these tests are skipped, unless `CI` is set: then they fail.
+//! The cache's second tier in Redis, with three instances (separate first tiers, each with
+//! its own connections) sharing one `redis-server` that each test starts on a free
+//! loopback port and stops: the second tier, the cross-instance lease, the backplane, and
+//! Redis failing. Without `redis-server` on the machine these tests are skipped, unless
+//! `CI` is set: then they fail.
 
 #![cfg(feature = "redis")]
 
@@ -239,8 +241,11 @@ async fn after_failures_the_breaker_keeps_requests_off_redis() {
     let svc = instance(tier.clone(), "breaker").layer(counting_upstream(calls.clone()));
     assert!(!tier.is_open());
     server.stop();
-    // A miss reads (fails), calls the upstream, writes (fails): two failures open it.
+    // Each miss's read fails (and the flight then leaves Redis alone): two misses, two
+    // failures in a row, open it.
     svc.clone().oneshot("k".into()).await.unwrap();
+    assert!(!tier.is_open(), "one failure");
+    svc.clone().oneshot("k2".into()).await.unwrap();
     assert!(tier.is_open(), "open after two failures in a row");
     server.spawn().unwrap();
     // Open: the instance stays on its first tier and the upstream.
@@ -311,4 +316,322 @@ async fn the_second_tier_reports_hits_misses_and_writes() {
     assert_eq!(counter("m-a", "write"), 1);
     assert_eq!(counter("m-b", "hit"), 1);
     assert_eq!(counter("m-b", "write"), 0);
+}
+
+/// Three instances, each with its own tier (connections and backplane subscriber), all
+/// subscribed before the test goes on.
+async fn fleet(
+    server: &RedisServer,
+    prefix: &str,
+    upstream: impl Fn(usize) -> BoxUpstream,
+) -> Vec<(
+    RedisTier,
+    towerguard::cache::CacheHandle<String, String>,
+    BoxService,
+)> {
+    let mut out = Vec::new();
+    for i in 0..3 {
+        let tier = tier(server, prefix);
+        let layer = CacheLayer::builder(|key: &String| Some(key.clone()))
+            .name(format!("fleet-{i}"))
+            .ttl(Duration::from_secs(60))
+            .tags(|key: &String, _: &String| {
+                key.split('/')
+                    .next()
+                    .map(|t| vec![t.to_owned()])
+                    .unwrap_or_default()
+            })
+            .second_tier(tier.clone(), |key: &String| key.clone(), Utf8)
+            .build();
+        let handle = layer.handle();
+        let svc = tower::util::BoxCloneSyncService::new(layer.layer(upstream(i)));
+        let mut state = tier.backplane();
+        state.wait_for(|b| b.subscribed).await.unwrap();
+        out.push((tier, handle, svc));
+    }
+    out
+}
+
+type BoxService = tower::util::BoxCloneSyncService<String, String, towerguard::Error>;
+type BoxUpstream = tower::util::BoxCloneSyncService<String, String, std::io::Error>;
+
+fn boxed_counting(calls: Arc<AtomicUsize>) -> BoxUpstream {
+    tower::util::BoxCloneSyncService::new(counting_upstream(calls))
+}
+
+/// Waits until `tier`'s backplane has applied `n` messages from other instances.
+async fn applied(tier: &RedisTier, n: u64) {
+    let mut state = tier.backplane();
+    state.wait_for(|b| b.applied >= n).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_callers_of_a_cold_key_over_three_instances_make_one_upstream_call() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream_calls = calls.clone();
+    // A backend that takes its time, as a cold key's backend does.
+    let fleet = fleet(&server, "cold:", move |i| {
+        let calls = upstream_calls.clone();
+        tower::util::BoxCloneSyncService::new(service_fn(move |key: String| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok::<_, std::io::Error>(format!("{key} from instance {i} #{n}"))
+            }
+        }))
+    })
+    .await;
+    let callers: Vec<_> = (0..1000)
+        .map(|n| {
+            let svc = fleet[n % 3].2.clone();
+            tokio::spawn(svc.oneshot("cold".to_owned()))
+        })
+        .collect();
+    let mut answers = std::collections::HashSet::new();
+    for caller in callers {
+        answers.insert(caller.await.unwrap().unwrap());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one upstream call in all");
+    assert_eq!(
+        answers.len(),
+        1,
+        "every caller got that one answer: {answers:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_and_invalidate_tag_on_one_instance_reach_every_instance() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream_calls = calls.clone();
+    let fleet = fleet(&server, "bus:", move |_| {
+        boxed_counting(upstream_calls.clone())
+    })
+    .await;
+    let get = |i: usize, key: &str| {
+        let svc = fleet[i].2.clone();
+        let key = key.to_owned();
+        async move { svc.oneshot(key).await.unwrap() }
+    };
+
+    // One write on instance 0, read by the others from the second tier.
+    assert_eq!(get(0, "news/1").await, "value of news/1 #1");
+    assert_eq!(get(1, "news/1").await, "value of news/1 #1");
+    assert_eq!(get(2, "news/1").await, "value of news/1 #1");
+    // The write's message has reached 1 and 2; then each holds the value in memory.
+    applied(&fleet[1].0, 1).await;
+    applied(&fleet[2].0, 1).await;
+    assert_eq!(get(1, "news/1").await, "value of news/1 #1");
+    assert_eq!(get(2, "news/1").await, "value of news/1 #1");
+
+    // invalidate on 0: once its message has arrived, nobody serves #1.
+    let start = std::time::Instant::now();
+    fleet[0].1.purge(&"news/1".to_owned()).await;
+    applied(&fleet[1].0, 2).await;
+    applied(&fleet[2].0, 2).await;
+    let delay = start.elapsed();
+    for i in [1, 2, 0] {
+        assert_eq!(get(i, "news/1").await, "value of news/1 #2", "instance {i}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    println!("invalidate: every instance had the message {delay:?} after the call");
+
+    // invalidate_tag on 2: every value tagged `sport` goes, on every instance and in Redis.
+    for key in ["sport/1", "sport/2"] {
+        get(0, key).await;
+        get(1, key).await;
+    }
+    let weather = get(0, "weather/1").await;
+    // Messages applied so far: on 0, the write of news/1 #2 by 1; on 1, 0's write and
+    // invalidation of news/1 and its three writes since.
+    applied(&fleet[0].0, 1).await;
+    applied(&fleet[1].0, 5).await;
+    assert_eq!(
+        get(1, "sport/1").await,
+        "value of sport/1 #3",
+        "held before"
+    );
+    let start = std::time::Instant::now();
+    fleet[2].1.purge_tag("sport").await;
+    applied(&fleet[0].0, 2).await;
+    applied(&fleet[1].0, 6).await;
+    let delay = start.elapsed();
+    println!("invalidate_tag: every instance had the message {delay:?} after the call");
+    assert_eq!(get(1, "sport/1").await, "value of sport/1 #6");
+    assert_eq!(get(0, "sport/1").await, "value of sport/1 #6");
+    assert_eq!(get(0, "sport/2").await, "value of sport/2 #7");
+    assert_eq!(get(2, "sport/2").await, "value of sport/2 #7");
+    // Untagged values stay, in memory and in Redis.
+    assert_eq!(get(0, "weather/1").await, weather);
+    assert_eq!(get(2, "weather/1").await, weather);
+    assert_eq!(calls.load(Ordering::SeqCst), 7);
+}
+
+/// Sends one command to the test's Redis.
+async fn redis_cmd<T: redis::FromRedisValue>(server: &RedisServer, cmd: &redis::Cmd) -> T {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    cmd.query_async(&mut connection).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_holder_whose_flight_is_dropped_lets_another_instance_take_over() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let started_tx = Arc::new(std::sync::Mutex::new(Some(started_tx)));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream_calls = calls.clone();
+    let fleet = fleet(&server, "drop:", move |i| {
+        let (calls, started) = (upstream_calls.clone(), started_tx.clone());
+        tower::util::BoxCloneSyncService::new(service_fn(move |key: String| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let started = started.lock().unwrap().take();
+            async move {
+                if i == 0 {
+                    // Instance 0 holds the lease and never answers.
+                    if let Some(started) = started {
+                        let _ = started.send(());
+                    }
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, std::io::Error>(format!("{key} from instance {i}"))
+            }
+        }))
+    })
+    .await;
+    let holder = tokio::spawn(fleet[0].2.clone().oneshot("k".to_owned()));
+    // Its upstream runs only once it holds the lease.
+    started_rx.await.unwrap();
+    let waiter = tokio::spawn(fleet[1].2.clone().oneshot("k".to_owned()));
+    // The holder's only caller goes away: its flight is dropped and the lease released.
+    holder.abort();
+    assert!(holder.await.unwrap_err().is_cancelled());
+    assert_eq!(waiter.await.unwrap().unwrap(), "k from instance 1");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Instance 1 wrote it: instance 2 reads it from Redis.
+    assert_eq!(
+        fleet[2].2.clone().oneshot("k".to_owned()).await.unwrap(),
+        "k from instance 1"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_holder_died_is_taken_over_once_it_lapses_never_before() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // A holder that died: its lease stays for 300 ms and nothing releases it.
+    let mut set = redis::cmd("SET");
+    set.arg("dead:l:k").arg("gone").arg("PX").arg(300);
+    let set_at = std::time::Instant::now();
+    let () = redis_cmd(&server, &set).await;
+    let called_at = Arc::new(std::sync::Mutex::new(None));
+    let seen = called_at.clone();
+    let fleet = fleet(&server, "dead:", move |_| {
+        let seen = seen.clone();
+        tower::util::BoxCloneSyncService::new(service_fn(move |key: String| {
+            *seen.lock().unwrap() = Some(std::time::Instant::now());
+            async move { Ok::<_, std::io::Error>(format!("{key} fetched")) }
+        }))
+    })
+    .await;
+    let value = fleet[1].2.clone().oneshot("k".to_owned()).await.unwrap();
+    assert_eq!(value, "k fetched");
+    let called = called_at.lock().unwrap().expect("the upstream was called");
+    assert!(
+        called.duration_since(set_at) >= Duration::from_millis(300),
+        "the upstream was called while the dead holder's lease stood"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_or_hung_mid_run_fails_no_request_and_on_restart_the_fleet_is_whole_again() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream_calls = calls.clone();
+    let fleet = fleet(&server, "chaos:", move |_| {
+        boxed_counting(upstream_calls.clone())
+    })
+    .await;
+    let get = |i: usize, key: String| fleet[i].2.clone().oneshot(key);
+    get(0, "held".into()).await.unwrap();
+    get(1, "held".into()).await.unwrap();
+
+    // Hung: Redis accepts nothing and answers nothing. Every operation waits out its
+    // timeout (500 ms here), then the request goes on without it.
+    let pid = server.child.as_ref().unwrap().id().to_string();
+    let signal = |sig: &str| {
+        let status = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let mut slowest = Duration::ZERO;
+    for i in 0..3 {
+        let start = std::time::Instant::now();
+        // A hang detector, not a speed check: a request Redis could hold would never end.
+        let value = tokio::time::timeout(Duration::from_secs(30), get(i, format!("hung-{i}")))
+            .await
+            .expect("a request waited on a hung Redis");
+        assert!(value.is_ok(), "{value:?}");
+        slowest = slowest.max(start.elapsed());
+    }
+    // First-tier hits do not touch Redis at all.
+    assert!(get(0, "held".into()).await.is_ok());
+    signal("-CONT");
+    println!("Redis hung: slowest request {slowest:?} (timeout 500 ms per operation)");
+
+    // Stopped: connections refused.
+    server.stop();
+    for i in 0..3 {
+        for key in ["down-a", "down-b"] {
+            let value = get(i, key.into()).await;
+            assert!(value.is_ok(), "instance {i}, {key}: {value:?}");
+        }
+    }
+    let mut states: Vec<_> = fleet.iter().map(|f| f.0.backplane()).collect();
+    for state in &mut states {
+        state.wait_for(|b| !b.subscribed).await.unwrap();
+    }
+
+    // Restarted: the backplane subscribes again by itself (and the first tiers are
+    // emptied, since messages were missed), and the tiers share again.
+    server.spawn().unwrap();
+    for state in &mut states {
+        state
+            .wait_for(|b| b.subscribed && b.resyncs >= 1)
+            .await
+            .unwrap();
+    }
+    let before = calls.load(Ordering::SeqCst);
+    let stored = get(1, "after".into()).await.unwrap();
+    assert_eq!(get(2, "after".into()).await.unwrap(), stored);
+    assert_eq!(get(0, "after".into()).await.unwrap(), stored);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        before + 1,
+        "second-tier hits again"
+    );
+    let applied = fleet[0].0.backplane().borrow().applied;
+    fleet[1].1.purge(&"after".to_owned()).await;
+    applied_more(&fleet[0].0, applied).await;
+    assert_ne!(
+        get(0, "after".into()).await.unwrap(),
+        stored,
+        "backplane again"
+    );
+}
+
+/// Waits until `tier`'s backplane has applied a message past `n`.
+async fn applied_more(tier: &RedisTier, n: u64) {
+    applied(tier, n + 1).await;
 }

@@ -55,6 +55,9 @@ use crate::timeout::deadline::{far_future, Deadline, LazyToken, TimeoutContext};
 /// The upstream call of one flight.
 pub(crate) type Upstream<V> = Pin<Box<dyn Future<Output = Result<V, Error>> + Send>>;
 
+/// The tags a stored value carries.
+pub(crate) type TagsFn<K, V> = Arc<dyn Fn(&K, &V) -> Vec<String> + Send + Sync>;
+
 /// Decides whether a successful response is stored, and for how long.
 pub(crate) type StorableFn<V> = Arc<dyn Fn(&V) -> Storable + Send + Sync>;
 
@@ -75,40 +78,11 @@ pub(crate) struct Core<K, V> {
     pub(crate) flights: FlightMap<K, V>,
     pub(crate) storable: StorableFn<V>,
     pub(crate) metrics: CacheMetrics,
+    /// The tags of a stored value, for `invalidate_tag`.
+    pub(crate) tags: Option<TagsFn<K, V>>,
     /// The second tier, when one is configured.
     #[cfg(feature = "redis")]
     pub(crate) second: Option<Arc<super::tiered::SecondTier<K, V>>>,
-}
-
-impl<K, V> Core<K, V>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    /// The upstream of a flight for `key`: through the second tier when there is one (read
-    /// it first; on a miss call `upstream` and write what may be stored).
-    #[cfg(feature = "redis")]
-    pub(crate) fn through_tiers(self: &Arc<Self>, key: K, upstream: Upstream<V>) -> Upstream<V> {
-        let Some(tier) = self.second.clone() else {
-            return upstream;
-        };
-        let core = self.clone();
-        Box::pin(async move {
-            if let Some(value) = tier.read(&key).await {
-                return Ok(value);
-            }
-            let value = upstream.await?;
-            let life = match (core.storable)(&value) {
-                Storable::No => None,
-                Storable::Default => Some(core.store.default_life()),
-                Storable::For(life) => Some(life),
-            };
-            if let Some(life) = life {
-                tier.write(&key, &value, life).await;
-            }
-            Ok(value)
-        })
-    }
 }
 
 impl<K, V> Owner<K, V> for Core<K, V>
@@ -147,6 +121,14 @@ where
         };
         if let (false, Some(entry)) = (detached, entry) {
             self.store.insert(key.clone(), entry);
+            #[cfg(feature = "redis")]
+            if let Some(tier) = &self.second {
+                tier.stored(
+                    key,
+                    |k| self.store.contains_key(k),
+                    self.store.entry_count(),
+                );
+            }
         }
     }
 }

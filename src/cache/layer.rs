@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::flight::{Core, FlightMap, StorableFn};
+use super::flight::{Core, FlightMap, StorableFn, TagsFn};
 use super::service::Cache;
 use super::store::{Lifetime, Storable, Store, StoreConfig, Weigher};
 use crate::metrics::CacheMetrics;
@@ -67,6 +67,7 @@ where
             negative_ttl: None,
             storable: Arc::new(|_: &V| Storable::Default),
             max_flights: DEFAULT_MAX_FLIGHTS,
+            tags: None,
             #[cfg(feature = "redis")]
             second: None,
             _req: PhantomData,
@@ -120,6 +121,7 @@ pub struct CacheBuilder<Req, K, V> {
     negative_ttl: Option<Duration>,
     storable: StorableFn<V>,
     max_flights: usize,
+    tags: Option<TagsFn<K, V>>,
     #[cfg(feature = "redis")]
     second: Option<super::tiered::TierConfig<K, V>>,
     _req: PhantomData<fn(&Req)>,
@@ -222,9 +224,32 @@ where
         self
     }
 
+    /// The tags a stored value carries: [`CacheHandle::invalidate_tag`] removes every
+    /// entry with a tag, on every instance when there is a second tier.
+    ///
+    /// ```
+    /// use towerguard::cache::CacheLayer;
+    ///
+    /// let layer = CacheLayer::builder(|path: &String| Some(path.clone()))
+    ///     .tags(|path: &String, _page: &String| {
+    ///         path.split('/').nth(1).map(|section| vec![section.to_owned()]).unwrap_or_default()
+    ///     })
+    ///     .build();
+    /// # let _: CacheLayer<String, String, String> = layer;
+    /// ```
+    pub fn tags<F>(mut self, tags: F) -> Self
+    where
+        F: Fn(&K, &V) -> Vec<String> + Send + Sync + 'static,
+    {
+        self.tags = Some(Arc::new(tags));
+        self
+    }
+
     /// A second tier in Redis shared by every instance (feature `redis`): a miss in memory
     /// reads it before the upstream, and what the upstream returns (and may be stored) is
-    /// written to both, with the same lifetime. `key` names a key in Redis (the tier adds
+    /// written to both, with the same lifetime. On a miss in Redis too, one instance at a
+    /// time calls the upstream for a key (a lease), and writes and invalidations reach the
+    /// other instances through the backplane. `key` names a key in Redis (the tier adds
     /// its prefix); `codec` turns values into bytes and back. See [`crate::tier`].
     #[cfg(feature = "redis")]
     pub fn second_tier<F, C>(mut self, tier: crate::tier::RedisTier, key: F, codec: C) -> Self
@@ -255,18 +280,24 @@ where
             },
             metrics.clone(),
         );
-        CacheLayer {
-            core: Arc::new(Core {
-                store,
-                flights: FlightMap::new(self.max_flights),
-                storable: self.storable,
-                #[cfg(feature = "redis")]
-                second: self.second.map(|(tier, key, codec)| {
-                    let metrics = crate::tier::TierMetrics::register(&self.name);
-                    Arc::new(super::tiered::SecondTier::new(tier, key, codec, metrics))
-                }),
-                metrics,
+        let core = Arc::new(Core {
+            store,
+            flights: FlightMap::new(self.max_flights),
+            storable: self.storable,
+            tags: self.tags,
+            #[cfg(feature = "redis")]
+            second: self.second.map(|(tier, key, codec)| {
+                let metrics = crate::tier::TierMetrics::register(&self.name);
+                Arc::new(super::tiered::SecondTier::new(tier, key, codec, metrics))
             }),
+            metrics,
+        });
+        #[cfg(feature = "redis")]
+        if let Some(tier) = &core.second {
+            tier.register(&core);
+        }
+        CacheLayer {
+            core,
             key_fn: self.key_fn,
         }
     }
@@ -300,37 +331,88 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    /// Removes `key`'s entry and detaches its flight.
+    /// Removes `key`'s entry and detaches its flight. With a second tier, the key is also
+    /// deleted from Redis and the other instances drop their copies, in the background
+    /// ([`purge`](Self::purge) waits for it).
     pub fn invalidate(&self, key: &K) {
         self.core.flights.detach(key);
         self.core.store.invalidate(key);
         #[cfg(feature = "redis")]
-        if let (Some(tier), Ok(runtime)) = (
-            self.core.second.clone(),
-            tokio::runtime::Handle::try_current(),
-        ) {
-            // Deleted from the second tier in the background; `purge` waits for it.
+        if let Some(tier) = self.tier() {
             let key = key.clone();
-            runtime.spawn(async move { tier.remove(&key).await });
+            spawn(async move { tier.remove(&key).await });
         }
     }
 
-    /// Removes `key` from the store and from the second tier, and returns once Redis has
-    /// deleted it (or its timeout passed); detaches its flight like
-    /// [`invalidate`](Self::invalidate). Feature `redis`.
+    /// Removes every entry whose [tags](CacheBuilder::tags) include `tag` (a scan of the
+    /// store). With a second tier, every value with the tag is also deleted from Redis and
+    /// the other instances drop theirs, in the background
+    /// ([`purge_tag`](Self::purge_tag) waits for it).
+    pub fn invalidate_tag(&self, tag: &str) {
+        self.invalidate_tag_here(tag);
+        #[cfg(feature = "redis")]
+        if let Some(tier) = self.tier() {
+            let tag = tag.to_owned();
+            spawn(async move { tier.remove_tag(&tag).await });
+        }
+    }
+
+    fn invalidate_tag_here(&self, tag: &str) {
+        if let Some(tags) = &self.core.tags {
+            self.core
+                .store
+                .invalidate_where(|key, value| tags(key, value).iter().any(|t| t == tag));
+        }
+    }
+
+    /// Removes every entry and detaches every flight. With a second tier, every value
+    /// under its prefix is also deleted from Redis and the other instances drop theirs,
+    /// in the background ([`purge_all`](Self::purge_all) waits for it).
+    pub fn invalidate_all(&self) {
+        self.core.flights.detach_all();
+        self.core.store.invalidate_all();
+        #[cfg(feature = "redis")]
+        if let Some(tier) = self.tier() {
+            spawn(async move { tier.remove_all().await });
+        }
+    }
+
+    /// Like [`invalidate`](Self::invalidate), and returns once Redis has deleted the key
+    /// and the message to the other instances is sent (or the tier's timeout passed).
+    /// Feature `redis`.
     #[cfg(feature = "redis")]
     pub async fn purge(&self, key: &K) {
         self.core.flights.detach(key);
         self.core.store.invalidate(key);
-        if let Some(tier) = &self.core.second {
+        if let Some(tier) = self.tier() {
             tier.remove(key).await;
         }
     }
 
-    /// Removes every entry and detaches every flight.
-    pub fn invalidate_all(&self) {
+    /// Like [`invalidate_tag`](Self::invalidate_tag), and returns once Redis has deleted
+    /// the tagged values and the message is sent. Feature `redis`.
+    #[cfg(feature = "redis")]
+    pub async fn purge_tag(&self, tag: &str) {
+        self.invalidate_tag_here(tag);
+        if let Some(tier) = self.tier() {
+            tier.remove_tag(tag).await;
+        }
+    }
+
+    /// Like [`invalidate_all`](Self::invalidate_all), and returns once Redis has deleted
+    /// every value under the prefix and the message is sent. Feature `redis`.
+    #[cfg(feature = "redis")]
+    pub async fn purge_all(&self) {
         self.core.flights.detach_all();
         self.core.store.invalidate_all();
+        if let Some(tier) = self.tier() {
+            tier.remove_all().await;
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    fn tier(&self) -> Option<Arc<super::tiered::SecondTier<K, V>>> {
+        self.core.second.clone()
     }
 
     /// Entries in the store. The store applies writes in batches: call
@@ -353,5 +435,13 @@ where
     /// Flights under way: keys with an upstream call in progress.
     pub fn flights_in_progress(&self) -> usize {
         self.core.flights.len()
+    }
+}
+
+/// Runs `work` on the current runtime, if there is one.
+#[cfg(feature = "redis")]
+fn spawn(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(work);
     }
 }

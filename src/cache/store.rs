@@ -298,6 +298,25 @@ where
         self.sample();
     }
 
+    #[cfg(feature = "redis")]
+    pub(crate) fn contains_key(&self, key: &K) -> bool {
+        self.cache.contains_key(key)
+    }
+
+    /// Removes every stored value `matches` selects (a scan of the whole store).
+    pub(crate) fn invalidate_where(&self, matches: impl Fn(&K, &V) -> bool) {
+        let keys: Vec<K> = self
+            .cache
+            .iter()
+            .filter(|(key, entry)| entry.value.as_ref().is_ok_and(|value| matches(key, value)))
+            .map(|(key, _)| K::clone(&key))
+            .collect();
+        for key in &keys {
+            self.cache.invalidate(key);
+        }
+        self.sample();
+    }
+
     pub(crate) fn invalidate_all(&self) {
         self.cache.invalidate_all();
         self.sample();

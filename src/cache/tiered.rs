@@ -1,13 +1,17 @@
-//! The cache's second tier: what a flight reads before the upstream and writes after it.
+//! The cache's second tier: what a flight reads before the upstream and writes after it,
+//! the lease that makes it one flight across instances, and the backplane's messages.
 
 use std::hash::Hash;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
 
-use super::store::Lifetime;
-use crate::tier::{wall_ms, Codec, Envelope, Read, RedisTier, TierMetrics};
+use super::flight::{Core, Upstream};
+use super::store::{Lifetime, Storable};
+use crate::tier::{
+    wall_ms, Codec, Envelope, Lease, Listener, Message, Read, RedisTier, TierMetrics,
+};
 
 /// How a key is named in Redis.
 pub(crate) type TierKeyFn<K> = Arc<dyn Fn(&K) -> String + Send + Sync>;
@@ -24,6 +28,11 @@ pub(crate) struct SecondTier<K, V> {
     /// The remaining lives of values flights read from the second tier, taken when the
     /// flight stores them, so the first tier keeps them no longer than they are fresh.
     lives: DashMap<K, Lifetime>,
+    /// The keys of first-tier entries by their Redis name, so a backplane message can
+    /// find them. Pruned of keys the store no longer holds when it outgrows it.
+    names: DashMap<String, K>,
+    /// This cache's id on the backplane.
+    id: OnceLock<u64>,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -32,8 +41,8 @@ fn millis(d: Duration) -> u64 {
 
 impl<K, V> SecondTier<K, V>
 where
-    K: Hash + Eq + Clone,
-    V: 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
 {
     pub(crate) fn new(
         tier: RedisTier,
@@ -47,21 +56,58 @@ where
             codec,
             metrics,
             lives: DashMap::new(),
+            names: DashMap::new(),
+            id: OnceLock::new(),
         }
     }
 
-    fn redis_key(&self, key: &K) -> String {
-        self.tier.key(&(self.key)(key))
+    /// Puts `core` on the tier's backplane.
+    pub(crate) fn register(&self, core: &Arc<Core<K, V>>) {
+        let listener: std::sync::Weak<dyn Listener> =
+            Arc::downgrade(&(core.clone() as Arc<dyn Listener>));
+        let _ = self.id.set(self.tier.register(listener));
+        self.tier.start_bus();
     }
 
-    /// The value stored for `key` while it is still fresh; `None` on a miss, a stale or
-    /// unreadable entry, or when Redis is unavailable.
-    pub(crate) async fn read(&self, key: &K) -> Option<V> {
+    fn sender(&self) -> (u64, &TierMetrics) {
+        (self.id.get().copied().unwrap_or(0), &self.metrics)
+    }
+
+    pub(crate) fn name(&self, key: &K) -> String {
+        (self.key)(key)
+    }
+
+    /// The value stored under `name` while it is still fresh; `None` on a miss, a stale
+    /// or unreadable entry, or when Redis is unavailable. A miss is counted unless this
+    /// is a lease's read (which follows a counted one).
+    pub(crate) async fn read(&self, key: &K, name: &str, count_miss: bool) -> Option<V> {
+        self.read_or_unavailable(key, name, count_miss)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// As [`read`](Self::read), with `Err` when Redis did not answer.
+    pub(crate) async fn read_or_unavailable(
+        &self,
+        key: &K,
+        name: &str,
+        count_miss: bool,
+    ) -> Result<Option<V>, ()> {
+        self.tier.start_bus();
         // A life left by a flight that was dropped after its read must not outlive it.
         self.lives.remove(key);
-        let Read::Found(bytes) = self.tier.get(&self.redis_key(key), &self.metrics).await else {
-            self.metrics.miss.increment(1);
-            return None;
+        let bytes = match self.tier.get(name, &self.metrics).await {
+            Read::Found(bytes) => bytes,
+            missing => {
+                if count_miss {
+                    self.metrics.miss.increment(1);
+                }
+                return match missing {
+                    Read::Unavailable => Err(()),
+                    _ => Ok(None),
+                };
+            }
         };
         let found = Envelope::unwrap(&bytes).and_then(|(envelope, payload)| {
             let now = wall_ms();
@@ -78,19 +124,39 @@ where
             Some((self.codec.decode(payload)?, life))
         });
         let Some((value, life)) = found else {
-            self.metrics.miss.increment(1);
-            return None;
+            if count_miss {
+                self.metrics.miss.increment(1);
+            }
+            return Ok(None);
         };
         self.metrics.hit.increment(1);
         self.lives.insert(key.clone(), life);
-        Some(value)
+        Ok(Some(value))
     }
 
-    /// Writes `value` for `key` with `life`; Redis expires it after its fresh and stale
-    /// windows.
-    pub(crate) async fn write(&self, key: &K, value: &V, life: Lifetime) {
+    /// Takes `name`'s lease or waits for the instance that holds it.
+    pub(crate) async fn lease(self: &Arc<Self>, key: &K, name: &str) -> Lease<V> {
+        let reader = |tier: Arc<Self>, key: K, name: String| async move {
+            tier.read(&key, &name, false).await
+        };
+        self.tier
+            .lease(name, self.sender(), || {
+                reader(self.clone(), key.clone(), name.to_owned())
+            })
+            .await
+    }
+
+    /// Writes `value` under `name` with `life` and `tags`; Redis expires it after its
+    /// fresh and stale windows. The other instances drop their copies.
+    pub(crate) async fn write(
+        &self,
+        name: &str,
+        value: &V,
+        life: Lifetime,
+        tags: &[String],
+    ) -> bool {
         let Some(payload) = self.codec.encode(value) else {
-            return;
+            return false;
         };
         let envelope = Envelope {
             fresh_until_ms: life
@@ -99,25 +165,158 @@ where
             stale_while_revalidate_ms: millis(life.stale_while_revalidate_window()),
             stale_if_error_ms: millis(life.stale_if_error_window()),
         };
-        self.metrics.writes.increment(1);
         self.tier
             .set(
-                &self.redis_key(key),
+                name,
                 envelope.wrap(&payload),
                 life.usable_for(),
-                &self.metrics,
+                tags,
+                self.sender(),
             )
-            .await;
+            .await
     }
 
-    /// Deletes `key` from the second tier.
+    /// Deletes `key` from the second tier and tells the other instances.
     pub(crate) async fn remove(&self, key: &K) {
         self.lives.remove(key);
-        self.tier.del(&self.redis_key(key), &self.metrics).await;
+        let name = self.name(key);
+        self.names.remove(&name);
+        self.tier.del(&name, self.sender()).await;
+    }
+
+    /// Deletes every value tagged `tag` and tells the other instances.
+    pub(crate) async fn remove_tag(&self, tag: &str) {
+        self.tier.del_tag(tag, self.sender()).await;
+    }
+
+    /// Deletes every value under the tier's prefix and tells the other instances.
+    pub(crate) async fn remove_all(&self) {
+        self.names.clear();
+        self.tier.del_all(self.sender()).await;
     }
 
     /// The remaining life of a value a flight just read from the second tier.
     pub(crate) fn take_life(&self, key: &K) -> Option<Lifetime> {
         self.lives.remove(key).map(|(_, life)| life)
+    }
+
+    /// Remembers that the first tier holds `key`; prunes what it no longer holds once the
+    /// index outgrows the store.
+    pub(crate) fn stored(&self, key: &K, holds: impl Fn(&K) -> bool, entries: u64) {
+        self.names.insert(self.name(key), key.clone());
+        let limit = usize::try_from(entries.saturating_mul(2)).unwrap_or(usize::MAX);
+        if self.names.len() > limit.saturating_add(1024) {
+            self.names.retain(|_, key| holds(key));
+        }
+    }
+
+    /// The first-tier key a backplane message names, forgotten.
+    pub(crate) fn forget(&self, name: &str) -> Option<K> {
+        self.names.remove(name).map(|(_, key)| key)
+    }
+
+    pub(crate) fn forget_all(&self) {
+        self.names.clear();
+    }
+}
+
+impl<K, V> Core<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// The upstream of a flight for `key`: through the second tier when there is one. It
+    /// reads Redis first; on a miss it takes the key's lease (or waits for the instance
+    /// holding it), calls `upstream`, and writes what may be stored to Redis.
+    pub(crate) fn through_tiers(self: &Arc<Self>, key: K, upstream: Upstream<V>) -> Upstream<V> {
+        let Some(tier) = self.second.clone() else {
+            return upstream;
+        };
+        let core = self.clone();
+        Box::pin(async move {
+            let name = tier.name(&key);
+            let reachable = match tier.read_or_unavailable(&key, &name, true).await {
+                Ok(Some(value)) => return Ok(value),
+                Ok(None) => true,
+                // Redis did not answer: the flight goes on without it, so a request waits
+                // out at most one timeout.
+                Err(()) => false,
+            };
+            let guard = match reachable {
+                true => match tier.lease(&key, &name).await {
+                    Lease::Found(value) => return Ok(value),
+                    Lease::Held(guard) => Some(guard),
+                    Lease::Alone => None,
+                },
+                false => None,
+            };
+            // On an error the guard is dropped: the lease is released for the others.
+            let value = upstream.await?;
+            let life = match (core.storable)(&value) {
+                Storable::No => None,
+                Storable::Default => Some(core.store.default_life()),
+                Storable::For(life) => Some(life),
+            };
+            let mut written = false;
+            if let (true, Some(life)) = (reachable, life) {
+                let tags = core
+                    .tags
+                    .as_ref()
+                    .map(|f| f(&key, &value))
+                    .unwrap_or_default();
+                written = tier.write(&name, &value, life, &tags).await;
+            }
+            if let Some(guard) = guard {
+                guard.release(written).await;
+            }
+            Ok(value)
+        })
+    }
+}
+
+impl<K, V> Listener for Core<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn apply(&self, message: &Message<'_>) {
+        let Some(tier) = &self.second else {
+            return;
+        };
+        tier.metrics.received.increment(1);
+        match message {
+            Message::Written(name) => {
+                // Another instance has a newer value: the next read takes it from Redis.
+                if let Some(key) = tier.forget(name) {
+                    self.store.invalidate(&key);
+                }
+            }
+            Message::Invalidated(name) => {
+                if let Some(key) = tier.forget(name) {
+                    self.flights.detach(&key);
+                    self.store.invalidate(&key);
+                }
+            }
+            Message::Tag(tag) => {
+                if let Some(tags) = &self.tags {
+                    self.store
+                        .invalidate_where(|key, value| tags(key, value).iter().any(|t| t == tag));
+                }
+            }
+            Message::All => {
+                tier.forget_all();
+                self.flights.detach_all();
+                self.store.invalidate_all();
+            }
+            Message::Released(_) => {}
+        }
+    }
+
+    fn resync(&self) {
+        if let Some(tier) = &self.second {
+            tier.metrics.resyncs.increment(1);
+            tier.forget_all();
+        }
+        self.store.invalidate_all();
     }
 }

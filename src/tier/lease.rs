@@ -1,0 +1,195 @@
+//! Cross-instance single flight: one instance per key calls the upstream at a time, the
+//! others wait for what it writes.
+
+use std::future::Future;
+
+use tokio::time::Instant;
+
+use super::bus::new_id;
+use super::{Message, Op, RedisTier, Request, TierMetrics};
+
+/// What a flight does after a second-tier miss.
+pub(crate) enum Lease<T> {
+    /// This instance holds the key's lease: call the upstream, write, then release.
+    Held(Box<LeaseGuard>),
+    /// Another instance's result, read from Redis.
+    Found(T),
+    /// No lease: Redis unavailable, leases off, or the wait ran out. Call the upstream.
+    Alone,
+}
+
+/// A held lease. Released by [`release`](Self::release), or in the background when
+/// dropped (the flight was dropped or failed), so nobody waits for it past that.
+pub(crate) struct LeaseGuard {
+    tier: RedisTier,
+    name: String,
+    token: String,
+    from: u64,
+    metrics: TierMetrics,
+    done: bool,
+}
+
+/// Deletes the lease if it is still ours, and publishes `ARGV[3]` on `ARGV[2]` when given.
+const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+if ARGV[3] ~= '' then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+return 0
+";
+
+impl RedisTier {
+    /// Takes the lease on `name`, or waits for the instance holding it to write a value
+    /// (`read` reads it), up to the lease's length. Taking the lease after waiting is a
+    /// takeover (the holder released it without a value, or died).
+    pub(crate) async fn lease<T, F, Fut>(
+        &self,
+        name: &str,
+        (from, metrics): (u64, &TierMetrics),
+        mut read: F,
+    ) -> Lease<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let shared = &self.shared;
+        if shared.lease.is_zero() {
+            return Lease::Alone;
+        }
+        self.start_bus();
+        let token = format!("{:x}", new_id());
+        let deadline = Instant::now() + shared.lease;
+        let notify = shared.bus.wait_on(name);
+        let mut waited = false;
+        let outcome = loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.try_acquire(name, &token, metrics).await {
+                None => break Lease::Alone,
+                Some(true) => {
+                    let guard = Box::new(LeaseGuard {
+                        tier: self.clone(),
+                        name: name.to_owned(),
+                        token,
+                        from,
+                        metrics: metrics.clone(),
+                        done: false,
+                    });
+                    // A holder may have written and released between the caller's read
+                    // and this lease: its value answers.
+                    if let Some(value) = read().await {
+                        guard.release(false).await;
+                        break Lease::Found(value);
+                    }
+                    if waited {
+                        metrics.lease_takeover.increment(1);
+                    } else {
+                        metrics.lease_acquired.increment(1);
+                    }
+                    break Lease::Held(guard);
+                }
+                Some(false) => {}
+            }
+            if !waited {
+                waited = true;
+                metrics.lease_waited.increment(1);
+            }
+            if let Some(value) = read().await {
+                break Lease::Found(value);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                metrics.lease_timeout.increment(1);
+                tracing::debug!("second tier: lease wait ran out, calling the upstream");
+                break Lease::Alone;
+            }
+            let pause = shared.lease_poll.min(deadline - now);
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep(pause) => {}
+            }
+        };
+        shared.bus.done_waiting(name, notify);
+        outcome
+    }
+
+    /// `Some(true)` when the lease on `name` is now ours, `Some(false)` when another
+    /// instance holds it, `None` when Redis is unavailable.
+    async fn try_acquire(&self, name: &str, token: &str, metrics: &TierMetrics) -> Option<bool> {
+        let ms = u64::try_from(self.shared.lease.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.lease_key(name))
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ms);
+        self.run::<Option<String>>(Request::Cmd(cmd), metrics, Op::Lease)
+            .await
+            .map(|set| set.is_some())
+    }
+}
+
+impl LeaseGuard {
+    /// Gives the lease up; when no value was `written` (whose write already woke the
+    /// waiters), tells them to try again.
+    pub(crate) async fn release(mut self: Box<Self>, written: bool) {
+        self.done = true;
+        release(
+            &self.tier,
+            &self.name,
+            &self.token,
+            (self.from, &self.metrics),
+            written,
+        )
+        .await;
+    }
+}
+
+async fn release(
+    tier: &RedisTier,
+    name: &str,
+    token: &str,
+    (from, metrics): (u64, &TierMetrics),
+    written: bool,
+) {
+    let message = if written {
+        String::new()
+    } else {
+        Message::Released(name).encode(from)
+    };
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(RELEASE_SCRIPT)
+        .arg(1)
+        .arg(tier.lease_key(name))
+        .arg(token)
+        .arg(tier.channel())
+        .arg(&message);
+    let done = tier.run::<()>(Request::Cmd(cmd), metrics, Op::Lease).await;
+    if done.is_some() && !written {
+        metrics.sent.increment(1);
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Nobody to release it: it lapses after the lease's length.
+            return;
+        };
+        let (tier, name, token) = (
+            self.tier.clone(),
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.token),
+        );
+        let (from, metrics) = (self.from, self.metrics.clone());
+        runtime.spawn(async move { release(&tier, &name, &token, (from, &metrics), false).await });
+    }
+}

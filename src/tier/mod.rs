@@ -1,0 +1,663 @@
+//! A second tier in Redis (or Valkey) behind a cache's in-memory store, shared by every
+//! instance of a service (feature `redis`), with cross-instance single flight and an
+//! invalidation backplane.
+//!
+//! - **Second tier.** The in-memory store stays the first tier. A miss there joins or
+//!   starts the local flight; the flight reads Redis first and calls the upstream only
+//!   when that misses too, then writes both tiers. Entries in Redis expire by themselves
+//!   after their fresh and stale windows, and carry the end of their fresh life, so an
+//!   instance that reads one keeps it only as long as it is still fresh.
+//! - **Cross-instance single flight.** On a Redis miss the flight takes a lease on the key
+//!   (`SET NX PX`, 5 s by default). One instance at a time holds it and calls the
+//!   upstream; the others wait for its result, woken by the backplane and reading Redis
+//!   every 50 ms as a fallback, for up to the lease's length, after which they call the
+//!   upstream themselves. A holder whose flight is dropped releases the lease; one that
+//!   dies never blocks anyone past the lease.
+//! - **Backplane.** Every write and every invalidation (one key, a tag, everything) is
+//!   published on a Redis channel (`{prefix}bus`), and every other instance drops its
+//!   first-tier copy when the message arrives. Tags (see
+//!   [`CacheBuilder::tags`](crate::cache::CacheBuilder::tags)) name groups of entries that
+//!   one call purges on every instance. [`RedisTier::backplane`] tells whether this
+//!   instance is subscribed and how many messages it has applied.
+//! - **Degraded mode.** Redis never fails a request: every operation has a short timeout
+//!   (50 ms by default), a failed or slow one counts as a miss, and after a run of
+//!   failures a breaker stops trying for a backoff, during which the instance runs on its
+//!   first tier and the upstream. Connections are remade by themselves; when the backplane
+//!   comes back after a loss, the instance empties its first tier, since it may have
+//!   missed invalidations meanwhile.
+//!
+//! Keys in Redis: `{prefix}v:{name}` holds a value, `{prefix}l:{name}` its lease,
+//! `{prefix}t:{tag}` the names carrying a tag. Give each cache its own prefix.
+//!
+//! Values cross the wire through a [`Codec`]: bytes out, bytes in ([`Raw`], [`Utf8`], and
+//! `Json` with the `serde` feature).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use towerguard::cache::CacheLayer;
+//! use towerguard::tier::{RedisTier, Utf8};
+//!
+//! # fn main() -> Result<(), towerguard::Error> {
+//! let tier = RedisTier::builder("redis://127.0.0.1:6379/")
+//!     .prefix("users:")
+//!     .timeout(Duration::from_millis(50))
+//!     .build()?;
+//! let layer = CacheLayer::builder(|id: &u64| Some(*id))
+//!     .name("users")
+//!     .ttl(Duration::from_secs(60))
+//!     .second_tier(tier, |id: &u64| id.to_string(), Utf8)
+//!     .build();
+//! # let _: CacheLayer<u64, u64, String> = layer;
+//! # Ok(())
+//! # }
+//! ```
+
+mod bus;
+mod codec;
+mod lease;
+
+pub use self::bus::Backplane;
+pub(crate) use self::bus::{Listener, Message};
+#[cfg(feature = "serde")]
+pub use self::codec::Json;
+pub use self::codec::{Codec, Raw, Utf8};
+pub(crate) use self::lease::Lease;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::{Counter, Gauge, Histogram};
+use redis::aio::MultiplexedConnection;
+use tokio::time::Instant;
+
+use crate::error::{Error, ErrorKind};
+
+/// A Redis connection used as a second tier; cheap to clone, shared by every cache built
+/// with it. Made by [`RedisTier::builder`].
+#[derive(Clone)]
+pub struct RedisTier {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    failures_to_open: u32,
+    backoff: Duration,
+    lease: Duration,
+    lease_poll: Duration,
+    connection: Mutex<Option<MultiplexedConnection>>,
+    failures: AtomicU32,
+    /// While the breaker is open: nanoseconds from `epoch` until it closes again.
+    open_until: AtomicU64,
+    epoch: Instant,
+    bus: bus::Bus,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.bus.stop();
+    }
+}
+
+impl fmt::Debug for RedisTier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisTier")
+            .field("prefix", &self.shared.prefix)
+            .field("timeout", &self.shared.timeout)
+            .field("failures_to_open", &self.shared.failures_to_open)
+            .field("backoff", &self.shared.backoff)
+            .field("lease", &self.shared.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`RedisTier`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct RedisTierBuilder {
+    url: String,
+    prefix: String,
+    timeout: Duration,
+    failures_to_open: u32,
+    backoff: Duration,
+    lease: Duration,
+    lease_poll: Duration,
+}
+
+/// One Redis request: a command, or several sent together.
+pub(crate) enum Request {
+    Cmd(redis::Cmd),
+    Pipe(redis::Pipeline),
+}
+
+impl RedisTier {
+    /// Starts a builder for the Redis at `url` (`redis://host:port/db`): keys prefixed
+    /// `towerguard:`, a 50 ms timeout per operation, a breaker that opens for 1 s after 3
+    /// failures in a row, and 5 s leases.
+    pub fn builder(url: impl Into<String>) -> RedisTierBuilder {
+        RedisTierBuilder {
+            url: url.into(),
+            prefix: "towerguard:".to_owned(),
+            timeout: Duration::from_millis(50),
+            failures_to_open: 3,
+            backoff: Duration::from_secs(1),
+            lease: Duration::from_secs(5),
+            lease_poll: Duration::from_millis(50),
+        }
+    }
+
+    /// True while the breaker keeps the instance off Redis.
+    pub fn is_open(&self) -> bool {
+        self.shared.breaker_open(Instant::now())
+    }
+
+    /// The backplane's state, as a receiver that wakes when it changes: whether this
+    /// instance is subscribed, and how many messages it has applied. Starts the
+    /// subscriber if no cache has yet (it needs a Tokio runtime).
+    ///
+    /// ```no_run
+    /// # async fn f(tier: towerguard::tier::RedisTier) {
+    /// // Wait until invalidations from other instances reach this one.
+    /// let mut state = tier.backplane();
+    /// let _ = state.wait_for(|b| b.subscribed).await;
+    /// # }
+    /// ```
+    pub fn backplane(&self) -> tokio::sync::watch::Receiver<Backplane> {
+        self.start_bus();
+        self.shared.bus.state()
+    }
+
+    /// Starts the backplane's subscriber, once, when a runtime is there to run it.
+    pub(crate) fn start_bus(&self) {
+        self.shared
+            .bus
+            .start(Arc::downgrade(&self.shared), self.channel());
+    }
+
+    pub(crate) fn register(&self, listener: std::sync::Weak<dyn Listener>) -> u64 {
+        self.shared.bus.register(listener)
+    }
+
+    pub(crate) fn value_key(&self, name: &str) -> String {
+        format!("{}v:{name}", self.shared.prefix)
+    }
+
+    fn lease_key(&self, name: &str) -> String {
+        format!("{}l:{name}", self.shared.prefix)
+    }
+
+    fn tag_key(&self, tag: &str) -> String {
+        format!("{}t:{tag}", self.shared.prefix)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}bus", self.shared.prefix)
+    }
+
+    /// Reads the value stored under `name`.
+    pub(crate) async fn get(&self, name: &str, metrics: &TierMetrics) -> Read {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.value_key(name));
+        match self
+            .run::<Option<Vec<u8>>>(Request::Cmd(cmd), metrics, Op::Get)
+            .await
+        {
+            Some(Some(bytes)) => Read::Found(bytes),
+            Some(None) => Read::Missing,
+            None => Read::Unavailable,
+        }
+    }
+
+    /// Writes `bytes` under `name`, expiring after `ttl` (never when `None`), adds `name`
+    /// to each of `tags`, and tells the other instances (`from` is the writer's listener).
+    pub(crate) async fn set(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        ttl: Option<Duration>,
+        tags: &[String],
+        (from, metrics): (u64, &TierMetrics),
+    ) -> bool {
+        let mut pipe = redis::pipe();
+        let set = pipe.cmd("SET").arg(self.value_key(name)).arg(bytes);
+        let ms = ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        if let Some(ms) = ms {
+            set.arg("PX").arg(ms);
+        }
+        set.ignore();
+        for tag in tags {
+            // The tag's set lives as long as its longest-lived member.
+            pipe.cmd("EVAL")
+                .arg(TAG_SCRIPT)
+                .arg(1)
+                .arg(self.tag_key(tag))
+                .arg(name)
+                .arg(ms.unwrap_or(0))
+                .ignore();
+        }
+        self.publish_in(&mut pipe, &Message::Written(name), from);
+        metrics.writes.increment(1);
+        let done = self.run::<()>(Request::Pipe(pipe), metrics, Op::Set).await;
+        if done.is_some() {
+            metrics.sent.increment(1);
+        }
+        done.is_some()
+    }
+
+    /// Deletes `name` and tells the other instances.
+    pub(crate) async fn del(&self, name: &str, (from, metrics): (u64, &TierMetrics)) -> bool {
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(self.value_key(name)).ignore();
+        self.publish_in(&mut pipe, &Message::Invalidated(name), from);
+        self.sent(
+            self.run::<()>(Request::Pipe(pipe), metrics, Op::Del).await,
+            metrics,
+        )
+    }
+
+    /// Deletes every value tagged `tag` and tells the other instances.
+    pub(crate) async fn del_tag(&self, tag: &str, (from, metrics): (u64, &TierMetrics)) -> bool {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVAL")
+            .arg(PURGE_TAG_SCRIPT)
+            .arg(1)
+            .arg(self.tag_key(tag))
+            .arg(self.value_key(""))
+            .ignore();
+        self.publish_in(&mut pipe, &Message::Tag(tag), from);
+        self.sent(
+            self.run::<()>(Request::Pipe(pipe), metrics, Op::Purge)
+                .await,
+            metrics,
+        )
+    }
+
+    /// Deletes every value and tag under the prefix (in batches, each bounded by the
+    /// timeout) and tells the other instances.
+    pub(crate) async fn del_all(&self, (from, metrics): (u64, &TierMetrics)) -> bool {
+        for kind in ["v:", "t:"] {
+            let pattern = format!("{}{kind}*", glob_escape(&self.shared.prefix));
+            let mut cursor: u64 = 0;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let Some((next, keys)) = self
+                    .run::<(u64, Vec<String>)>(Request::Cmd(scan), metrics, Op::Purge)
+                    .await
+                else {
+                    return false;
+                };
+                if !keys.is_empty() {
+                    let mut unlink = redis::cmd("UNLINK");
+                    unlink.arg(keys);
+                    if self
+                        .run::<()>(Request::Cmd(unlink), metrics, Op::Purge)
+                        .await
+                        .is_none()
+                    {
+                        return false;
+                    }
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        self.publish(&Message::All, (from, metrics)).await
+    }
+
+    /// Publishes `message` on the backplane.
+    pub(crate) async fn publish(
+        &self,
+        message: &Message<'_>,
+        (from, metrics): (u64, &TierMetrics),
+    ) -> bool {
+        let mut pipe = redis::pipe();
+        self.publish_in(&mut pipe, message, from);
+        self.sent(
+            self.run::<()>(Request::Pipe(pipe), metrics, Op::Publish)
+                .await,
+            metrics,
+        )
+    }
+
+    fn publish_in(&self, pipe: &mut redis::Pipeline, message: &Message<'_>, from: u64) {
+        pipe.cmd("PUBLISH")
+            .arg(self.channel())
+            .arg(message.encode(from))
+            .ignore();
+    }
+
+    fn sent(&self, done: Option<()>, metrics: &TierMetrics) -> bool {
+        if done.is_some() {
+            metrics.sent.increment(1);
+        }
+        done.is_some()
+    }
+
+    /// Runs `request` within the timeout; `None` when Redis is unavailable, slow or
+    /// failing.
+    pub(crate) async fn run<T: redis::FromRedisValue>(
+        &self,
+        request: Request,
+        metrics: &TierMetrics,
+        op: Op,
+    ) -> Option<T> {
+        let shared = &self.shared;
+        let start = Instant::now();
+        if shared.breaker_open(start) {
+            metrics.skipped.increment(1);
+            return None;
+        }
+        let work = async {
+            let mut connection = shared.connection().await?;
+            let result = match &request {
+                Request::Cmd(cmd) => cmd.query_async::<T>(&mut connection).await,
+                Request::Pipe(pipe) => pipe.query_async::<T>(&mut connection).await,
+            };
+            result.map_err(|e| Error::with_source(ErrorKind::Inner, e))
+        };
+        let result = match tokio::time::timeout(shared.timeout, work).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(Error::new(ErrorKind::TimedOut)),
+        };
+        metrics.duration(op).record(start.elapsed().as_secs_f64());
+        match result {
+            Ok(value) => {
+                shared.failures.store(0, Ordering::Relaxed);
+                metrics.breaker_open.set(0.0);
+                Some(value)
+            }
+            Err(error) => {
+                metrics.errors.increment(1);
+                tracing::debug!(error = %error, "second tier: operation failed");
+                shared.failed(Instant::now(), metrics);
+                None
+            }
+        }
+    }
+}
+
+/// Adds a name to a tag's set and keeps the set alive as long as its longest-lived
+/// member (`ARGV[2]` milliseconds; 0 is forever).
+const TAG_SCRIPT: &str = r"
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('SADD', KEYS[1], ARGV[1])
+local ms = tonumber(ARGV[2])
+if ms == 0 then
+  redis.call('PERSIST', KEYS[1])
+  return 0
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if existed == 0 or (ttl >= 0 and ttl < ms) then
+  redis.call('PEXPIRE', KEYS[1], ms)
+end
+return 0
+";
+
+/// Deletes every value named in a tag's set (`ARGV[1]` is the values' key prefix), then
+/// the set.
+const PURGE_TAG_SCRIPT: &str = r"
+local names = redis.call('SMEMBERS', KEYS[1])
+for _, name in ipairs(names) do
+  redis.call('UNLINK', ARGV[1] .. name)
+end
+redis.call('UNLINK', KEYS[1])
+return #names
+";
+
+/// `text` with the glob characters of `SCAN MATCH` escaped.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    fn ticks(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn breaker_open(&self, now: Instant) -> bool {
+        self.ticks(now) < self.open_until.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, now: Instant, metrics: &TierMetrics) {
+        // The connection may be broken: the next operation makes a new one.
+        *lock(&self.connection) = None;
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= self.failures_to_open && !self.backoff.is_zero() {
+            let until = self
+                .ticks(now)
+                .saturating_add(u64::try_from(self.backoff.as_nanos()).unwrap_or(u64::MAX));
+            self.open_until.store(until, Ordering::Relaxed);
+            self.failures.store(0, Ordering::Relaxed);
+            metrics.breaker_open.set(1.0);
+            tracing::warn!(
+                backoff_ms = self.backoff.as_millis() as u64,
+                "second tier: Redis failing, running on the first tier"
+            );
+        }
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, Error> {
+        if let Some(connection) = lock(&self.connection).clone() {
+            return Ok(connection);
+        }
+        let connection = self
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Inner, e))?;
+        *lock(&self.connection) = Some(connection.clone());
+        Ok(connection)
+    }
+}
+
+impl RedisTierBuilder {
+    /// Prefix of every key this tier writes and of its backplane channel (default
+    /// `towerguard:`); give each cache its own.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Bound on each Redis operation, connecting included (default 50 ms). A slower
+    /// answer counts as a miss.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// After `failures` failed operations in a row, stop using Redis for `backoff`
+    /// (default 3 and 1 s). A zero backoff never stops trying.
+    pub fn breaker(mut self, failures: u32, backoff: Duration) -> Self {
+        self.failures_to_open = failures.max(1);
+        self.backoff = backoff;
+        self
+    }
+
+    /// How long one instance may hold a key's lease while it calls the upstream (default
+    /// 5 s), which is also how long the others wait for its result before calling the
+    /// upstream themselves. A flight slower than the lease lets another instance start
+    /// one. `Duration::ZERO` turns cross-instance single flight off.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How often an instance waiting for another's lease reads Redis when no backplane
+    /// message has woken it (default 50 ms).
+    pub fn lease_poll(mut self, every: Duration) -> Self {
+        self.lease_poll = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Checks the URL; no connection is made until the first operation.
+    pub fn build(self) -> Result<RedisTier, Error> {
+        let client = redis::Client::open(self.url.as_str())
+            .map_err(|e| Error::with_source(ErrorKind::Inner, e))?;
+        Ok(RedisTier {
+            shared: Arc::new(Shared {
+                client,
+                prefix: self.prefix,
+                timeout: self.timeout,
+                failures_to_open: self.failures_to_open,
+                backoff: self.backoff,
+                lease: self.lease,
+                lease_poll: self.lease_poll,
+                connection: Mutex::new(None),
+                failures: AtomicU32::new(0),
+                open_until: AtomicU64::new(0),
+                epoch: Instant::now(),
+                bus: bus::Bus::new(),
+            }),
+        })
+    }
+}
+
+/// What a read found.
+pub(crate) enum Read {
+    Found(Vec<u8>),
+    Missing,
+    Unavailable,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum Op {
+    Get,
+    Set,
+    Del,
+    Lease,
+    Publish,
+    Purge,
+}
+
+/// The envelope around a stored value: when its fresh life ends (wall clock, so every
+/// instance reads it alike; 0 for never) and its stale windows, then the codec's bytes.
+pub(crate) struct Envelope {
+    pub(crate) fresh_until_ms: u64,
+    pub(crate) stale_while_revalidate_ms: u64,
+    pub(crate) stale_if_error_ms: u64,
+}
+
+const HEADER: usize = 24;
+
+impl Envelope {
+    pub(crate) fn wrap(&self, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER + payload.len());
+        out.extend_from_slice(&self.fresh_until_ms.to_be_bytes());
+        out.extend_from_slice(&self.stale_while_revalidate_ms.to_be_bytes());
+        out.extend_from_slice(&self.stale_if_error_ms.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    pub(crate) fn unwrap(bytes: &[u8]) -> Option<(Envelope, &[u8])> {
+        if bytes.len() < HEADER {
+            return None;
+        }
+        let field = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(b)
+        };
+        Some((
+            Envelope {
+                fresh_until_ms: field(0),
+                stale_while_revalidate_ms: field(1),
+                stale_if_error_ms: field(2),
+            },
+            &bytes[HEADER..],
+        ))
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The second tier's instruments, registered once per cache.
+#[derive(Clone)]
+pub(crate) struct TierMetrics {
+    pub(crate) hit: Counter,
+    pub(crate) miss: Counter,
+    pub(crate) errors: Counter,
+    pub(crate) skipped: Counter,
+    pub(crate) writes: Counter,
+    pub(crate) sent: Counter,
+    pub(crate) received: Counter,
+    pub(crate) resyncs: Counter,
+    pub(crate) lease_acquired: Counter,
+    pub(crate) lease_waited: Counter,
+    pub(crate) lease_takeover: Counter,
+    pub(crate) lease_timeout: Counter,
+    durations: [Histogram; 6],
+    pub(crate) breaker_open: Gauge,
+}
+
+impl TierMetrics {
+    pub(crate) fn register(name: &str) -> Self {
+        crate::metrics::describe_tier();
+        use crate::metrics::{
+            TIER_BACKPLANE, TIER_BREAKER_OPEN, TIER_DURATION, TIER_LEASES, TIER_REQUESTS,
+            TIER_RESYNCS,
+        };
+        let name = name.to_owned();
+        let requests = |result: &'static str| metrics::counter!(TIER_REQUESTS, "name" => name.clone(), "result" => result);
+        let duration = |op: &'static str| metrics::histogram!(TIER_DURATION, "name" => name.clone(), "op" => op);
+        let backplane = |direction: &'static str| metrics::counter!(TIER_BACKPLANE, "name" => name.clone(), "direction" => direction);
+        let leases = |result: &'static str| metrics::counter!(TIER_LEASES, "name" => name.clone(), "result" => result);
+        TierMetrics {
+            hit: requests("hit"),
+            miss: requests("miss"),
+            errors: requests("error"),
+            skipped: requests("skipped"),
+            writes: requests("write"),
+            sent: backplane("sent"),
+            received: backplane("received"),
+            resyncs: metrics::counter!(TIER_RESYNCS, "name" => name.clone()),
+            lease_acquired: leases("acquired"),
+            lease_waited: leases("waited"),
+            lease_takeover: leases("takeover"),
+            lease_timeout: leases("timeout"),
+            durations: [
+                duration("get"),
+                duration("set"),
+                duration("del"),
+                duration("lease"),
+                duration("publish"),
+                duration("purge"),
+            ],
+            breaker_open: metrics::gauge!(TIER_BREAKER_OPEN, "name" => name),
+        }
+    }
+
+    fn duration(&self, op: Op) -> &Histogram {
+        &self.durations[op as usize]
+    }
+}
