@@ -635,3 +635,205 @@ async fn redis_stopped_or_hung_mid_run_fails_no_request_and_on_restart_the_fleet
 async fn applied_more(tier: &RedisTier, n: u64) {
     applied(tier, n + 1).await;
 }
+
+mod http_tier {
+    use super::*;
+    use bytes::Bytes;
+    use http::{Method, Request, Response, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use towerguard::http::{HttpCacheLayer, CACHE_STATUS};
+
+    type Origin = Arc<Mutex<HashMap<String, usize>>>;
+    type HttpService = tower::util::BoxCloneSyncService<
+        Request<Full<Bytes>>,
+        Response<towerguard::http::BufferedBody<Full<Bytes>>>,
+        towerguard::Error,
+    >;
+    type Fleet = [(RedisTier, HttpCacheLayer, HttpService)];
+
+    /// An origin that counts GETs per path: `max-age=60`, tagged by the path's first
+    /// segment, `private` under `/private/`; a POST answers 204.
+    fn origin(
+        counts: Origin,
+    ) -> impl tower::Service<
+        Request<Full<Bytes>>,
+        Response = Response<Full<Bytes>>,
+        Error = std::io::Error,
+        Future = impl Send,
+    > + Clone
+           + Send
+           + Sync
+           + 'static {
+        service_fn(move |req: Request<Full<Bytes>>| {
+            let path = req.uri().path().to_owned();
+            let n = match *req.method() {
+                Method::GET => {
+                    let mut counts = counts.lock().unwrap();
+                    let n = counts.entry(path.clone()).or_default();
+                    *n += 1;
+                    *n
+                }
+                _ => 0,
+            };
+            async move {
+                if n == 0 {
+                    let mut response = Response::new(Full::new(Bytes::new()));
+                    *response.status_mut() = StatusCode::NO_CONTENT;
+                    return Ok(response);
+                }
+                // A backend that takes its time, as a cold page's does.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let tag = path.split('/').nth(1).unwrap_or("").to_owned();
+                let control = if path.starts_with("/private/") {
+                    "private, max-age=60"
+                } else {
+                    "max-age=60"
+                };
+                Ok::<_, std::io::Error>(
+                    Response::builder()
+                        .header("cache-control", control)
+                        .header("cache-tag", tag)
+                        .body(Full::new(Bytes::from(format!("{path} #{n}"))))
+                        .unwrap(),
+                )
+            }
+        })
+    }
+
+    async fn instances(
+        server: &RedisServer,
+        counts: &Origin,
+    ) -> Vec<(RedisTier, HttpCacheLayer, HttpService)> {
+        let mut out = Vec::new();
+        for i in 0..3 {
+            let tier = tier(server, "http:");
+            let layer = HttpCacheLayer::builder()
+                .name(format!("http-{i}"))
+                .second_tier(tier.clone())
+                .build();
+            let svc = tower::util::BoxCloneSyncService::new(layer.layer(origin(counts.clone())));
+            tier.backplane().wait_for(|b| b.subscribed).await.unwrap();
+            out.push((tier, layer, svc));
+        }
+        out
+    }
+
+    async fn send(
+        svc: &HttpService,
+        method: Method,
+        path: &str,
+        authorization: bool,
+    ) -> (String, String) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://origin.test{path}"));
+        if authorization {
+            req = req.header("authorization", "Bearer alice");
+        }
+        let response = svc
+            .clone()
+            .oneshot(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        let status = response
+            .headers()
+            .get(CACHE_STATUS)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (String::from_utf8(body.to_vec()).unwrap(), status)
+    }
+
+    /// GETs `path` on `i` until it answers `want`, waking on each backplane message: an
+    /// instance serves the old response only until the message reaches it.
+    async fn until_served(fleet: &Fleet, i: usize, path: &str, want: &str) {
+        let mut state = fleet[i].0.backplane();
+        loop {
+            state.borrow_and_update();
+            if send(&fleet[i].2, Method::GET, path, false).await.0 == want {
+                return;
+            }
+            state.changed().await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_http_caches_share_one_origin_request_and_every_invalidation() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let counts: Origin = Arc::default();
+        let fleet = instances(&server, &counts).await;
+        let gets = |path: &str| counts.lock().unwrap().get(path).copied().unwrap_or(0);
+
+        // A cold burst over the three: one origin request.
+        let burst: Vec<_> = (0..300)
+            .map(|n| {
+                let svc = fleet[n % 3].2.clone();
+                tokio::spawn(async move { send(&svc, Method::GET, "/news/1", false).await })
+            })
+            .collect();
+        let mut bodies = std::collections::HashSet::new();
+        for caller in burst {
+            bodies.insert(caller.await.unwrap().0);
+        }
+        assert_eq!(gets("/news/1"), 1, "one origin request for the fleet");
+        assert_eq!(bodies.into_iter().collect::<Vec<_>>(), ["/news/1 #1"]);
+        // Stored by one, a second-tier hit on the others.
+        let (body, status) = send(&fleet[2].2, Method::GET, "/news/1", false).await;
+        assert_eq!(body, "/news/1 #1");
+        assert!(status.contains("hit"), "{status}");
+
+        // A POST through one instance invalidates the URL on all three.
+        send(&fleet[1].2, Method::POST, "/news/1", false).await;
+        for i in [1, 0, 2] {
+            until_served(&fleet, i, "/news/1", "/news/1 #2").await;
+        }
+        assert_eq!(gets("/news/1"), 2);
+
+        // A tag (Cache-Tag) purged on one instance, on all of them.
+        send(&fleet[0].2, Method::GET, "/news/2", false).await;
+        send(&fleet[1].2, Method::GET, "/news/2", false).await;
+        send(&fleet[0].2, Method::GET, "/weather/1", false).await;
+        fleet[2].1.purge_tag("news").await;
+        for i in [0, 1, 2] {
+            until_served(&fleet, i, "/news/2", "/news/2 #2").await;
+            until_served(&fleet, i, "/news/1", "/news/1 #3").await;
+        }
+        assert_eq!((gets("/news/1"), gets("/news/2")), (3, 2));
+        // Not tagged `news`: still the first response, everywhere.
+        for instance in &fleet {
+            let (body, _) = send(&instance.2, Method::GET, "/weather/1", false).await;
+            assert_eq!(body, "/weather/1 #1");
+        }
+        assert_eq!(gets("/weather/1"), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_may_not_be_shared_never_goes_through_redis() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let counts: Origin = Arc::default();
+        let fleet = instances(&server, &counts).await;
+        let gets = |path: &str| counts.lock().unwrap().get(path).copied().unwrap_or(0);
+
+        // private: each instance goes to the origin.
+        for instance in &fleet {
+            send(&instance.2, Method::GET, "/private/me", false).await;
+        }
+        assert_eq!(gets("/private/me"), 3);
+        // A response to credentials that does not say it may be shared: not stored
+        // anywhere, so nobody else gets it.
+        let (body, _) = send(&fleet[0].2, Method::GET, "/account", true).await;
+        assert_eq!(body, "/account #1");
+        let (body, _) = send(&fleet[1].2, Method::GET, "/account", false).await;
+        assert_eq!(body, "/account #2");
+        // And a request with credentials is not handed a stored shared response it may
+        // not use either.
+        let (body, _) = send(&fleet[2].2, Method::GET, "/account", true).await;
+        assert_eq!(body, "/account #3");
+    }
+}

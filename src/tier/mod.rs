@@ -62,6 +62,8 @@ pub(crate) use self::bus::{Listener, Message};
 pub use self::codec::Json;
 pub use self::codec::{Codec, Raw, Utf8};
 pub(crate) use self::lease::Lease;
+#[cfg(feature = "http")]
+pub(crate) use self::lease::LeaseGuard;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -21,6 +21,9 @@ pub(super) struct Core {
     pub(super) max_body: usize,
     pub(super) max_variants: usize,
     pub(super) metrics: CacheMetrics,
+    /// The second tier, when one is configured.
+    #[cfg(feature = "redis")]
+    pub(super) second: Option<Arc<super::tiered::HttpTier>>,
 }
 
 impl Owner<FlightKey, Arc<Fetched>> for Core {
@@ -102,9 +105,16 @@ impl Core {
 
     /// Stores `stored` as a variant of `key`, replacing the variant it matches.
     pub(super) fn insert(&self, key: &str, stored: Arc<Stored>) {
+        let list = self.with_variant(key, stored);
+        self.store.insert(key.to_owned(), Arc::new(Variants(list)));
+        self.sample();
+    }
+
+    /// The variants of `key` once `stored` is one of them, most recent first: it replaces
+    /// the variant it would match.
+    pub(super) fn with_variant(&self, key: &str, stored: Arc<Stored>) -> Vec<Arc<Stored>> {
         let mut list: Vec<Arc<Stored>> =
             self.store.get(key).map(|v| v.0.clone()).unwrap_or_default();
-        // The new variant replaces the one it would match.
         list.retain(|v| {
             !(v.extra == stored.extra
                 && v.vary == stored.vary
@@ -112,8 +122,7 @@ impl Core {
         });
         list.insert(0, stored);
         list.truncate(self.max_variants.max(1));
-        self.store.insert(key.to_owned(), Arc::new(Variants(list)));
-        self.sample();
+        list
     }
 
     /// Removes the variant `stored` of `key`, if it is still stored.
@@ -138,10 +147,40 @@ impl Core {
         self.sample();
     }
 
-    pub(super) fn invalidate(&self, key: &str) {
+    /// Removes `key` here and, with a second tier, from Redis and the other instances,
+    /// returning once Redis has it done (or its timeout passed).
+    pub(super) async fn invalidate(&self, key: &str) {
+        self.invalidate_here(key);
+        #[cfg(feature = "redis")]
+        if let Some(tier) = &self.second {
+            tier.remove(key).await;
+        }
+    }
+
+    /// Removes `key` from this instance: its variants and its flights.
+    pub(super) fn invalidate_here(&self, key: &str) {
         self.flights.detach_where(|flight| flight.primary == key);
         self.store.invalidate(key);
         self.sample();
+    }
+
+    /// Removes from this instance every URI with a variant tagged `tag` (`Cache-Tag`,
+    /// `Surrogate-Key`): a scan of the store.
+    pub(super) fn invalidate_tag_here(&self, tag: &str) {
+        let keys: Vec<String> = self
+            .store
+            .iter()
+            .filter(|(_, variants)| {
+                variants
+                    .0
+                    .iter()
+                    .any(|v| super::stored::tags(&v.headers).iter().any(|t| t == tag))
+            })
+            .map(|(key, _)| String::clone(&key))
+            .collect();
+        for key in &keys {
+            self.invalidate_here(key);
+        }
     }
 
     pub(super) fn sample(&self) {

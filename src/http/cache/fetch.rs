@@ -112,6 +112,7 @@ where
                 not_stored,
                 evict,
                 revalidated: true,
+                from_tier: false,
             }));
         }
     }
@@ -130,6 +131,7 @@ where
             not_stored: Some(reason),
             evict: None,
             revalidated: false,
+            from_tier: false,
         })
     };
     if let Err(reason) = decision {
@@ -190,7 +192,49 @@ where
         store,
         evict: None,
         revalidated: false,
+        from_tier: false,
     }))
+}
+
+/// A flight's origin request `origin` for `primary`, through the second tier when there
+/// is one: with nothing stored here (`read_first`), Redis is read first and the key's
+/// lease taken (or another instance's response awaited); what the origin sends that may
+/// be stored is written to Redis.
+#[cfg(feature = "redis")]
+pub(super) fn through_tiers(
+    core: &Arc<Core>,
+    (primary, request, extra): (String, HeaderMap, Option<String>),
+    read_first: bool,
+    origin: Upstream<Arc<Fetched>>,
+) -> Upstream<Arc<Fetched>> {
+    let Some(tier) = core.second.clone() else {
+        return origin;
+    };
+    let core = core.clone();
+    Box::pin(async move {
+        let lease = if read_first {
+            match core.before_origin(&tier, &primary, &request, &extra).await {
+                super::tiered::Before::Found(fetched) => return Ok(fetched),
+                super::tiered::Before::Origin(guard, reachable) => (guard, reachable),
+            }
+        } else {
+            (None, true)
+        };
+        let outcome = origin.await;
+        core.after_origin(&tier, &primary, &outcome, lease).await;
+        outcome
+    })
+}
+
+/// Without a second tier, the origin request as it is.
+#[cfg(not(feature = "redis"))]
+pub(super) fn through_tiers(
+    _core: &Arc<Core>,
+    _request: (String, HeaderMap, Option<String>),
+    _read_first: bool,
+    origin: Upstream<Arc<Fetched>>,
+) -> Upstream<Arc<Fetched>> {
+    origin
 }
 
 pub(super) async fn forward<S, B, RB>(
@@ -242,18 +286,20 @@ pub(super) fn revalidate_in_background<S, B, RB>(
         return;
     };
     let owner: Arc<dyn Owner<FlightKey, Arc<Fetched>>> = core.clone();
+    let tiered = (key.clone(), req.headers().clone(), extra.clone());
     let key = core.flight_key(key, req.headers(), &extra);
     let validators = has_validator(&stale.headers).then_some(stale);
     let (fetch_core, fetch_inner) = (core.clone(), inner.clone());
     let start = move || -> Upstream<Arc<Fetched>> {
-        Box::pin(fetch(
-            fetch_core,
+        let origin = Box::pin(fetch(
+            fetch_core.clone(),
             fetch_inner,
             req,
             validators,
             extra,
             Conditionals::Ours,
-        ))
+        ));
+        through_tiers(&fetch_core, tiered, false, origin)
     };
     if let Joined::Started(waiter) =
         core.flights

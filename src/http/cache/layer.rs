@@ -83,12 +83,58 @@ impl HttpCacheLayer {
             max_body: 1024 * 1024,
             max_variants: 8,
             max_flights: 10_000,
+            #[cfg(feature = "redis")]
+            second: None,
         }
     }
 
-    /// Removes every stored variant of `uri` (as a primary key: `scheme://authority/path?query`).
+    /// Removes every stored variant of `uri` (as a primary key:
+    /// `scheme://authority/path?query`). With a second tier, it is also deleted from Redis
+    /// and the other instances drop theirs, in the background ([`purge`](Self::purge)
+    /// waits for it).
     pub fn invalidate(&self, primary_key: &str) {
-        self.core.invalidate(primary_key);
+        self.core.invalidate_here(primary_key);
+        #[cfg(feature = "redis")]
+        if let (Some(tier), Ok(runtime)) = (
+            self.core.second.clone(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            let key = primary_key.to_owned();
+            runtime.spawn(async move { tier.remove(&key).await });
+        }
+    }
+
+    /// Like [`invalidate`](Self::invalidate), and returns once Redis has deleted it and
+    /// the other instances are told (or the tier's timeout passed). Feature `redis`.
+    #[cfg(feature = "redis")]
+    pub async fn purge(&self, primary_key: &str) {
+        self.core.invalidate(primary_key).await;
+    }
+
+    /// Removes every stored response tagged `tag` by its `Cache-Tag` (comma-separated)
+    /// or `Surrogate-Key` (space-separated) header (a scan of the store). With a second
+    /// tier, every such response is also deleted from Redis and the other instances drop
+    /// theirs, in the background ([`purge_tag`](Self::purge_tag) waits for it).
+    pub fn invalidate_tag(&self, tag: &str) {
+        self.core.invalidate_tag_here(tag);
+        #[cfg(feature = "redis")]
+        if let (Some(tier), Ok(runtime)) = (
+            self.core.second.clone(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            let tag = tag.to_owned();
+            runtime.spawn(async move { tier.remove_tag(&tag).await });
+        }
+    }
+
+    /// Like [`invalidate_tag`](Self::invalidate_tag), and returns once Redis has deleted
+    /// the tagged responses and the other instances are told. Feature `redis`.
+    #[cfg(feature = "redis")]
+    pub async fn purge_tag(&self, tag: &str) {
+        self.core.invalidate_tag_here(tag);
+        if let Some(tier) = &self.core.second {
+            tier.remove_tag(tag).await;
+        }
     }
 
     /// URIs with stored responses; exact after [`run_pending_tasks`](Self::run_pending_tasks).
@@ -117,6 +163,8 @@ pub struct HttpCacheBuilder {
     max_body: usize,
     max_variants: usize,
     max_flights: usize,
+    #[cfg(feature = "redis")]
+    second: Option<crate::tier::RedisTier>,
 }
 
 impl fmt::Debug for HttpCacheBuilder {
@@ -182,6 +230,31 @@ impl HttpCacheBuilder {
         self
     }
 
+    /// A second tier in Redis shared by every instance (feature `redis`): a URI missing
+    /// here is read from Redis before the origin; on a miss there too, one instance at a
+    /// time goes to the origin for it (a lease) and the others wait for its response;
+    /// what may be stored is written to both, with every variant's status, headers, body
+    /// and age. Writes, invalidations (unsafe methods included) and
+    /// [`invalidate_tag`](HttpCacheLayer::invalidate_tag) reach every instance through
+    /// the backplane. See [`crate::tier`].
+    ///
+    /// ```no_run
+    /// use towerguard::http::HttpCacheLayer;
+    /// use towerguard::tier::RedisTier;
+    ///
+    /// # fn main() -> Result<(), towerguard::Error> {
+    /// let tier = RedisTier::builder("redis://127.0.0.1:6379/").prefix("pages:").build()?;
+    /// let cache = HttpCacheLayer::builder().second_tier(tier).build();
+    /// # let _ = cache;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "redis")]
+    pub fn second_tier(mut self, tier: crate::tier::RedisTier) -> Self {
+        self.second = Some(tier);
+        self
+    }
+
     /// Builds the layer and its shared store.
     pub fn build(self) -> HttpCacheLayer {
         let metrics = CacheMetrics::register(&self.name);
@@ -197,17 +270,25 @@ impl HttpCacheBuilder {
             })
             .eviction_listener(move |_key, _value, cause| listener.record_removal(cause, false))
             .build();
-        HttpCacheLayer {
-            core: Arc::new(Core {
-                key_extra: self.key_extra,
-                store,
-                flights: FlightMap::new(self.max_flights),
-                policy: self.policy,
-                max_body: self.max_body,
-                max_variants: self.max_variants,
-                metrics,
+        let core = Arc::new(Core {
+            key_extra: self.key_extra,
+            store,
+            flights: FlightMap::new(self.max_flights),
+            policy: self.policy,
+            max_body: self.max_body,
+            max_variants: self.max_variants,
+            #[cfg(feature = "redis")]
+            second: self.second.map(|tier| {
+                let metrics = crate::tier::TierMetrics::register(&self.name);
+                Arc::new(super::tiered::HttpTier::new(tier, metrics))
             }),
+            metrics,
+        });
+        #[cfg(feature = "redis")]
+        if let Some(tier) = &core.second {
+            tier.register(&core);
         }
+        HttpCacheLayer { core }
     }
 }
 

@@ -12,6 +12,8 @@ mod layer;
 mod respond;
 mod service;
 mod stored;
+#[cfg(feature = "redis")]
+mod tiered;
 
 pub use self::layer::{HttpCacheBuilder, HttpCacheLayer};
 pub use self::respond::CACHE_STATUS;

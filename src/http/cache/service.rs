@@ -16,7 +16,9 @@ use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::core::Core;
-use super::fetch::{fetch, forward, forwarded, revalidate_in_background, Conditionals};
+use super::fetch::{
+    fetch, forward, forwarded, revalidate_in_background, through_tiers, Conditionals,
+};
 use super::respond::{respond, serve, with_status};
 use super::stored::{Fetch, Fetched, FlightKey, Stored};
 use crate::cache::flight::{Joined, Owner, Upstream, Waiter};
@@ -227,6 +229,8 @@ where
     // Past the hit path the request is handed to a flight: keep what answering needs.
     let request = (req.method().clone(), req.headers().clone());
     let revalidate = stored.clone().filter(|s| has_validator(&s.headers));
+    let tiered = (key.clone(), request.1.clone(), extra.clone());
+    let read_first = stored.is_none();
     let flight_key = core.flight_key(key, &request.1, &extra);
     let mut request_slot = Some(req);
     let owner: Arc<dyn Owner<FlightKey, Arc<Fetched>>> = core.clone();
@@ -245,14 +249,17 @@ where
         let start_extra = extra.clone();
         let start = move || -> Upstream<Arc<Fetched>> {
             match slot.take() {
-                Some(req) => Box::pin(fetch(
-                    start_core,
-                    start_inner,
-                    req,
-                    revalidate,
-                    start_extra,
-                    Conditionals::Ours,
-                )),
+                Some(req) => {
+                    let origin = Box::pin(fetch(
+                        start_core.clone(),
+                        start_inner,
+                        req,
+                        revalidate,
+                        start_extra,
+                        Conditionals::Ours,
+                    ));
+                    through_tiers(&start_core, tiered, read_first, origin)
+                }
                 None => unreachable!("a flight starts once"),
             }
         };
@@ -530,8 +537,10 @@ where
         .map(str::to_owned);
     let response = forward(inner, req, forwarded("method", None)).await?;
     if invalidates(&method, response.status()) {
+        // Done (in Redis and on the backplane too) before the client hears back, so
+        // its next request, wherever it lands, does not get the old response.
         for key in invalidation_targets(&uri, host.as_deref(), response.headers()) {
-            core.invalidate(&key);
+            core.invalidate(&key).await;
         }
     }
     Ok(response)
@@ -577,6 +586,13 @@ impl Answering<'_> {
     /// waiter only ever gets what may be stored and shared.
     fn answer<RB: Send + 'static>(&self) -> Answer<RB> {
         let fetched = self.fetched;
+        if let (true, Some(stored)) = (fetched.from_tier, &fetched.store) {
+            // Read from the second tier: a hit, for whoever may use it.
+            if self.originator || usable_by(self.core, fetched, self.request.1, self.extra) {
+                return Answer::Response(serve(stored, self.request, Instant::now(), false));
+            }
+            return Answer::Alone("not-shareable");
+        }
         let complete = match &fetched.response {
             Fetch::Complete {
                 status,

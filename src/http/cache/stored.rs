@@ -98,6 +98,8 @@ pub(super) struct Fetched {
     pub(super) evict: Option<Arc<Stored>>,
     /// It was a 304 to a revalidation: the stored body with refreshed headers.
     pub(super) revalidated: bool,
+    /// It came from the second tier: answered as a hit.
+    pub(super) from_tier: bool,
 }
 
 pub(super) enum Fetch {
@@ -128,3 +130,22 @@ pub(super) struct FlightKey {
 
 /// A user function that adds to the key: `None` bypasses the cache.
 pub(super) type KeyExtra = Arc<dyn Fn(&http::Uri, &HeaderMap) -> Option<String> + Send + Sync>;
+
+/// The fields whose values tag a response: `Cache-Tag` (comma-separated) and
+/// `Surrogate-Key` (space-separated).
+const TAG_FIELDS: [&str; 2] = ["cache-tag", "surrogate-key"];
+
+/// The tags `headers` give a response.
+pub(super) fn tags(headers: &HeaderMap) -> Vec<String> {
+    let mut out: Vec<String> = TAG_FIELDS
+        .iter()
+        .flat_map(|name| headers.get_all(*name))
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split([',', ' ', '\t']))
+        .filter(|tag| !tag.is_empty())
+        .map(str::to_owned)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}

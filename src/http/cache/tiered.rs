@@ -1,0 +1,451 @@
+//! The HTTP cache's second tier in Redis (feature `redis`): the variants of one URI under
+//! its primary key, with their status, headers, body and what freshness needs; the lease
+//! that makes a miss one origin request across instances; the backplane's messages.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tokio::time::Instant;
+
+use super::core::Core;
+use super::stored::{tags, Fetch, Fetched, Stored};
+use crate::error::Error;
+use crate::http::cache_policy::{vary, vary_matches, AgeInputs, Reuse};
+use crate::tier::{wall_ms, Lease, Listener, Message, Read, RedisTier, TierMetrics};
+
+pub(super) struct HttpTier {
+    pub(super) tier: RedisTier,
+    pub(super) metrics: TierMetrics,
+    id: OnceLock<u64>,
+}
+
+impl HttpTier {
+    pub(super) fn new(tier: RedisTier, metrics: TierMetrics) -> Self {
+        HttpTier {
+            tier,
+            metrics,
+            id: OnceLock::new(),
+        }
+    }
+
+    pub(super) fn register(&self, core: &Arc<Core>) {
+        let listener: std::sync::Weak<dyn Listener> =
+            Arc::downgrade(&(core.clone() as Arc<dyn Listener>));
+        let _ = self.id.set(self.tier.register(listener));
+        self.tier.start_bus();
+    }
+
+    fn sender(&self) -> (u64, &TierMetrics) {
+        (self.id.get().copied().unwrap_or(0), &self.metrics)
+    }
+
+    /// The variants stored in Redis for `primary`: `Err` when Redis did not answer.
+    async fn read(&self, primary: &str, count_miss: bool) -> Result<Vec<Stored>, ()> {
+        self.tier.start_bus();
+        let found = match self.tier.get(primary, &self.metrics).await {
+            Read::Found(bytes) => decode(&bytes),
+            Read::Missing => Some(Vec::new()),
+            Read::Unavailable => None,
+        };
+        let variants = found.ok_or(());
+        match &variants {
+            Ok(list) if !list.is_empty() => self.metrics.hit.increment(1),
+            _ if count_miss => self.metrics.miss.increment(1),
+            _ => {}
+        }
+        variants
+    }
+
+    /// Writes `list` as the variants of `primary`, expiring when the last is no longer
+    /// usable; the other instances drop their copies.
+    async fn write(&self, primary: &str, list: &[Arc<Stored>]) -> bool {
+        let now = Instant::now();
+        let usable = list
+            .iter()
+            .map(|s| {
+                let window = s.stale_while_revalidate.max(s.stale_if_error);
+                s.freshness
+                    .saturating_add(window)
+                    .saturating_sub(s.current_age(now))
+            })
+            .max()
+            .unwrap_or_default();
+        if usable.is_zero() {
+            return false;
+        }
+        let tags: Vec<String> = {
+            let mut all: Vec<String> = list.iter().flat_map(|s| tags(&s.headers)).collect();
+            all.sort_unstable();
+            all.dedup();
+            all
+        };
+        self.tier
+            .set(
+                primary,
+                encode(list, now),
+                Some(usable),
+                &tags,
+                self.sender(),
+            )
+            .await
+    }
+
+    /// Deletes `primary` in Redis and tells the other instances.
+    pub(super) async fn remove(&self, primary: &str) {
+        self.tier.del(primary, self.sender()).await;
+    }
+
+    /// Deletes every response tagged `tag` in Redis and tells the other instances.
+    pub(super) async fn remove_tag(&self, tag: &str) {
+        self.tier.del_tag(tag, self.sender()).await;
+    }
+}
+
+/// What a flight for `primary` finds in the second tier before it goes to the origin.
+pub(super) enum Before {
+    /// A fresh variant for the request: the flight's outcome.
+    Found(Arc<Fetched>),
+    /// Go to the origin: holding the lease (if any), and writing Redis after when it
+    /// answered.
+    Origin(Option<Box<crate::tier::LeaseGuard>>, bool),
+}
+
+impl Core {
+    /// The second tier's part of a flight for `primary` that has nothing stored locally:
+    /// a fresh variant from Redis, or another instance's result after waiting for its
+    /// lease, or the lease to go to the origin.
+    pub(super) async fn before_origin(
+        self: &Arc<Self>,
+        tier: &Arc<HttpTier>,
+        primary: &str,
+        request: &HeaderMap,
+        extra: &Option<String>,
+    ) -> Before {
+        let pick = |list: Vec<Stored>| -> Option<Arc<Fetched>> {
+            let now = Instant::now();
+            let chosen = list.into_iter().find(|s| {
+                s.extra == *extra
+                    && vary_matches(&s.vary, &s.request_headers, request)
+                    && self
+                        .policy
+                        .storable(&http::Method::GET, request, s.status, &s.headers)
+                        .is_ok()
+                    && self
+                        .policy
+                        .reuse(request, &s.headers, s.freshness, s.current_age(now))
+                        == Reuse::Fresh
+            })?;
+            Some(found(Arc::new(chosen), request, extra))
+        };
+        match tier.read(primary, true).await {
+            Ok(list) => {
+                if let Some(fetched) = pick(list) {
+                    return Before::Found(fetched);
+                }
+            }
+            Err(()) => return Before::Origin(None, false),
+        }
+        let read = || async {
+            match tier.read(primary, false).await {
+                Ok(list) => pick(list),
+                Err(()) => None,
+            }
+        };
+        match tier.tier.lease(primary, tier.sender(), read).await {
+            Lease::Found(fetched) => Before::Found(fetched),
+            Lease::Held(guard) => Before::Origin(Some(guard), true),
+            Lease::Alone => Before::Origin(None, true),
+        }
+    }
+
+    /// After a flight's origin request: writes what it stores (with the other variants
+    /// held for `primary`) to Redis, and releases the lease.
+    pub(super) async fn after_origin(
+        &self,
+        tier: &HttpTier,
+        primary: &str,
+        outcome: &Result<Arc<Fetched>, Error>,
+        (guard, reachable): (Option<Box<crate::tier::LeaseGuard>>, bool),
+    ) {
+        let mut written = false;
+        if let (true, Ok(fetched)) = (reachable, outcome) {
+            if let Some(stored) = &fetched.store {
+                let list = self.with_variant(primary, stored.clone());
+                written = tier.write(primary, &list).await;
+            }
+        }
+        if let Some(guard) = guard {
+            guard.release(written).await;
+        }
+    }
+}
+
+/// A variant read from Redis as a flight's outcome.
+fn found(stored: Arc<Stored>, request: &HeaderMap, extra: &Option<String>) -> Arc<Fetched> {
+    Arc::new(Fetched {
+        status: stored.status,
+        response: Fetch::Complete {
+            status: stored.status,
+            headers: stored.headers.clone(),
+            body: stored.body.clone(),
+        },
+        request_headers: request.clone(),
+        extra: extra.clone(),
+        store: Some(stored),
+        not_stored: None,
+        evict: None,
+        revalidated: false,
+        from_tier: true,
+    })
+}
+
+impl Listener for Core {
+    fn apply(&self, message: &Message<'_>) {
+        let Some(tier) = &self.second else {
+            return;
+        };
+        tier.metrics.received.increment(1);
+        match message {
+            // Another instance stored a newer response: the next request reads it.
+            Message::Written(primary) => {
+                self.store.invalidate(*primary);
+                self.sample();
+            }
+            Message::Invalidated(primary) => self.invalidate_here(primary),
+            Message::Tag(tag) => self.invalidate_tag_here(tag),
+            Message::All => {
+                self.flights.detach_all();
+                self.store.invalidate_all();
+                self.sample();
+            }
+            Message::Released(_) => {}
+        }
+    }
+
+    fn resync(&self) {
+        if let Some(tier) = &self.second {
+            tier.metrics.resyncs.increment(1);
+        }
+        self.store.invalidate_all();
+        self.sample();
+    }
+}
+
+// The wire format: a version byte, the number of variants (u16), then for each variant
+// its status (u16), the wall-clock time it was written and its age then (ms, u64), its
+// freshness and stale windows (ms, u64 each), the key function's part, its headers, the
+// nominated request headers, and its body. Lengths are u32, integers big-endian.
+const VERSION: u8 = 1;
+
+fn encode(list: &[Arc<Stored>], now: Instant) -> Vec<u8> {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let size: usize = list.iter().map(|s| s.weight() as usize + 64).sum();
+    let mut out = Vec::with_capacity(size + 3);
+    out.push(VERSION);
+    out.extend_from_slice(&(list.len().min(u16::MAX as usize) as u16).to_be_bytes());
+    let written = wall_ms();
+    for s in list.iter().take(u16::MAX as usize) {
+        out.extend_from_slice(&s.status.as_u16().to_be_bytes());
+        for n in [
+            written,
+            ms(s.current_age(now)),
+            ms(s.freshness),
+            ms(s.stale_while_revalidate),
+            ms(s.stale_if_error),
+        ] {
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        match &s.extra {
+            Some(extra) => {
+                out.push(1);
+                put_bytes(&mut out, extra.as_bytes());
+            }
+            None => out.push(0),
+        }
+        put_headers(&mut out, &s.headers);
+        put_headers(&mut out, &s.request_headers);
+        put_bytes(&mut out, &s.body);
+    }
+    out
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn put_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
+    out.extend_from_slice(&(headers.len() as u32).to_be_bytes());
+    for (name, value) in headers {
+        put_bytes(out, name.as_str().as_bytes());
+        put_bytes(out, value.as_bytes());
+    }
+}
+
+/// Reads what [`encode`] wrote; `None` for anything else (counted as a miss).
+fn decode(bytes: &[u8]) -> Option<Vec<Stored>> {
+    let mut r = Reader(bytes);
+    if r.take(1)?[0] != VERSION {
+        return None;
+    }
+    let count = u16::from_be_bytes(r.array()?);
+    let now_wall = wall_ms();
+    let mut list = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let status = StatusCode::from_u16(u16::from_be_bytes(r.array()?)).ok()?;
+        let mut n = [0u64; 5];
+        for slot in &mut n {
+            *slot = u64::from_be_bytes(r.array()?);
+        }
+        let [written, age_then, freshness, swr, sie] = n;
+        let extra = match r.take(1)?[0] {
+            0 => None,
+            _ => Some(String::from_utf8(r.bytes()?.to_vec()).ok()?),
+        };
+        let headers = r.headers()?;
+        let request_headers = r.headers()?;
+        let body = Bytes::copy_from_slice(r.bytes()?);
+        // Its age now: its age when written, plus the time since (by the wall clock,
+        // which every instance shares).
+        let age = Duration::from_millis(age_then.saturating_add(now_wall.saturating_sub(written)));
+        let response_time = SystemTime::now();
+        let request_time = response_time.checked_sub(age).unwrap_or(response_time);
+        list.push(Stored {
+            status,
+            vary: vary(&headers),
+            headers,
+            body,
+            request_headers,
+            extra,
+            age: AgeInputs {
+                age_header: None,
+                date: None,
+                request_time,
+                response_time,
+            },
+            stored_at: Instant::now(),
+            freshness: Duration::from_millis(freshness),
+            stale_while_revalidate: Duration::from_millis(swr),
+            stale_if_error: Duration::from_millis(sie),
+        });
+    }
+    r.0.is_empty().then_some(list)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len = u32::from_be_bytes(self.array()?) as usize;
+        self.take(len)
+    }
+
+    fn headers(&mut self) -> Option<HeaderMap> {
+        let count = u32::from_be_bytes(self.array()?) as usize;
+        let mut headers = HeaderMap::with_capacity(count.min(1024));
+        for _ in 0..count {
+            let name = HeaderName::from_bytes(self.bytes()?).ok()?;
+            let value = HeaderValue::from_bytes(self.bytes()?).ok()?;
+            headers.append(name, value);
+        }
+        Some(headers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(body: &'static str, extra: Option<&str>) -> Stored {
+        let mut headers = HeaderMap::new();
+        headers.insert("cache-control", HeaderValue::from_static("max-age=60"));
+        headers.insert("vary", HeaderValue::from_static("accept-language"));
+        headers.append("cache-tag", HeaderValue::from_static("a, b"));
+        headers.append("set-cookie", HeaderValue::from_static("x=1"));
+        headers.append("set-cookie", HeaderValue::from_static("y=2"));
+        let mut request_headers = HeaderMap::new();
+        request_headers.insert("accept-language", HeaderValue::from_static("fr"));
+        Stored {
+            status: StatusCode::OK,
+            vary: vary(&headers),
+            headers,
+            body: Bytes::from_static(body.as_bytes()),
+            request_headers,
+            extra: extra.map(str::to_owned),
+            age: AgeInputs {
+                age_header: Some(10),
+                date: None,
+                request_time: SystemTime::now(),
+                response_time: SystemTime::now(),
+            },
+            stored_at: Instant::now(),
+            freshness: Duration::from_secs(60),
+            stale_while_revalidate: Duration::from_secs(5),
+            stale_if_error: Duration::from_secs(7),
+        }
+    }
+
+    #[test]
+    fn variants_read_back_as_written() {
+        let list = vec![
+            Arc::new(stored("bonjour", Some("tenant"))),
+            Arc::new(stored("", None)),
+        ];
+        let bytes = encode(&list, Instant::now());
+        let back = decode(&bytes).expect("readable");
+        assert_eq!(back.len(), 2);
+        for (a, b) in list.iter().zip(&back) {
+            assert_eq!(a.status, b.status);
+            assert_eq!(a.headers, b.headers);
+            assert_eq!(a.request_headers, b.request_headers);
+            assert_eq!(a.body, b.body);
+            assert_eq!(a.extra, b.extra);
+            assert_eq!(a.vary, b.vary);
+            assert_eq!(a.freshness, b.freshness);
+            assert_eq!(a.stale_while_revalidate, b.stale_while_revalidate);
+            assert_eq!(a.stale_if_error, b.stale_if_error);
+            // The age goes on from where it was (10 s from the Age header).
+            let age = b.current_age(Instant::now());
+            assert!(age >= Duration::from_secs(10), "{age:?}");
+        }
+    }
+
+    #[test]
+    fn anything_else_reads_as_nothing() {
+        let bytes = encode(&[Arc::new(stored("x", None))], Instant::now());
+        for cut in 0..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode(&longer).is_none());
+        let mut other = bytes;
+        other[0] = 9;
+        assert!(decode(&other).is_none());
+    }
+
+    #[test]
+    fn tags_come_from_cache_tag_and_surrogate_key() {
+        let mut headers = HeaderMap::new();
+        headers.append("cache-tag", HeaderValue::from_static("news, sport"));
+        headers.append("cache-tag", HeaderValue::from_static("news"));
+        headers.append("surrogate-key", HeaderValue::from_static("front  page"));
+        assert_eq!(tags(&headers), ["front", "news", "page", "sport"]);
+        assert!(tags(&HeaderMap::new()).is_empty());
+    }
+}
