@@ -20,6 +20,11 @@
 //! request is logged through `tracing` (method, path, status, cache status, duration;
 //! `RUST_LOG` filters, `--no-access-log` turns it off).
 //!
+//! With `--redis URL` (built with `--features redis`) several proxies share one cache: a
+//! response stored by one is a hit on the others, a cold URL goes to the origin once for
+//! the whole fleet, and an invalidation (a successful POST, PUT, DELETE or PATCH) reaches
+//! every proxy. `benches/proxy_fleet.sh` runs three of them.
+//!
 //! On SIGTERM or Ctrl-C it stops accepting connections, lets the requests under way
 //! finish (up to `--shutdown-grace-secs`), and exits 0; it prints `listening on ADDR` once
 //! it accepts connections and `stopped` when it is done.
@@ -130,6 +135,17 @@ struct Args {
     /// Do not log a line per request.
     #[arg(long)]
     no_access_log: bool,
+
+    /// Share the cache with every proxy given the same Redis (or Valkey): a second tier,
+    /// one origin request per URL for the whole fleet, and invalidations (a POST, say)
+    /// reaching every proxy. Needs the `redis` feature (`--features redis`).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+
+    /// Prefix of the proxy's keys and channel in Redis; proxies that share a cache use
+    /// the same one.
+    #[arg(long, default_value = "towerguard:proxy:", value_name = "PREFIX")]
+    redis_prefix: String,
 }
 
 #[derive(Debug, Clone)]
@@ -407,19 +423,44 @@ fn build_proxy(args: &Args) -> Result<Proxy, String> {
         let policy = HttpCachePolicy::default()
             .ignore_client_directives(args.cdn_mode)
             .stale_on_error(Duration::from_secs(args.stale_on_error_secs));
-        builder = builder.http_cache(
-            HttpCacheLayer::builder()
-                .name("proxy")
-                .policy(policy)
-                .capacity_bytes(args.cache_capacity_mb * 1024 * 1024)
-                .max_body_bytes(args.max_body_kb * 1024)
-                .build(),
-        );
+        let cache = HttpCacheLayer::builder()
+            .name("proxy")
+            .policy(policy)
+            .capacity_bytes(args.cache_capacity_mb * 1024 * 1024)
+            .max_body_bytes(args.max_body_kb * 1024);
+        builder = builder.http_cache(with_redis(cache, args)?.build());
     }
     let stack = builder
         .build_http::<Incoming>()
         .map_err(|err| format!("invalid configuration: {err}"))?;
     Ok(stack.layer(forward))
+}
+
+/// The cache with its second tier in Redis, when `--redis` asks for one.
+#[cfg(feature = "redis")]
+fn with_redis(
+    cache: towerguard::http::HttpCacheBuilder,
+    args: &Args,
+) -> Result<towerguard::http::HttpCacheBuilder, String> {
+    let Some(url) = &args.redis else {
+        return Ok(cache);
+    };
+    let tier = towerguard::tier::RedisTier::builder(url.as_str())
+        .prefix(args.redis_prefix.as_str())
+        .build()
+        .map_err(|err| format!("--redis {url}: {err}"))?;
+    Ok(cache.second_tier(tier))
+}
+
+#[cfg(not(feature = "redis"))]
+fn with_redis(
+    cache: towerguard::http::HttpCacheBuilder,
+    args: &Args,
+) -> Result<towerguard::http::HttpCacheBuilder, String> {
+    match &args.redis {
+        None => Ok(cache),
+        Some(_) => Err("--redis needs the redis feature: cargo run --release --features redis --example proxy -- ...".to_owned()),
+    }
 }
 
 /// Resolves when SIGTERM or Ctrl-C arrives.

@@ -6,6 +6,7 @@
 GET /obj/NAME          1 KiB, Cache-Control: public, max-age=3600
 GET /slow/NAME?ms=N    the same after N ms (default 500), for cold bursts and slow requests
 GET /count/NAME        how many requests for /obj/NAME or /slow/NAME arrived, as text
+POST /obj/NAME         a new version of NAME (204); its GETs say `NAME version N`
 Every response is HTTP/1.1 with Content-Length; connections are kept alive.
 """
 import sys
@@ -15,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 COUNTS = {}
+VERSIONS = {}
 LOCK = threading.Lock()
 BODY = b"x" * 1024
 
@@ -48,16 +50,27 @@ class Handler(BaseHTTPRequestHandler):
             return
         with LOCK:
             COUNTS[name] = COUNTS.get(name, 0) + 1
+            version = VERSIONS.get(name)
         if kind == "slow":
             ms = int(parse_qs(url.query).get("ms", ["500"])[0])
             time.sleep(ms / 1000)
-        self.answer(BODY, head=head)
+        body = BODY if version is None else f"{name} version {version}".encode()
+        self.answer(body, head=head)
 
     def do_GET(self):
         self.handle_one(head=False)
 
     def do_HEAD(self):
         self.handle_one(head=True)
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        name = urlsplit(self.path).path.strip("/").split("/", 1)[-1]
+        with LOCK:
+            VERSIONS[name] = VERSIONS.get(name, 1) + 1
+        self.send_response(204)
+        self.end_headers()
 
 
 class Server(ThreadingHTTPServer):

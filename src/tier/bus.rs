@@ -163,13 +163,14 @@ impl Bus {
         self.waits.remove_if(name, |_, n| Arc::strong_count(n) == 1);
     }
 
-    /// Starts the subscriber, once, if there is a runtime to run it on.
-    pub(super) fn start(&self, shared: Weak<Shared>, channel: String) {
+    /// Starts the subscriber, once, if there is a runtime to run it on; true when it
+    /// started now.
+    pub(super) fn start(&self, shared: Weak<Shared>, channel: String) -> bool {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
+            return false;
         };
         if self.started.swap(true, Ordering::AcqRel) {
-            return;
+            return false;
         }
         let stop = self.stop.clone();
         runtime.spawn(async move {
@@ -178,6 +179,7 @@ impl Bus {
                 () = subscribe(shared, channel) => {}
             }
         });
+        true
     }
 
     fn dispatch(&self, payload: &[u8]) {

@@ -173,11 +173,22 @@ impl RedisTier {
         self.shared.bus.state()
     }
 
-    /// Starts the backplane's subscriber, once, when a runtime is there to run it.
+    /// Starts the backplane's subscriber, once, when a runtime is there to run it, and
+    /// connects for commands meanwhile, so the first request does not pay for connecting
+    /// (which could take it past the timeout under a burst).
     pub(crate) fn start_bus(&self) {
-        self.shared
-            .bus
-            .start(Arc::downgrade(&self.shared), self.channel());
+        let shared = Arc::downgrade(&self.shared);
+        if self.shared.bus.start(shared.clone(), self.channel()) {
+            tokio::spawn(async move {
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                let bound = shared.timeout.max(Duration::from_secs(1));
+                if let Ok(Err(error)) = tokio::time::timeout(bound, shared.connection()).await {
+                    tracing::debug!(%error, "second tier: cannot connect yet");
+                }
+            });
+        }
     }
 
     pub(crate) fn register(&self, listener: std::sync::Weak<dyn Listener>) -> u64 {

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Three proxies sharing one cache through Redis, tried as an operator would run a fleet:
+# a redis-server of its own, the origin of benches/peers, and three proxy examples with
+# `--redis`. A cold burst spread over the three must reach the origin once; a POST
+# through one must invalidate the URL on all three.
+#
+#   bash benches/proxy_fleet.sh     (builds the release example with the redis feature
+#                                    when missing; PROXY=path uses another build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+proxy=${PROXY:-target/release/examples/proxy}
+[ -x "$proxy" ] || cargo build --release --features redis --example proxy
+per_proxy=${REQUESTS:-333}
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -n "${KEEP:-}" ] && cp -r "$work" /tmp/fleet-logs; rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+# Polls `$@` every 0.1 s until it succeeds, for at most $timeout seconds.
+until_true() {
+  local timeout=$1; shift
+  local deadline=$((SECONDS + timeout))
+  until "$@"; do
+    if [ "$SECONDS" -ge "$deadline" ]; then echo "timed out waiting for: $*" >&2; return 1; fi
+    sleep 0.1
+  done
+}
+
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+  --dir "$work" >"$work/redis.log" 2>&1 & pids+=($!)
+until_true 10 grep -q "Ready to accept connections" "$work/redis.log"
+
+origin_port=$(free_port)
+python3 benches/peers/origin.py "$origin_port" & pids+=($!)
+until_true 10 curl -sf -o /dev/null "http://127.0.0.1:$origin_port/count/none"
+
+ports=()
+for i in 0 1 2; do
+  port=$(free_port)
+  "$proxy" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$origin_port" \
+    --redis "redis://127.0.0.1:$redis_port/" --no-access-log >"$work/proxy$i.log" 2>&1 &
+  pids+=($!)
+  ports+=("$port")
+done
+for i in 0 1 2; do until_true 10 grep -q "listening on" "$work/proxy$i.log"; done
+echo "three proxies on ports ${ports[*]}, one Redis on $redis_port"
+
+# A cold burst: $per_proxy concurrent requests on each proxy for one slow URL (the same
+# Host on all three, as behind one load balancer).
+bursts=()
+for i in 0 1 2; do
+  python3 benches/peers/burst.py 127.0.0.1 "${ports[$i]}" "/slow/cold?ms=500" "$per_proxy" \
+    fleet.test >"$work/burst$i" &
+  bursts+=($!)
+done
+for pid in "${bursts[@]}"; do wait "$pid" || { echo "FAILED: a burst failed" >&2; exit 1; }; done
+origin=$(curl -s "http://127.0.0.1:$origin_port/count/cold")
+echo "cold burst of $((3 * per_proxy)) over three proxies: $(cat "$work"/burst* | tr '\n' ' ')-> origin requests: $origin"
+[ "$origin" = 1 ] || { echo "FAILED: the fleet went to the origin $origin times" >&2; exit 1; }
+
+# A POST through one proxy invalidates the URL on all three.
+# Behind one load balancer, every proxy sees the same Host.
+get() { curl -s -H "Host: fleet.test" "http://127.0.0.1:${ports[$1]}/obj/doc"; }
+curl -s -o /dev/null -X POST "http://127.0.0.1:$origin_port/obj/doc"  # version 2 at the origin
+for i in 0 1 2; do get "$i" >/dev/null; done
+before=$(for i in 0 1 2; do get "$i"; echo; done | sort -u)
+echo "before the POST, every proxy serves: $before (origin requests: $(curl -s "http://127.0.0.1:$origin_port/count/doc"))"
+status=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: fleet.test" -X POST \
+  "http://127.0.0.1:${ports[1]}/obj/doc")
+echo "POST through proxy 1: $status"
+stale=0
+for i in 0 1 2; do
+  body=$(get "$i")
+  if [ "$body" != "doc version 3" ]; then
+    stale=$((stale + 1))
+    echo "  proxy $i served '$body' right after the POST" >&2
+  fi
+done
+echo "after the POST: $(for i in 0 1 2; do get "$i"; echo; done | sort -u) (origin requests: $(curl -s "http://127.0.0.1:$origin_port/count/doc"))"
+[ "$stale" = 0 ] || { echo "FAILED: $stale proxies served the old version after the POST" >&2; exit 1; }
+echo "ok"
