@@ -472,6 +472,39 @@ async fn invalidate_and_invalidate_tag_on_one_instance_reach_every_instance() {
     assert_eq!(calls.load(Ordering::SeqCst), 7);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_all_on_one_instance_empties_redis_and_every_instance() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream_calls = calls.clone();
+    let fleet = fleet(&server, "all:", move |_| {
+        boxed_counting(upstream_calls.clone())
+    })
+    .await;
+    for key in ["a/1", "b/2"] {
+        fleet[0].2.clone().oneshot(key.to_owned()).await.unwrap();
+        fleet[1].2.clone().oneshot(key.to_owned()).await.unwrap();
+    }
+    // Instance 1 holds both (after 0's two writes reached it); Redis too.
+    applied(&fleet[1].0, 2).await;
+    for key in ["a/1", "b/2"] {
+        fleet[1].2.clone().oneshot(key.to_owned()).await.unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    fleet[2].1.purge_all().await;
+    let mut keys = redis::cmd("KEYS");
+    keys.arg("all:v:*");
+    let left: Vec<String> = redis_cmd(&server, &keys).await;
+    assert!(left.is_empty(), "{left:?}");
+    applied(&fleet[1].0, 3).await;
+    assert_eq!(
+        fleet[1].2.clone().oneshot("a/1".to_owned()).await.unwrap(),
+        "value of a/1 #3"
+    );
+}
+
 /// Sends one command to the test's Redis.
 async fn redis_cmd<T: redis::FromRedisValue>(server: &RedisServer, cmd: &redis::Cmd) -> T {
     let client = redis::Client::open(server.url()).unwrap();

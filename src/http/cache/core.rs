@@ -164,6 +164,13 @@ impl Core {
         self.sample();
     }
 
+    /// Removes everything from this instance: every variant and every flight.
+    pub(super) fn invalidate_all_here(&self) {
+        self.flights.detach_all();
+        self.store.invalidate_all();
+        self.sample();
+    }
+
     /// Removes from this instance every URI with a variant tagged `tag` (`Cache-Tag`,
     /// `Surrogate-Key`): a scan of the store.
     pub(super) fn invalidate_tag_here(&self, tag: &str) {

@@ -137,6 +137,30 @@ impl HttpCacheLayer {
         }
     }
 
+    /// Removes every stored response and detaches every flight. With a second tier,
+    /// every response under its prefix is also deleted from Redis and the other instances
+    /// drop theirs, in the background ([`purge_all`](Self::purge_all) waits for it).
+    pub fn invalidate_all(&self) {
+        self.core.invalidate_all_here();
+        #[cfg(feature = "redis")]
+        if let (Some(tier), Ok(runtime)) = (
+            self.core.second.clone(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            runtime.spawn(async move { tier.remove_all().await });
+        }
+    }
+
+    /// Like [`invalidate_all`](Self::invalidate_all), and returns once Redis has deleted
+    /// every response under the prefix and the other instances are told. Feature `redis`.
+    #[cfg(feature = "redis")]
+    pub async fn purge_all(&self) {
+        self.core.invalidate_all_here();
+        if let Some(tier) = &self.core.second {
+            tier.remove_all().await;
+        }
+    }
+
     /// URIs with stored responses; exact after [`run_pending_tasks`](Self::run_pending_tasks).
     pub fn entry_count(&self) -> u64 {
         self.core.store.entry_count()

@@ -97,6 +97,11 @@ impl HttpTier {
         self.tier.del(primary, self.sender()).await;
     }
 
+    /// Deletes every response under the prefix in Redis and tells the other instances.
+    pub(super) async fn remove_all(&self) {
+        self.tier.del_all(self.sender()).await;
+    }
+
     /// Deletes every response tagged `tag` in Redis and tells the other instances.
     pub(super) async fn remove_tag(&self, tag: &str) {
         self.tier.del_tag(tag, self.sender()).await;
@@ -215,11 +220,7 @@ impl Listener for Core {
             }
             Message::Invalidated(primary) => self.invalidate_here(primary),
             Message::Tag(tag) => self.invalidate_tag_here(tag),
-            Message::All => {
-                self.flights.detach_all();
-                self.store.invalidate_all();
-                self.sample();
-            }
+            Message::All => self.invalidate_all_here(),
             Message::Released(_) => {}
         }
     }
