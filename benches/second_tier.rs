@@ -10,9 +10,8 @@
 //! cargo bench --features redis --bench second_tier
 //! ```
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use hdrhistogram::Histogram;
 use tower::{service_fn, Layer, ServiceExt};
 use towerguard::cache::CacheLayer;
 
@@ -46,14 +45,6 @@ fn upstream(
     service_fn(|id: u64| async move { Ok::<_, std::io::Error>(format!("value {id}").repeat(16)) })
 }
 
-fn percentiles(h: &Histogram<u64>) -> String {
-    format!(
-        "p50 {:.1} µs, p99 {:.1} µs",
-        h.value_at_quantile(0.5) as f64 / 1000.0,
-        h.value_at_quantile(0.99) as f64 / 1000.0
-    )
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let feature = if cfg!(feature = "redis") { "on" } else { "off" };
@@ -71,7 +62,18 @@ async fn main() {
 mod with_redis {
     use super::*;
     use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use hdrhistogram::Histogram;
     use towerguard::tier::{RedisTier, Utf8};
+
+    fn percentiles(h: &Histogram<u64>) -> String {
+        format!(
+            "p50 {:.1} µs, p99 {:.1} µs",
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0
+        )
+    }
 
     struct Server(std::process::Child, std::path::PathBuf);
 
