@@ -870,3 +870,106 @@ mod http_tier {
         assert_eq!(body, "/account #3");
     }
 }
+
+/// A TCP forwarder to the test's Redis that can be cut (every connection through it
+/// closed, new ones refused) and restored: a network partition between one instance and
+/// Redis while the others still reach it.
+struct Partition {
+    port: u16,
+    cut: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Partition {
+    async fn new(redis_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(tokio::sync::watch::Sender::new(false));
+        let state = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut cut = state.subscribe();
+                if *cut.borrow_and_update() {
+                    continue; // refused: dropped at once
+                }
+                tokio::spawn(async move {
+                    let Ok(mut redis) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut redis) => {}
+                        _ = cut.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Partition { port, cut }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn set(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_redis_missed_is_done_again_once_the_instance_reaches_it() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let partition = Partition::new(server.port).await;
+    let build = |url: String, name: &str| {
+        let tier = RedisTier::builder(url)
+            .prefix("partition:")
+            .timeout(Duration::from_millis(500))
+            .breaker(3, Duration::ZERO)
+            .build()
+            .unwrap();
+        let layer = instance(tier.clone(), name);
+        let handle = layer.handle();
+        (tier, handle, layer.layer(counting_upstream(calls.clone())))
+    };
+    // Instance 0 reaches Redis through the partition; 1 directly.
+    let (tier0, handle0, svc0) = build(partition.url(), "p0");
+    let (tier1, _, svc1) = build(server.url(), "p1");
+    for tier in [&tier0, &tier1] {
+        tier.backplane().wait_for(|b| b.subscribed).await.unwrap();
+    }
+    assert_eq!(
+        svc0.clone().oneshot("k".into()).await.unwrap(),
+        "value of k #1"
+    );
+    assert_eq!(
+        svc1.clone().oneshot("k".into()).await.unwrap(),
+        "value of k #1"
+    );
+
+    // Cut off, instance 0 invalidates k: Redis does not hear of it.
+    partition.set(true);
+    tier0.backplane().wait_for(|b| !b.subscribed).await.unwrap();
+    handle0.purge(&"k".to_owned()).await;
+    let mut get = redis::cmd("EXISTS");
+    get.arg("partition:v:k");
+    let still: u32 = redis_cmd(&server, &get).await;
+    assert_eq!(still, 1, "Redis still has the old value");
+
+    // Back: instance 0's next operation deletes it, and instance 1 hears of it.
+    let before = tier1.backplane().borrow().applied;
+    partition.set(false);
+    tier0.backplane().wait_for(|b| b.subscribed).await.unwrap();
+    svc0.clone().oneshot("other".into()).await.unwrap();
+    // Two messages: the write of `other`, and the invalidation of k done again.
+    applied(&tier1, before + 2).await;
+    let gone: u32 = redis_cmd(&server, &get).await;
+    assert_eq!(gone, 0, "deleted once Redis was reachable again");
+    let value = svc1.clone().oneshot("k".into()).await.unwrap();
+    assert_ne!(value, "value of k #1", "instance 1 dropped its copy");
+}

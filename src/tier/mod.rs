@@ -24,7 +24,9 @@
 //!   failures a breaker stops trying for a backoff, during which the instance runs on its
 //!   first tier and the upstream. Connections are remade by themselves; when the backplane
 //!   comes back after a loss, the instance empties its first tier, since it may have
-//!   missed invalidations meanwhile.
+//!   missed invalidations meanwhile. Invalidations Redis did not take while it was out of
+//!   reach are done again (and published) at the first operation that succeeds after
+//!   (past 10,000 of them, everything under the prefix is deleted instead).
 //!
 //! Keys in Redis: `{prefix}v:{name}` holds a value, `{prefix}l:{name}` its lease,
 //! `{prefix}t:{tag}` the names carrying a tag. Give each cache its own prefix.
@@ -97,7 +99,22 @@ struct Shared {
     open_until: AtomicU64,
     epoch: Instant,
     bus: bus::Bus,
+    /// Deletions Redis did not take (it was down or slow), done again when the backplane
+    /// comes back, so Redis does not serve what was invalidated meanwhile.
+    pending: Mutex<Pending>,
+    /// Set while `pending` holds something: the next successful operation replays it.
+    has_pending: std::sync::atomic::AtomicBool,
 }
+
+/// Deletions to do again; past [`MAX_PENDING`] of them, everything under the prefix.
+#[derive(Default)]
+struct Pending {
+    names: Vec<String>,
+    tags: Vec<String>,
+    all: bool,
+}
+
+const MAX_PENDING: usize = 10_000;
 
 impl Drop for Shared {
     fn drop(&mut self) {
@@ -266,10 +283,55 @@ impl RedisTier {
         let mut pipe = redis::pipe();
         pipe.cmd("DEL").arg(self.value_key(name)).ignore();
         self.publish_in(&mut pipe, &Message::Invalidated(name), from);
-        self.sent(
+        let done = self.sent(
             self.run::<()>(Request::Pipe(pipe), metrics, Op::Del).await,
             metrics,
-        )
+        );
+        if !done {
+            self.later(|p| &mut p.names, name);
+        }
+        done
+    }
+
+    /// Remembers a deletion Redis did not take.
+    fn later(&self, list: impl FnOnce(&mut Pending) -> &mut Vec<String>, item: &str) {
+        let mut pending = lock(&self.shared.pending);
+        self.shared.has_pending.store(true, Ordering::Release);
+        if pending.all {
+            return;
+        }
+        if pending.names.len() + pending.tags.len() >= MAX_PENDING {
+            *pending = Pending {
+                all: true,
+                ..Pending::default()
+            };
+            return;
+        }
+        list(&mut pending).push(item.to_owned());
+    }
+
+    /// Does again, in the background, the deletions Redis did not take.
+    fn spawn_replay(&self, metrics: &TierMetrics) {
+        let (tier, metrics) = (self.clone(), metrics.clone());
+        let replay: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(async move { tier.replay(&metrics).await });
+        tokio::spawn(replay);
+    }
+
+    /// Does again the deletions Redis did not take; those it still does not take stay.
+    async fn replay(&self, metrics: &TierMetrics) {
+        let pending = std::mem::take(&mut *lock(&self.shared.pending));
+        if pending.all {
+            tracing::info!("second tier: deleting everything invalidated while Redis was away");
+            self.del_all((0, metrics)).await;
+            return;
+        }
+        for name in &pending.names {
+            self.del(name, (0, metrics)).await;
+        }
+        for tag in &pending.tags {
+            self.del_tag(tag, (0, metrics)).await;
+        }
     }
 
     /// Deletes every value tagged `tag` and tells the other instances.
@@ -282,16 +344,29 @@ impl RedisTier {
             .arg(self.value_key(""))
             .ignore();
         self.publish_in(&mut pipe, &Message::Tag(tag), from);
-        self.sent(
+        let done = self.sent(
             self.run::<()>(Request::Pipe(pipe), metrics, Op::Purge)
                 .await,
             metrics,
-        )
+        );
+        if !done {
+            self.later(|p| &mut p.tags, tag);
+        }
+        done
     }
 
     /// Deletes every value and tag under the prefix (in batches, each bounded by the
     /// timeout) and tells the other instances.
     pub(crate) async fn del_all(&self, (from, metrics): (u64, &TierMetrics)) -> bool {
+        let done = self.del_all_once((from, metrics)).await;
+        if !done {
+            lock(&self.shared.pending).all = true;
+            self.shared.has_pending.store(true, Ordering::Release);
+        }
+        done
+    }
+
+    async fn del_all_once(&self, (from, metrics): (u64, &TierMetrics)) -> bool {
         for kind in ["v:", "t:"] {
             let pattern = format!("{}{kind}*", glob_escape(&self.shared.prefix));
             let mut cursor: u64 = 0;
@@ -389,6 +464,10 @@ impl RedisTier {
             Ok(value) => {
                 shared.failures.store(0, Ordering::Relaxed);
                 metrics.breaker_open.set(0.0);
+                if shared.has_pending.swap(false, Ordering::AcqRel) {
+                    // Redis answers again: what it missed is deleted now.
+                    self.spawn_replay(metrics);
+                }
                 Some(value)
             }
             Err(error) => {
@@ -545,6 +624,8 @@ impl RedisTierBuilder {
                 open_until: AtomicU64::new(0),
                 epoch: Instant::now(),
                 bus: bus::Bus::new(),
+                pending: Mutex::new(Pending::default()),
+                has_pending: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
