@@ -16,7 +16,7 @@ use tower_service::Service;
 
 use super::core::Core;
 use super::respond::with_status;
-use super::stored::{Fetch, Fetched, FlightKey, Stored};
+use super::stored::{compact, Fetch, Fetched, FlightKey, Stored};
 use crate::cache::flight::{Joined, Owner, Upstream};
 use crate::error::{BoxError, Error};
 use crate::http::body::{read_ahead, BufferedBody};
@@ -165,12 +165,15 @@ where
                 }
             }
         }
+        // Stored in allocations of its own: the parsed response's header values and body
+        // are slices of the connection's read buffers, which would stay alive (and
+        // uncounted) as long as the entry does.
         Arc::new(Stored {
             status,
-            headers: parts.headers.clone(),
-            body: bytes.clone(),
+            headers: compact(&parts.headers),
+            body: Bytes::copy_from_slice(&bytes),
             vary: response_vary,
-            request_headers: nominated,
+            request_headers: compact(&nominated),
             extra: extra.clone(),
             age: AgeInputs::from_headers(&parts.headers, request_time, response_time),
             stored_at: Instant::now(),

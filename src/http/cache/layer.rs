@@ -285,12 +285,11 @@ impl HttpCacheBuilder {
         let listener = metrics.clone();
         let store = moka::sync::Cache::builder()
             .max_capacity(self.capacity_bytes)
-            .weigher(|_key: &String, variants: &Arc<Variants>| {
-                variants
-                    .0
-                    .iter()
-                    .map(|v| v.weight())
-                    .fold(0u32, u32::saturating_add)
+            .weigher(|key: &String, variants: &Arc<Variants>| {
+                variants.0.iter().map(|v| v.weight()).fold(
+                    u32::try_from(key.len()).unwrap_or(u32::MAX),
+                    u32::saturating_add,
+                )
             })
             .eviction_listener(move |_key, _value, cause| listener.record_removal(cause, false))
             .build();
