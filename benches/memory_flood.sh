@@ -12,24 +12,7 @@ proxy=${PROXY:-target/release/examples/proxy}
 capacity_mb=${CAPACITY_MB:-4}
 seconds=${SECONDS_RUN:-60}
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-until_true() {
-  local timeout=$1; shift
-  local deadline=$((SECONDS + timeout))
-  until "$@"; do
-    if [ "$SECONDS" -ge "$deadline" ]; then echo "timed out waiting for: $*" >&2; return 1; fi
-    sleep 0.1
-  done
-}
+source benches/lib.sh
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 origin_port=$(free_port)

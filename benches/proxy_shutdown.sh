@@ -11,26 +11,7 @@ proxy=${PROXY:-target/release/examples/proxy}
 [ -x "$proxy" ] || cargo build --release --example proxy
 n=${REQUESTS:-100}
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-# Polls `$@` every 0.1 s until it succeeds, for at most $timeout seconds.
-until_true() {
-  local timeout=$1; shift
-  local deadline=$((SECONDS + timeout))
-  until "$@"; do
-    if [ "$SECONDS" -ge "$deadline" ]; then echo "timed out waiting for: $*" >&2; return 1; fi
-    sleep 0.1
-  done
-}
+source benches/lib.sh
 
 origin_port=$(free_port)
 python3 benches/peers/origin.py "$origin_port" & pids+=($!)

@@ -63,10 +63,7 @@ where
 
     /// Puts `core` on the tier's backplane.
     pub(crate) fn register(&self, core: &Arc<Core<K, V>>) {
-        let listener: std::sync::Weak<dyn Listener> =
-            Arc::downgrade(&(core.clone() as Arc<dyn Listener>));
-        let _ = self.id.set(self.tier.register(listener));
-        self.tier.start_bus();
+        let _ = self.id.set(self.tier.join(core));
     }
 
     fn sender(&self) -> (u64, &TierMetrics) {

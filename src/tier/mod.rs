@@ -208,8 +208,13 @@ impl RedisTier {
         }
     }
 
-    pub(crate) fn register(&self, listener: std::sync::Weak<dyn Listener>) -> u64 {
-        self.shared.bus.register(listener)
+    /// Puts `listener` (a cache) on the backplane and starts it; returns the cache's id.
+    pub(crate) fn join<L: Listener + 'static>(&self, listener: &Arc<L>) -> u64 {
+        let listener: std::sync::Weak<dyn Listener> =
+            Arc::downgrade(&(listener.clone() as Arc<dyn Listener>));
+        let id = self.shared.bus.register(listener);
+        self.start_bus();
+        id
     }
 
     pub(crate) fn value_key(&self, name: &str) -> String {

@@ -31,10 +31,7 @@ impl HttpTier {
     }
 
     pub(super) fn register(&self, core: &Arc<Core>) {
-        let listener: std::sync::Weak<dyn Listener> =
-            Arc::downgrade(&(core.clone() as Arc<dyn Listener>));
-        let _ = self.id.set(self.tier.register(listener));
-        self.tier.start_bus();
+        let _ = self.id.set(self.tier.join(core));
     }
 
     fn sender(&self) -> (u64, &TierMetrics) {
