@@ -231,7 +231,10 @@ async fn subscribe(shared: Weak<Shared>, channel: String) {
     let mut delay = Duration::from_millis(50);
     let mut lost = false;
     loop {
-        let Some(client) = shared.upgrade().map(|s| (s.client.clone(), s.timeout)) else {
+        let Some(client) = shared
+            .upgrade()
+            .map(|s| (s.client.clone(), s.config.timeout))
+        else {
             return;
         };
         let (client, timeout) = client;

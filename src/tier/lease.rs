@@ -55,12 +55,12 @@ impl RedisTier {
         Fut: Future<Output = Option<T>>,
     {
         let shared = &self.shared;
-        if shared.lease.is_zero() {
+        if shared.config.lease.is_zero() {
             return Lease::Alone;
         }
         self.start_bus();
         let token = format!("{:x}", new_id());
-        let deadline = Instant::now() + shared.lease;
+        let deadline = Instant::now() + shared.config.lease;
         let notify = shared.bus.wait_on(name);
         let mut waited = false;
         let outcome = loop {
@@ -106,7 +106,7 @@ impl RedisTier {
                 tracing::debug!("second tier: lease wait ran out, calling the upstream");
                 break Lease::Alone;
             }
-            let pause = shared.lease_poll.min(deadline - now);
+            let pause = shared.config.lease_poll.min(deadline - now);
             tokio::select! {
                 () = &mut notified => {}
                 () = tokio::time::sleep(pause) => {}
@@ -119,7 +119,7 @@ impl RedisTier {
     /// `Some(true)` when the lease on `name` is now ours, `Some(false)` when another
     /// instance holds it, `None` when Redis is unavailable.
     async fn try_acquire(&self, name: &str, token: &str, metrics: &TierMetrics) -> Option<bool> {
-        let ms = u64::try_from(self.shared.lease.as_millis())
+        let ms = u64::try_from(self.shared.config.lease.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
         let mut cmd = redis::cmd("SET");

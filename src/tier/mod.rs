@@ -87,12 +87,7 @@ pub struct RedisTier {
 
 struct Shared {
     client: redis::Client,
-    prefix: String,
-    timeout: Duration,
-    failures_to_open: u32,
-    backoff: Duration,
-    lease: Duration,
-    lease_poll: Duration,
+    config: Config,
     connection: Mutex<Option<MultiplexedConnection>>,
     failures: AtomicU32,
     /// While the breaker is open: nanoseconds from `epoch` until it closes again.
@@ -125,11 +120,11 @@ impl Drop for Shared {
 impl fmt::Debug for RedisTier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisTier")
-            .field("prefix", &self.shared.prefix)
-            .field("timeout", &self.shared.timeout)
-            .field("failures_to_open", &self.shared.failures_to_open)
-            .field("backoff", &self.shared.backoff)
-            .field("lease", &self.shared.lease)
+            .field("prefix", &self.shared.config.prefix)
+            .field("timeout", &self.shared.config.timeout)
+            .field("failures_to_open", &self.shared.config.failures_to_open)
+            .field("backoff", &self.shared.config.backoff)
+            .field("lease", &self.shared.config.lease)
             .finish_non_exhaustive()
     }
 }
@@ -139,6 +134,12 @@ impl fmt::Debug for RedisTier {
 #[must_use]
 pub struct RedisTierBuilder {
     url: String,
+    config: Config,
+}
+
+/// What a builder sets and a tier keeps.
+#[derive(Debug, Clone)]
+struct Config {
     prefix: String,
     timeout: Duration,
     failures_to_open: u32,
@@ -160,12 +161,14 @@ impl RedisTier {
     pub fn builder(url: impl Into<String>) -> RedisTierBuilder {
         RedisTierBuilder {
             url: url.into(),
-            prefix: "towerguard:".to_owned(),
-            timeout: Duration::from_millis(50),
-            failures_to_open: 3,
-            backoff: Duration::from_secs(1),
-            lease: Duration::from_secs(5),
-            lease_poll: Duration::from_millis(50),
+            config: Config {
+                prefix: "towerguard:".to_owned(),
+                timeout: Duration::from_millis(50),
+                failures_to_open: 3,
+                backoff: Duration::from_secs(1),
+                lease: Duration::from_secs(5),
+                lease_poll: Duration::from_millis(50),
+            },
         }
     }
 
@@ -200,7 +203,7 @@ impl RedisTier {
                 let Some(shared) = shared.upgrade() else {
                     return;
                 };
-                let bound = shared.timeout.max(Duration::from_secs(1));
+                let bound = shared.config.timeout.max(Duration::from_secs(1));
                 if let Ok(Err(error)) = tokio::time::timeout(bound, shared.connection()).await {
                     tracing::debug!(%error, "second tier: cannot connect yet");
                 }
@@ -218,19 +221,19 @@ impl RedisTier {
     }
 
     pub(crate) fn value_key(&self, name: &str) -> String {
-        format!("{}v:{name}", self.shared.prefix)
+        format!("{}v:{name}", self.shared.config.prefix)
     }
 
     fn lease_key(&self, name: &str) -> String {
-        format!("{}l:{name}", self.shared.prefix)
+        format!("{}l:{name}", self.shared.config.prefix)
     }
 
     fn tag_key(&self, tag: &str) -> String {
-        format!("{}t:{tag}", self.shared.prefix)
+        format!("{}t:{tag}", self.shared.config.prefix)
     }
 
     fn channel(&self) -> String {
-        format!("{}bus", self.shared.prefix)
+        format!("{}bus", self.shared.config.prefix)
     }
 
     /// Reads the value stored under `name`.
@@ -373,7 +376,7 @@ impl RedisTier {
 
     async fn del_all_once(&self, (from, metrics): (u64, &TierMetrics)) -> bool {
         for kind in ["v:", "t:"] {
-            let pattern = format!("{}{kind}*", glob_escape(&self.shared.prefix));
+            let pattern = format!("{}{kind}*", glob_escape(&self.shared.config.prefix));
             let mut cursor: u64 = 0;
             loop {
                 let mut scan = redis::cmd("SCAN");
@@ -459,7 +462,7 @@ impl RedisTier {
             };
             result.map_err(|e| Error::with_source(ErrorKind::Inner, e))
         };
-        let result = match tokio::time::timeout(shared.timeout, work).await {
+        let result = match tokio::time::timeout(shared.config.timeout, work).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(error),
             Err(_) => Err(Error::new(ErrorKind::TimedOut)),
@@ -544,15 +547,15 @@ impl Shared {
         // The connection may be broken: the next operation makes a new one.
         *lock(&self.connection) = None;
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= self.failures_to_open && !self.backoff.is_zero() {
+        if failures >= self.config.failures_to_open && !self.config.backoff.is_zero() {
             let until = self
                 .ticks(now)
-                .saturating_add(u64::try_from(self.backoff.as_nanos()).unwrap_or(u64::MAX));
+                .saturating_add(u64::try_from(self.config.backoff.as_nanos()).unwrap_or(u64::MAX));
             self.open_until.store(until, Ordering::Relaxed);
             self.failures.store(0, Ordering::Relaxed);
             metrics.breaker_open.set(1.0);
             tracing::warn!(
-                backoff_ms = self.backoff.as_millis() as u64,
+                backoff_ms = self.config.backoff.as_millis() as u64,
                 "second tier: Redis failing, running on the first tier"
             );
         }
@@ -576,22 +579,22 @@ impl RedisTierBuilder {
     /// Prefix of every key this tier writes and of its backplane channel (default
     /// `towerguard:`); give each cache its own.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.config.prefix = prefix.into();
         self
     }
 
     /// Bound on each Redis operation, connecting included (default 50 ms). A slower
     /// answer counts as a miss.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.config.timeout = timeout;
         self
     }
 
     /// After `failures` failed operations in a row, stop using Redis for `backoff`
     /// (default 3 and 1 s). A zero backoff never stops trying.
     pub fn breaker(mut self, failures: u32, backoff: Duration) -> Self {
-        self.failures_to_open = failures.max(1);
-        self.backoff = backoff;
+        self.config.failures_to_open = failures.max(1);
+        self.config.backoff = backoff;
         self
     }
 
@@ -600,14 +603,14 @@ impl RedisTierBuilder {
     /// upstream themselves. A flight slower than the lease lets another instance start
     /// one. `Duration::ZERO` turns cross-instance single flight off.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.config.lease = lease;
         self
     }
 
     /// How often an instance waiting for another's lease reads Redis when no backplane
     /// message has woken it (default 50 ms).
     pub fn lease_poll(mut self, every: Duration) -> Self {
-        self.lease_poll = every.max(Duration::from_millis(1));
+        self.config.lease_poll = every.max(Duration::from_millis(1));
         self
     }
 
@@ -618,12 +621,7 @@ impl RedisTierBuilder {
         Ok(RedisTier {
             shared: Arc::new(Shared {
                 client,
-                prefix: self.prefix,
-                timeout: self.timeout,
-                failures_to_open: self.failures_to_open,
-                backoff: self.backoff,
-                lease: self.lease,
-                lease_poll: self.lease_poll,
+                config: self.config,
                 connection: Mutex::new(None),
                 failures: AtomicU32::new(0),
                 open_until: AtomicU64::new(0),
