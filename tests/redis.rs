@@ -687,7 +687,8 @@ mod http_tier {
     type Fleet = [(RedisTier, HttpCacheLayer, HttpService)];
 
     /// An origin that counts GETs per path: `max-age=60`, tagged by the path's first
-    /// segment, `private` under `/private/`; a POST answers 204.
+    /// segment, `private` under `/private/`, with a `Set-Cookie` under `/cookie/`; a POST
+    /// answers 204.
     fn origin(
         counts: Origin,
     ) -> impl tower::Service<
@@ -724,10 +725,14 @@ mod http_tier {
                 } else {
                     "max-age=60"
                 };
+                let mut response = Response::builder()
+                    .header("cache-control", control)
+                    .header("cache-tag", tag);
+                if path.starts_with("/cookie/") {
+                    response = response.header("set-cookie", format!("session={n}"));
+                }
                 Ok::<_, std::io::Error>(
-                    Response::builder()
-                        .header("cache-control", control)
-                        .header("cache-tag", tag)
+                    response
                         .body(Full::new(Bytes::from(format!("{path} #{n}"))))
                         .unwrap(),
                 )
@@ -844,8 +849,11 @@ mod http_tier {
         assert_eq!(gets("/weather/1"), 1);
     }
 
+    /// Sharing safety on the Redis path: a `private` response, one to a request with
+    /// `Authorization` (without `public`) and one with `Set-Cookie`, served by one
+    /// instance, never reach a client of another one through Redis, and never are in it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn what_may_not_be_shared_never_goes_through_redis() {
+    async fn sharing_safety_the_redis_tier_never_carries_a_personal_response() {
         let Some(server) = RedisServer::start() else {
             return;
         };
@@ -853,21 +861,38 @@ mod http_tier {
         let fleet = instances(&server, &counts).await;
         let gets = |path: &str| counts.lock().unwrap().get(path).copied().unwrap_or(0);
 
-        // private: each instance goes to the origin.
-        for instance in &fleet {
-            send(&instance.2, Method::GET, "/private/me", false).await;
+        for (path, credentials) in [
+            ("/private/me", false),
+            ("/account", true),
+            ("/cookie/me", false),
+        ] {
+            let (body, _) = send(&fleet[0].2, Method::GET, path, credentials).await;
+            assert_eq!(body, format!("{path} #1"));
+            let (body, status) = send(&fleet[1].2, Method::GET, path, false).await;
+            assert_eq!(body, format!("{path} #2"), "{path}: {status}");
         }
-        assert_eq!(gets("/private/me"), 3);
-        // A response to credentials that does not say it may be shared: not stored
-        // anywhere, so nobody else gets it.
-        let (body, _) = send(&fleet[0].2, Method::GET, "/account", true).await;
-        assert_eq!(body, "/account #1");
-        let (body, _) = send(&fleet[1].2, Method::GET, "/account", false).await;
-        assert_eq!(body, "/account #2");
-        // And a request with credentials is not handed a stored shared response it may
-        // not use either.
-        let (body, _) = send(&fleet[2].2, Method::GET, "/account", true).await;
-        assert_eq!(body, "/account #3");
+        // A request with credentials is not handed a stored shared response it may not use
+        // either.
+        send(&fleet[0].2, Method::GET, "/news/shared", false).await;
+        let (body, _) = send(&fleet[1].2, Method::GET, "/news/shared", true).await;
+        assert_eq!(body, "/news/shared #2");
+        // Redis holds the shareable responses (the anonymous /account #2 among them) and
+        // nothing personal.
+        let keys: Vec<String> = redis_cmd(&server, redis::cmd("KEYS").arg("http:v:*")).await;
+        assert!(
+            keys.iter()
+                .all(|k| !k.contains("/private/") && !k.contains("/cookie/")),
+            "{keys:?}"
+        );
+        for key in &keys {
+            let value: Vec<u8> = redis_cmd(&server, redis::cmd("GET").arg(key)).await;
+            let value = String::from_utf8_lossy(&value);
+            assert!(
+                !value.contains("/account #1"),
+                "{key}: the credentialed response"
+            );
+        }
+        assert_eq!(keys.len(), 2, "{keys:?}");
     }
 }
 

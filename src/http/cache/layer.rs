@@ -175,6 +175,11 @@ impl HttpCacheLayer {
     pub fn run_pending_tasks(&self) {
         self.core.sample();
     }
+
+    /// Flights under way: origin requests (and background revalidations) in progress.
+    pub fn flights_in_progress(&self) -> usize {
+        self.core.flights.len()
+    }
 }
 
 /// Configures an [`HttpCacheLayer`].
