@@ -1,6 +1,8 @@
 //! Response bodies of every size around the HTTP cache's bound, with and without
 //! `Content-Length` (chunked), GET and HEAD, through the HTTP cache layer and through the
 //! HTTP stack, each served by `axum::serve` over TCP: every byte arrives, nothing panics.
+//! And clients that stop reading a large body: they hold no permit of the stack's limit,
+//! and under `until_body_end` they hold theirs only until they leave (or `max_body_hold`).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -171,6 +173,97 @@ async fn a_hundred_megabyte_body_passes_the_http_stack_intact() {
         }
         assert_eq!(seen, 100_000_000, "{kind}");
     }
+}
+
+/// Sends a GET for `path` on a raw connection and reads only the response head: a client
+/// that then stops reading, with the rest of the body stuck behind a full socket.
+async fn stalled_client(addr: std::net::SocketAddr, path: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    (stream, String::from_utf8(head).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_large_body_holds_no_permit_of_the_stack() {
+    const STORED: usize = 16 * 1024 * 1024;
+    let stack = StackBuilder::new()
+        .static_limit(1)
+        .without_queue()
+        .http_cache(
+            HttpCacheLayer::builder()
+                .max_body_bytes(32 * 1024 * 1024)
+                .capacity_bytes(128 * 1024 * 1024)
+                .build(),
+        )
+        .build_http::<Body>()
+        .unwrap();
+    let addr = serve(routes().layer(stack)).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .get(format!("http://{addr}{path}").parse().unwrap())
+                .await
+                .unwrap();
+            let status = response.status();
+            let cache_status = response.headers()[&CACHE_STATUS]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, cache_status, body.len())
+        }
+    };
+    // Stored (16 MiB), then two clients that stop reading: one on a hit of it, one on a
+    // 48 MiB miss streamed past the store.
+    assert_eq!(get(format!("/declared/{STORED}")).await.2, STORED);
+    let (_hit, head) = stalled_client(addr, &format!("/declared/{STORED}")).await;
+    assert!(head.contains("hit"), "{head}");
+    let (_miss, head) = stalled_client(addr, "/chunked/50331648").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The limit of 1 is free for the next request: neither holds a permit.
+    let (status, cache_status, len) = get("/declared/10".to_owned()).await;
+    assert_eq!((status, len), (StatusCode::OK, 10), "{cache_status}");
+}
+
+/// The same client under `until_body_end` holds its permit while its body is stuck, and
+/// gives it back when it goes away (the bound on how long it may hold it,
+/// `max_body_hold`, is tested on paused time in `tests/limit.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_until_body_end_a_client_that_stops_reading_holds_its_permit_until_it_leaves() {
+    let limit = towerguard::limit::ConcurrencyLimitLayer::new(1);
+    let handle = limit.handle();
+    let app = routes().layer(
+        ServiceBuilder::new()
+            .layer(ErrorResponseLayer::new())
+            .layer(limit.until_body_end()),
+    );
+    let addr = serve(app).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let get = || client.get(format!("http://{addr}/declared/10").parse().unwrap());
+    // Produced 16 KiB at a time: the body is under way while the socket is full.
+    let (stalled, head) = stalled_client(addr, "/chunked/50331648").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let response = get().await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the stuck body holds the slot"
+    );
+    drop(stalled);
+    while handle.in_flight() > 0 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
 }
 
 #[test]

@@ -407,6 +407,53 @@ async fn with_the_body_option_the_permit_is_held_until_a_streaming_body_ends() {
     assert_eq!(handle.in_flight(), 0, "released at the end of the body");
 }
 
+#[tokio::test(start_paused = true)]
+async fn with_the_body_option_a_body_nobody_reads_gives_its_permit_back_after_max_body_hold() {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
+    let inner = service_fn(move |_req: Request<()>| {
+        let rx = rx.lock().unwrap().take();
+        async move {
+            let body = rx.map_or_else(|| ChannelBody(tokio::sync::mpsc::channel(1).1), ChannelBody);
+            Ok::<_, Infallible>(Response::new(body))
+        }
+    });
+    let layer = ConcurrencyLimitLayer::builder()
+        .limit(1)
+        .max_body_hold(Duration::from_secs(5))
+        .build();
+    let handle = layer.handle();
+    let svc = layer.until_body_end().layer(inner);
+
+    // A client that takes the head and never reads the body.
+    let stalled = svc.clone().oneshot(Request::new(())).await.unwrap();
+    assert!(stalled.body().holds_permit());
+    let refused = svc.clone().oneshot(Request::new(())).await;
+    assert!(
+        refused.is_err_and(|e| e.is(ErrorKind::Overloaded)),
+        "the slot is held"
+    );
+
+    tokio::time::sleep(Duration::from_millis(4_999)).await;
+    assert_eq!(handle.in_flight(), 1, "held until max_body_hold");
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    assert_eq!(handle.in_flight(), 0, "given back at max_body_hold");
+    assert!(!stalled.body().holds_permit());
+    let admitted = svc.clone().oneshot(Request::new(())).await.unwrap();
+    assert!(admitted.body().holds_permit());
+    drop(admitted);
+    assert_eq!(
+        handle.in_flight(),
+        0,
+        "a dropped body gives its permit back at once"
+    );
+    // The stalled body streams on without its permit.
+    tx.send(Bytes::from_static(b"late")).await.unwrap();
+    drop(tx);
+    let body = stalled.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "late");
+}
+
 #[tokio::test]
 async fn without_the_body_option_the_permit_goes_back_with_the_response() {
     let (_tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);

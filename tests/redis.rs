@@ -870,6 +870,7 @@ mod http_tier {
             assert_eq!(body, format!("{path} #1"));
             let (body, status) = send(&fleet[1].2, Method::GET, path, false).await;
             assert_eq!(body, format!("{path} #2"), "{path}: {status}");
+            assert_eq!(gets(path), 2, "{path}: B's request went to the origin");
         }
         // A request with credentials is not handed a stored shared response it may not use
         // either.

@@ -8,7 +8,6 @@
 #![cfg(all(feature = "http", feature = "cache"))]
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -17,7 +16,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::watch;
-use tower::{service_fn, Layer, Service, ServiceExt};
+use tower::{service_fn, Layer, ServiceExt};
 use towerguard::http::{BufferedBody, HttpCacheLayer, CACHE_STATUS};
 
 const KINDS: [&str; 3] = ["private", "auth", "cookie"];
@@ -237,10 +236,8 @@ async fn sharing_safety_a_coalesced_waiter_never_gets_the_leaders_personal_respo
         let mut a = Box::pin(h.svc.clone().oneshot(request("coalesced", kind, "a")));
         let mut b = Box::pin(h.svc.clone().oneshot(request("coalesced", kind, "b")));
         for fut in [&mut a, &mut b] {
-            let fut: Pin<&mut (dyn Future<Output = _>)> = fut.as_mut();
-            let mut fut = Some(fut);
             std::future::poll_fn(|cx| {
-                assert!(fut.take().unwrap().poll(cx).is_pending());
+                assert!(fut.as_mut().poll(cx).is_pending());
                 Poll::Ready(())
             })
             .await;

@@ -2,24 +2,29 @@
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
 
 use crate::limit::{ConcurrencyLimitLayer, Permit, Release};
 
 impl<M> ConcurrencyLimitLayer<M> {
     /// For HTTP services: hold each permit until the response body has been streamed to
-    /// its end (or dropped), not just until the response head is ready. Shares this
-    /// layer's limiter.
+    /// its end (or dropped), not just until the response head is ready, and at most the
+    /// builder's [`max_body_hold`](crate::limit::ConcurrencyLimitBuilder::max_body_hold)
+    /// (60 s unless set): a client that reads slowly, or not at all, gives its slot back
+    /// then, and its body streams on. Shares this layer's limiter.
     pub fn until_body_end(&self) -> ConcurrencyLimitLayer<OnBodyEnd> {
         self.releasing()
     }
 }
 
 /// Returns the permit when an HTTP response's body ends, errors or is dropped, so a
-/// streaming response counts against the limit for as long as it streams.
+/// streaming response counts against the limit for as long as it streams, up to the
+/// limit's `max_body_hold`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OnBodyEnd;
 
@@ -28,25 +33,94 @@ impl<B: Body> Release<http::Response<B>> for OnBodyEnd {
 
     fn attach(response: http::Response<B>, permit: Permit) -> Self::Output {
         response.map(|body| PermitBody {
-            permit: (!body.is_end_stream()).then_some(permit),
+            held: (!body.is_end_stream()).then(|| Held::new(permit)),
             body,
         })
     }
 }
 
+/// A body's permit, shared with a timer that takes it back after `max_body_hold`: the
+/// body may never be polled again (a client that stopped reading), so only a task of its
+/// own can return it on time.
+struct Held {
+    permit: Arc<Mutex<Option<Permit>>>,
+    /// Dropped when the body ends: the timer stops early.
+    _stop: Option<oneshot::Sender<()>>,
+}
+
+impl Held {
+    fn new(permit: Permit) -> Self {
+        let hold = permit.max_body_hold();
+        let permit = Arc::new(Mutex::new(Some(permit)));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to time it: held until the body ends.
+            return Held {
+                permit,
+                _stop: None,
+            };
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let timed = permit.clone();
+        runtime.spawn(async move {
+            if tokio::time::timeout(hold, stopped).await.is_err() {
+                take(&timed);
+            }
+        });
+        Held {
+            permit,
+            _stop: Some(stop),
+        }
+    }
+
+    fn holds(&self) -> bool {
+        lock(&self.permit).is_some()
+    }
+}
+
+fn lock(permit: &Mutex<Option<Permit>>) -> std::sync::MutexGuard<'_, Option<Permit>> {
+    permit
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Takes the permit out and returns it to the limiter, outside the lock.
+fn take(permit: &Mutex<Option<Permit>>) {
+    let taken = lock(permit).take();
+    drop(taken);
+}
+
 pin_project! {
-    /// A response body that holds a concurrency permit until it ends.
+    /// A response body that holds a concurrency permit until it ends (or the limit's
+    /// `max_body_hold` passes).
     pub struct PermitBody<B> {
         #[pin]
         body: B,
-        permit: Option<Permit>,
+        held: Option<Held>,
+    }
+
+    impl<B> PinnedDrop for PermitBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(held) = this.project().held.take() {
+                take(&held.permit);
+            }
+        }
+    }
+}
+
+/// An empty body holding no permit (what an error response built around the limit has).
+impl<B: Default> Default for PermitBody<B> {
+    fn default() -> Self {
+        PermitBody {
+            body: B::default(),
+            held: None,
+        }
     }
 }
 
 impl<B> PermitBody<B> {
     /// True while the body still holds its permit.
     pub fn holds_permit(&self) -> bool {
-        self.permit.is_some()
+        self.held.as_ref().is_some_and(Held::holds)
     }
 }
 
@@ -54,7 +128,7 @@ impl<B: fmt::Debug> fmt::Debug for PermitBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PermitBody")
             .field("body", &self.body)
-            .field("holds_permit", &self.permit.is_some())
+            .field("holds_permit", &self.holds_permit())
             .finish()
     }
 }
@@ -75,7 +149,9 @@ impl<B: Body> Body for PermitBody<B> {
             Poll::Pending => false,
         };
         if ended {
-            this.permit.take();
+            if let Some(held) = this.held.take() {
+                take(&held.permit);
+            }
         }
         polled
     }

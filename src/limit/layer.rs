@@ -6,7 +6,7 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use super::adaptive::Algorithm;
-use super::limiter::Limiter;
+use super::limiter::{Limiter, DEFAULT_MAX_BODY_HOLD};
 use super::release::OnResponse;
 use super::service::ConcurrencyLimit;
 use crate::metrics::LimitMetrics;
@@ -77,6 +77,7 @@ impl ConcurrencyLimitLayer {
             max_queue: 0,
             max_wait: None,
             retry_after: DEFAULT_RETRY_AFTER,
+            max_body_hold: DEFAULT_MAX_BODY_HOLD,
         }
     }
 }
@@ -117,6 +118,7 @@ pub struct ConcurrencyLimitBuilder {
     max_queue: usize,
     max_wait: Option<Duration>,
     retry_after: Duration,
+    max_body_hold: Duration,
 }
 
 impl fmt::Debug for ConcurrencyLimitBuilder {
@@ -128,6 +130,7 @@ impl fmt::Debug for ConcurrencyLimitBuilder {
             .field("max_queue", &self.max_queue)
             .field("max_wait", &self.max_wait)
             .field("retry_after", &self.retry_after)
+            .field("max_body_hold", &self.max_body_hold)
             .finish()
     }
 }
@@ -175,17 +178,28 @@ impl ConcurrencyLimitBuilder {
         self
     }
 
+    /// With `until_body_end` (feature `http`), the longest a response body holds its
+    /// permit (default 60 s). Past it the permit goes back and the body streams on, so a
+    /// client that reads slowly, or stops reading, cannot keep a slot of the limit.
+    pub fn max_body_hold(mut self, hold: Duration) -> Self {
+        self.max_body_hold = hold;
+        self
+    }
+
     /// Builds the layer and its shared limiter.
     pub fn build(self) -> ConcurrencyLimitLayer {
         let metrics = LimitMetrics::register(&self.name);
         ConcurrencyLimitLayer {
-            limiter: Arc::new(Limiter::new(
-                self.limit,
-                self.max_queue,
-                self.max_wait,
-                self.algorithm,
-                metrics,
-            )),
+            limiter: Arc::new(
+                Limiter::new(
+                    self.limit,
+                    self.max_queue,
+                    self.max_wait,
+                    self.algorithm,
+                    metrics,
+                )
+                .with_max_body_hold(self.max_body_hold),
+            ),
             retry_after: self.retry_after,
             _release: PhantomData,
         }

@@ -59,7 +59,13 @@ pub(crate) struct Limiter {
     /// Called after a permit or a queue place is given back (keyed partitions use it to
     /// drop partitions that became idle).
     on_release: Option<ReleaseHook>,
+    /// How long a response body may hold its permit when permits go back at the body's
+    /// end (`until_body_end`).
+    pub(crate) max_body_hold: Duration,
 }
+
+/// The default of [`Limiter::max_body_hold`].
+pub(crate) const DEFAULT_MAX_BODY_HOLD: Duration = Duration::from_secs(60);
 
 /// Called with the limiter after each release.
 pub(crate) type ReleaseHook = Box<dyn Fn(&Limiter) + Send + Sync>;
@@ -167,7 +173,14 @@ impl Limiter {
             algorithm,
             metrics,
             on_release: None,
+            max_body_hold: DEFAULT_MAX_BODY_HOLD,
         }
+    }
+
+    /// Sets how long a response body may hold its permit.
+    pub(crate) fn with_max_body_hold(mut self, hold: Duration) -> Self {
+        self.max_body_hold = hold;
+        self
     }
 
     /// Sets the hook called after every release.
@@ -363,6 +376,12 @@ impl fmt::Debug for Permit {
 }
 
 impl Permit {
+    /// How long a response body may hold this permit (`until_body_end`).
+    #[cfg(feature = "http")]
+    pub(crate) fn max_body_hold(&self) -> Duration {
+        self.limiter.max_body_hold
+    }
+
     /// Records how the request ended; the sample is taken when the permit is returned.
     pub(crate) fn record(&mut self, outcome: Outcome) {
         self.outcome = outcome;
