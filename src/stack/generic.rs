@@ -13,6 +13,7 @@ use super::builder::{optional, Layers};
 use super::StackService;
 use crate::cache::CacheLayer;
 use crate::error::{BoxError, Error};
+use crate::limit::{ConcurrencyLimitLayer, LimitHandle};
 use crate::retry::RetryErrors;
 use crate::timeout::TaskLocal;
 
@@ -42,6 +43,17 @@ impl<Req, K, Res> fmt::Debug for GenericStack<Req, K, Res> {
             .field("layers", &self.layers)
             .field("cache", &self.cache.is_some())
             .finish()
+    }
+}
+
+impl<Req, K, Res> GenericStack<Req, K, Res> {
+    /// The state of the stack's concurrency limit (in flight, limit, queued), when it has
+    /// one: one limit for every service the stack makes.
+    pub fn limit_handle(&self) -> Option<LimitHandle> {
+        self.layers
+            .limit
+            .as_ref()
+            .map(ConcurrencyLimitLayer::handle)
     }
 }
 

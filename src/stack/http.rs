@@ -19,6 +19,7 @@ use crate::error::{BoxError, Error};
 use crate::http::{
     BufferBodyLayer, BufferedBody, ErrorResponseLayer, HttpCacheLayer, HttpExtensions, HttpPolicy,
 };
+use crate::limit::{ConcurrencyLimitLayer, LimitHandle};
 
 /// The stack's service for HTTP: infallible, errors mapped to responses.
 pub type HttpStackService<B, RB> =
@@ -103,6 +104,17 @@ impl<B> fmt::Debug for HttpStack<B> {
             .field("layers", &self.layers)
             .field("http_cache", &self.http_cache)
             .finish_non_exhaustive()
+    }
+}
+
+impl<B> HttpStack<B> {
+    /// The state of the stack's concurrency limit (in flight, limit, queued), when it has
+    /// one: one limit for every service the stack makes.
+    pub fn limit_handle(&self) -> Option<LimitHandle> {
+        self.layers
+            .limit
+            .as_ref()
+            .map(ConcurrencyLimitLayer::handle)
     }
 }
 
