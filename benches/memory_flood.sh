@@ -29,7 +29,7 @@ curl -s -o /dev/null "http://127.0.0.1:$port/obj/warm"
 baseline=$(rss_kb "$proxy_pid")
 echo "capacity ${capacity_mb} MiB; idle RSS $((baseline / 1024)) MiB"
 
-wrk -t2 -c32 -d"${seconds}s" -s benches/flood/distinct.lua "http://127.0.0.1:$port/" \
+wrk -t2 -c32 -d"${seconds}s" -s benches/wrk/distinct.lua "http://127.0.0.1:$port/" \
   >"$work/wrk.txt" 2>&1 & pids+=($!)
 wrk_pid=$!
 for ((t = 5; t <= seconds; t += 5)); do

@@ -120,7 +120,8 @@ struct Args {
     #[arg(long, default_value_t = 2_000, value_name = "MS")]
     connect_timeout_ms: u64,
 
-    /// Largest request header section accepted, in KiB (larger requests get 431).
+    /// Largest header section accepted, in KiB: a larger request gets 431, a larger
+    /// response from the upstream becomes 502.
     #[arg(long, default_value_t = 64, value_name = "KIB")]
     max_header_kb: usize,
 
@@ -241,10 +242,13 @@ fn add_via(headers: &mut HeaderMap, version: Version) {
 }
 
 /// Sends requests to the upstream: rewrites the target, strips hop-by-hop fields, adds
-/// `Via`.
+/// `Via`, and refuses a response whose header section is larger than `max_header_bytes`
+/// (the client's read buffer alone lets a head of several times its size through when it
+/// arrives in one read).
 struct Forward<B> {
     client: Client<HttpConnector, B>,
     upstream: Upstream,
+    max_header_bytes: usize,
 }
 
 impl<B> Clone for Forward<B> {
@@ -252,11 +256,40 @@ impl<B> Clone for Forward<B> {
         Forward {
             client: self.client.clone(),
             upstream: self.upstream.clone(),
+            max_header_bytes: self.max_header_bytes,
         }
     }
 }
 
+/// The upstream answered with a header section over `--max-header-kb`.
+#[derive(Debug)]
+struct ResponseHeadTooLarge {
+    bytes: usize,
+    max: usize,
+}
+
+impl std::fmt::Display for ResponseHeadTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the upstream's response header section has {} bytes, over the {} of --max-header-kb",
+            self.bytes, self.max
+        )
+    }
+}
+
+impl std::error::Error for ResponseHeadTooLarge {}
+
+/// The size of a header section as sent: each field's name, value, `: ` and CRLF.
+fn header_section_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl<B> Service<Request<B>> for Forward<B>
 where
@@ -265,11 +298,11 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = Response<Incoming>;
-    type Error = hyper_util::client::legacy::Error;
+    type Error = BoxError;
     type Future = BoxFuture<Result<Response<Incoming>, Self::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Service::<Request<B>>::poll_ready(&mut self.client, cx)
+        Service::<Request<B>>::poll_ready(&mut self.client, cx).map_err(BoxError::from)
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
@@ -293,8 +326,13 @@ where
         // The upstream connection is HTTP/1.1 whatever the client spoke.
         *req.version_mut() = Version::HTTP_11;
         let call = self.client.request(req);
+        let max = self.max_header_bytes;
         Box::pin(async move {
             let mut response = call.await?;
+            let bytes = header_section_bytes(response.headers());
+            if bytes > max {
+                return Err(ResponseHeadTooLarge { bytes, max }.into());
+            }
             let version = response.version();
             strip_hop_by_hop(response.headers_mut());
             add_via(response.headers_mut(), version);
@@ -394,9 +432,13 @@ fn build_proxy(args: &Args) -> Result<Proxy, String> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(args.connect_timeout_ms)));
     connector.set_nodelay(true);
+    let max_header_bytes = args.max_header_kb.max(1) * 1024;
     let forward = Forward {
-        client: Client::builder(TokioExecutor::new()).build(connector),
+        client: Client::builder(TokioExecutor::new())
+            .http1_max_buf_size(max_header_bytes.max(8192))
+            .build(connector),
         upstream: args.upstream.clone(),
+        max_header_bytes,
     };
     let mut builder = StackBuilder::new()
         .name("proxy")
