@@ -87,7 +87,10 @@ fn parse_seconds(value: Option<&str>) -> Seconds {
     )
 }
 
-/// Splits a field value into directives at commas outside quoted strings.
+/// Splits a field value into directives at commas outside quoted strings. A quoted string
+/// starts only where a value does (right after `=`), and one left open at the end of the
+/// line did not hold its commas after all: a stray `"` cannot swallow the directives
+/// that follow it.
 fn directives(line: &str) -> Vec<(String, Option<String>)> {
     let mut out = Vec::new();
     let mut current = String::new();
@@ -107,7 +110,7 @@ fn directives(line: &str) -> Vec<(String, Option<String>)> {
             continue;
         }
         match c {
-            '"' => {
+            '"' if current.trim_end().ends_with('=') => {
                 in_quotes = true;
                 current.push(c);
             }
@@ -115,7 +118,11 @@ fn directives(line: &str) -> Vec<(String, Option<String>)> {
             _ => current.push(c),
         }
     }
-    parts.push(current);
+    if in_quotes {
+        parts.extend(current.split(',').map(str::to_owned));
+    } else {
+        parts.push(current);
+    }
     for part in parts {
         let part = part.trim();
         if part.is_empty() {
@@ -158,16 +165,15 @@ fn unquote(value: &str) -> String {
 }
 
 impl CacheControl {
-    /// Parses field values, in order, as one list. Lines that are not valid UTF-8 (they
-    /// can hold only obs-text) are skipped.
+    /// Parses field values, in order, as one list. A byte that is not text (obs-text)
+    /// spoils only the directive it is in: the rest of its line still counts, so a stray
+    /// byte cannot hide a `private` or `no-store` beside it.
     pub fn parse<'a>(lines: impl IntoIterator<Item = &'a [u8]>) -> Self {
         let mut cc = CacheControl::default();
         let mut seen: Vec<String> = Vec::new();
         for line in lines {
-            let Ok(line) = std::str::from_utf8(line) else {
-                continue;
-            };
-            for (name, value) in directives(line) {
+            let line = String::from_utf8_lossy(line);
+            for (name, value) in directives(&line) {
                 if seen.contains(&name) {
                     continue;
                 }

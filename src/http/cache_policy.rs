@@ -425,21 +425,24 @@ pub enum Vary {
 }
 
 /// The `Vary` of `response`: every field line, comma-separated lists, names compared
-/// case-insensitively. Unparseable names are skipped.
+/// case-insensitively. A line that is not text or names something that is not a field
+/// name counts as `*`: nobody can tell which requests the response fits, so it fits none
+/// (skipping it would share a response that varies on, say, `Authorization`).
 pub fn vary(response: &HeaderMap) -> Vary {
     let mut fields = Vec::new();
     for line in response.get_all(VARY) {
         let Ok(line) = line.to_str() else {
-            continue;
+            return Vary::Star;
         };
         for name in line.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             if name == "*" {
                 return Vary::Star;
             }
-            if let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
-                if !fields.contains(&name) {
-                    fields.push(name);
-                }
+            let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
+                return Vary::Star;
+            };
+            if !fields.contains(&name) {
+                fields.push(name);
             }
         }
     }
