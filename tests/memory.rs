@@ -1,7 +1,8 @@
-//! The HTTP cache's capacity bounds the memory it holds: a flood of distinct responses,
-//! each read into slices of a large shared buffer (as a server's parser hands them out),
-//! leaves the live heap within 1.25 times the configured capacity. Counted by a global
-//! allocator, so this file holds one test.
+//! The caches' capacities bound the memory they hold: a flood of distinct responses into
+//! the HTTP cache, each read into slices of a large shared buffer (as a server's parser
+//! hands them out), and a flood of distinct keys into the generic cache bounded with
+//! `max_bytes`, each leave the live heap within 1.25 times the configured capacity.
+//! Counted by a global allocator, so the tests take turns.
 
 #![cfg(all(feature = "http", feature = "cache"))]
 // A global allocator is unsafe to implement; the library itself forbids unsafe code.
@@ -14,6 +15,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
 use tower::{service_fn, Layer, ServiceExt};
+use towerguard::cache::CacheLayer;
 use towerguard::http::HttpCacheLayer;
 
 /// The system allocator, counting the bytes live.
@@ -45,10 +47,16 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
+/// One test at a time: the count is the whole process's.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 const CAPACITY: u64 = 2 * 1024 * 1024;
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_flood_of_distinct_responses_holds_no_more_than_the_capacity() {
+    let _turn = TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let layer = HttpCacheLayer::builder().capacity_bytes(CAPACITY).build();
     // Every response's fields and body are slices of one 64 KiB read buffer of its own.
     let origin = service_fn(|req: Request<Full<Bytes>>| async move {
@@ -91,6 +99,63 @@ async fn a_flood_of_distinct_responses_holds_no_more_than_the_capacity() {
         layer.weighted_size()
     );
     assert!(layer.entry_count() < 20_000, "the capacity evicted");
+    assert!(
+        ratio <= 1.25,
+        "the cache holds {ratio:.2} times its capacity ({held} bytes for {CAPACITY})"
+    );
+}
+
+/// The generic cache's value in the flood: what a key's upstream answers.
+fn page(key: &str) -> String {
+    let mut page = String::with_capacity(200);
+    page.push_str(key);
+    while page.len() < 200 {
+        page.push('x');
+    }
+    page
+}
+
+async fn flood_generic(max_bytes: u64, keys: usize) -> (isize, u64, u64) {
+    let layer = CacheLayer::builder(|key: &String| Some(key.clone()))
+        .max_bytes(max_bytes, |key: &String, value: &String| {
+            key.capacity() + value.capacity()
+        })
+        .build();
+    let handle = layer.handle();
+    let svc = layer.layer(service_fn(|key: String| async move {
+        Ok::<_, std::io::Error>(page(&key))
+    }));
+    svc.clone().oneshot("warm".to_owned()).await.unwrap();
+    handle.run_pending_tasks();
+    let baseline = LIVE.load(Ordering::Relaxed);
+    for n in 0..keys {
+        svc.clone().oneshot(format!("item/{n}")).await.unwrap();
+    }
+    handle.run_pending_tasks();
+    let held = LIVE.load(Ordering::Relaxed) - baseline;
+    (held, handle.entry_count(), handle.weighted_size())
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_flood_of_distinct_keys_holds_no_more_than_max_bytes_in_the_generic_cache() {
+    let _turn = TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Room for every key: what an entry really costs, against what max_bytes counts.
+    let (held, entries, weighted) = flood_generic(1 << 40, 5_000).await;
+    println!(
+        "{entries} entries: {} bytes each on the heap, {} counted",
+        held / entries as isize,
+        weighted / entries
+    );
+    assert_eq!(entries, 5_001);
+    // A flood of about five times the capacity.
+    let (held, entries, weighted) = flood_generic(CAPACITY, 20_000).await;
+    let ratio = held as f64 / CAPACITY as f64;
+    println!(
+        "{entries} entries, weighted {weighted} bytes, live heap {held} bytes above the baseline: {ratio:.2} x the capacity"
+    );
+    assert!(entries < 20_000, "the capacity evicted");
     assert!(
         ratio <= 1.25,
         "the cache holds {ratio:.2} times its capacity ({held} bytes for {CAPACITY})"

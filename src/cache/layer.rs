@@ -8,7 +8,7 @@ use tower_layer::Layer;
 
 use super::flight::{Core, FlightMap, StorableFn, TagsFn};
 use super::service::Cache;
-use super::store::{Lifetime, Storable, Store, StoreConfig, Weigher};
+use super::store::{Lifetime, Storable, Store, StoreConfig, Weigher, ENTRY_OVERHEAD_BYTES};
 use crate::metrics::CacheMetrics;
 
 /// Maps a request to its cache key; `None` bypasses the cache.
@@ -60,6 +60,7 @@ where
             name: "default".to_owned(),
             max_capacity: DEFAULT_MAX_ENTRIES,
             weigher: None,
+            error_weight: 1,
             ttl: None,
             idle: None,
             stale_while_revalidate: Duration::ZERO,
@@ -114,6 +115,7 @@ pub struct CacheBuilder<Req, K, V> {
     name: String,
     max_capacity: u64,
     weigher: Option<Weigher<K, V>>,
+    error_weight: u32,
     ttl: Option<Duration>,
     idle: Option<Duration>,
     stale_while_revalidate: Duration,
@@ -163,13 +165,45 @@ where
     }
 
     /// Bounds the store by weight instead of count: the entries' weights, as `weigher`
-    /// gives them, add up to at most `max`. A stored error weighs 1.
+    /// gives them, add up to at most `max`. The unit is yours and nothing is added to it:
+    /// a stored error weighs 1. To bound memory, use [`max_bytes`](Self::max_bytes).
     pub fn max_weight<W>(mut self, max: u64, weigher: W) -> Self
     where
         W: Fn(&K, &V) -> u32 + Send + Sync + 'static,
     {
         self.max_capacity = max;
         self.weigher = Some(Arc::new(weigher));
+        self.error_weight = 1;
+        self
+    }
+
+    /// Bounds the memory the store holds to `max` bytes. `heap_bytes` gives what a key and
+    /// its value hold on the heap (a `String`'s or a `Vec`'s buffer: their `capacity()`);
+    /// the store adds their inline sizes and its own cost per entry
+    /// ([`ENTRY_OVERHEAD_BYTES`]), so the bound is what the entries take, measured with a
+    /// counting allocator in the crate's tests.
+    ///
+    /// ```
+    /// use towerguard::cache::CacheLayer;
+    ///
+    /// // At most 64 MiB of pages, keyed by path.
+    /// let cache = CacheLayer::builder(|path: &String| Some(path.clone()))
+    ///     .max_bytes(64 * 1024 * 1024, |path: &String, page: &String| {
+    ///         path.capacity() + page.capacity()
+    ///     })
+    ///     .build();
+    /// # let _: towerguard::cache::CacheLayer<String, String, String> = cache;
+    /// ```
+    pub fn max_bytes<H>(mut self, max: u64, heap_bytes: H) -> Self
+    where
+        H: Fn(&K, &V) -> usize + Send + Sync + 'static,
+    {
+        let fixed = ENTRY_OVERHEAD_BYTES + std::mem::size_of::<K>() + std::mem::size_of::<V>();
+        self.max_capacity = max;
+        self.weigher = Some(Arc::new(move |key: &K, value: &V| {
+            u32::try_from(heap_bytes(key, value).saturating_add(fixed)).unwrap_or(u32::MAX)
+        }));
+        self.error_weight = u32::try_from(fixed).unwrap_or(u32::MAX);
         self
     }
 
@@ -274,6 +308,7 @@ where
             StoreConfig {
                 max_capacity: self.max_capacity,
                 weigher: self.weigher,
+                error_weight: self.error_weight,
                 default_life,
                 idle: self.idle,
                 negative_ttl: self.negative_ttl,

@@ -90,4 +90,4 @@ pub use self::layer::{
     CacheBuilder, CacheHandle, CacheLayer, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_FLIGHTS,
 };
 pub use self::service::Cache;
-pub use self::store::{Lifetime, Storable};
+pub use self::store::{Lifetime, Storable, ENTRY_OVERHEAD_BYTES};
