@@ -373,7 +373,6 @@ fn directive_names(headers: &HeaderMap) -> Vec<String> {
         .iter()
         .flat_map(|v| {
             String::from_utf8_lossy(v.as_bytes())
-                .into_owned()
                 .split(',')
                 .map(str::to_owned)
                 .collect::<Vec<_>>()

@@ -48,15 +48,13 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 /// One test at a time: the count is the whole process's.
-static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const CAPACITY: u64 = 2 * 1024 * 1024;
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_flood_of_distinct_responses_holds_no_more_than_the_capacity() {
-    let _turn = TURN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _turn = TURN.lock().await;
     let layer = HttpCacheLayer::builder().capacity_bytes(CAPACITY).build();
     // Every response's fields and body are slices of one 64 KiB read buffer of its own.
     let origin = service_fn(|req: Request<Full<Bytes>>| async move {
@@ -138,9 +136,7 @@ async fn flood_generic(max_bytes: u64, keys: usize) -> (isize, u64, u64) {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_flood_of_distinct_keys_holds_no_more_than_max_bytes_in_the_generic_cache() {
-    let _turn = TURN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _turn = TURN.lock().await;
     // Room for every key: what an entry really costs, against what max_bytes counts.
     let (held, entries, weighted) = flood_generic(1 << 40, 5_000).await;
     println!(
