@@ -1610,8 +1610,12 @@ fn cache_control_parsing_section_5_2() {
     );
     assert_eq!(
         CacheControl::parse([&b"max-age=\xff"[..], &b"max-age=4"[..]]).max_age,
-        Some(Seconds::Valid(4)),
-        "non-UTF-8 line skipped"
+        Some(Seconds::Invalid),
+        "a byte that is not text spoils its own directive (the first max-age counts)"
+    );
+    assert!(
+        CacheControl::parse([&b"x=\xff, private"[..]]).private,
+        "and only its own: the rest of the line still counts"
     );
     assert_eq!(parse(""), CacheControl::default());
 }
