@@ -22,7 +22,7 @@ use tower::{service_fn, Layer, ServiceBuilder, ServiceExt};
 use towerguard::cache::CacheLayer;
 use towerguard::hedge::HedgeLayer;
 use towerguard::http::HttpCacheLayer;
-use towerguard::limit::ConcurrencyLimitLayer;
+use towerguard::limit::{ConcurrencyLimitLayer, LimitHandle};
 use towerguard::retry::{Backoff, RetryLayer};
 use towerguard::stack::StackBuilder;
 use towerguard::timeout::TimeoutLayer;
@@ -45,20 +45,26 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Counts the backend futures alive: made by each call, gone when the future is dropped.
+/// Counts the backend's calls and its futures alive: made by each call, gone when the
+/// future is dropped.
 #[derive(Clone, Default)]
-struct Live(Arc<AtomicUsize>);
+struct Live {
+    alive: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
 
 struct Alive(Arc<AtomicUsize>);
 
 impl Live {
-    fn enter(&self) -> Alive {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Alive(self.0.clone())
+    /// A new call: its number, and the guard its future holds.
+    fn enter(&self) -> (u64, Alive) {
+        self.alive.fetch_add(1, Ordering::SeqCst);
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) as u64;
+        (n, Alive(self.alive.clone()))
     }
 
     fn count(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
+        self.alive.load(Ordering::SeqCst)
     }
 }
 
@@ -195,6 +201,37 @@ async fn settle(flights: impl Fn() -> usize) {
     assert_eq!(tasks, 0, "tasks left behind");
 }
 
+/// After a run: every caller is counted, nothing is left behind (permit, queued waiter,
+/// flight, backend future, task), and every outcome in `expected` happened at least once.
+async fn nothing_left(
+    run: &str,
+    outcomes: &BTreeMap<String, u64>,
+    live: &Live,
+    limit: &LimitHandle,
+    flights: impl Fn() -> usize,
+    expected: &[&str],
+) {
+    settle(&flights).await;
+    println!(
+        "{run} chaos: {outcomes:?}, {} backend calls",
+        live.calls.load(Ordering::SeqCst)
+    );
+    assert_eq!(outcomes.values().sum::<u64>(), REQUESTS);
+    assert_eq!(
+        (limit.in_flight(), limit.queued()),
+        (0, 0),
+        "a permit or a place left"
+    );
+    assert_eq!(flights(), 0, "a flight left");
+    assert_eq!(live.count(), 0, "a backend future left alive");
+    for outcome in expected {
+        assert!(
+            outcomes.contains_key(*outcome),
+            "the run never saw {outcome}: {outcomes:?}"
+        );
+    }
+}
+
 fn typed(kind: ErrorKind) -> String {
     match kind {
         ErrorKind::Overloaded
@@ -214,12 +251,10 @@ struct Req {
 #[tokio::test(start_paused = true)]
 async fn chaos_through_every_generic_layer_leaves_nothing_behind() {
     let live = Live::default();
-    let calls = Arc::new(AtomicUsize::new(0));
     let backend = {
-        let (live, calls) = (live.clone(), calls.clone());
+        let live = live.clone();
         service_fn(move |req: Req| {
-            let alive = live.enter();
-            let n = calls.fetch_add(1, Ordering::SeqCst) as u64;
+            let (n, alive) = live.enter();
             async move {
                 let _alive = alive;
                 act(n).await?;
@@ -280,38 +315,27 @@ async fn chaos_through_every_generic_layer_leaves_nothing_behind() {
         },
     )
     .await;
-    settle(|| cache_handle.flights_in_progress()).await;
-
-    println!(
-        "generic chaos: {outcomes:?}, {} backend calls",
-        calls.load(Ordering::SeqCst)
-    );
-    assert_eq!(outcomes.values().sum::<u64>(), REQUESTS);
-    assert_eq!(
-        (limit_handle.in_flight(), limit_handle.queued()),
-        (0, 0),
-        "a permit or a place left"
-    );
-    assert_eq!(cache_handle.flights_in_progress(), 0, "a flight left");
-    assert_eq!(live.count(), 0, "a backend future left alive");
-    for outcome in ["ok", "error: Panicked", "error: TimedOut", "error: Inner"] {
-        assert!(
-            outcomes.contains_key(outcome),
-            "the run never saw {outcome}: {outcomes:?}"
-        );
-    }
+    let flights = || cache_handle.flights_in_progress();
+    let expected = ["ok", "error: Panicked", "error: TimedOut", "error: Inner"];
+    nothing_left(
+        "generic",
+        &outcomes,
+        &live,
+        &limit_handle,
+        flights,
+        &expected,
+    )
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn chaos_through_the_http_stack_with_the_http_cache_leaves_nothing_behind() {
     let live = Live::default();
-    let calls = Arc::new(AtomicUsize::new(0));
     let backend = {
-        let (live, calls) = (live.clone(), calls.clone());
+        let live = live.clone();
         service_fn(
             move |req: Request<towerguard::http::BufferedBody<Full<Bytes>>>| {
-                let alive = live.enter();
-                let n = calls.fetch_add(1, Ordering::SeqCst) as u64;
+                let (n, alive) = live.enter();
                 async move {
                     let _alive = alive;
                     act(n).await?;
@@ -388,24 +412,7 @@ async fn chaos_through_the_http_stack_with_the_http_cache_leaves_nothing_behind(
         },
     )
     .await;
-    settle(|| cache.flights_in_progress()).await;
-
-    println!(
-        "http chaos: {outcomes:?}, {} backend calls",
-        calls.load(Ordering::SeqCst)
-    );
-    assert_eq!(outcomes.values().sum::<u64>(), REQUESTS);
-    assert_eq!(
-        (limit_handle.in_flight(), limit_handle.queued()),
-        (0, 0),
-        "a permit or a place left"
-    );
-    assert_eq!(cache.flights_in_progress(), 0, "a flight left");
-    assert_eq!(live.count(), 0, "a backend future left alive");
-    for outcome in ["status 200", "status 500", "status 503", "status 504"] {
-        assert!(
-            outcomes.contains_key(outcome),
-            "the run never saw {outcome}: {outcomes:?}"
-        );
-    }
+    let flights = || cache.flights_in_progress();
+    let expected = ["status 200", "status 500", "status 503", "status 504"];
+    nothing_left("http", &outcomes, &live, &limit_handle, flights, &expected).await;
 }
