@@ -222,6 +222,35 @@ fn add(headers: &mut HeaderMap, name: &'static str, bytes: &[u8]) {
     }
 }
 
+/// How a field's value is drawn from its dictionary.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// One whole token (the oracle compares these as they are).
+    Token,
+    /// One token, some random bytes, or a token with a byte changed.
+    Fragment,
+    /// A comma-separated list of fragments.
+    List,
+}
+
+/// Each field of `fields` (name, dictionary, chance in percent, shape), drawn at random.
+fn optional_fields(
+    rng: &mut Rng,
+    headers: &mut HeaderMap,
+    fields: &[(&'static str, &[&str], u64, Shape)],
+) {
+    for &(name, dictionary, percent, shape) in fields {
+        if rng.chance(percent) {
+            let v = match shape {
+                Shape::Token => rng.pick(dictionary).as_bytes().to_vec(),
+                Shape::Fragment => fragment(rng, dictionary),
+                Shape::List => value(rng, dictionary),
+            };
+            add(headers, name, &v);
+        }
+    }
+}
+
 /// The raw field lines `CacheControl::parse` and friends see.
 fn response_headers(rng: &mut Rng) -> HeaderMap {
     let mut headers = HeaderMap::new();
@@ -229,36 +258,27 @@ fn response_headers(rng: &mut Rng) -> HeaderMap {
         let v = value(rng, DIRECTIVES);
         add(&mut headers, "cache-control", &v);
     }
-    let fields: [(&'static str, &[&str], u64); 9] = [
-        ("expires", DATES, 30),
-        ("date", DATES, 40),
-        ("last-modified", DATES, 30),
-        ("age", NUMBERS, 30),
-        ("etag", ETAGS, 50),
-        ("vary", VARY, 40),
-        ("retry-after", NUMBERS, 10),
-        ("pragma", DIRECTIVES, 5),
-        (
-            "location",
-            &[
-                "/other",
-                "http://fuzz.test/x",
-                "//evil.test/",
-                "http://[::1",
-            ],
-            5,
-        ),
+    const LOCATIONS: &[&str] = &[
+        "/other",
+        "http://fuzz.test/x",
+        "//evil.test/",
+        "http://[::1",
     ];
-    for (name, dictionary, percent) in fields {
-        if rng.chance(percent) {
-            let v = if name == "vary" || name == "etag" {
-                value(rng, dictionary)
-            } else {
-                fragment(rng, dictionary)
-            };
-            add(&mut headers, name, &v);
-        }
-    }
+    optional_fields(
+        rng,
+        &mut headers,
+        &[
+            ("expires", DATES, 30, Shape::Fragment),
+            ("date", DATES, 40, Shape::Fragment),
+            ("last-modified", DATES, 30, Shape::Fragment),
+            ("age", NUMBERS, 30, Shape::Fragment),
+            ("etag", ETAGS, 50, Shape::List),
+            ("vary", VARY, 40, Shape::List),
+            ("retry-after", NUMBERS, 10, Shape::Fragment),
+            ("pragma", DIRECTIVES, 5, Shape::Fragment),
+            ("location", LOCATIONS, 5, Shape::Fragment),
+        ],
+    );
     if rng.chance(15) {
         headers.insert("set-cookie", HeaderValue::from_static("session=first"));
     }
@@ -274,25 +294,18 @@ fn request_headers(rng: &mut Rng) -> HeaderMap {
         let v = value(rng, DIRECTIVES);
         add(&mut headers, "cache-control", &v);
     }
-    let fields: [(&'static str, &[&str], u64); 6] = [
-        ("accept-language", LANGUAGES, 50),
-        ("x-a", LANGUAGES, 30),
-        ("if-none-match", ETAGS, 15),
-        ("if-modified-since", DATES, 10),
-        ("range", RANGES, 15),
-        ("if-range", ETAGS, 5),
-    ];
-    for (name, dictionary, percent) in fields {
-        if rng.chance(percent) {
-            let v = if name == "accept-language" || name == "x-a" {
-                // Whole tokens only: the oracle compares them as they are.
-                rng.pick(dictionary).as_bytes().to_vec()
-            } else {
-                fragment(rng, dictionary)
-            };
-            add(&mut headers, name, &v);
-        }
-    }
+    optional_fields(
+        rng,
+        &mut headers,
+        &[
+            ("accept-language", LANGUAGES, 50, Shape::Token),
+            ("x-a", LANGUAGES, 30, Shape::Token),
+            ("if-none-match", ETAGS, 15, Shape::Fragment),
+            ("if-modified-since", DATES, 10, Shape::Fragment),
+            ("range", RANGES, 15, Shape::Fragment),
+            ("if-range", ETAGS, 5, Shape::Fragment),
+        ],
+    );
     headers
 }
 
