@@ -22,10 +22,10 @@ impl tower::hedge::Policy<u64> for ClonePolicy {
     }
 }
 
-fn hedge(c: &mut Criterion) {
+fn hedge_in(c: &mut Criterion, prometheus: bool) {
     let rt = common::runtime();
     let _guard = rt.enter();
-    let mut group = c.benchmark_group("hedge");
+    let mut group = c.benchmark_group(common::group_name("hedge", prometheus));
     common::bench(&mut group, &rt, "bare", common::echo());
     common::bench(
         &mut group,
@@ -67,9 +67,18 @@ fn hedge(c: &mut Criterion) {
     group.finish();
 }
 
+fn hedge(c: &mut Criterion) {
+    hedge_in(c, false);
+}
+
+fn hedge_prometheus(c: &mut Criterion) {
+    common::install_prometheus();
+    hedge_in(c, true);
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = hedge
+    targets = hedge, hedge_prometheus
 }
 criterion_main!(benches);

@@ -9,9 +9,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tower::Layer;
 
-fn limit(c: &mut Criterion) {
+fn limit_in(c: &mut Criterion, prometheus: bool) {
     let rt = common::runtime();
-    let mut group = c.benchmark_group("limit");
+    let mut group = c.benchmark_group(common::group_name("limit", prometheus));
     common::bench(&mut group, &rt, "bare", common::echo());
     common::bench(
         &mut group,
@@ -47,9 +47,18 @@ fn limit(c: &mut Criterion) {
     group.finish();
 }
 
+fn limit(c: &mut Criterion) {
+    limit_in(c, false);
+}
+
+fn limit_prometheus(c: &mut Criterion) {
+    common::install_prometheus();
+    limit_in(c, true);
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = limit
+    targets = limit, limit_prometheus
 }
 criterion_main!(benches);

@@ -38,9 +38,9 @@ impl tower::retry::Policy<u64, u64, Infallible> for Attempts {
     }
 }
 
-fn retry(c: &mut Criterion) {
+fn retry_in(c: &mut Criterion, prometheus: bool) {
     let rt = common::runtime();
-    let mut group = c.benchmark_group("retry");
+    let mut group = c.benchmark_group(common::group_name("retry", prometheus));
     common::bench(&mut group, &rt, "bare", common::echo());
     common::bench(
         &mut group,
@@ -69,9 +69,18 @@ fn retry(c: &mut Criterion) {
     group.finish();
 }
 
+fn retry(c: &mut Criterion) {
+    retry_in(c, false);
+}
+
+fn retry_prometheus(c: &mut Criterion) {
+    common::install_prometheus();
+    retry_in(c, true);
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = retry
+    targets = retry, retry_prometheus
 }
 criterion_main!(benches);

@@ -49,10 +49,10 @@ impl<E> tower::retry::Policy<u64, u64, E> for Attempts {
     }
 }
 
-fn stack(c: &mut Criterion) {
+fn stack_in(c: &mut Criterion, prometheus: bool) {
     let rt = common::runtime();
     let _guard = rt.enter();
-    let mut group = c.benchmark_group("stack");
+    let mut group = c.benchmark_group(common::group_name("stack", prometheus));
     common::bench(&mut group, &rt, "bare", common::echo());
 
     let builder = StackBuilder::new()
@@ -111,7 +111,7 @@ fn stack(c: &mut Criterion) {
     group.finish();
 
     // A cache hit through the full stack.
-    let mut group = c.benchmark_group("stack_cache_hit");
+    let mut group = c.benchmark_group(common::group_name("stack_cache_hit", prometheus));
     let cache = CacheLayer::builder(|k: &u64| Some(*k % 16)).build();
     let cached = builder.build(Some(cache)).unwrap().layer(common::echo());
     common::bench(&mut group, &rt, "towerguard", cached);
@@ -133,9 +133,18 @@ fn stack(c: &mut Criterion) {
     group.finish();
 }
 
+fn stack(c: &mut Criterion) {
+    stack_in(c, false);
+}
+
+fn stack_prometheus(c: &mut Criterion) {
+    common::install_prometheus();
+    stack_in(c, true);
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = stack
+    targets = stack, stack_prometheus
 }
 criterion_main!(benches);

@@ -9,9 +9,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tower::Layer;
 
-fn timeout(c: &mut Criterion) {
+fn timeout_in(c: &mut Criterion, prometheus: bool) {
     let rt = common::runtime();
-    let mut group = c.benchmark_group("timeout");
+    let mut group = c.benchmark_group(common::group_name("timeout", prometheus));
     let limit = Duration::from_secs(1);
     common::bench(&mut group, &rt, "bare", common::echo());
     common::bench(
@@ -38,9 +38,18 @@ fn timeout(c: &mut Criterion) {
     group.finish();
 }
 
+fn timeout(c: &mut Criterion) {
+    timeout_in(c, false);
+}
+
+fn timeout_prometheus(c: &mut Criterion) {
+    common::install_prometheus();
+    timeout_in(c, true);
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = timeout
+    targets = timeout, timeout_prometheus
 }
 criterion_main!(benches);

@@ -259,7 +259,7 @@ pub const METRICS: &[MetricInfo] = &[
         kind: MetricType::Counter,
         labels: &["reason"],
         unit: "requests",
-        help: "requests rejected: full, queue_full, queue_timeout",
+        help: "requests rejected: full, queue_full, queue_timeout, queue_standing",
     },
     MetricInfo {
         name: LIMIT_QUEUE_WAIT,
@@ -407,6 +407,7 @@ pub(crate) struct LimitMetrics {
     pub(crate) rejected_full: Counter,
     pub(crate) rejected_queue_full: Counter,
     pub(crate) rejected_queue_timeout: Counter,
+    pub(crate) rejected_standing: Counter,
     pub(crate) queue_wait: Histogram,
 }
 
@@ -424,6 +425,7 @@ impl LimitMetrics {
             rejected_full: rejected("full"),
             rejected_queue_full: rejected("queue_full"),
             rejected_queue_timeout: rejected("queue_timeout"),
+            rejected_standing: rejected("queue_standing"),
             queue_wait: metrics::histogram!(LIMIT_QUEUE_WAIT, "name" => name.clone()),
         }
     }
@@ -548,7 +550,7 @@ impl CacheMetrics {
 pub(crate) struct Lazy<M> {
     name: String,
     register: fn(&str) -> M,
-    cell: std::sync::OnceLock<M>,
+    cell: std::sync::OnceLock<(M, bool)>,
 }
 
 #[cfg(feature = "timeout")]
@@ -563,8 +565,27 @@ impl<M> Lazy<M> {
 
     /// The handles, registered the first time.
     pub(crate) fn get(&self) -> &M {
-        self.cell.get_or_init(|| (self.register)(&self.name))
+        &self.registered().0
     }
+
+    /// True if a recorder was installed when the handles were registered: only then is a
+    /// duration worth a clock read.
+    pub(crate) fn recording(&self) -> bool {
+        self.registered().1
+    }
+
+    fn registered(&self) -> &(M, bool) {
+        self.cell
+            .get_or_init(|| ((self.register)(&self.name), recorder_installed()))
+    }
+}
+
+/// True unless the recorder in force is `metrics`' no-op one (the only recorder without
+/// state: every real recorder keeps a registry). Read once per layer instance, when its
+/// handles are registered.
+#[cfg(feature = "timeout")]
+pub(crate) fn recorder_installed() -> bool {
+    metrics::with_recorder(|recorder| std::mem::size_of_val(recorder) != 0)
 }
 
 #[cfg(feature = "timeout")]

@@ -1,5 +1,10 @@
-//! Shared by the pass-through benches: a runtime and a driver that sends requests through
-//! a service from one task or from two at once.
+//! Shared by the pass-through benches: runtimes, a driver that sends requests through a
+//! service from one task or from two at once, and the Prometheus recorder.
+//!
+//! `name/1_task` runs on a current-thread runtime (the cost of the layer alone);
+//! `name/2_tasks` on two worker threads (the cost under contention). Each bench runs its
+//! groups twice: without a metrics recorder, then with the Prometheus recorder installed
+//! (groups named `<group>_prometheus`).
 #![allow(dead_code, unreachable_pub)]
 
 use std::convert::Infallible;
@@ -12,6 +17,33 @@ use criterion::BenchmarkGroup;
 use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 use tower::{service_fn, Service, ServiceExt};
+
+/// Installs the Prometheus recorder for the rest of the process (once).
+pub fn install_prometheus() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("install the Prometheus recorder");
+    });
+}
+
+/// The group name for this recorder mode.
+pub fn group_name(base: &str, prometheus: bool) -> String {
+    if prometheus {
+        format!("{base}_prometheus")
+    } else {
+        base.to_string()
+    }
+}
+
+/// One task, one thread: what the layer alone costs.
+pub fn current_thread() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
 
 pub fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -77,8 +109,10 @@ pub fn bench_with<S>(
     S::Response: Send,
     S::Future: Send,
 {
+    let single = current_thread();
     for tasks in [1u64, 2] {
         let id = format!("{name}/{tasks}_task{}", if tasks > 1 { "s" } else { "" });
+        let rt = if tasks == 1 { &single } else { rt };
         group.bench_function(id, |b| {
             b.to_async(rt)
                 .iter_custom(|iters| drive(make.clone(), iters, tasks))

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
 use tower_service::Service;
@@ -15,28 +14,35 @@ use tower_service::Service;
 use super::layer::Shared;
 use crate::error::{BoxError, Error};
 use crate::retry::{Policy, Verdict};
-use crate::timeout::deadline::CancelOnDrop;
+use crate::timeout::deadline::{far_future, Scoped};
 use crate::timeout::{Carrier, Deadline, TimeoutContext};
 
 pin_project! {
     /// One attempt, in its own cancellation scope: dropping it unfinished cancels its token.
     struct Attempt<F> {
         #[pin]
-        future: TaskLocalFuture<TimeoutContext, F>,
-        cancel: CancelOnDrop,
+        future: Scoped<F>,
         started: Instant,
     }
 }
 
 impl<F: Future> Attempt<F> {
-    fn new(ctx: TimeoutContext, future: F) -> Self {
-        let token = ctx.lazy_token().clone();
+    fn new(ctx: TimeoutContext, future: F, started: Instant) -> Self {
         Attempt {
-            future: ctx.scope(future),
-            cancel: CancelOnDrop(Some(token)),
-            started: Instant::now(),
+            future: Scoped::new(ctx, future),
+            started,
         }
     }
+}
+
+/// When the next hedge goes out.
+enum Timer {
+    /// No more hedges.
+    Off,
+    /// The delay runs from this instant; the timer is made the first time the attempts
+    /// are pending, so an answer ready at once never touches it.
+    From(Instant),
+    Set(Pin<Box<Sleep>>),
 }
 
 impl<F, T, E> Future for Attempt<F>
@@ -49,8 +55,6 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = std::task::ready!(this.future.poll(cx)).map_err(Error::inner);
-        // Finished: nothing to cancel.
-        this.cancel.0 = None;
         Poll::Ready((result, *this.started))
     }
 }
@@ -71,8 +75,7 @@ pin_project! {
         #[pin]
         first: Option<Attempt<S::Future>>,
         hedges: Vec<Hedged<S, Req>>,
-        #[pin]
-        timer: Option<Sleep>,
+        timer: Timer,
         service: S,
         policy: P,
         carrier: C,
@@ -95,16 +98,22 @@ where
         carrier: C,
         shared: Arc<Shared>,
     ) -> Self {
-        let parent = carrier.existing(&req).or_else(TimeoutContext::current);
-        let ctx = TimeoutContext::attempt_under(parent);
+        let started = Instant::now();
+        let existing = carrier.existing(&req);
+        let ctx = TimeoutContext::peek(|current| {
+            TimeoutContext::attempt_under(existing.as_ref().or(current))
+        });
         carrier.insert(&mut req, &ctx);
-        let future = ctx.clone().sync_scope(|| inner.call(req));
+        let mut slot = Some(ctx);
+        let future = TimeoutContext::enter(&mut slot, || inner.call(req));
+        let ctx = slot.expect("the scope gives its context back");
         shared.metrics.get().attempts.increment(1);
-        let timer = template
-            .as_ref()
-            .map(|_| tokio::time::sleep(shared.delay()));
+        let timer = match template {
+            Some(_) => Timer::From(started),
+            None => Timer::Off,
+        };
         ResponseFuture {
-            first: Some(Attempt::new(ctx, future)),
+            first: Some(Attempt::new(ctx, future, started)),
             hedges: Vec::new(),
             timer,
             service: inner.clone(),
@@ -159,10 +168,17 @@ where
                     return Poll::Ready(outcome);
                 }
             }
-            let Some(timer) = this.timer.as_mut().as_pin_mut() else {
+            if let Timer::From(since) = *this.timer {
+                let delay = this.shared.delay();
+                let at = since
+                    .checked_add(delay)
+                    .unwrap_or_else(|| far_future(since));
+                *this.timer = Timer::Set(Box::pin(tokio::time::sleep_until(at)));
+            }
+            let Timer::Set(timer) = this.timer else {
                 return Poll::Pending;
             };
-            if timer.poll(cx).is_pending() {
+            if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             // Time to hedge, if the budget, the deadline and the request allow.
@@ -177,7 +193,7 @@ where
                 }
             });
             let Some(mut request) = request.flatten() else {
-                this.timer.set(None);
+                *this.timer = Timer::Off;
                 continue;
             };
             *this.sent += 1;
@@ -185,16 +201,16 @@ where
             shared.metrics.get().hedges.increment(1);
             tracing::debug!(attempt = *this.sent, "hedge: sent another attempt");
             // Its own scope, in the task-local and (with a carrier) in the request.
-            let parent = TimeoutContext::current();
-            let ctx = TimeoutContext::attempt_under(parent);
+            let ctx = TimeoutContext::peek(TimeoutContext::attempt_under);
             this.carrier.insert(&mut request, &ctx);
             let call = Oneshot::new(this.service.clone(), request);
-            this.hedges.push(Box::pin(Attempt::new(ctx, call)));
-            if *this.sent < shared.max_attempts {
-                this.timer.set(Some(tokio::time::sleep(shared.delay())));
+            let now = Instant::now();
+            this.hedges.push(Box::pin(Attempt::new(ctx, call, now)));
+            *this.timer = if *this.sent < shared.max_attempts {
+                Timer::From(now)
             } else {
-                this.timer.set(None);
-            }
+                Timer::Off
+            };
         }
     }
 }

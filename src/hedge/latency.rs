@@ -64,6 +64,8 @@ pub(crate) struct LatencyWindow {
     recorded: AtomicU64,
     min_samples: u64,
     percentile: f64,
+    /// The highest bucket ever used: recomputing scans no further.
+    highest: AtomicUsize,
     /// Cached results, in microseconds; `u64::MAX` until there are enough samples.
     at_percentile: AtomicU64,
     median: AtomicU64,
@@ -89,15 +91,21 @@ impl LatencyWindow {
             recorded: AtomicU64::new(0),
             min_samples: min_samples.max(1),
             percentile: percentile.clamp(0.0, 1.0),
+            highest: AtomicUsize::new(0),
             at_percentile: AtomicU64::new(u64::MAX),
             median: AtomicU64::new(u64::MAX),
         }
     }
 
-    pub(crate) fn record(&self, latency: Duration) {
+    /// Counts one latency in; true when the percentiles were recomputed.
+    pub(crate) fn record(&self, latency: Duration) -> bool {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         let current = &self.histograms[self.current.load(Ordering::Acquire)];
-        current.buckets[bucket_of(micros)].fetch_add(1, Ordering::Relaxed);
+        let bucket = bucket_of(micros);
+        current.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        if bucket > self.highest.load(Ordering::Relaxed) {
+            self.highest.fetch_max(bucket, Ordering::Relaxed);
+        }
         let in_current = current.count.fetch_add(1, Ordering::AcqRel) + 1;
         if in_current >= self.window && !self.rotating.swap(true, Ordering::AcqRel) {
             let next = 1 - self.current.load(Ordering::Acquire);
@@ -106,18 +114,20 @@ impl LatencyWindow {
             self.rotating.store(false, Ordering::Release);
         }
         let recorded = self.recorded.fetch_add(1, Ordering::Relaxed) + 1;
-        if recorded >= self.min_samples
-            && (recorded == self.min_samples || recorded % RECOMPUTE_EVERY == 0)
-        {
+        let due = recorded >= self.min_samples
+            && (recorded == self.min_samples || recorded % RECOMPUTE_EVERY == 0);
+        if due {
             self.recompute();
         }
+        due
     }
 
     fn recompute(&self) {
         let mut counts = [0u64; BUCKETS];
         let mut total = 0u64;
+        let used = (self.highest.load(Ordering::Relaxed) + 1).min(BUCKETS);
         for histogram in &self.histograms {
-            for (count, bucket) in counts.iter_mut().zip(histogram.buckets.iter()) {
+            for (count, bucket) in counts[..used].iter_mut().zip(histogram.buckets.iter()) {
                 let n = bucket.load(Ordering::Relaxed);
                 *count += n;
                 total += n;
@@ -129,7 +139,7 @@ impl LatencyWindow {
         let rank = |p: f64| ((p * total as f64).ceil() as u64).clamp(1, total);
         let value_at = |target: u64| {
             let mut seen = 0;
-            for (bucket, count) in counts.iter().enumerate() {
+            for (bucket, count) in counts[..used].iter().enumerate() {
                 seen += count;
                 if seen >= target {
                     return upper_of(bucket);

@@ -50,9 +50,10 @@ impl Shared {
 
     pub(crate) fn record(&self, latency: Duration) {
         if let Delay::Percentile { window, .. } = &self.delay {
-            window.record(latency);
-            if let Some(delay) = window.percentile() {
-                self.metrics.get().delay.set(delay.as_secs_f64());
+            if window.record(latency) {
+                if let Some(delay) = window.percentile() {
+                    self.metrics.get().delay.set(delay.as_secs_f64());
+                }
             }
         }
     }

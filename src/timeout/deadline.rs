@@ -1,13 +1,21 @@
 //! The deadline and cancellation token a timeout hands down to the work it bounds.
 
-use std::sync::{Arc, Mutex};
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-tokio::task_local! {
-    static CURRENT: TimeoutContext;
+thread_local! {
+    /// The context of the timeout whose work this thread is running right now. A scope
+    /// moves its context in for the length of a `call` or a `poll` and takes it back out,
+    /// so nothing is cloned or counted per request.
+    static CURRENT: Cell<Option<TimeoutContext>> = const { Cell::new(None) };
 }
 
 /// When the innermost enclosing timeout expires: the earliest of the nested deadlines.
@@ -52,7 +60,7 @@ impl Deadline {
 
     /// The deadline of the timeout whose work is running on this task, if any.
     pub fn current() -> Option<Deadline> {
-        CURRENT.try_with(|ctx| ctx.deadline).ok()
+        TimeoutContext::peek(|ctx| ctx.map(|ctx| ctx.deadline))
     }
 }
 
@@ -135,32 +143,47 @@ impl LazyToken {
     }
 }
 
-/// Cancels its token when dropped, unless disarmed by taking the token out.
-#[derive(Debug)]
-pub(crate) struct CancelOnDrop(pub(crate) Option<Arc<LazyToken>>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(token) = self.0.take() {
-            token.cancel();
-        }
-    }
-}
-
 /// What a timeout hands to the work it bounds: the deadline and a cancellation token.
 ///
 /// The token is cancelled when the timeout expires and when the caller drops the response
 /// future before it completes; it is a child of the enclosing timeout's token, so
-/// cancelling an outer scope cancels the inner ones too. It is created on first use.
-#[derive(Debug, Clone)]
+/// cancelling an outer scope cancels the inner ones too. It is created on first use:
+/// clones of a context share one token.
+#[derive(Debug)]
 pub struct TimeoutContext {
     deadline: Deadline,
-    token: Arc<LazyToken>,
+    /// The enclosing scope's token, the parent of ours.
+    parent: Option<Arc<LazyToken>>,
+    token: OnceLock<Arc<LazyToken>>,
+}
+
+impl Clone for TimeoutContext {
+    fn clone(&self) -> Self {
+        TimeoutContext {
+            deadline: self.deadline,
+            parent: None,
+            token: OnceLock::from(self.lazy_token().clone()),
+        }
+    }
 }
 
 impl TimeoutContext {
     pub(crate) fn new(deadline: Deadline, token: Arc<LazyToken>) -> Self {
-        TimeoutContext { deadline, token }
+        TimeoutContext {
+            deadline,
+            parent: None,
+            token: OnceLock::from(token),
+        }
+    }
+
+    /// A scope with `deadline` whose token, made when somebody asks for it, is a child of
+    /// `parent`'s.
+    pub(crate) fn under(deadline: Deadline, parent: Option<&TimeoutContext>) -> Self {
+        TimeoutContext {
+            deadline,
+            parent: parent.map(|parent| parent.lazy_token().clone()),
+            token: OnceLock::new(),
+        }
     }
 
     /// The effective deadline (the earliest of the nested timeouts').
@@ -170,22 +193,30 @@ impl TimeoutContext {
 
     /// The cancellation token of this scope.
     pub fn token(&self) -> CancellationToken {
-        self.token.get()
+        self.lazy_token().get()
     }
 
     pub(crate) fn lazy_token(&self) -> &Arc<LazyToken> {
-        &self.token
+        self.token.get_or_init(|| match &self.parent {
+            Some(parent) => LazyToken::child_of(parent),
+            None => LazyToken::root(),
+        })
+    }
+
+    /// Cancels this scope's token, if anybody made it (if nobody did, nobody listens).
+    pub(crate) fn cancel(&self) {
+        if let Some(token) = self.token.get() {
+            token.cancel();
+        }
     }
 
     /// A scope for one attempt under `parent` (or a root scope): a child token, the same
     /// deadline.
     #[cfg(feature = "hedge")]
-    pub(crate) fn attempt_under(parent: Option<TimeoutContext>) -> TimeoutContext {
+    pub(crate) fn attempt_under(parent: Option<&TimeoutContext>) -> TimeoutContext {
         match parent {
-            Some(outer) => TimeoutContext::new(outer.deadline, LazyToken::child_of(&outer.token)),
-            None => {
-                TimeoutContext::new(Deadline::at(far_future(Instant::now())), LazyToken::root())
-            }
+            Some(outer) => TimeoutContext::under(outer.deadline, Some(outer)),
+            None => TimeoutContext::under(Deadline::at(far_future(Instant::now())), None),
         }
     }
 
@@ -194,18 +225,141 @@ impl TimeoutContext {
     /// Available while the inner service's `call` runs and while its response future is
     /// polled; a task spawned from there does not inherit it (pass the token along).
     pub fn current() -> Option<TimeoutContext> {
-        CURRENT.try_with(Clone::clone).ok()
+        Self::peek(|ctx| ctx.cloned())
+    }
+
+    /// Runs `f` on the current context, without cloning it.
+    pub(crate) fn peek<R>(f: impl FnOnce(Option<&TimeoutContext>) -> R) -> R {
+        let mut f = Some(f);
+        let seen = CURRENT.try_with(|cell| {
+            let ctx = cell.take();
+            let result = (f.take().expect("called once"))(ctx.as_ref());
+            cell.set(ctx);
+            result
+        });
+        match seen {
+            Ok(result) => result,
+            Err(_) => (f.take().expect("called once"))(None),
+        }
+    }
+
+    /// Runs `f` with the context in `slot` as the current one, then puts it back in `slot`
+    /// (also when `f` panics).
+    pub(crate) fn enter<R>(slot: &mut Option<TimeoutContext>, f: impl FnOnce() -> R) -> R {
+        struct Restore<'a> {
+            slot: &'a mut Option<TimeoutContext>,
+            outer: Option<TimeoutContext>,
+        }
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                let outer = self.outer.take();
+                if let Ok(ours) = CURRENT.try_with(|cell| cell.replace(outer)) {
+                    *self.slot = ours;
+                }
+            }
+        }
+        if slot.is_none() {
+            return f();
+        }
+        match CURRENT.try_with(|cell| cell.replace(slot.take())) {
+            Ok(outer) => {
+                let _restore = Restore { slot, outer };
+                f()
+            }
+            // The thread is shutting down: no scope to set.
+            Err(_) => f(),
+        }
+    }
+
+    /// Makes a context from the current one (`None` outside any scope) and `req` with
+    /// `make`, then runs `f(req)` inside it; returns the context with `f`'s result. One
+    /// trip to the thread-local on the way in, one on the way out.
+    pub(crate) fn nest<Q, R>(
+        mut req: Q,
+        make: impl FnOnce(Option<&TimeoutContext>, &mut Q) -> TimeoutContext,
+        f: impl FnOnce(Q) -> R,
+    ) -> (TimeoutContext, R) {
+        /// Puts the outer context back, also when `f` panics; hands ours back.
+        struct Restore(Option<Option<TimeoutContext>>);
+        impl Restore {
+            fn ours(&mut self) -> Option<TimeoutContext> {
+                let outer = self.0.take()?;
+                CURRENT.try_with(|cell| cell.replace(outer)).ok().flatten()
+            }
+        }
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                self.ours();
+            }
+        }
+        let mut make = Some(make);
+        let entered = CURRENT.try_with(|cell| {
+            let outer = cell.take();
+            let ours = (make.take().expect("called once"))(outer.as_ref(), &mut req);
+            cell.set(Some(ours));
+            outer
+        });
+        let Ok(outer) = entered else {
+            // The thread is shutting down: no scope to set.
+            let ours = (make.take().expect("called once"))(None, &mut req);
+            return (ours, f(req));
+        };
+        let mut restore = Restore(Some(outer));
+        let result = f(req);
+        let ours = restore.ours().expect("the scope gives its context back");
+        (ours, result)
     }
 
     pub(crate) fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
-        CURRENT.sync_scope(self, f)
+        Self::enter(&mut Some(self), f)
+    }
+}
+
+pin_project! {
+    /// A future polled inside a timeout context, which cancels the context's token when
+    /// dropped unfinished.
+    pub(crate) struct Scoped<F> {
+        #[pin]
+        future: F,
+        ctx: Option<TimeoutContext>,
+        armed: bool,
     }
 
-    pub(crate) fn scope<F: std::future::Future>(
-        self,
-        future: F,
-    ) -> tokio::task::futures::TaskLocalFuture<TimeoutContext, F> {
-        CURRENT.scope(self, future)
+    impl<F> PinnedDrop for Scoped<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.armed {
+                if let Some(ctx) = this.ctx.as_ref() {
+                    ctx.cancel();
+                }
+            }
+        }
+    }
+}
+
+impl<F> Scoped<F> {
+    /// `future` in `ctx`; dropping it unfinished cancels the token.
+    pub(crate) fn new(ctx: TimeoutContext, future: F) -> Self {
+        Scoped {
+            future,
+            ctx: Some(ctx),
+            armed: true,
+        }
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let future = this.future;
+        let polled = TimeoutContext::enter(this.ctx, || future.poll(cx));
+        if polled.is_ready() {
+            // Finished: nothing left to cancel.
+            *this.armed = false;
+        }
+        polled
     }
 }
 

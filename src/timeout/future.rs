@@ -6,11 +6,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use super::deadline::{CancelOnDrop, LazyToken, TimeoutContext};
+use super::deadline::Scoped;
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::metrics::{Lazy, TimeoutMetrics};
 use pin_project_lite::pin_project;
-use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
 
 pin_project! {
@@ -24,8 +23,9 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         state: State<F>,
-        started: Instant,
-        metrics: Arc<Lazy<TimeoutMetrics>>,
+        expires: Instant,
+        // When the request started, kept only while a recorder takes the durations.
+        timing: Option<(Instant, Arc<Lazy<TimeoutMetrics>>)>,
     }
 }
 
@@ -33,12 +33,12 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Running {
+            // Cancels the token if dropped before it completes.
             #[pin]
-            future: TaskLocalFuture<TimeoutContext, F>,
-            #[pin]
-            sleep: Sleep,
-            // Cancels the token if the future is dropped before it completes.
-            guard: CancelOnDrop,
+            future: Scoped<F>,
+            // Made the first time the inner future is pending: a future that is ready at
+            // once never touches the timer.
+            sleep: Option<Pin<Box<Sleep>>>,
         },
         Done,
     }
@@ -46,20 +46,17 @@ pin_project! {
 
 impl<F> ResponseFuture<F> {
     pub(crate) fn new(
-        future: TaskLocalFuture<TimeoutContext, F>,
+        future: Scoped<F>,
         expires: Instant,
-        token: Arc<LazyToken>,
-        started: Instant,
-        metrics: Arc<Lazy<TimeoutMetrics>>,
+        timing: Option<(Instant, Arc<Lazy<TimeoutMetrics>>)>,
     ) -> Self {
         ResponseFuture {
             state: State::Running {
                 future,
-                sleep: tokio::time::sleep_until(expires),
-                guard: CancelOnDrop(Some(token)),
+                sleep: None,
             },
-            started,
-            metrics,
+            expires,
+            timing,
         }
     }
 }
@@ -74,34 +71,34 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut state = this.state;
-        let StateProj::Running {
-            future,
-            sleep,
-            guard,
-        } = state.as_mut().project()
-        else {
+        let StateProj::Running { future, sleep } = state.as_mut().project() else {
             panic!("timeout::ResponseFuture polled after completion");
         };
-        let elapsed = || this.started.elapsed().as_secs_f64();
         if let Poll::Ready(result) = future.poll(cx) {
             // Completed in time: the token stays as it is.
-            guard.0 = None;
             let result = result.map_err(Error::inner);
-            match &result {
-                Ok(_) => this.metrics.get().ok.record(elapsed()),
-                Err(_) => this.metrics.get().error.record(elapsed()),
+            if let Some((started, metrics)) = this.timing.as_ref() {
+                let elapsed = started.elapsed().as_secs_f64();
+                match &result {
+                    Ok(_) => metrics.get().ok.record(elapsed),
+                    Err(_) => metrics.get().error.record(elapsed),
+                }
             }
             state.set(State::Done);
             return Poll::Ready(result);
         }
-        if sleep.poll(cx).is_ready() {
-            this.metrics.get().timeouts.increment(1);
+        let expires = *this.expires;
+        let sleep = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(expires)));
+        if sleep.as_mut().poll(cx).is_ready() {
             tracing::debug!("timeout: timed out, cancelling the work");
-            this.metrics.get().timed_out.record(elapsed());
-            // Cancel the token, then drop the inner future.
-            if let Some(token) = guard.0.take() {
-                token.cancel();
+            if let Some((started, metrics)) = this.timing.as_ref() {
+                metrics.get().timeouts.increment(1);
+                metrics
+                    .get()
+                    .timed_out
+                    .record(started.elapsed().as_secs_f64());
             }
+            // Dropping the scope cancels the token, then drops the inner future.
             state.set(State::Done);
             return Poll::Ready(Err(Error::new(ErrorKind::TimedOut)));
         }
@@ -117,7 +114,7 @@ impl<F> fmt::Debug for ResponseFuture<F> {
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
-            .field("started", &self.started)
+            .field("expires", &self.expires)
             .finish()
     }
 }

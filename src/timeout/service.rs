@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::deadline::{
-    far_future, Carrier, Deadline, LazyToken, RequestTimeout, SameForAll, TaskLocal, TimeoutContext,
+    far_future, Carrier, Deadline, RequestTimeout, SameForAll, Scoped, TaskLocal, TimeoutContext,
 };
 use super::future::ResponseFuture;
 use super::layer::TimeoutLayer;
@@ -96,22 +96,34 @@ where
         self.inner.poll_ready(cx).map_err(Error::inner)
     }
 
-    fn call(&mut self, mut req: Req) -> Self::Future {
+    fn call(&mut self, req: Req) -> Self::Future {
         let now = Instant::now();
         let timeout = self.per_request.timeout_for(&req).unwrap_or(self.timeout);
         let expires = now.checked_add(timeout).unwrap_or_else(|| far_future(now));
-        let outer = TimeoutContext::current().or_else(|| self.carrier.existing(&req));
-        let (deadline, token) = match outer {
-            Some(outer) => (
-                outer.deadline().min(Deadline::at(expires)),
-                LazyToken::child_of(outer.lazy_token()),
-            ),
-            None => (Deadline::at(expires), LazyToken::root()),
-        };
-        let ctx = TimeoutContext::new(deadline, token.clone());
-        self.carrier.insert(&mut req, &ctx);
+        let ours = Deadline::at(expires);
+        let carrier = &self.carrier;
         let inner = &mut self.inner;
-        let future = ctx.clone().sync_scope(|| inner.call(req));
-        ResponseFuture::new(ctx.scope(future), expires, token, now, self.metrics.clone())
+        let (ctx, future) = TimeoutContext::nest(
+            req,
+            |current, req| {
+                let ctx = match current {
+                    Some(outer) => TimeoutContext::under(outer.deadline().min(ours), Some(outer)),
+                    None => match carrier.existing(req) {
+                        Some(outer) => {
+                            TimeoutContext::under(outer.deadline().min(ours), Some(&outer))
+                        }
+                        None => TimeoutContext::under(ours, None),
+                    },
+                };
+                carrier.insert(req, &ctx);
+                ctx
+            },
+            |req| inner.call(req),
+        );
+        let timing = self
+            .metrics
+            .recording()
+            .then(|| (now, self.metrics.clone()));
+        ResponseFuture::new(Scoped::new(ctx, future), expires, timing)
     }
 }
