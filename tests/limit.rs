@@ -27,7 +27,7 @@ use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 use towerguard::http::ErrorResponseLayer;
 use towerguard::limit::{
     ConcurrencyLimit, ConcurrencyLimitLayer, KeyedConcurrencyLimitLayer, LimitHandle,
-    ResponseFuture,
+    QueueDiscipline, ResponseFuture,
 };
 use towerguard::timeout::TimeoutLayer;
 use towerguard::ErrorKind;
@@ -677,4 +677,254 @@ fn public_types_are_send_and_sync() {
     send::<towerguard::http::PermitBody<Body>>();
     send_sync::<KeyedConcurrencyLimitLayer<String, String>>();
     send_sync::<towerguard::limit::KeyedConcurrencyLimit<Upstream, String, String>>();
+}
+
+/// A limit of one over a backend that answers each request only when the test opens its
+/// gate once, and notes the order in which requests reached it.
+struct Gated {
+    svc: towerguard::limit::ConcurrencyLimit<
+        tower::util::BoxCloneService<String, String, Infallible>,
+    >,
+    handle: LimitHandle,
+    gate: Arc<tokio::sync::Semaphore>,
+    reached: Arc<Mutex<Vec<String>>>,
+}
+
+type GatedFuture = tokio_test::task::Spawn<
+    ResponseFuture<
+        tower::util::BoxCloneService<String, String, Infallible>,
+        String,
+        towerguard::limit::OnResponse,
+    >,
+>;
+
+impl Gated {
+    fn new(discipline: QueueDiscipline) -> Self {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let reached = Arc::new(Mutex::new(Vec::new()));
+        let (inner_gate, inner_reached) = (gate.clone(), reached.clone());
+        let backend = service_fn(move |key: String| {
+            inner_reached.lock().unwrap().push(key.clone());
+            let gate = inner_gate.clone();
+            async move {
+                gate.acquire().await.unwrap().forget();
+                Ok::<_, Infallible>(key)
+            }
+        });
+        let layer = ConcurrencyLimitLayer::builder()
+            .limit(1)
+            .queue(10, Duration::from_secs(1))
+            .queue_discipline(discipline)
+            .build();
+        Gated {
+            svc: layer.layer(tower::util::BoxCloneService::new(backend)),
+            handle: layer.handle(),
+            gate,
+            reached,
+        }
+    }
+
+    async fn send(&mut self, key: &str) -> GatedFuture {
+        let mut future = task::spawn(self.svc.ready().await.unwrap().call(key.to_owned()));
+        assert_pending!(future.poll());
+        future
+    }
+
+    /// Lets the running request finish.
+    fn finish(&self, running: &mut GatedFuture) -> String {
+        self.gate.add_permits(1);
+        match running.poll() {
+            Poll::Ready(Ok(key)) => key,
+            other => panic!("the running request should finish, got {other:?}"),
+        }
+    }
+
+    fn reached(&self) -> Vec<String> {
+        self.reached.lock().unwrap().clone()
+    }
+}
+
+const CODEL: QueueDiscipline = QueueDiscipline::Codel {
+    target: Duration::from_millis(50),
+    interval: Duration::from_millis(100),
+};
+
+#[tokio::test(start_paused = true)]
+async fn codel_queue_is_fifo_while_it_does_not_stand() {
+    let mut gated = Gated::new(CODEL);
+    let mut a = gated.send("a").await;
+    let mut b = gated.send("b").await;
+    let mut c = gated.send("c").await;
+    let mut d = gated.send("d").await;
+    // The queue has been non-empty for less than the interval: first come, first served.
+    tokio::time::advance(Duration::from_millis(60)).await;
+    assert_eq!(gated.finish(&mut a), "a");
+    assert_pending!(b.poll());
+    assert_pending!(c.poll());
+    assert_pending!(d.poll());
+    assert_eq!(gated.reached(), ["a", "b"]);
+    assert_eq!(gated.finish(&mut b), "b");
+    assert_pending!(c.poll());
+    assert_eq!(gated.reached(), ["a", "b", "c"]);
+    assert_eq!(gated.handle.queued(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn codel_queue_serves_the_newest_first_and_sheds_the_oldest_while_it_stands() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let mut gated = Gated::new(CODEL);
+    let mut a = gated.send("a").await;
+    let mut b = gated.send("b").await;
+    // Not empty for longer than the interval: the queue stands, and b has waited past the
+    // target.
+    tokio::time::advance(Duration::from_millis(150)).await;
+    let mut c = gated.send("c").await;
+    let mut d = gated.send("d").await;
+    assert_eq!(gated.handle.queued(), 3);
+    assert_eq!(gated.finish(&mut a), "a");
+    // The permit goes to the newest waiter; the one older than the target is shed.
+    let shed = match b.poll() {
+        Poll::Ready(Err(e)) => e,
+        other => panic!("b should be shed, got {other:?}"),
+    };
+    assert_eq!(shed.kind(), ErrorKind::Overloaded);
+    assert_pending!(d.poll());
+    assert_pending!(c.poll());
+    assert_eq!(gated.reached(), ["a", "d"]);
+    assert_eq!(gated.finish(&mut d), "d");
+    assert_pending!(c.poll());
+    assert_eq!(gated.reached(), ["a", "d", "c"]);
+    assert_eq!(gated.finish(&mut c), "c");
+    assert_eq!(gated.handle.queued(), 0);
+    assert_eq!(gated.handle.in_flight(), 0);
+    let metrics = support::Metrics::from(&snapshotter);
+    let standing = [("name", "default"), ("reason", "queue_standing")];
+    assert_eq!(
+        metrics.counter("towerguard_limit_rejected_total", &standing),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn codel_a_request_joining_a_standing_queue_waits_the_target_at_most() {
+    let mut gated = Gated::new(CODEL);
+    let _a = gated.send("a").await;
+    let mut b = gated.send("b").await;
+    tokio::time::advance(Duration::from_millis(150)).await;
+    let mut c = gated.send("c").await;
+    // c joined a standing queue: it may wait 50 ms, not the queue's second.
+    tokio::time::advance(Duration::from_millis(49)).await;
+    assert_pending!(c.poll());
+    tokio::time::advance(Duration::from_millis(2)).await;
+    match c.poll() {
+        Poll::Ready(Err(e)) => assert_eq!(e.kind(), ErrorKind::Overloaded),
+        other => panic!("c should give up after the target, got {other:?}"),
+    }
+    // b joined while the queue did not stand: its bound is still the queue's.
+    assert_pending!(b.poll());
+    assert_eq!(gated.handle.queued(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fifo_queue_keeps_arrival_order_however_long_it_stands() {
+    let mut gated = Gated::new(QueueDiscipline::Fifo);
+    let mut a = gated.send("a").await;
+    let mut b = gated.send("b").await;
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let mut c = gated.send("c").await;
+    assert_eq!(gated.finish(&mut a), "a");
+    assert_pending!(b.poll());
+    assert_pending!(c.poll());
+    assert_eq!(gated.reached(), ["a", "b"]);
+    assert_eq!(gated.finish(&mut b), "b");
+    assert_pending!(c.poll());
+    assert_eq!(gated.reached(), ["a", "b", "c"]);
+}
+
+/// Sends `n` requests one after another through `svc`; all must come back as `status`.
+async fn send_statuses<S>(svc: &mut S, n: usize, status: StatusCode)
+where
+    S: Service<Request<String>, Response = Response<String>>,
+    S::Error: std::fmt::Debug,
+{
+    for _ in 0..n {
+        let req = Request::new(String::new());
+        let response = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(response.status(), status);
+    }
+}
+
+/// A backend that answers every request with `status`.
+fn answering(
+    status: StatusCode,
+) -> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future = impl Send>
+       + Clone {
+    service_fn(move |_req: Request<String>| async move {
+        let mut response = Response::new(String::new());
+        *response.status_mut() = status;
+        Ok::<_, Infallible>(response)
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn responses_of_503_and_429_bring_an_adaptive_limit_down() {
+    for status in [
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        let layer = ConcurrencyLimitLayer::builder()
+            .adaptive(towerguard::limit::adaptive::Aimd::new(64, 4, 1_000))
+            .build();
+        let handle = layer.handle();
+        let mut svc = layer.http_responses().layer(answering(status));
+        send_statuses(&mut svc, 50, status).await;
+        assert!(
+            handle.limit() < 64,
+            "{status}: the limit stayed at {}",
+            handle.limit()
+        );
+    }
+    // Answers of 200 are not drops, and 500 says nothing about load.
+    for status in [StatusCode::OK, StatusCode::INTERNAL_SERVER_ERROR] {
+        let layer = ConcurrencyLimitLayer::builder()
+            .adaptive(towerguard::limit::adaptive::Aimd::new(64, 4, 1_000))
+            .build();
+        let handle = layer.handle();
+        let mut svc = layer.http_responses().layer(answering(status));
+        send_statuses(&mut svc, 50, status).await;
+        assert_eq!(handle.limit(), 64, "{status}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_http_stack_counts_503_from_the_backend_as_drops() {
+    let stack = towerguard::stack::StackBuilder::new()
+        .adaptive_limit(64, 4, 1_000)
+        .retry_attempts(1)
+        .build_http::<Body>()
+        .unwrap();
+    let handle = stack.limit_handle().unwrap();
+    let backend = service_fn(
+        |_req: Request<towerguard::http::BufferedBody<Body>>| async {
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            Ok::<_, Infallible>(response)
+        },
+    );
+    let svc = stack.layer(backend);
+    for _ in 0..100 {
+        let response = svc
+            .clone()
+            .oneshot(Request::new(Body::empty()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert!(
+        handle.limit() < 64,
+        "the limit stayed at {}",
+        handle.limit()
+    );
 }

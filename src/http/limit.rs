@@ -12,11 +12,20 @@ use tokio::sync::oneshot;
 use crate::limit::{ConcurrencyLimitLayer, Permit, Release};
 
 impl<M> ConcurrencyLimitLayer<M> {
+    /// For `http::Response`s: the permit goes back with the response, and a 503 or a 429
+    /// from the inner service counts as a drop for an adaptive limit (as a timeout does),
+    /// so a backend that sheds load brings the limit down instead of letting it grow.
+    /// Shares this layer's limiter.
+    pub fn http_responses(&self) -> ConcurrencyLimitLayer<OnHttpResponse> {
+        self.releasing()
+    }
+
     /// For HTTP services: hold each permit until the response body has been streamed to
     /// its end (or dropped), not just until the response head is ready, and at most the
     /// builder's [`max_body_hold`](crate::limit::ConcurrencyLimitBuilder::max_body_hold)
     /// (60 s unless set): a client that reads slowly, or not at all, gives its slot back
-    /// then, and its body streams on. Shares this layer's limiter.
+    /// then, and its body streams on. A 503 or a 429 counts as a drop, as with
+    /// [`http_responses`](Self::http_responses). Shares this layer's limiter.
     pub fn until_body_end(&self) -> ConcurrencyLimitLayer<OnBodyEnd> {
         self.releasing()
     }
@@ -31,7 +40,8 @@ pub struct OnBodyEnd;
 impl<B: Body> Release<http::Response<B>> for OnBodyEnd {
     type Output = http::Response<PermitBody<B>>;
 
-    fn attach(response: http::Response<B>, permit: Permit) -> Self::Output {
+    fn attach(response: http::Response<B>, mut permit: Permit) -> Self::Output {
+        classify(&response, &mut permit);
         response.map(|body| PermitBody {
             held: (!body.is_end_stream()).then(|| Held::new(permit)),
             body,
@@ -42,6 +52,33 @@ impl<B: Body> Release<http::Response<B>> for OnBodyEnd {
 /// A body's permit, shared with a timer that takes it back after `max_body_hold`: the
 /// body may never be polled again (a client that stopped reading), so only a task of its
 /// own can return it on time.
+/// Returns the permit with the response, like [`OnResponse`](crate::limit::OnResponse),
+/// and tells an adaptive algorithm that a response of 503 (Service Unavailable) or 429 (Too
+/// Many Requests) is a drop, as a timeout is: the backend said it is overloaded. Made by
+/// [`ConcurrencyLimitLayer::http_responses`]; the HTTP stack uses it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OnHttpResponse;
+
+impl<B> Release<http::Response<B>> for OnHttpResponse {
+    type Output = http::Response<B>;
+
+    fn attach(response: http::Response<B>, mut permit: Permit) -> Self::Output {
+        classify(&response, &mut permit);
+        drop(permit);
+        response
+    }
+}
+
+/// A 503 or a 429 counts as a drop for the adaptive algorithm.
+fn classify<B>(response: &http::Response<B>, permit: &mut Permit) {
+    let status = response.status();
+    if status == http::StatusCode::SERVICE_UNAVAILABLE
+        || status == http::StatusCode::TOO_MANY_REQUESTS
+    {
+        permit.record_overloaded();
+    }
+}
+
 struct Held {
     permit: Arc<Mutex<Option<Permit>>>,
     /// Dropped when the body ends: the timer stops early.

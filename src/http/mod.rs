@@ -59,7 +59,7 @@ pub use self::body::BufferedBody;
 pub use self::cache::{HttpCache, HttpCacheBuilder, HttpCacheFuture, HttpCacheLayer, CACHE_STATUS};
 pub use self::error::{error_response, ErrorResponse, ErrorResponseFuture, ErrorResponseLayer};
 #[cfg(feature = "limit")]
-pub use self::limit::{OnBodyEnd, PermitBody};
+pub use self::limit::{OnBodyEnd, OnHttpResponse, PermitBody};
 #[cfg(feature = "retry")]
 pub use self::retry::{
     is_replayable_request, is_retryable_status, retry_after, BufferBody, BufferBodyFuture,

@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::limiter::{Outcome, Permit, Ticket};
+use super::limiter::{Outcome, Permit, Ticket, Turn};
 use super::release::Release;
 use crate::error::{BoxError, Error, ErrorKind};
 
@@ -86,18 +86,13 @@ where
         Self::new(State::Running { future, permit }, retry_after)
     }
 
-    pub(crate) fn queued(
-        ticket: Ticket,
-        service: S,
-        request: Req,
-        max_wait: Option<Duration>,
-        retry_after: Duration,
-    ) -> Self {
+    pub(crate) fn queued(ticket: Ticket, service: S, request: Req, retry_after: Duration) -> Self {
+        let deadline = ticket.max_wait().map(tokio::time::sleep);
         let state = State::Queued {
             ticket,
             service: Some(service),
             request: Some(request),
-            deadline: max_wait.map(tokio::time::sleep),
+            deadline,
         };
         Self::new(state, retry_after)
     }
@@ -141,9 +136,13 @@ where
                     request,
                     deadline,
                 } => {
-                    let permit = match ticket.poll_granted(cx.waker()) {
-                        Some(permit) => permit,
-                        None => match deadline.as_pin_mut().map(|d| d.poll(cx)) {
+                    let permit = match ticket.poll_turn(cx.waker()) {
+                        Turn::Granted(permit) => permit,
+                        Turn::Shed => {
+                            state.set(State::Done);
+                            break Err(overloaded());
+                        }
+                        Turn::Waiting => match deadline.as_pin_mut().map(|d| d.poll(cx)) {
                             Some(Poll::Ready(())) => match ticket.time_out() {
                                 Ok(permit) => permit,
                                 Err(_) => {

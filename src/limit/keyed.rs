@@ -50,25 +50,21 @@ where
     /// in the overflow partition. Runs under the key's map lock, so an idle partition
     /// cannot be removed in between (lock order: the partition map, then `in_overflow`).
     /// A request in the overflow partition comes back with the guard that counts it.
-    fn acquire(&self, key: K) -> (Arc<Limiter>, Result<Acquired, Rejection>, Option<Companion>) {
+    fn acquire(&self, key: K) -> (Result<Acquired, Rejection>, Option<Companion>) {
         match self.map.entry(key) {
-            Entry::Occupied(occupied) => {
-                let limiter = occupied.get().clone();
-                let acquired = limiter.acquire();
-                (limiter, acquired, None)
-            }
+            Entry::Occupied(occupied) => (occupied.get().acquire(), None),
             Entry::Vacant(vacant) => {
                 let full = self.len.load(Ordering::Relaxed) >= self.max_keys;
                 if full || self.in_overflow.contains_key(vacant.key()) {
                     let acquired = self.overflow.acquire();
                     let guard = acquired.is_ok().then(|| self.enter_overflow(vacant.key()));
-                    return (self.overflow.clone(), acquired, guard);
+                    return (acquired, guard);
                 }
                 let limiter = Arc::new(self.partition(vacant.key().clone()));
                 let acquired = limiter.acquire();
-                vacant.insert(limiter.clone());
+                vacant.insert(limiter);
                 self.len.fetch_add(1, Ordering::Relaxed);
-                (limiter, acquired, None)
+                (acquired, None)
             }
         }
     }
@@ -357,8 +353,8 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let key = (self.key_fn)(&req);
-        let (limiter, acquired, guard) = self.partitions.acquire(key);
-        let future = admit(acquired, &limiter, &mut self.inner, req, self.retry_after);
+        let (acquired, guard) = self.partitions.acquire(key);
+        let future = admit(acquired, &mut self.inner, req, self.retry_after);
         match guard {
             Some(guard) => future.with_companion(guard),
             None => future,

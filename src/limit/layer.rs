@@ -9,6 +9,7 @@ use super::adaptive::Algorithm;
 use super::limiter::{Limiter, DEFAULT_MAX_BODY_HOLD};
 use super::release::OnResponse;
 use super::service::ConcurrencyLimit;
+use super::QueueDiscipline;
 use crate::metrics::LimitMetrics;
 
 /// The `Retry-After` a rejection suggests unless configured otherwise.
@@ -76,6 +77,7 @@ impl ConcurrencyLimitLayer {
             algorithm: None,
             max_queue: 0,
             max_wait: None,
+            discipline: QueueDiscipline::Fifo,
             retry_after: DEFAULT_RETRY_AFTER,
             max_body_hold: DEFAULT_MAX_BODY_HOLD,
         }
@@ -117,6 +119,7 @@ pub struct ConcurrencyLimitBuilder {
     algorithm: Option<Box<dyn Algorithm>>,
     max_queue: usize,
     max_wait: Option<Duration>,
+    discipline: QueueDiscipline,
     retry_after: Duration,
     max_body_hold: Duration,
 }
@@ -129,6 +132,7 @@ impl fmt::Debug for ConcurrencyLimitBuilder {
             .field("algorithm", &self.algorithm)
             .field("max_queue", &self.max_queue)
             .field("max_wait", &self.max_wait)
+            .field("discipline", &self.discipline)
             .field("retry_after", &self.retry_after)
             .field("max_body_hold", &self.max_body_hold)
             .finish()
@@ -172,6 +176,13 @@ impl ConcurrencyLimitBuilder {
         self
     }
 
+    /// How the queue orders and bounds its waiters: [`QueueDiscipline::Fifo`] (the
+    /// default) or [`QueueDiscipline::codel`]. Only matters with a queue.
+    pub fn queue_discipline(mut self, discipline: QueueDiscipline) -> Self {
+        self.discipline = discipline;
+        self
+    }
+
     /// The wait a rejection suggests (HTTP: `Retry-After`), default one second.
     pub fn retry_after(mut self, after: Duration) -> Self {
         self.retry_after = after;
@@ -198,7 +209,8 @@ impl ConcurrencyLimitBuilder {
                     self.algorithm,
                     metrics,
                 )
-                .with_max_body_hold(self.max_body_hold),
+                .with_max_body_hold(self.max_body_hold)
+                .with_discipline(self.discipline),
             ),
             retry_after: self.retry_after,
             _release: PhantomData,

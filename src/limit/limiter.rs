@@ -1,5 +1,5 @@
-//! The shared limiter: permits counted in one atomic, a bounded FIFO queue, and an optional
-//! adaptive algorithm.
+//! The shared limiter: permits counted in one atomic, a bounded queue (FIFO, or CoDel-style
+//! with adaptive LIFO), and an optional adaptive algorithm.
 //!
 //! # Invariants
 //!
@@ -20,8 +20,9 @@
 //!
 //! The fast path is one compare-and-swap on the in-flight count; the queue's lock is taken
 //! only when the limit is reached or somebody is already waiting. A released permit is
-//! handed straight to the first waiter, so a queued request cannot be overtaken by a newly
-//! arrived one while it waits.
+//! handed straight to a waiter, so a queued request cannot be overtaken by a newly arrived
+//! one while it waits: the first in line, or, while a CoDel queue stands, the newest, after
+//! the waiters older than the target were shed.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -32,6 +33,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::adaptive::{Algorithm, Sample};
+use super::QueueDiscipline;
 use crate::metrics::LimitMetrics;
 use crate::sync::{load_latest, lock, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 
@@ -46,13 +48,22 @@ pub(crate) enum Rejection {
     QueueTimeout,
 }
 
+/// The waiters, and when there were none.
+struct Queue {
+    waiting: VecDeque<Arc<Slot>>,
+    /// The last time the queue was seen empty: a queue not empty since longer than the
+    /// CoDel interval stands.
+    last_empty: Instant,
+}
+
 pub(crate) struct Limiter {
     in_flight: AtomicUsize,
     limit: AtomicUsize,
     queued: AtomicUsize,
     max_queue: usize,
     max_wait: Option<Duration>,
-    queue: Mutex<VecDeque<Arc<Slot>>>,
+    queue: Mutex<Queue>,
+    discipline: QueueDiscipline,
     next_id: AtomicU64,
     algorithm: Option<Adaptive>,
     pub(crate) metrics: LimitMetrics,
@@ -134,17 +145,33 @@ impl fmt::Debug for Limiter {
 /// A queued request's place in line.
 struct Slot {
     id: u64,
+    enqueued: Instant,
     granted: AtomicBool,
+    /// Taken out of the queue without a permit (CoDel).
+    shed: AtomicBool,
     waker: Mutex<Option<Waker>>,
 }
 
 impl Slot {
     fn grant(&self) {
         self.granted.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    fn shed(&self) {
+        self.shed.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    fn wake(&self) {
         let waker = lock(&self.waker).take();
         if let Some(waker) = waker {
             waker.wake();
         }
+    }
+
+    fn settled(&self) -> bool {
+        self.granted.load(Ordering::Acquire) || self.shed.load(Ordering::Acquire)
     }
 }
 
@@ -168,7 +195,11 @@ impl Limiter {
             queued: AtomicUsize::new(0),
             max_queue,
             max_wait,
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue {
+                waiting: VecDeque::new(),
+                last_empty: Instant::now(),
+            }),
+            discipline: QueueDiscipline::Fifo,
             next_id: AtomicU64::new(0),
             algorithm,
             metrics,
@@ -178,6 +209,11 @@ impl Limiter {
     }
 
     /// Sets how long a response body may hold its permit.
+    pub(crate) fn with_discipline(mut self, discipline: QueueDiscipline) -> Self {
+        self.discipline = discipline;
+        self
+    }
+
     pub(crate) fn with_max_body_hold(mut self, hold: Duration) -> Self {
         self.max_body_hold = hold;
         self
@@ -210,10 +246,6 @@ impl Limiter {
 
     pub(crate) fn queued(&self) -> usize {
         self.queued.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn max_wait(&self) -> Option<Duration> {
-        self.max_wait
     }
 
     fn try_increment(&self) -> Option<usize> {
@@ -260,18 +292,31 @@ impl Limiter {
             return Err(Rejection::Full);
         }
         let mut queue = lock(&self.queue);
-        if queue.len() >= self.max_queue {
+        if queue.waiting.len() >= self.max_queue {
             drop(queue);
             self.metrics.rejected_queue_full.increment(1);
             tracing::debug!(reason = "queue_full", "limit: shed");
             return Err(Rejection::QueueFull);
         }
+        let now = Instant::now();
+        if queue.waiting.is_empty() {
+            queue.last_empty = now;
+        }
+        // A request that joins a standing queue may wait the target at most.
+        let max_wait = match self.discipline {
+            QueueDiscipline::Codel { target, .. } if self.standing(&queue, now) => {
+                Some(self.max_wait.map_or(target, |wait| wait.min(target)))
+            }
+            _ => self.max_wait,
+        };
         let slot = Arc::new(Slot {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            enqueued: now,
             granted: AtomicBool::new(false),
+            shed: AtomicBool::new(false),
             waker: Mutex::new(None),
         });
-        queue.push_back(slot.clone());
+        queue.waiting.push_back(slot.clone());
         self.queued.fetch_add(1, Ordering::SeqCst);
         self.metrics.queue_depth.increment(1.0);
         // A permit may have come free after the fast path looked: hand out what is free.
@@ -279,17 +324,66 @@ impl Limiter {
         Ok(Acquired::Queued(Ticket {
             limiter: self.clone(),
             slot,
-            enqueued: Instant::now(),
+            enqueued: now,
+            max_wait,
             done: false,
         }))
     }
 
-    /// Grants permits to the front of the queue while there are permits free.
-    fn drain(&self, queue: &mut VecDeque<Arc<Slot>>) {
-        while !queue.is_empty() && self.try_increment().is_some() {
-            if let Some(slot) = queue.pop_front() {
-                self.dequeued();
-                slot.grant();
+    /// True if the queue has not been empty for the CoDel interval.
+    fn standing(&self, queue: &Queue, now: Instant) -> bool {
+        match self.discipline {
+            QueueDiscipline::Codel { interval, .. } => {
+                !queue.waiting.is_empty()
+                    && now.saturating_duration_since(queue.last_empty) >= interval
+            }
+            QueueDiscipline::Fifo => false,
+        }
+    }
+
+    /// The waiter a free permit goes to: the first in line; while a CoDel queue stands,
+    /// the newest, after shedding the waiters older than the target.
+    fn next_waiter(&self, queue: &mut Queue) -> Option<Arc<Slot>> {
+        let slot = match self.discipline {
+            QueueDiscipline::Fifo => queue.waiting.pop_front(),
+            QueueDiscipline::Codel { target, .. } => {
+                let now = Instant::now();
+                if self.standing(queue, now) {
+                    while let Some(oldest) = queue.waiting.front() {
+                        if now.saturating_duration_since(oldest.enqueued) <= target {
+                            break;
+                        }
+                        if let Some(oldest) = queue.waiting.pop_front() {
+                            self.dequeued();
+                            self.metrics.rejected_standing.increment(1);
+                            tracing::debug!(reason = "queue_standing", "limit: shed");
+                            oldest.shed();
+                        }
+                    }
+                    queue.waiting.pop_back()
+                } else {
+                    queue.waiting.pop_front()
+                }
+            }
+        };
+        if queue.waiting.is_empty() && self.discipline != QueueDiscipline::Fifo {
+            queue.last_empty = Instant::now();
+        }
+        slot
+    }
+
+    /// Grants permits to waiters while there are permits free.
+    fn drain(&self, queue: &mut Queue) {
+        while !queue.waiting.is_empty() && self.try_increment().is_some() {
+            match self.next_waiter(queue) {
+                Some(slot) => {
+                    self.dequeued();
+                    slot.grant();
+                }
+                // Every waiter was shed: the permit goes back.
+                None => {
+                    self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         }
     }
@@ -305,7 +399,7 @@ impl Limiter {
         if self.queued.load(Ordering::SeqCst) > 0 {
             let mut queue = lock(&self.queue);
             if self.in_flight.load(Ordering::SeqCst) <= self.limit.load(Ordering::SeqCst) {
-                if let Some(slot) = queue.pop_front() {
+                if let Some(slot) = self.next_waiter(&mut queue) {
                     // The permit passes to the waiter: the in-flight count stays.
                     self.dequeued();
                     slot.grant();
@@ -386,6 +480,12 @@ impl Permit {
     pub(crate) fn record(&mut self, outcome: Outcome) {
         self.outcome = outcome;
     }
+
+    /// Counts the request as a drop: the backend answered that it is overloaded.
+    #[cfg(feature = "http")]
+    pub(crate) fn record_overloaded(&mut self) {
+        self.outcome = Outcome::Dropped;
+    }
 }
 
 impl Drop for Permit {
@@ -412,24 +512,46 @@ pub(crate) struct Ticket {
     limiter: Arc<Limiter>,
     slot: Arc<Slot>,
     enqueued: Instant,
+    /// How long this request may wait (shorter when it joined a standing queue).
+    max_wait: Option<Duration>,
     done: bool,
 }
 
+/// What a queued request's poll found.
+pub(crate) enum Turn {
+    Granted(Permit),
+    /// Shed from a standing queue.
+    Shed,
+    Waiting,
+}
+
 impl Ticket {
-    /// The permit, once granted; registers `waker` otherwise.
-    pub(crate) fn poll_granted(&mut self, waker: &Waker) -> Option<Permit> {
-        if !self.slot.granted.load(Ordering::Acquire) {
+    /// How long this request may wait in the queue.
+    pub(crate) fn max_wait(&self) -> Option<Duration> {
+        self.max_wait
+    }
+
+    /// The permit once granted, the news that the request was shed, or `Waiting` with
+    /// `waker` registered.
+    pub(crate) fn poll_turn(&mut self, waker: &Waker) -> Turn {
+        if !self.slot.settled() {
             let mut slot_waker = lock(&self.slot.waker);
             match &mut *slot_waker {
                 Some(current) if current.will_wake(waker) => {}
                 other => *other = Some(waker.clone()),
             }
             drop(slot_waker);
-            if !self.slot.granted.load(Ordering::Acquire) {
-                return None;
+            if !self.slot.settled() {
+                return Turn::Waiting;
             }
         }
-        Some(self.take_permit())
+        if self.slot.granted.load(Ordering::Acquire) {
+            Turn::Granted(self.take_permit())
+        } else {
+            self.done = true;
+            self.limiter.released();
+            Turn::Shed
+        }
     }
 
     fn take_permit(&mut self) -> Permit {
@@ -470,9 +592,12 @@ impl Ticket {
             drop(queue);
             return Some(self.take_permit());
         }
-        if let Some(index) = queue.iter().position(|s| s.id == self.slot.id) {
-            queue.remove(index);
+        if let Some(index) = queue.waiting.iter().position(|s| s.id == self.slot.id) {
+            queue.waiting.remove(index);
             self.limiter.dequeued();
+            if queue.waiting.is_empty() {
+                queue.last_empty = Instant::now();
+            }
         }
         drop(queue);
         self.done = true;

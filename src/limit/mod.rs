@@ -9,8 +9,16 @@
 //!   idle holds nothing. The permit is returned when the response future ends (success,
 //!   error, panic) or is dropped; with `ConcurrencyLimitLayer::until_body_end` (with the `http` feature), when the
 //!   HTTP response body ends.
-//! - **When full**: reject at once (the default) or wait in a FIFO queue bounded in length
-//!   and in wait; then fail with [`ErrorKind::Overloaded`], carrying a `Retry-After` hint.
+//! - **When full**: reject at once (the default) or wait in a queue bounded in length and
+//!   in wait; then fail with [`ErrorKind::Overloaded`], carrying a `Retry-After` hint.
+//! - **Queue discipline** ([`QueueDiscipline`]): first come, first served (the layer's
+//!   default), or CoDel with adaptive LIFO (the stack's default). A FIFO queue under
+//!   sustained overload serves every request late; under CoDel, once the queue has not
+//!   been empty for an interval (100 ms) it *stands*: requests joining it may wait only
+//!   the target (5 ms), waiters older than the target are shed, and a free permit goes to
+//!   the newest waiter. Under overload the requests that are served are served fast and
+//!   the rest are refused at once; without a standing queue, order and waits are FIFO's.
+//!   Sheds are counted under `reason="queue_standing"`.
 //! - **Adaptive**: an [`adaptive::Algorithm`] ([`adaptive::Aimd`], [`adaptive::Vegas`])
 //!   moves the limit within its bounds from the latency and drops of finished requests.
 //! - **Per key**: [`KeyedConcurrencyLimitLayer`] gives each key (tenant, client) a limit
@@ -67,5 +75,47 @@ pub use self::layer::{
     ConcurrencyLimitBuilder, ConcurrencyLimitLayer, LimitHandle, DEFAULT_RETRY_AFTER,
 };
 pub use self::limiter::Permit;
+
+use std::time::Duration;
+
+/// How the limit's queue orders its waiters and bounds their wait.
+///
+/// ```
+/// use std::time::Duration;
+/// use towerguard::limit::{ConcurrencyLimitLayer, QueueDiscipline};
+///
+/// let limit = ConcurrencyLimitLayer::builder()
+///     .limit(16)
+///     .queue(256, Duration::from_millis(100))
+///     .queue_discipline(QueueDiscipline::codel())
+///     .build();
+/// # drop(limit);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueDiscipline {
+    /// First come, first served; every waiter may wait the queue's maximum wait.
+    Fifo,
+    /// CoDel-style waits with adaptive LIFO (Facebook, "Fail at Scale", 2015). While the
+    /// queue has been empty within the last `interval`, it behaves as [`Fifo`](Self::Fifo).
+    /// Once it has not, it stands: a request joining it waits at most `target`, waiters
+    /// older than `target` are shed when a permit comes free, and the permit goes to the
+    /// newest waiter.
+    Codel {
+        /// The longest wait in a standing queue.
+        target: Duration,
+        /// How long the queue must stay non-empty before it counts as standing.
+        interval: Duration,
+    },
+}
+
+impl QueueDiscipline {
+    /// CoDel with a target of 5 ms and an interval of 100 ms.
+    pub const fn codel() -> Self {
+        QueueDiscipline::Codel {
+            target: Duration::from_millis(5),
+            interval: Duration::from_millis(100),
+        }
+    }
+}
 pub use self::release::{OnResponse, Release};
 pub use self::service::ConcurrencyLimit;

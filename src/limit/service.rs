@@ -101,13 +101,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let acquired = self.limiter.acquire();
-        admit(
-            acquired,
-            &self.limiter,
-            &mut self.inner,
-            req,
-            self.retry_after,
-        )
+        admit(acquired, &mut self.inner, req, self.retry_after)
     }
 }
 
@@ -115,7 +109,6 @@ where
 /// with the readied service moved out (a fresh clone takes its place), or reject.
 pub(crate) fn admit<S, Req, M>(
     acquired: Result<Acquired, Rejection>,
-    limiter: &Limiter,
     inner: &mut S,
     req: Req,
     retry_after: Duration,
@@ -130,7 +123,7 @@ where
         Ok(Acquired::Queued(ticket)) => {
             let fresh = inner.clone();
             let readied = std::mem::replace(inner, fresh);
-            ResponseFuture::queued(ticket, readied, req, limiter.max_wait(), retry_after)
+            ResponseFuture::queued(ticket, readied, req, retry_after)
         }
         Err(_) => ResponseFuture::rejected(retry_after),
     }

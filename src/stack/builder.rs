@@ -15,7 +15,7 @@ use crate::hedge::HedgeLayer;
 #[cfg(feature = "http")]
 use crate::http::HttpCacheLayer;
 use crate::limit::adaptive::Vegas;
-use crate::limit::ConcurrencyLimitLayer;
+use crate::limit::{ConcurrencyLimitLayer, QueueDiscipline};
 use crate::retry::{RetryErrors, RetryLayer};
 use crate::timeout::{TaskLocal, TimeoutLayer};
 
@@ -96,6 +96,7 @@ pub struct StackBuilder {
     attempt_timeout: Option<Duration>,
     limit: Limit,
     queue: Option<(usize, Duration)>,
+    discipline: QueueDiscipline,
     retry_attempts: u32,
     budget: Option<Budget>,
     hedge: Option<Option<Duration>>,
@@ -127,6 +128,7 @@ impl StackBuilder {
                 max: 1_000,
             },
             queue: Some((256, Duration::from_millis(100))),
+            discipline: QueueDiscipline::codel(),
             retry_attempts: 3,
             budget: Some(Budget::new(0.2, 10.0)),
             hedge: None,
@@ -188,6 +190,13 @@ impl StackBuilder {
     /// The limit's queue: at most `len` requests waiting at most `wait`.
     pub fn queue(mut self, len: usize, wait: Duration) -> Self {
         self.queue = Some((len, wait));
+        self
+    }
+
+    /// How the limit's queue orders and bounds its waiters: CoDel with adaptive LIFO
+    /// ([`QueueDiscipline::codel`]) unless set.
+    pub fn queue_discipline(mut self, discipline: QueueDiscipline) -> Self {
+        self.discipline = discipline;
         self
     }
 
@@ -274,7 +283,7 @@ impl StackBuilder {
             Some((len, wait)) => builder.queue(len, wait),
             None => builder,
         };
-        Some(builder.build())
+        Some(builder.queue_discipline(self.discipline).build())
     }
 
     /// Builds every layer below the cache once, with its shared state: the limiter and

@@ -140,7 +140,12 @@ where
         let svc = optional(&layers.attempt, svc);
         let svc = optional(&layers.hedge, svc);
         let svc = optional(&layers.retry, svc);
-        let svc = optional(&layers.limit, svc);
+        // A 503 or a 429 from below brings an adaptive limit down.
+        let limit = layers
+            .limit
+            .as_ref()
+            .map(ConcurrencyLimitLayer::http_responses);
+        let svc = optional(&limit, svc);
         // Bodies are read ahead outside the limit (bounded by the total timeout), so a
         // slow upload holds no permit.
         let svc = self.buffer.layer(svc);
