@@ -36,6 +36,15 @@ pin_project! {
     }
 }
 
+/// A request waiting in the queue: its place, the readied service and the request for
+/// when its turn comes, and the end of its wait.
+pub(crate) struct Waiting<S, Req> {
+    ticket: Ticket,
+    service: Option<S>,
+    request: Option<Req>,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
 /// Something a request holds while it holds its place in a limit.
 pub(crate) type Companion = Box<dyn Send + Sync>;
 
@@ -46,13 +55,9 @@ pin_project! {
         S: Service<Req>,
     {
         Rejected,
-        Queued {
-            ticket: Ticket,
-            service: Option<S>,
-            request: Option<Req>,
-            #[pin]
-            deadline: Option<Sleep>,
-        },
+        // Boxed: a waiting request's state would make every future (most never wait)
+        // larger.
+        Queued { waiting: Box<Waiting<S, Req>> },
         Running {
             #[pin]
             future: S::Future,
@@ -87,12 +92,14 @@ where
     }
 
     pub(crate) fn queued(ticket: Ticket, service: S, request: Req, retry_after: Duration) -> Self {
-        let deadline = ticket.max_wait().map(tokio::time::sleep);
+        let deadline = ticket.max_wait().map(|wait| Box::pin(tokio::time::sleep(wait)));
         let state = State::Queued {
-            ticket,
-            service: Some(service),
-            request: Some(request),
-            deadline,
+            waiting: Box::new(Waiting {
+                ticket,
+                service: Some(service),
+                request: Some(request),
+                deadline,
+            }),
         };
         Self::new(state, retry_after)
     }
@@ -130,19 +137,20 @@ where
                     state.set(State::Done);
                     break Err(overloaded());
                 }
-                StateProj::Queued {
-                    ticket,
-                    service,
-                    request,
-                    deadline,
-                } => {
+                StateProj::Queued { waiting } => {
+                    let Waiting {
+                        ticket,
+                        service,
+                        request,
+                        deadline,
+                    } = &mut **waiting;
                     let permit = match ticket.poll_turn(cx.waker()) {
                         Turn::Granted(permit) => permit,
                         Turn::Shed => {
                             state.set(State::Done);
                             break Err(overloaded());
                         }
-                        Turn::Waiting => match deadline.as_pin_mut().map(|d| d.poll(cx)) {
+                        Turn::Waiting => match deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
                             Some(Poll::Ready(())) => match ticket.time_out() {
                                 Ok(permit) => permit,
                                 Err(_) => {

@@ -248,6 +248,7 @@ impl Limiter {
         self.queued.load(Ordering::SeqCst)
     }
 
+    #[inline]
     fn try_increment(&self) -> Option<usize> {
         let limit = self.limit.load(Ordering::SeqCst);
         let mut current = load_latest(&self.in_flight);
@@ -267,6 +268,7 @@ impl Limiter {
         }
     }
 
+    #[inline]
     fn admitted(self: &Arc<Self>, in_flight: usize) -> Permit {
         self.metrics.admitted.increment(1);
         self.metrics.in_flight.increment(1.0);
@@ -280,12 +282,20 @@ impl Limiter {
     }
 
     /// Takes a permit, or a place in the queue, or says why not.
+    #[inline]
     pub(crate) fn acquire(self: &Arc<Self>) -> Result<Acquired, Rejection> {
         if self.queued.load(Ordering::SeqCst) == 0 {
             if let Some(in_flight) = self.try_increment() {
                 return Ok(Acquired::Permit(self.admitted(in_flight)));
             }
         }
+        self.acquire_slow()
+    }
+
+    /// The limit is reached or somebody waits: reject or queue.
+    #[cold]
+    #[inline(never)]
+    fn acquire_slow(self: &Arc<Self>) -> Result<Acquired, Rejection> {
         if self.max_queue == 0 {
             self.metrics.rejected_full.increment(1);
             tracing::debug!(reason = "full", "limit: shed");
@@ -394,27 +404,42 @@ impl Limiter {
     }
 
     /// Returns a permit: to the first waiter if the limit allows, else to the pool.
+    #[inline]
     fn release(&self) {
         self.metrics.in_flight.decrement(1.0);
-        if self.queued.load(Ordering::SeqCst) > 0 {
-            let mut queue = lock(&self.queue);
-            if self.in_flight.load(Ordering::SeqCst) <= self.limit.load(Ordering::SeqCst) {
-                if let Some(slot) = self.next_waiter(&mut queue) {
-                    // The permit passes to the waiter: the in-flight count stays.
-                    self.dequeued();
-                    slot.grant();
-                    return;
-                }
-            }
+        if self.queued.load(Ordering::SeqCst) > 0 && self.hand_over() {
+            return;
         }
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         // A request may have queued between the check above and the decrement: it reads
         // the in-flight count after counting itself in, and this reads the queue after
         // the decrement, so one of the two sees the other (`SeqCst`).
         if load_latest(&self.queued) > 0 {
-            let mut queue = lock(&self.queue);
-            self.drain(&mut queue);
+            self.drain_now();
         }
+    }
+
+    /// Passes a returned permit to a waiter if the limit allows; false if it did not.
+    #[cold]
+    #[inline(never)]
+    fn hand_over(&self) -> bool {
+        let mut queue = lock(&self.queue);
+        if self.in_flight.load(Ordering::SeqCst) <= self.limit.load(Ordering::SeqCst) {
+            if let Some(slot) = self.next_waiter(&mut queue) {
+                // The permit passes to the waiter: the in-flight count stays.
+                self.dequeued();
+                slot.grant();
+                return true;
+            }
+        }
+        false
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn drain_now(&self) {
+        let mut queue = lock(&self.queue);
+        self.drain(&mut queue);
     }
 
     fn sample(&self, sample: Sample) {
