@@ -38,6 +38,41 @@ impl tower::retry::Policy<u64, u64, Infallible> for Attempts {
     }
 }
 
+/// tower's retry with its `TpsBudget`, deposited on success and withdrawn per retry: the
+/// same job as towerguard's budgeted retry.
+#[derive(Clone)]
+struct Budgeted {
+    attempts: usize,
+    budget: std::sync::Arc<tower::retry::budget::TpsBudget>,
+}
+
+impl tower::retry::Policy<u64, u64, Infallible> for Budgeted {
+    type Future = Ready<()>;
+
+    fn retry(
+        &mut self,
+        _req: &mut u64,
+        result: &mut Result<u64, Infallible>,
+    ) -> Option<Self::Future> {
+        use tower::retry::budget::Budget;
+        match result {
+            Ok(_) => {
+                self.budget.deposit();
+                None
+            }
+            Err(_) if self.attempts > 0 && self.budget.withdraw() => {
+                self.attempts -= 1;
+                Some(std::future::ready(()))
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn clone_request(&mut self, req: &u64) -> Option<u64> {
+        Some(*req)
+    }
+}
+
 fn retry_in(c: &mut Criterion, prometheus: bool) {
     let rt = common::runtime();
     let mut group = c.benchmark_group(common::group_name("retry", prometheus));
@@ -53,8 +88,31 @@ fn retry_in(c: &mut Criterion, prometheus: bool) {
     common::bench(
         &mut group,
         &rt,
+        "towerguard_without_budget",
+        towerguard::retry::RetryLayer::builder()
+            .without_budget()
+            .build()
+            .layer(common::echo()),
+    );
+    common::bench(
+        &mut group,
+        &rt,
         "tower_retry",
         tower::retry::RetryLayer::new(Attempts(2)).layer(common::echo()),
+    );
+    common::bench(
+        &mut group,
+        &rt,
+        "tower_retry_tps_budget",
+        tower::retry::RetryLayer::new(Budgeted {
+            attempts: 2,
+            budget: std::sync::Arc::new(tower::retry::budget::TpsBudget::new(
+                Duration::from_secs(10),
+                10,
+                0.2,
+            )),
+        })
+        .layer(common::echo()),
     );
     common::bench(
         &mut group,
