@@ -738,7 +738,7 @@ const DEADLINE: Duration = Duration::from_millis(250);
 
 const LIMITS: &[&str] = &[
     "no_limit",
-    "towerguard_adaptive",
+    "towerguard_untuned",
     "towerguard_static_16",
     "tower_limit_16_loadshed",
     "tower_resilience_bulkhead_16",
@@ -747,12 +747,13 @@ const LIMITS: &[&str] = &[
 fn limit_system(system: &str, call: HttpCall) -> Svc {
     match system {
         "no_limit" => boxed(call),
-        // The stack's default adaptive limit: no number tuned to this upstream.
-        "towerguard_adaptive" => boxed(
-            towerguard::limit::ConcurrencyLimitLayer::builder()
+        // The standard stack as it comes: adaptive limit, CoDel queue with adaptive LIFO,
+        // timeouts and retry; no number tuned to this upstream.
+        "towerguard_untuned" => boxed(
+            towerguard::stack::StackBuilder::new()
                 .name("synthetic_load")
-                .adaptive(towerguard::limit::adaptive::Vegas::new(64, 4, 1_000))
-                .build()
+                .build::<u64, u64, Bytes>(None)
+                .expect("the default stack is valid")
                 .layer(call),
         ),
         "towerguard_static_16" => {

@@ -162,3 +162,24 @@ fn limits_stay_within_their_bounds() {
     let history = run(&mut vegas, 1_000, |limit| Sample::new(BASE, limit, true));
     assert_eq!(*history.iter().min().unwrap(), 3);
 }
+
+#[test]
+fn vegas_takes_its_baseline_from_the_fastest_request_when_it_starts_overloaded() {
+    // Starting at 64 over a backend of 16 slots, every window's mean already includes
+    // queueing; only the fastest request of a window shows the backend's own latency. With
+    // the mean alone, Vegas would take the queueing for the baseline and stay far above 16.
+    const CAPACITY: usize = 16;
+    let mut vegas = Vegas::new(64, 1, 1_000);
+    let mut limit = vegas.initial_limit();
+    let mut noise = Noise(5);
+    for _ in 0..300 {
+        let mean = latency(limit, CAPACITY, &mut noise);
+        let sample = Sample::new(mean, limit, false).with_min_latency(BASE);
+        limit = vegas.update(limit, sample).max(1);
+    }
+    assert!(
+        (CAPACITY..=CAPACITY * 3 / 2).contains(&limit),
+        "the limit settled at {limit}"
+    );
+    assert_eq!(vegas.no_load_latency(), Some(BASE));
+}

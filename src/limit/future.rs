@@ -92,7 +92,9 @@ where
     }
 
     pub(crate) fn queued(ticket: Ticket, service: S, request: Req, retry_after: Duration) -> Self {
-        let deadline = ticket.max_wait().map(|wait| Box::pin(tokio::time::sleep(wait)));
+        let deadline = ticket
+            .max_wait()
+            .map(|wait| Box::pin(tokio::time::sleep(wait)));
         let state = State::Queued {
             waiting: Box::new(Waiting {
                 ticket,

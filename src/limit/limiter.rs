@@ -51,9 +51,24 @@ pub(crate) enum Rejection {
 /// The waiters, and when there were none.
 struct Queue {
     waiting: VecDeque<Arc<Slot>>,
-    /// The last time the queue was seen empty: a queue not empty since longer than the
-    /// CoDel interval stands.
+    /// The last time the queue was seen empty while it did not stand: a queue not empty
+    /// since longer than the CoDel interval stands.
     last_empty: Instant,
+    /// The queue stands (CoDel). It stops standing only once it has stayed empty for an
+    /// interval: shedding empties it often, which is no sign the overload is over.
+    standing: bool,
+    /// When the queue last became empty.
+    emptied: Instant,
+}
+
+impl Queue {
+    /// Notes that the queue is empty now.
+    fn empty_at(&mut self, now: Instant) {
+        self.emptied = now;
+        if !self.standing {
+            self.last_empty = now;
+        }
+    }
 }
 
 pub(crate) struct Limiter {
@@ -87,6 +102,7 @@ struct Adaptive {
     window: u64,
     count: AtomicU64,
     latency_nanos: AtomicU64,
+    min_latency_nanos: AtomicU64,
     max_in_flight: AtomicUsize,
     dropped: AtomicBool,
 }
@@ -98,6 +114,7 @@ impl Adaptive {
             algorithm: Mutex::new(algorithm),
             count: AtomicU64::new(0),
             latency_nanos: AtomicU64::new(0),
+            min_latency_nanos: AtomicU64::new(u64::MAX),
             max_in_flight: AtomicUsize::new(0),
             dropped: AtomicBool::new(false),
         }
@@ -110,6 +127,7 @@ impl Adaptive {
         }
         let nanos = u64::try_from(sample.latency.as_nanos()).unwrap_or(u64::MAX);
         self.latency_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.min_latency_nanos.fetch_min(nanos, Ordering::Relaxed);
         self.max_in_flight
             .fetch_max(sample.in_flight, Ordering::Relaxed);
         if sample.dropped {
@@ -122,11 +140,20 @@ impl Adaptive {
         // while this runs count towards the next window.
         let count = self.count.swap(0, Ordering::AcqRel).max(1);
         let nanos = self.latency_nanos.swap(0, Ordering::Relaxed);
-        Some(Sample::new(
-            Duration::from_nanos(nanos / count),
-            self.max_in_flight.swap(0, Ordering::Relaxed),
-            self.dropped.swap(false, Ordering::Relaxed),
-        ))
+        let min = self.min_latency_nanos.swap(u64::MAX, Ordering::Relaxed);
+        let mean = Duration::from_nanos(nanos / count);
+        Some(
+            Sample::new(
+                mean,
+                self.max_in_flight.swap(0, Ordering::Relaxed),
+                self.dropped.swap(false, Ordering::Relaxed),
+            )
+            .with_min_latency(if min == u64::MAX {
+                mean
+            } else {
+                Duration::from_nanos(min)
+            }),
+        )
     }
 }
 
@@ -195,9 +222,14 @@ impl Limiter {
             queued: AtomicUsize::new(0),
             max_queue,
             max_wait,
-            queue: Mutex::new(Queue {
-                waiting: VecDeque::new(),
-                last_empty: Instant::now(),
+            queue: Mutex::new({
+                let now = Instant::now();
+                Queue {
+                    waiting: VecDeque::new(),
+                    last_empty: now,
+                    standing: false,
+                    emptied: now,
+                }
             }),
             discipline: QueueDiscipline::Fifo,
             next_id: AtomicU64::new(0),
@@ -310,11 +342,16 @@ impl Limiter {
         }
         let now = Instant::now();
         if queue.waiting.is_empty() {
-            queue.last_empty = now;
+            if let QueueDiscipline::Codel { interval, .. } = self.discipline {
+                if queue.standing && now.saturating_duration_since(queue.emptied) >= interval {
+                    queue.standing = false;
+                }
+            }
+            queue.empty_at(now);
         }
         // A request that joins a standing queue may wait the target at most.
         let max_wait = match self.discipline {
-            QueueDiscipline::Codel { target, .. } if self.standing(&queue, now) => {
+            QueueDiscipline::Codel { target, .. } if self.standing(&mut queue, now) => {
                 Some(self.max_wait.map_or(target, |wait| wait.min(target)))
             }
             _ => self.max_wait,
@@ -340,15 +377,19 @@ impl Limiter {
         }))
     }
 
-    /// True if the queue has not been empty for the CoDel interval.
-    fn standing(&self, queue: &Queue, now: Instant) -> bool {
-        match self.discipline {
-            QueueDiscipline::Codel { interval, .. } => {
-                !queue.waiting.is_empty()
-                    && now.saturating_duration_since(queue.last_empty) >= interval
-            }
-            QueueDiscipline::Fifo => false,
+    /// True if the queue stands: it has not been empty for the CoDel interval (and has
+    /// not stayed empty for an interval since).
+    fn standing(&self, queue: &mut Queue, now: Instant) -> bool {
+        let QueueDiscipline::Codel { interval, .. } = self.discipline else {
+            return false;
+        };
+        if !queue.standing
+            && !queue.waiting.is_empty()
+            && now.saturating_duration_since(queue.last_empty) >= interval
+        {
+            queue.standing = true;
         }
+        queue.standing
     }
 
     /// The waiter a free permit goes to: the first in line; while a CoDel queue stands,
@@ -377,7 +418,7 @@ impl Limiter {
             }
         };
         if queue.waiting.is_empty() && self.discipline != QueueDiscipline::Fifo {
-            queue.last_empty = Instant::now();
+            queue.empty_at(Instant::now());
         }
         slot
     }
@@ -621,7 +662,7 @@ impl Ticket {
             queue.waiting.remove(index);
             self.limiter.dequeued();
             if queue.waiting.is_empty() {
-                queue.last_empty = Instant::now();
+                queue.empty_at(Instant::now());
             }
         }
         drop(queue);
@@ -658,14 +699,17 @@ mod tests {
     }
 
     #[test]
-    fn the_window_averages_latency_takes_the_peak_in_flight_and_any_drop() {
+    fn the_window_averages_latency_takes_the_fastest_the_peak_in_flight_and_any_drop() {
         let adaptive = Adaptive::new(Box::new(Windowed(4)));
         let ms = Duration::from_millis;
         assert_eq!(adaptive.add(Sample::new(ms(1), 3, false)), None);
         assert_eq!(adaptive.add(Sample::new(ms(3), 7, true)), None);
         assert_eq!(adaptive.add(Sample::new(ms(5), 2, false)), None);
         let closed = adaptive.add(Sample::new(ms(7), 1, false));
-        assert_eq!(closed, Some(Sample::new(ms(4), 7, true)));
+        assert_eq!(
+            closed,
+            Some(Sample::new(ms(4), 7, true).with_min_latency(ms(1)))
+        );
         // The next window starts empty.
         for _ in 0..3 {
             assert_eq!(adaptive.add(Sample::new(ms(2), 1, false)), None);

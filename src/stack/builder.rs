@@ -123,7 +123,7 @@ impl StackBuilder {
             total_timeout: Some(Duration::from_secs(10)),
             attempt_timeout: Some(Duration::from_secs(3)),
             limit: Limit::Adaptive {
-                initial: 64,
+                initial: 16,
                 min: 4,
                 max: 1_000,
             },

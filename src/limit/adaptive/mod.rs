@@ -29,8 +29,13 @@ pub use self::vegas::Vegas;
 /// One completed request, as an [`Algorithm`] sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
-    /// From the moment it was admitted to the moment its response was ready.
+    /// From the moment it was admitted to the moment its response was ready (a window's
+    /// mean).
     pub latency: Duration,
+    /// The shortest latency in the window (the latency itself for one sample). Unlike the
+    /// mean, it shows the backend's latency without queueing as long as some requests
+    /// still meet no queue, which is what a latency-based algorithm needs as its baseline.
+    pub min_latency: Duration,
     /// Requests in flight when it was admitted, itself included.
     pub in_flight: usize,
     /// It failed in a way that signals overload: timed out or rejected downstream.
@@ -42,9 +47,16 @@ impl Sample {
     pub fn new(latency: Duration, in_flight: usize, dropped: bool) -> Self {
         Sample {
             latency,
+            min_latency: latency,
             in_flight,
             dropped,
         }
+    }
+
+    /// The same sample with `min_latency` as the shortest latency of its window.
+    pub fn with_min_latency(mut self, min_latency: Duration) -> Self {
+        self.min_latency = min_latency;
+        self
     }
 }
 

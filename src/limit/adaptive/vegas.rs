@@ -73,15 +73,18 @@ impl Algorithm for Vegas {
             self.limit = current as f64;
         }
         let latency = sample.latency.max(Duration::from_micros(1));
+        // The baseline is the shortest latency seen: a window's fastest request met the
+        // least queueing.
+        let fastest = sample.min_latency.clamp(Duration::from_micros(1), latency);
         let step = self.limit.log10().max(1.0);
         let next = match self.no_load {
             _ if sample.dropped => self.limit - step,
             None => {
-                self.no_load = Some(latency);
+                self.no_load = Some(fastest);
                 self.limit
             }
-            Some(no_load) if latency < no_load => {
-                self.no_load = Some(latency);
+            Some(no_load) if fastest < no_load => {
+                self.no_load = Some(fastest);
                 self.limit
             }
             Some(_) if !may_grow(current, &sample) => self.limit,
@@ -92,7 +95,9 @@ impl Algorithm for Vegas {
                 } else if queue < 3.0 * step {
                     self.limit + step
                 } else if queue > 6.0 * step {
-                    self.limit - step
+                    // Far over: give back half of the excess at once, so a limit that
+                    // starts high reaches the backend's capacity in a few windows.
+                    self.limit - step.max((queue - 6.0 * step) / 2.0)
                 } else {
                     self.limit
                 }
