@@ -14,7 +14,7 @@
 //! - **Queue discipline** ([`QueueDiscipline`]): first come, first served (the layer's
 //!   default), or CoDel with adaptive LIFO (the stack's default). A FIFO queue under
 //!   sustained overload serves every request late; under CoDel, once the queue has not
-//!   been empty for an interval (100 ms) it *stands*: requests joining it may wait only
+//!   been empty for an interval (50 ms) it *stands*: requests joining it may wait only
 //!   the target (5 ms), waiters older than the target are shed, and a free permit goes to
 //!   the newest waiter. Under overload the requests that are served are served fast and
 //!   the rest are refused at once; without a standing queue, order and waits are FIFO's.
@@ -109,11 +109,11 @@ pub enum QueueDiscipline {
 }
 
 impl QueueDiscipline {
-    /// CoDel with a target of 5 ms and an interval of 100 ms.
+    /// CoDel with a target of 5 ms and an interval of 50 ms.
     pub const fn codel() -> Self {
         QueueDiscipline::Codel {
             target: Duration::from_millis(5),
-            interval: Duration::from_millis(100),
+            interval: Duration::from_millis(50),
         }
     }
 }

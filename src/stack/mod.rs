@@ -29,7 +29,7 @@
 //! | total timeout | 10 s | long enough for slow pages, short enough to free resources |
 //! | attempt timeout | 3 s | leaves room for a retry inside the total |
 //! | concurrency limit | adaptive (Vegas), 4 to 1,000, starting at 16 | finds the backend's capacity instead of a guess; starts low and grows, so a backend is not flooded before the limit has measured it |
-//! | queue | 256 requests, 100 ms, CoDel with adaptive LIFO (5 ms target, 100 ms interval) | absorbs bursts; under sustained overload serves the newest waiters fast and sheds the rest instead of serving everyone late |
+//! | queue | 256 requests, 100 ms, CoDel with adaptive LIFO (5 ms target, 50 ms interval) | absorbs bursts; under sustained overload serves the newest waiters fast and sheds the rest instead of serving everyone late |
 //! | retry | 3 attempts, 25 ms to 1 s full-jitter backoff | masks transient faults |
 //! | budget | 20% of successful requests + 10 per second | a total outage adds at most the floor |
 //! | hedge | off | opt in: it costs extra load by design |
