@@ -168,6 +168,7 @@ impl Clone for TimeoutContext {
 }
 
 impl TimeoutContext {
+    #[cfg(any(feature = "cache", feature = "http"))]
     pub(crate) fn new(deadline: Deadline, token: Arc<LazyToken>) -> Self {
         TimeoutContext {
             deadline,
@@ -310,6 +311,7 @@ impl TimeoutContext {
         (ours, result)
     }
 
+    #[cfg(feature = "cache")]
     pub(crate) fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
         Self::enter(&mut Some(self), f)
     }
