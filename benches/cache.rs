@@ -1,12 +1,16 @@
-//! The cache's hit path and a 1,000-caller stampede, beside raw moka and tower-resilience's
-//! cache and coalesce layers, in the same run.
+//! The cache's hit path and a 1,000-caller stampede, beside raw moka, quick_cache and
+//! tower-resilience's cache and coalesce layers, in the same run.
 //!
-//! - `hit/*`: one request for a key that is already stored, through `ready()` + `call()`
-//!   + `.await` for the layers, through `get` for moka.
+//! - `hit/*`: one request for a key that is already stored, through `ready()`, `call()`
+//!   and `.await`: the layers, and the raw stores' `get` wrapped in a `service_fn` in
+//!   front of the same bare service. Also prints each store's hit ratio on a Zipf(0.9)
+//!   stream, and `clock/*` times a clock read.
 //! - `stampede/*`: 1,000 tasks ask for one cold key at once; the upstream yields once
 //!   before it answers. One iteration is the whole stampede, on a fresh cache. The number
 //!   of upstream calls each contender made is printed once.
 #![allow(missing_docs)]
+
+mod common;
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -56,121 +60,185 @@ fn upstream(
     })
 }
 
-fn hit(c: &mut Criterion) {
-    let rt = runtime();
-    let mut group = c.benchmark_group("hit");
+/// A store's `get` in front of the bare service, as a service: what a hand-written cache
+/// costs per hit.
+fn store_service<G>(
+    get: G,
+) -> impl Service<u64, Response = u64, Error = Infallible, Future = impl Send> + Clone + Send
+where
+    G: Fn(&u64) -> Option<u64> + Clone + Send + 'static,
+{
+    service_fn(move |key: u64| std::future::ready(Ok::<_, Infallible>(get(&key).unwrap_or(key))))
+}
 
-    let towerguard = towerguard::cache::CacheLayer::builder(|k: &u64| Some(*k)).build();
-    let tg = towerguard.layer(upstream(Arc::default()));
-    rt.block_on(async { tg.clone().oneshot(1).await.unwrap() });
-    group.bench_function("towerguard", |b| {
-        b.to_async(&rt).iter(|| {
-            let mut svc = tg.clone();
-            async move { svc.ready().await.unwrap().call(black_box(1)).await.unwrap() }
-        })
-    });
+/// One stored key (16 keys cycled), through `ready()` + `call()` + `.await`, beside the
+/// bare service, the raw stores used by hand, and tower-resilience's cache.
+fn hit_in(c: &mut Criterion, prometheus: bool) {
+    let rt = common::runtime();
+    let mut group = c.benchmark_group(common::group_name("hit", prometheus));
+    let key = |k: &u64| Some(*k % 16);
+    common::bench(&mut group, &rt, "bare", common::echo());
 
-    let moka_future: moka::future::Cache<u64, Arc<str>> = moka::future::Cache::new(10_000);
-    rt.block_on(moka_future.insert(1, Arc::from("value-1")));
-    group.bench_function("moka_future_get", |b| {
-        b.to_async(&rt)
-            .iter(|| async { moka_future.get(&black_box(1)).await.unwrap() })
-    });
-
-    let moka_sync: moka::sync::Cache<u64, Arc<str>> = moka::sync::Cache::new(10_000);
-    moka_sync.insert(1, Arc::from("value-1"));
-    group.bench_function("moka_sync_get", |b| {
-        b.iter(|| moka_sync.get(&black_box(1)).unwrap())
-    });
-
-    let resilience = tower_resilience::cache::CacheLayer::builder()
-        .max_size(10_000)
-        .key_extractor(|k: &u64| *k)
+    let tg = towerguard::cache::CacheLayer::builder(key)
         .build()
-        .unwrap();
-    let tr = resilience.layer(upstream(Arc::default()));
-    rt.block_on(async { tr.clone().oneshot(1).await.unwrap() });
-    group.bench_function("tower_resilience_cache", |b| {
-        b.to_async(&rt).iter(|| {
-            let mut svc = tr.clone();
-            async move { svc.ready().await.unwrap().call(black_box(1)).await.unwrap() }
-        })
+        .layer(common::echo());
+    rt.block_on(async {
+        for k in 0..16 {
+            tg.clone().oneshot(k).await.unwrap();
+        }
     });
+    common::bench(&mut group, &rt, "towerguard", tg);
+    // With a lifetime, a hit reads the clock.
+    let tg_ttl = towerguard::cache::CacheLayer::builder(key)
+        .ttl(Duration::from_secs(3600))
+        .build()
+        .layer(common::echo());
+    rt.block_on(async {
+        for k in 0..16 {
+            tg_ttl.clone().oneshot(k).await.unwrap();
+        }
+    });
+    common::bench(&mut group, &rt, "towerguard_ttl", tg_ttl);
+
+    let moka_sync: moka::sync::Cache<u64, u64> = moka::sync::Cache::new(10_000);
+    let quick: Arc<quick_cache::sync::Cache<u64, u64>> =
+        Arc::new(quick_cache::sync::Cache::new(10_000));
+    for k in 0..16 {
+        moka_sync.insert(k, k);
+        quick.insert(k, k);
+    }
+    common::bench(
+        &mut group,
+        &rt,
+        "moka_sync_get",
+        store_service(move |k: &u64| moka_sync.get(&(k % 16))),
+    );
+    common::bench(
+        &mut group,
+        &rt,
+        "quick_cache_get",
+        store_service(move |k: &u64| quick.get(&(k % 16))),
+    );
+
+    let tr = tower_resilience::cache::CacheLayer::builder()
+        .max_size(10_000)
+        .key_extractor(|k: &u64| *k % 16)
+        .build()
+        .unwrap()
+        .layer(common::echo());
+    rt.block_on(async {
+        for k in 0..16 {
+            tr.clone().oneshot(k).await.unwrap();
+        }
+    });
+    common::bench(&mut group, &rt, "tower_resilience_cache", tr);
     group.finish();
 }
 
-/// Hits from two tasks at once over 1,000 stored keys; time per hit.
-fn hit_two_tasks(c: &mut Criterion) {
-    const KEYS: u64 = 1_000;
-    let rt = runtime();
-    let mut group = c.benchmark_group("hit_2_tasks_1000_keys");
-
-    async fn drive<S>(svc: S, iters: u64) -> Duration
-    where
-        S: Service<u64, Response = Arc<str>> + Clone + Send + 'static,
-        S::Error: std::fmt::Debug,
-        S::Future: Send,
-    {
-        let start = std::time::Instant::now();
-        let mut set = JoinSet::new();
-        for t in 0..2u64 {
-            let mut svc = svc.clone();
-            set.spawn(async move {
-                for i in 0..iters.div_ceil(2) {
-                    let key = (i * 7 + t * 500) % KEYS;
-                    black_box(svc.ready().await.unwrap().call(key).await.unwrap());
-                }
-            });
-        }
-        while set.join_next().await.is_some() {}
-        start.elapsed()
-    }
-
-    let tg = towerguard::cache::CacheLayer::builder(|k: &u64| Some(*k))
-        .build()
-        .layer(upstream(Arc::default()));
-    let tr = tower_resilience::cache::CacheLayer::builder()
-        .max_size(10_000)
-        .key_extractor(|k: &u64| *k)
-        .build()
-        .unwrap()
-        .layer(upstream(Arc::default()));
-    let moka_sync: moka::sync::Cache<u64, Arc<str>> = moka::sync::Cache::new(10_000);
-    rt.block_on(async {
-        for key in 0..KEYS {
-            tg.clone().oneshot(key).await.unwrap();
-            tr.clone().oneshot(key).await.unwrap();
-            moka_sync.insert(key, Arc::from(format!("value-{key}")));
-        }
-    });
-    group.bench_function("towerguard", |b| {
-        b.to_async(&rt)
-            .iter_custom(|iters| drive(tg.clone(), iters))
-    });
-    group.bench_function("tower_resilience_cache", |b| {
-        b.to_async(&rt)
-            .iter_custom(|iters| drive(tr.clone(), iters))
-    });
-    group.bench_function("moka_sync_get", |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let cache = moka_sync.clone();
-            async move {
-                let start = std::time::Instant::now();
-                let mut set = JoinSet::new();
-                for t in 0..2u64 {
-                    let cache = cache.clone();
-                    set.spawn(async move {
-                        for i in 0..iters.div_ceil(2) {
-                            black_box(cache.get(&((i * 7 + t * 500) % KEYS)).unwrap());
-                        }
-                    });
-                }
-                while set.join_next().await.is_some() {}
-                start.elapsed()
-            }
-        })
-    });
+/// What a hit with a lifetime pays for its clock read: tokio's clock (which, with tokio's
+/// `test-util` feature, as in every bench build, also consults the runtime's pausable
+/// clock) and the system's monotonic clock (what tokio's clock reads in a build without
+/// `test-util`).
+fn clock(c: &mut Criterion) {
+    let rt = common::current_thread();
+    let mut group = c.benchmark_group("clock");
+    let _guard = rt.enter();
+    group.bench_function("tokio_instant_now", |b| b.iter(tokio::time::Instant::now));
+    group.bench_function("std_instant_now", |b| b.iter(std::time::Instant::now));
     group.finish();
+}
+
+fn hit(c: &mut Criterion) {
+    hit_in(c, false);
+    clock(c);
+    zipf_hit_ratio();
+}
+
+fn hit_prometheus(c: &mut Criterion) {
+    common::install_prometheus();
+    hit_in(c, true);
+}
+
+/// Eviction quality: the hit ratio of each store on a Zipf(0.9) key stream over ten times
+/// its capacity (1,000 entries, 10,000 keys, 1,000,000 requests, a miss stores the key).
+/// Printed once; the same seeded stream for every store.
+fn zipf_hit_ratio() {
+    const CAPACITY: u64 = 1_000;
+    const KEYS: usize = 10_000;
+    const REQUESTS: usize = 1_000_000;
+    let stream = zipf_stream(KEYS, 0.9, REQUESTS);
+
+    let ratio = |hits: usize| 100.0 * hits as f64 / REQUESTS as f64;
+    let moka_sync: moka::sync::Cache<u64, u64> = moka::sync::Cache::new(CAPACITY);
+    let moka_hits = stream
+        .iter()
+        .filter(|&&k| {
+            let hit = moka_sync.get(&k).is_some();
+            if !hit {
+                moka_sync.insert(k, k);
+            }
+            hit
+        })
+        .count();
+    let quick = quick_cache::sync::Cache::<u64, u64>::new(CAPACITY as usize);
+    let quick_hits = stream
+        .iter()
+        .filter(|&&k| {
+            let hit = quick.get(&k).is_some();
+            if !hit {
+                quick.insert(k, k);
+            }
+            hit
+        })
+        .count();
+    // Through the layer: a hit is a request the inner service did not see.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = {
+        let calls = calls.clone();
+        service_fn(move |k: u64| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            std::future::ready(Ok::<_, Infallible>(k))
+        })
+    };
+    let tg = towerguard::cache::CacheLayer::builder(|k: &u64| Some(*k))
+        .max_entries(CAPACITY)
+        .build()
+        .layer(counted);
+    common::current_thread().block_on(async {
+        for &k in &stream {
+            tg.clone().oneshot(k).await.unwrap();
+        }
+    });
+    let tg_hits = REQUESTS - calls.load(Ordering::Relaxed);
+    println!(
+        "hit ratio, Zipf 0.9, {KEYS} keys, capacity {CAPACITY}, {REQUESTS} requests: \
+         towerguard {:.1}%, moka sync {:.1}%, quick_cache {:.1}%",
+        ratio(tg_hits),
+        ratio(moka_hits),
+        ratio(quick_hits)
+    );
+}
+
+/// `n` keys drawn from a Zipf(`s`) distribution over `keys` keys (a fixed seed).
+fn zipf_stream(keys: usize, s: f64, n: usize) -> Vec<u64> {
+    let mut cumulative = Vec::with_capacity(keys);
+    let mut total = 0.0;
+    for rank in 1..=keys {
+        total += 1.0 / (rank as f64).powf(s);
+        cumulative.push(total);
+    }
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    (0..n)
+        .map(|_| {
+            // xorshift64*
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let x = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
+            let u = x as f64 / (1u64 << 53) as f64 * total;
+            cumulative.partition_point(|&c| c < u) as u64
+        })
+        .collect()
 }
 
 /// 1,000 tasks call `svc` for key 1 at once; waits for every answer.
@@ -262,6 +330,6 @@ fn stampede_group(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = hit, hit_two_tasks, stampede_group
+    targets = hit, hit_prometheus, stampede_group
 }
 criterion_main!(benches);

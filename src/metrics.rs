@@ -526,8 +526,13 @@ impl CacheMetrics {
         V: Clone + Send + Sync + 'static,
     {
         store.run_pending_tasks();
-        self.entries.set(store.entry_count() as f64);
-        self.weighted_size.set(store.weighted_size() as f64);
+        self.set_size(store.entry_count(), store.weighted_size());
+    }
+
+    /// Sets the entry and size gauges.
+    pub(crate) fn set_size(&self, entries: u64, weighted_size: u64) {
+        self.entries.set(entries as f64);
+        self.weighted_size.set(weighted_size as f64);
     }
 
     /// Counts a removal from a moka store. `expired` marks an explicit removal the cache

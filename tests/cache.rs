@@ -520,6 +520,46 @@ async fn max_weight_bounds_the_store_by_the_weigher() {
 }
 
 #[tokio::test]
+async fn an_entry_heavier_than_a_quarter_of_max_weight_is_not_stored() {
+    let upstream = Upstream::new();
+    // A quarter of 100 is 25, and an entry may fill 97% of it: 24.
+    let weigh = |k: &String, _v: &String| if k.starts_with("big") { 25 } else { 24 };
+    let (mut svc, handle) = with(builder().max_weight(100, weigh), &upstream);
+    assert_eq!(get(&mut svc, "big").await.unwrap(), "big#1");
+    assert_eq!(get(&mut svc, "big").await.unwrap(), "big#2");
+    assert_eq!(get(&mut svc, "small").await.unwrap(), "small#3");
+    assert_eq!(get(&mut svc, "small").await.unwrap(), "small#3");
+    assert_eq!(handle.entry_count(), 1);
+    assert_eq!(handle.weighted_size(), 24);
+}
+
+#[tokio::test]
+async fn an_entry_the_weigher_gives_zero_still_counts_toward_the_bound() {
+    let upstream = Upstream::new();
+    let (mut svc, handle) = with(
+        builder().max_weight(8, |_: &String, _: &String| 0),
+        &upstream,
+    );
+    for i in 0..100 {
+        get(&mut svc, &format!("key-{i:04}")).await.unwrap();
+    }
+    assert!(
+        handle.entry_count() <= 8,
+        "{} entries",
+        handle.entry_count()
+    );
+}
+
+#[tokio::test]
+async fn max_entries_of_zero_stores_nothing_but_still_answers() {
+    let upstream = Upstream::new();
+    let (mut svc, handle) = with(builder().max_entries(0), &upstream);
+    assert_eq!(get(&mut svc, "a").await.unwrap(), "a#1");
+    assert_eq!(get(&mut svc, "a").await.unwrap(), "a#2");
+    assert_eq!(handle.entry_count(), 0);
+}
+
+#[tokio::test]
 async fn past_max_flights_a_miss_goes_upstream_uncoalesced() {
     let upstream = Upstream::new();
     upstream.close();

@@ -166,7 +166,10 @@ where
 
     /// Bounds the store by weight instead of count: the entries' weights, as `weigher`
     /// gives them, add up to at most `max`. The unit is yours and nothing is added to it:
-    /// a stored error weighs 1. To bound memory, use [`max_bytes`](Self::max_bytes).
+    /// a stored error weighs 1, and so does an entry `weigher` gives 0. The store is split
+    /// into four parts of `max / 4` each, and an entry may fill at most 97% of a part: a
+    /// heavier one is not stored (it still reaches every caller, and counts as evicted for
+    /// size). To bound memory, use [`max_bytes`](Self::max_bytes).
     pub fn max_weight<W>(mut self, max: u64, weigher: W) -> Self
     where
         W: Fn(&K, &V) -> u32 + Send + Sync + 'static,
@@ -182,6 +185,8 @@ where
     /// the store adds their inline sizes and its own cost per entry
     /// ([`ENTRY_OVERHEAD_BYTES`]), so the bound is what the entries take, measured with a
     /// counting allocator in the crate's tests.
+    /// As with [`max_weight`](Self::max_weight), an entry heavier than 97% of a quarter of
+    /// `max` is not stored.
     ///
     /// ```
     /// use towerguard::cache::CacheLayer;
@@ -450,19 +455,18 @@ where
         self.core.second.clone()
     }
 
-    /// Entries in the store. The store applies writes in batches: call
-    /// [`run_pending_tasks`](Self::run_pending_tasks) first for an exact figure.
+    /// Entries in the store. Writes apply at once, so the figure is exact.
     pub fn entry_count(&self) -> u64 {
         self.core.store.entry_count()
     }
 
-    /// Weighted size of the store (entries, when there is no weigher). Same caveat as
-    /// [`entry_count`](Self::entry_count).
+    /// Weighted size of the store (entries, when there is no weigher).
     pub fn weighted_size(&self) -> u64 {
         self.core.store.weighted_size()
     }
 
-    /// Applies the store's pending writes, evictions and invalidations now.
+    /// Sets the store's gauges from its current counts. The store applies writes,
+    /// evictions and invalidations at once; this only refreshes the metrics.
     pub fn run_pending_tasks(&self) {
         self.core.store.run_pending_tasks();
     }

@@ -3,7 +3,6 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::time::Instant;
 use tower::util::Oneshot;
 use tower_service::Service;
 
@@ -104,7 +103,7 @@ where
             tracing::debug!(result = "bypass", "cache: no key");
             return ResponseFuture::bypass(Oneshot::new(self.inner.clone(), req));
         };
-        match core.store.lookup(&key, Instant::now()) {
+        match core.store.lookup(&key) {
             Lookup::Fresh(entry) => {
                 metrics.hit.increment(1);
                 tracing::debug!(result = "hit", "cache: hit");
@@ -120,7 +119,7 @@ where
                 let inner = self.inner.clone();
                 let start = self.start(&key, inner, req);
                 let owner: Arc<dyn Owner<K, V>> = core.clone();
-                let recheck = |key: &K| match core.store.lookup(key, Instant::now()) {
+                let recheck = |key: &K| match core.store.lookup(key) {
                     Lookup::Fresh(entry) => Some(entry),
                     _ => None,
                 };
