@@ -531,7 +531,7 @@ fn run_case(runtime: &tokio::runtime::Runtime, seed: u64, case: u64) -> Result<(
         let mut rng = Rng::new(seed, case);
         parsers(&mut rng);
         // The cache case costs more than the parsers': one case in four.
-        if case % 4 == 0 {
+        if case.is_multiple_of(4) {
             runtime.block_on(through_the_cache(&mut rng));
         }
     }))

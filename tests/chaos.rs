@@ -381,7 +381,7 @@ async fn chaos_through_the_http_stack_with_the_http_cache_leaves_nothing_behind(
     let outcomes = drive(
         |t| {
             let path = format!("/item/{}", mix(t ^ 0x4B45) % 2_000);
-            let method = if mix(t ^ 0x9057) % 50 == 0 {
+            let method = if mix(t ^ 0x9057).is_multiple_of(50) {
                 Method::POST
             } else {
                 Method::GET

@@ -65,7 +65,7 @@ async fn callers_leaving_at_random_never_strand_the_others() {
             let key = mix(t) % 12;
             let fut = Box::pin(svc.ready().await.unwrap().call(key));
             // A third of the callers leave after a few polls.
-            let polls = if mix(t + 1) % 3 == 0 {
+            let polls = if mix(t + 1).is_multiple_of(3) {
                 mix(t + 2) % 4
             } else {
                 u64::MAX
@@ -126,7 +126,7 @@ async fn a_queued_limit_under_random_departures_never_over_admits_or_leaks() {
         let svc = svc.clone();
         tasks.spawn(async move {
             let fut = Box::pin(svc.oneshot(t));
-            let polls = if mix(t) % 4 == 0 {
+            let polls = if mix(t).is_multiple_of(4) {
                 mix(t + 3) % 5
             } else {
                 u64::MAX

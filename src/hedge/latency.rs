@@ -115,7 +115,7 @@ impl LatencyWindow {
         }
         let recorded = self.recorded.fetch_add(1, Ordering::Relaxed) + 1;
         let due = recorded >= self.min_samples
-            && (recorded == self.min_samples || recorded % RECOMPUTE_EVERY == 0);
+            && (recorded == self.min_samples || recorded.is_multiple_of(RECOMPUTE_EVERY));
         if due {
             self.recompute();
         }
