@@ -59,10 +59,7 @@ fn stack_in(c: &mut Criterion, prometheus: bool) {
         .static_limit(1_000)
         .without_queue()
         .hedge(Duration::from_millis(5));
-    let towerguard = builder
-        .build::<u64, u64, u64>(None)
-        .unwrap()
-        .layer(common::echo());
+    let towerguard = builder.build().unwrap().layer(common::echo());
     common::bench(&mut group, &rt, "towerguard", towerguard);
 
     let tower_stack = ServiceBuilder::new()
@@ -113,7 +110,10 @@ fn stack_in(c: &mut Criterion, prometheus: bool) {
     // A cache hit through the full stack.
     let mut group = c.benchmark_group(common::group_name("stack_cache_hit", prometheus));
     let cache = CacheLayer::builder(|k: &u64| Some(*k % 16)).build();
-    let cached = builder.build(Some(cache)).unwrap().layer(common::echo());
+    let cached = builder
+        .build_with_cache(cache)
+        .unwrap()
+        .layer(common::echo());
     common::bench(&mut group, &rt, "towerguard", cached);
     let resilience_cached = ServiceBuilder::new()
         .layer(

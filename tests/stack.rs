@@ -25,7 +25,7 @@ use towerguard::stack::{StackBuilder, StackError};
 fn each_contradiction_is_refused_with_its_own_error() {
     let s = Duration::from_secs;
     let ms = Duration::from_millis;
-    let cases: Vec<(StackBuilder, StackError)> = vec![
+    let cases: Vec<(StackBuilder, StackError, &[&str])> = vec![
         (
             StackBuilder::new()
                 .total_timeout(s(1))
@@ -34,6 +34,7 @@ fn each_contradiction_is_refused_with_its_own_error() {
                 attempt: s(2),
                 total: s(1),
             },
+            &["attempt_timeout", "total_timeout"],
         ),
         (
             StackBuilder::new()
@@ -44,10 +45,12 @@ fn each_contradiction_is_refused_with_its_own_error() {
                 delays: s(1),
                 total: s(1),
             },
+            &["hedge", "total_timeout"],
         ),
         (
             StackBuilder::new().without_budget(),
             StackError::RetryWithoutBudget,
+            &["budget", "retry_attempts"],
         ),
         (
             StackBuilder::new()
@@ -55,6 +58,7 @@ fn each_contradiction_is_refused_with_its_own_error() {
                 .hedge(ms(5))
                 .without_budget(),
             StackError::RetryWithoutBudget,
+            &["budget", "hedge"],
         ),
         (
             StackBuilder::new()
@@ -65,17 +69,27 @@ fn each_contradiction_is_refused_with_its_own_error() {
                 wait: s(1),
                 total: s(1),
             },
+            &["queue", "total_timeout"],
         ),
         (
             StackBuilder::new().total_timeout(Duration::ZERO),
             StackError::ZeroTimeout,
+            &["total_timeout", "without_total_timeout"],
         ),
     ];
-    for (builder, expected) in cases {
+    for (builder, expected, setters) in cases {
         let err = builder.build_http::<Body>().unwrap_err();
         assert_eq!(err, expected);
         let text = err.to_string();
         assert_eq!(text, text.to_lowercase(), "{text}");
+        // The message names the setters that would mend it.
+        for setter in setters {
+            assert!(
+                text.contains(&format!("`{setter}`")),
+                "{text}: no `{setter}`"
+            );
+        }
+        assert_eq!(builder.build::<u64, u64>().unwrap_err(), expected);
     }
     assert!(
         StackBuilder::new().build_http::<Body>().is_ok(),
@@ -91,6 +105,24 @@ fn each_contradiction_is_refused_with_its_own_error() {
         .queue(10, s(60))
         .build_http::<Body>()
         .is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_total_timeout_alone_builds_and_the_default_attempt_timeout_fits_inside_it() {
+    let stack = StackBuilder::new()
+        .total_timeout(Duration::from_secs(2))
+        .build()
+        .expect("the default attempt timeout follows the total");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let svc = stack.layer(service_fn(move |_: u64| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        std::future::pending::<Result<u64, Infallible>>()
+    }));
+    let err = svc.oneshot(1).await.unwrap_err();
+    assert_eq!(err.kind(), towerguard::ErrorKind::TimedOut);
+    // Each attempt timed out before the total did, so the retry had its turn.
+    assert!(calls.load(Ordering::Relaxed) >= 2, "{calls:?} calls");
 }
 
 /// The app: `/ok` cacheable, `/hold` held until opened (announcing arrivals), `/hang`
@@ -206,7 +238,7 @@ async fn the_generic_stack_composes_cache_retry_and_timeouts() {
         }
     });
     let cache = CacheLayer::builder(|x: &u32| Some(*x)).build();
-    let stack = StackBuilder::new().build(Some(cache)).unwrap();
+    let stack = StackBuilder::new().build_with_cache(cache).unwrap();
     let svc = stack.layer(flaky);
     assert_eq!(svc.clone().oneshot(21).await.unwrap(), 42, "retried");
     assert_eq!(svc.clone().oneshot(21).await.unwrap(), 42, "cached");

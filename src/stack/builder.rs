@@ -56,25 +56,46 @@ impl fmt::Display for StackError {
         match self {
             StackError::AttemptTimeoutExceedsTotal { attempt, total } => write!(
                 f,
-                "attempt timeout {attempt:?} is longer than the total timeout {total:?}"
+                "attempt timeout {attempt:?} is longer than the total timeout {total:?}: \
+                 lower `attempt_timeout` or raise `total_timeout`"
             ),
             StackError::HedgeDelaysExceedTotal { delays, total } => write!(
                 f,
-                "hedge delays add up to {delays:?}, not less than the total timeout {total:?}"
+                "hedge delays add up to {delays:?}, not less than the total timeout {total:?}: \
+                 lower the delay given to `hedge` or raise `total_timeout`"
             ),
             StackError::RetryWithoutBudget => f.write_str(
-                "retries or hedges need a budget, or a total outage multiplies the load",
+                "retries or hedges need a budget, or a total outage multiplies the load: \
+                 set one with `budget` (instead of `without_budget`), or set \
+                 `retry_attempts` to 1 and do not call `hedge`",
             ),
             StackError::QueueWaitExceedsTotal { wait, total } => write!(
                 f,
-                "queue wait {wait:?} is not shorter than the total timeout {total:?}"
+                "queue wait {wait:?} is not shorter than the total timeout {total:?}: \
+                 lower the wait given to `queue` or raise `total_timeout`"
             ),
-            StackError::ZeroTimeout => f.write_str("a timeout of zero would fail every request"),
+            StackError::ZeroTimeout => f.write_str(
+                "a timeout of zero would fail every request: give `total_timeout` and \
+                 `attempt_timeout` a positive duration, or use `without_total_timeout` / \
+                 `without_attempt_timeout`",
+            ),
         }
     }
 }
 
 impl std::error::Error for StackError {}
+
+/// The per-attempt timeout: the default follows the total timeout.
+#[derive(Debug, Clone, Copy)]
+enum AttemptTimeout {
+    Default,
+    Set(Duration),
+    Off,
+}
+
+/// The attempt timeout when none is set: 3 s, or the total timeout shared out between the
+/// attempts when that is shorter.
+const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone)]
 enum Limit {
@@ -93,7 +114,7 @@ enum Limit {
 pub struct StackBuilder {
     name: String,
     total_timeout: Option<Duration>,
-    attempt_timeout: Option<Duration>,
+    attempt_timeout: AttemptTimeout,
     limit: Limit,
     queue: Option<(usize, Duration)>,
     discipline: QueueDiscipline,
@@ -121,7 +142,7 @@ impl StackBuilder {
         StackBuilder {
             name: "default".to_owned(),
             total_timeout: Some(Duration::from_secs(10)),
-            attempt_timeout: Some(Duration::from_secs(3)),
+            attempt_timeout: AttemptTimeout::Default,
             limit: Limit::Adaptive {
                 initial: 16,
                 min: 4,
@@ -139,7 +160,10 @@ impl StackBuilder {
         }
     }
 
-    /// The instance name, the `name` label of every layer's metrics.
+    /// The instance name, the `name` label of the layers' metrics: the limit, retry and
+    /// hedge report `name`, the total timeout `{name}_total` and the attempt timeout
+    /// `{name}_attempt` (default `"default"`; an HTTP cache set with
+    /// [`http_cache`](Self::http_cache) keeps its own name).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self
@@ -157,16 +181,30 @@ impl StackBuilder {
         self
     }
 
-    /// The timeout of each attempt.
+    /// The timeout of each attempt. Unless set, 3 s, or the total timeout divided by the
+    /// retry attempts when that is shorter, so a default never contradicts the total.
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
-        self.attempt_timeout = Some(timeout);
+        self.attempt_timeout = AttemptTimeout::Set(timeout);
         self
     }
 
     /// No per-attempt timeout.
     pub fn without_attempt_timeout(mut self) -> Self {
-        self.attempt_timeout = None;
+        self.attempt_timeout = AttemptTimeout::Off;
         self
+    }
+
+    /// The attempt timeout in force: the one set, or the default for the total timeout
+    /// and the retry attempts set.
+    fn effective_attempt_timeout(&self) -> Option<Duration> {
+        match self.attempt_timeout {
+            AttemptTimeout::Set(timeout) => Some(timeout),
+            AttemptTimeout::Off => None,
+            AttemptTimeout::Default => Some(match self.total_timeout {
+                Some(total) => DEFAULT_ATTEMPT_TIMEOUT.min(total / self.retry_attempts),
+                None => DEFAULT_ATTEMPT_TIMEOUT,
+            }),
+        }
     }
 
     /// A static concurrency limit.
@@ -238,8 +276,9 @@ impl StackBuilder {
 
     /// Checks the configuration.
     pub fn validate(&self) -> Result<(), StackError> {
+        let attempt_timeout = self.effective_attempt_timeout();
         if self.total_timeout.is_some_and(|t| t.is_zero())
-            || self.attempt_timeout.is_some_and(|t| t.is_zero())
+            || attempt_timeout.is_some_and(|t| t.is_zero())
         {
             return Err(StackError::ZeroTimeout);
         }
@@ -249,7 +288,7 @@ impl StackBuilder {
         let Some(total) = self.total_timeout else {
             return Ok(());
         };
-        if let Some(attempt) = self.attempt_timeout {
+        if let Some(attempt) = attempt_timeout {
             if attempt > total {
                 return Err(StackError::AttemptTimeoutExceedsTotal { attempt, total });
             }
@@ -289,7 +328,7 @@ impl StackBuilder {
     /// Builds every layer below the cache once, with its shared state: the limiter and
     /// its algorithm, the hedge's latency window, the budget, the metric handles.
     pub(super) fn layers<P: Clone, C: Clone>(&self, policy: P, carrier: C) -> Layers<P, C> {
-        let attempt = self.attempt_timeout.map(|attempt| {
+        let attempt = self.effective_attempt_timeout().map(|attempt| {
             TimeoutLayer::new(attempt)
                 .name(format!("{}_attempt", self.name))
                 .carrier(carrier.clone())
@@ -334,10 +373,41 @@ impl StackBuilder {
         }
     }
 
-    /// Builds the stack for any `Clone` request, with an optional single-flight cache.
-    pub fn build<Req, K, Res>(
+    /// Builds the stack for any `Clone` request, without a cache. The request and
+    /// response types come from the service it wraps:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use towerguard::stack::StackBuilder;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let stack = StackBuilder::new()
+    ///     .total_timeout(Duration::from_secs(2))
+    ///     .build()
+    ///     .expect("a consistent configuration");
+    /// let svc = stack.layer(service_fn(|n: u64| async move { Ok::<_, Infallible>(n * 2) }));
+    /// assert_eq!(svc.oneshot(21).await.unwrap(), 42);
+    /// # }
+    /// ```
+    pub fn build<Req, Res>(&self) -> Result<GenericStack<Req, (), Res>, StackError>
+    where
+        Req: Clone + Send + 'static,
+        Res: Send + 'static,
+    {
+        self.validate()?;
+        Ok(GenericStack {
+            cache: None,
+            layers: Arc::new(self.layers(RetryErrors, TaskLocal)),
+        })
+    }
+
+    /// Builds the stack for any `Clone` request, with a single-flight cache in front.
+    pub fn build_with_cache<Req, K, Res>(
         &self,
-        cache: Option<CacheLayer<Req, K, Res>>,
+        cache: CacheLayer<Req, K, Res>,
     ) -> Result<GenericStack<Req, K, Res>, StackError>
     where
         Req: Clone + Send + 'static,
@@ -346,7 +416,7 @@ impl StackBuilder {
     {
         self.validate()?;
         Ok(GenericStack {
-            cache,
+            cache: Some(cache),
             layers: Arc::new(self.layers(RetryErrors, TaskLocal)),
         })
     }

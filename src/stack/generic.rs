@@ -17,7 +17,8 @@ use crate::limit::{ConcurrencyLimitLayer, LimitHandle};
 use crate::retry::RetryErrors;
 use crate::timeout::TaskLocal;
 
-/// The standard stack for generic requests. Made by [`StackBuilder::build`](super::StackBuilder::build).
+/// The standard stack for generic requests. Made by [`StackBuilder::build`](super::StackBuilder::build)
+/// (without a cache, `K` is `()`) or [`StackBuilder::build_with_cache`](super::StackBuilder::build_with_cache).
 ///
 /// Every layer and its shared state were built by the builder; [`Layer::layer`] only
 /// wraps, so every service it makes (one per clone, per route, per connection) shares one
