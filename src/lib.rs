@@ -10,6 +10,8 @@
 //! | [`stack`] | all of the above in the recommended order, validated, with production defaults |
 //! | [`http`] | HTTP semantics: an RFC 9111 shared cache, retry policy and body buffering, errors mapped to 503 / 504 responses |
 //!
+//! Each layer is also a method of tower's `ServiceBuilder` through [`ServiceBuilderExt`].
+//!
 //! # The recommended order
 //!
 //! From the caller inwards: **cache** (a hit costs nothing below), **total timeout**
@@ -40,7 +42,7 @@
 //! let stack = StackBuilder::new()
 //!     .total_timeout(Duration::from_secs(2))
 //!     .attempt_timeout(Duration::from_millis(500))
-//!     .build(Some(cache))?;
+//!     .build_with_cache(cache)?;
 //! let service = stack.layer(service_fn(|path: String| async move {
 //!     Ok::<_, std::io::Error>(path.len())
 //! }));
@@ -54,6 +56,7 @@
 
 #[cfg(feature = "retry")]
 pub mod budget;
+mod builder_ext;
 #[cfg(feature = "cache")]
 pub mod cache;
 mod error;
@@ -75,4 +78,10 @@ pub mod tier;
 #[cfg(feature = "timeout")]
 pub mod timeout;
 
+pub use builder_ext::ServiceBuilderExt;
 pub use error::{BoxError, Error, ErrorKind};
+
+/// The README's code blocks, compiled (and run where they have a `main`) by `cargo test`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme {}
