@@ -7,6 +7,9 @@
 //! curl http://127.0.0.1:3000/metrics      # towerguard_* metrics in Prometheus text
 //! ```
 //!
+//! `RUST_LOG=towerguard=debug cargo run --example axum_app` logs each layer's decisions
+//! (cache hit or miss, permit granted or queued, retry, timeout) on standard error.
+//!
 //! The stack (HTTP cache, total timeout, adaptive limit with a queue, retry, attempt
 //! timeout) goes straight into `Router::layer`: it is infallible, errors become 503 with
 //! `Retry-After` or 504.
@@ -22,6 +25,14 @@ use towerguard::stack::StackBuilder;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
+    // `RUST_LOG=towerguard=debug` shows every layer's decisions.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let mut listen = "127.0.0.1:3000".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {

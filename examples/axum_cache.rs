@@ -58,6 +58,14 @@ async fn stats(State(state): State<AppState>) -> String {
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
+    // `RUST_LOG=towerguard=debug` shows every layer's decisions.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let mut listen = "127.0.0.1:3000".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {

@@ -7,7 +7,9 @@
 //! It starts a small upstream on loopback that fails one call in five with 503 and answers
 //! one in ten slowly, then sends 200 requests through the client stack (total and
 //! per-attempt timeouts, a limit, retry with a budget, adaptive hedging) and prints what
-//! came back, and how many calls the upstream saw.
+//! came back, how many calls the upstream saw, and what the layers did by cause (from
+//! their metrics): retries by reason, retries the budget refused, hedges, timeouts, limit
+//! rejections.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +29,20 @@ use towerguard::stack::StackBuilder;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
+    // `RUST_LOG=towerguard=debug` shows every layer's decisions.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    // The layers' counters, read back at the end to report outcomes by cause.
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("no other metrics recorder is installed");
     // The flaky upstream.
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
@@ -101,5 +117,28 @@ async fn main() -> std::io::Result<()> {
         "upstream calls: {} (the upstream fails 20% and is slow 10% of the time; retries and\n hedges are bounded by the budget: 20% of successes plus 10 per second)",
         calls.load(Ordering::SeqCst)
     );
+    println!("what the layers did, by cause:");
+    let mut causes: Vec<(String, u64)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| match value {
+            metrics_util::debugging::DebugValue::Counter(n) if n > 0 => {
+                let key = key.key();
+                let labels: Vec<String> = key
+                    .labels()
+                    .filter(|label| label.key() != "name")
+                    .map(|label| format!("{}={}", label.key(), label.value()))
+                    .collect();
+                let name = key.name().trim_start_matches("towerguard_");
+                Some((format!("{name} {}", labels.join(" ")), n))
+            }
+            _ => None,
+        })
+        .collect();
+    causes.sort();
+    for (cause, count) in causes {
+        println!("  {:<50} {count:>5}", cause.trim_end());
+    }
     Ok(())
 }

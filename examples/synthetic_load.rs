@@ -1,7 +1,7 @@
 //! Synthetic load: towerguard beside what you would use instead, on your machine.
 //!
 //! ```text
-//! cargo run --release --example synthetic_load [-- --quick] [--scenario NAME] [--json FILE] [--plots DIR]
+//! cargo run --release --example synthetic_load [-- --quick] [--scenario NAME] [--json FILE] [--plots DIR] [--report FILE]
 //! ```
 //!
 //! Each scenario starts a synthetic upstream on loopback (an HTTP/2 server whose latency
@@ -22,9 +22,13 @@
 //! - `hits`: cache-hit throughput of an HTTP server behind the full stack against the same
 //!   server's bare handler (a handler that waits 1 ms on its backend), 32 clients.
 //!
-//! `--json FILE` writes one object with a key per scenario and, inside, one object per
-//! system. `--plots DIR` writes an SVG latency-distribution plot per scenario that records
-//! latencies.
+//! Every run writes its results to `target/synthetic_load/` and prints where: `results.json`
+//! (one object with a key per scenario and, inside, one object per system), an SVG
+//! latency-distribution plot per scenario that records latencies, and `report.html`, one
+//! self-contained page with every table and plot, the machine, the date and the command.
+//! `--json FILE`, `--plots DIR` and `--report FILE` put them elsewhere.
+//! `bash benches/report_screenshot.sh` opens the report in headless Chromium and saves a
+//! screenshot.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -246,28 +250,52 @@ impl Report {
             .push((system, figures));
     }
 
-    fn print(&self, scenario: &str) {
+    /// The scenario's table with the README's names and units, as rows of cells (the
+    /// first row is the header).
+    fn table(&self, scenario: &str) -> Vec<Vec<String>> {
         let Some(rows) = self.scenarios.get(scenario) else {
-            return;
+            return Vec::new();
         };
         let Some((_, first)) = rows.first() else {
+            return Vec::new();
+        };
+        let mut table = vec![std::iter::once("system".to_owned())
+            .chain(first.iter().map(|(name, _)| column(name).0))
+            .collect::<Vec<_>>()];
+        for (system, figures) in rows {
+            table.push(
+                std::iter::once(system_name(system).to_owned())
+                    .chain(figures.iter().map(|(name, value)| (column(name).1)(*value)))
+                    .collect(),
+            );
+        }
+        table
+    }
+
+    fn print(&self, scenario: &str) {
+        let table = self.table(scenario);
+        let Some(header) = table.first() else {
             return;
         };
-        let mut header = format!("{:<30}", "system");
-        for (name, _) in first {
-            let _ = write!(header, " {name:>15}");
-        }
-        println!("{header}");
-        for (system, figures) in rows {
-            let mut line = format!("{system:<30}");
-            for (_, value) in figures {
-                if value.fract() == 0.0 && value.abs() < 1e12 {
-                    let _ = write!(line, " {:>15}", *value as i64);
+        let widths: Vec<usize> = (0..header.len())
+            .map(|i| {
+                table
+                    .iter()
+                    .map(|row| row[i].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        for row in &table {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i == 0 {
+                    let _ = write!(line, "{cell:<width$}", width = widths[0]);
                 } else {
-                    let _ = write!(line, " {value:>15.3}");
+                    let _ = write!(line, "  {cell:>width$}", width = widths[i]);
                 }
             }
-            println!("{line}");
+            println!("{}", line.trim_end());
         }
         println!();
     }
@@ -348,7 +376,7 @@ impl Report {
                             quantiles.iter().map(|n| point(histogram, *n)),
                             color.stroke_width(2),
                         ))?
-                        .label(*system)
+                        .label(system_name(system))
                         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
                 }
                 chart
@@ -365,6 +393,212 @@ impl Report {
         }
         Ok(written)
     }
+}
+
+impl Report {
+    /// One self-contained HTML page: every table and plot of the run (the SVGs inline),
+    /// with the machine, the date and the command.
+    fn html(&self, descriptions: &[(&str, &str)], plots: &Path, context: &RunContext) -> String {
+        let escape = |text: &str| {
+            text.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+        };
+        let mut out = String::from(
+            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+             <title>towerguard synthetic load</title>\n<style>\n\
+             body { font-family: sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }\n\
+             table { border-collapse: collapse; margin: 1em 0; }\n\
+             th, td { border: 1px solid #bbb; padding: 4px 10px; }\n\
+             td { text-align: right; white-space: nowrap; } td:first-child { text-align: left; }\n\
+             th { background: #eee; }\n\
+             dt { font-weight: bold; } dd { margin: 0 0 0.5em 1em; font-family: monospace; }\n\
+             </style>\n</head>\n<body>\n<h1>towerguard synthetic load</h1>\n<dl>\n",
+        );
+        for (term, value) in [
+            ("date", context.date.as_str()),
+            ("machine", context.machine.as_str()),
+            ("command", context.command.as_str()),
+            ("duration", context.duration.as_str()),
+        ] {
+            let _ = writeln!(out, "<dt>{term}</dt><dd>{}</dd>", escape(value));
+        }
+        out.push_str("</dl>\n");
+        for (scenario, description) in descriptions {
+            let table = self.table(scenario);
+            if table.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "<h2>{scenario}</h2>\n<p>{}</p>\n<table>",
+                escape(description)
+            );
+            for (i, row) in table.iter().enumerate() {
+                let cell = if i == 0 { "th" } else { "td" };
+                out.push_str("<tr>");
+                for value in row {
+                    let _ = write!(out, "<{cell}>{}</{cell}>", escape(value));
+                }
+                out.push_str("</tr>\n");
+            }
+            out.push_str("</table>\n");
+            let svg = plots.join(format!("{scenario}.svg"));
+            if let Ok(svg) = std::fs::read_to_string(&svg) {
+                // Inline, so the page stands alone.
+                let start = svg.find("<svg").unwrap_or(0);
+                let _ = writeln!(out, "<figure>{}</figure>", &svg[start..]);
+            }
+        }
+        out.push_str("</body>\n</html>\n");
+        out
+    }
+}
+
+/// What the report says about the run.
+struct RunContext {
+    date: String,
+    machine: String,
+    command: String,
+    duration: String,
+}
+
+impl RunContext {
+    fn new(duration: Duration) -> Self {
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (year, month, day) = civil_date(seconds / 86_400);
+        let time = seconds % 86_400;
+        let date = format!(
+            "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+            time / 3600,
+            time / 60 % 60,
+            time % 60
+        );
+        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        let cpuinfo = read("/proc/cpuinfo");
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|line| line.strip_prefix("model name"))
+            .map(|rest| rest.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+            .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let meminfo = read("/proc/meminfo");
+        let memory = meminfo
+            .lines()
+            .find_map(|line| line.strip_prefix("MemTotal:"))
+            .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| format!(", {:.0} GB", kb as f64 / 1024.0 / 1024.0))
+            .unwrap_or_default();
+        let machine = format!("{cpu}, {cores} cores{memory}, {}", std::env::consts::OS);
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let command = format!(
+            "cargo run --release --example synthetic_load{}{}",
+            if args.is_empty() { "" } else { " -- " },
+            args.join(" ")
+        );
+        RunContext {
+            date,
+            machine,
+            command,
+            duration: format!("{:.1} s", duration.as_secs_f64()),
+        }
+    }
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
+/// days-to-civil algorithm).
+fn civil_date(days: u64) -> (i64, u64, u64) {
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u64;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// A system's name as the README's tables give it.
+fn system_name(system: &str) -> &str {
+    match system {
+        "no_cache" => "no cache",
+        "towerguard" => "towerguard",
+        "moka_get_with" => "moka get_with",
+        "tower_resilience_coalesce" => "tower-resilience coalesce",
+        "tower_resilience_cache" => "tower-resilience cache",
+        "no_hedge" => "no hedging",
+        "tower_hedge" => "tower Hedge (p95, behind a Buffer)",
+        "tower_resilience_hedge_5ms" => "tower-resilience hedge, hand-tuned 5 ms",
+        "no_retry" => "no retry",
+        "tower_retry" => "tower Retry (3 attempts)",
+        "tower_resilience_retry" => "tower-resilience retry (3 attempts)",
+        "no_limit" => "no limit",
+        "towerguard_untuned" => "towerguard, the standard stack untuned",
+        "towerguard_static_16" => "towerguard static limit 16 (hand-tuned)",
+        "tower_limit_16_loadshed" => "tower ConcurrencyLimit(16) + LoadShed",
+        "tower_resilience_bulkhead_16" => "tower-resilience bulkhead 16",
+        "bare_handler" => "bare handler",
+        "towerguard_full_stack" => "behind the towerguard stack",
+        other => other,
+    }
+}
+
+type Format = fn(f64) -> String;
+
+/// A figure's column heading as the README gives it, and how its value is shown (times
+/// in ms, ratios in percent).
+fn column(name: &str) -> (String, Format) {
+    fn ms_from_us(v: f64) -> String {
+        format!("{:.2} ms", v / 1e3)
+    }
+    fn ms(v: f64) -> String {
+        format!("{v:.1} ms")
+    }
+    fn percent(v: f64) -> String {
+        format!("{:.1}%", v * 100.0)
+    }
+    fn count(v: f64) -> String {
+        let n = v.round() as u64;
+        let digits = n.to_string();
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    }
+    fn ratio(v: f64) -> String {
+        format!("{v:.3}")
+    }
+    let (prefix, base) = match name.strip_prefix("disc_") {
+        Some(base) => ("first disconnects: ", base),
+        None => ("", name),
+    };
+    let (label, format): (&str, Format) = match base {
+        "p50_us" => ("p50", ms_from_us),
+        "p99_us" => ("p99", ms_from_us),
+        "p999_us" => ("p99.9", ms_from_us),
+        "wall_ms" => ("wall", ms),
+        "upstream_calls" => ("upstream calls", count),
+        "ok" => ("ok", count),
+        "errors" => ("errors", count),
+        "extra_load" => ("extra upstream load", percent),
+        "rps" => ("requests/s", count),
+        "success_rate" => ("success", percent),
+        "amplification" => ("calls per request", ratio),
+        "outage_amplification" => ("calls per request, total outage", ratio),
+        "capacity_rps" => ("capacity, requests/s", count),
+        "offered_rps" => ("offered, requests/s", count),
+        "goodput_ratio" => ("goodput / capacity", percent),
+        _ => (base, ratio),
+    };
+    (format!("{prefix}{label}"), format)
 }
 
 fn histogram() -> Histogram<u64> {
@@ -586,7 +820,7 @@ fn hedge_system(system: &str, call: HttpCall) -> Svc {
 /// One round of the tail scenario for `system`: figures and the latency histogram.
 async fn tail_once(system: &str, requests: usize) -> (Figures, Histogram<u64>) {
     let script: Script = Arc::new(|n| {
-        let slow = hash(n) % 50 == 0;
+        let slow = hash(n).is_multiple_of(50);
         (Duration::from_millis(if slow { 100 } else { 2 }), false)
     });
     let up = upstream(script, None).await;
@@ -695,7 +929,11 @@ async fn faults(report: &mut Report, requests: usize, bar: &ProgressBar) {
     let requests = requests / 32 * 32;
     for system in RETRIES {
         bar.set_message(format!("faults / {system}"));
-        let transient = upstream(Arc::new(|n| (Duration::ZERO, hash(n) % 10 == 0)), None).await;
+        let transient = upstream(
+            Arc::new(|n| (Duration::ZERO, hash(n).is_multiple_of(10))),
+            None,
+        )
+        .await;
         let svc = retry_system(
             system,
             HttpCall {
@@ -752,7 +990,7 @@ fn limit_system(system: &str, call: HttpCall) -> Svc {
         "towerguard_untuned" => boxed(
             towerguard::stack::StackBuilder::new()
                 .name("synthetic_load")
-                .build::<u64, u64, Bytes>(None)
+                .build()
                 .expect("the default stack is valid")
                 .layer(call),
         ),
@@ -928,20 +1166,28 @@ async fn hits(report: &mut Report, requests: usize, bar: &ProgressBar) {
 
 const SCENARIOS: &[&str] = &["stampede", "tail", "faults", "overload", "hits"];
 
+/// Where the results go unless `--json`, `--plots` or `--report` say otherwise.
+const DEFAULT_OUT: &str = "target/synthetic_load";
+
 struct Args {
     quick: bool,
     scenario: Option<String>,
     json: Option<String>,
     plots: Option<String>,
+    report: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let usage = "usage: synthetic_load [--quick] [--scenario stampede|tail|faults|overload|hits] [--json FILE] [--plots DIR]";
+    let usage = "usage: synthetic_load [--quick] [--scenario stampede|tail|faults|overload|hits] \
+                 [--json FILE] [--plots DIR] [--report FILE]\n\
+                 (default: target/synthetic_load/results.json, target/synthetic_load/*.svg, \
+                 target/synthetic_load/report.html)";
     let mut args = Args {
         quick: false,
         scenario: None,
         json: None,
         plots: None,
+        report: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -950,6 +1196,7 @@ fn parse_args() -> Result<Args, String> {
             "--scenario" => args.scenario = Some(it.next().ok_or(usage)?),
             "--json" => args.json = Some(it.next().ok_or(usage)?),
             "--plots" => args.plots = Some(it.next().ok_or(usage)?),
+            "--report" => args.report = Some(it.next().ok_or(usage)?),
             "--help" | "-h" => return Err(usage.to_owned()),
             other => return Err(format!("unknown argument {other}\n{usage}")),
         }
@@ -967,6 +1214,14 @@ fn parse_args() -> Result<Args, String> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // `RUST_LOG=towerguard=debug` shows every layer's decisions.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let args = match parse_args() {
         Ok(args) => args,
         Err(message) => {
@@ -988,7 +1243,8 @@ async fn main() {
     .sum();
     let bar = ProgressBar::new(steps);
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+        // At most 80 columns: the message takes what the terminal has left, cut to fit.
+        ProgressStyle::with_template("{elapsed_precise} [{bar:20}] {pos:>2}/{len:2} {wide_msg}")
             .expect("a valid template")
             .progress_chars("=> "),
     );
@@ -1031,21 +1287,43 @@ async fn main() {
             report.print(scenario);
         }
     }
-    println!("finished in {:.1} s", started.elapsed().as_secs_f64());
-    if let Some(path) = &args.json {
-        if let Err(err) = std::fs::write(path, report.json()) {
-            eprintln!("cannot write {path}: {err}");
-            std::process::exit(1);
-        }
-        println!("wrote {path}");
-    }
-    if let Some(dir) = &args.plots {
-        match report.plots(Path::new(dir)) {
-            Ok(files) => files.iter().for_each(|f| println!("wrote {f}")),
-            Err(err) => {
-                eprintln!("cannot write plots: {err}");
-                std::process::exit(1);
+    let elapsed = started.elapsed();
+    println!("finished in {:.1} s", elapsed.as_secs_f64());
+    let json = args
+        .json
+        .clone()
+        .unwrap_or_else(|| format!("{DEFAULT_OUT}/results.json"));
+    let plots = args.plots.clone().unwrap_or_else(|| DEFAULT_OUT.to_owned());
+    let html = args
+        .report
+        .clone()
+        .unwrap_or_else(|| format!("{DEFAULT_OUT}/report.html"));
+    let fail = |what: &str, err: &dyn std::fmt::Display| {
+        eprintln!("cannot write {what}: {err}");
+        std::process::exit(1);
+    };
+    for file in [&json, &html] {
+        if let Some(dir) = Path::new(file)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            if let Err(err) = std::fs::create_dir_all(dir) {
+                fail(&dir.display().to_string(), &err);
             }
         }
     }
+    if let Err(err) = std::fs::write(&json, report.json()) {
+        fail(&json, &err);
+    }
+    println!("wrote {json}");
+    match report.plots(Path::new(&plots)) {
+        Ok(files) => files.iter().for_each(|f| println!("wrote {f}")),
+        Err(err) => fail("plots", &err),
+    }
+    let page = report.html(&descriptions, Path::new(&plots), &RunContext::new(elapsed));
+    if let Err(err) = std::fs::write(&html, page) {
+        fail(&html, &err);
+    }
+    let shown = std::fs::canonicalize(&html).map_or(html.clone(), |p| p.display().to_string());
+    println!("report: {shown}");
 }
