@@ -56,6 +56,12 @@
 
 #[cfg(feature = "retry")]
 pub mod budget;
+#[cfg(any(
+    feature = "cache",
+    feature = "limit",
+    feature = "timeout",
+    feature = "http"
+))]
 mod builder_ext;
 #[cfg(feature = "cache")]
 pub mod cache;
@@ -78,6 +84,12 @@ pub mod tier;
 #[cfg(feature = "timeout")]
 pub mod timeout;
 
+#[cfg(any(
+    feature = "cache",
+    feature = "limit",
+    feature = "timeout",
+    feature = "http"
+))]
 pub use builder_ext::ServiceBuilderExt;
 pub use error::{BoxError, Error, ErrorKind};
 

@@ -518,8 +518,9 @@ impl HedgeMetrics {
 
 #[cfg(feature = "cache")]
 impl CacheMetrics {
-    /// Sets the entry and size gauges from `store`, after moka has applied the writes
-    /// it still holds (its counts otherwise lag a write behind).
+    /// Sets the entry and size gauges from `store` (the HTTP cache's), after moka has
+    /// applied the writes it still holds (its counts otherwise lag a write behind).
+    #[cfg(feature = "http")]
     pub(crate) fn sample<K, V>(&self, store: &moka::sync::Cache<K, V>)
     where
         K: std::hash::Hash + Eq + Send + Sync + 'static,
@@ -537,6 +538,7 @@ impl CacheMetrics {
 
     /// Counts a removal from a moka store. `expired` marks an explicit removal the cache
     /// made because the entry had expired (moka reports it as explicit).
+    #[cfg(feature = "http")]
     pub(crate) fn record_removal(&self, cause: moka::notification::RemovalCause, expired: bool) {
         use moka::notification::RemovalCause;
         match cause {
