@@ -28,10 +28,6 @@ pin_project! {
     {
         #[pin]
         state: State<S, Req>,
-        retry_after: Duration,
-        // Lives as long as the request holds its place (a keyed limit's count of a key's
-        // work in the overflow partition); dropped when the future completes.
-        companion: Option<Companion>,
         _release: std::marker::PhantomData<fn() -> M>,
     }
 }
@@ -40,13 +36,11 @@ pin_project! {
 /// when its turn comes, and the end of its wait.
 pub(crate) struct Waiting<S, Req> {
     ticket: Ticket,
+    retry_after: Duration,
     service: Option<S>,
     request: Option<Req>,
     deadline: Option<Pin<Box<Sleep>>>,
 }
-
-/// Something a request holds while it holds its place in a limit.
-pub(crate) type Companion = Box<dyn Send + Sync>;
 
 pin_project! {
     #[project = StateProj]
@@ -54,7 +48,7 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        Rejected,
+        Rejected { retry_after: Duration },
         // Boxed: a waiting request's state would make every future (most never wait)
         // larger.
         Queued { waiting: Box<Waiting<S, Req>> },
@@ -71,24 +65,16 @@ impl<S, Req, M> ResponseFuture<S, Req, M>
 where
     S: Service<Req>,
 {
-    fn new(state: State<S, Req>, retry_after: Duration) -> Self {
+    fn new(state: State<S, Req>) -> Self {
         ResponseFuture {
             state,
-            retry_after,
-            companion: None,
             _release: std::marker::PhantomData,
         }
     }
 
-    /// Holds `companion` while the request holds its place.
-    pub(crate) fn with_companion(mut self, companion: Companion) -> Self {
-        self.companion = Some(companion);
-        self
-    }
-
-    pub(crate) fn running(future: S::Future, permit: Permit, retry_after: Duration) -> Self {
+    pub(crate) fn running(future: S::Future, permit: Permit) -> Self {
         let permit = Some(permit);
-        Self::new(State::Running { future, permit }, retry_after)
+        Self::new(State::Running { future, permit })
     }
 
     pub(crate) fn queued(ticket: Ticket, service: S, request: Req, retry_after: Duration) -> Self {
@@ -98,16 +84,17 @@ where
         let state = State::Queued {
             waiting: Box::new(Waiting {
                 ticket,
+                retry_after,
                 service: Some(service),
                 request: Some(request),
                 deadline,
             }),
         };
-        Self::new(state, retry_after)
+        Self::new(state)
     }
 
     pub(crate) fn rejected(retry_after: Duration) -> Self {
-        Self::new(State::Rejected, retry_after)
+        Self::new(State::Rejected { retry_after })
     }
 }
 
@@ -131,17 +118,18 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut state = this.state;
-        let retry_after = *this.retry_after;
-        let overloaded = || Error::with_retry_after(ErrorKind::Overloaded, retry_after);
+        let overloaded = |retry_after| Error::with_retry_after(ErrorKind::Overloaded, retry_after);
         let output = loop {
             match state.as_mut().project() {
-                StateProj::Rejected => {
+                StateProj::Rejected { retry_after } => {
+                    let retry_after = *retry_after;
                     state.set(State::Done);
-                    break Err(overloaded());
+                    break Err(overloaded(retry_after));
                 }
                 StateProj::Queued { waiting } => {
                     let Waiting {
                         ticket,
+                        retry_after,
                         service,
                         request,
                         deadline,
@@ -149,15 +137,17 @@ where
                     let permit = match ticket.poll_turn(cx.waker()) {
                         Turn::Granted(permit) => permit,
                         Turn::Shed => {
+                            let retry_after = *retry_after;
                             state.set(State::Done);
-                            break Err(overloaded());
+                            break Err(overloaded(retry_after));
                         }
                         Turn::Waiting => match deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
                             Some(Poll::Ready(())) => match ticket.time_out() {
                                 Ok(permit) => permit,
                                 Err(_) => {
+                                    let retry_after = *retry_after;
                                     state.set(State::Done);
-                                    break Err(overloaded());
+                                    break Err(overloaded(retry_after));
                                 }
                             },
                             _ => return Poll::Pending,
@@ -174,24 +164,28 @@ where
                     });
                 }
                 StateProj::Running { future, permit } => {
+                    // The permit leaves as the request ends: none left means polled again.
+                    if permit.is_none() {
+                        panic!("limit::ResponseFuture polled after completion");
+                    }
                     let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
                     let result = match polled {
                         Ok(Poll::Pending) => return Poll::Pending,
                         Ok(Poll::Ready(result)) => result.map_err(Error::inner),
                         Err(payload) => Err(Error::panicked(&*payload)),
                     };
-                    let Some(mut permit) = permit.take() else {
-                        unreachable!("a running request holds its permit until it ends");
+                    if let Some(permit) = permit.as_mut() {
+                        permit.record(outcome_of(&result));
+                    }
+                    let Some(permit) = permit.take() else {
+                        unreachable!("checked above");
                     };
-                    permit.record(outcome_of(&result));
-                    // Drops the inner future; the release mode decides when the permit goes.
-                    state.set(State::Done);
+                    // The release mode decides when the permit goes.
                     break result.map(|response| M::attach(response, permit));
                 }
                 StateProj::Done => panic!("limit::ResponseFuture polled after completion"),
             }
         };
-        *this.companion = None;
         Poll::Ready(output)
     }
 }
@@ -202,7 +196,7 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Rejected => "rejected",
+            State::Rejected { .. } => "rejected",
             State::Queued { .. } => "queued",
             State::Running { .. } => "running",
             State::Done => "done",

@@ -1,8 +1,10 @@
 //! A concurrency limit per key (per tenant, per client, per route), over a bounded key set.
 
 use std::fmt;
+use std::future::Future;
 use std::hash::Hash;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
@@ -10,10 +12,11 @@ use std::time::Duration;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::future::{Companion, ResponseFuture};
+use super::future::ResponseFuture;
 use super::layer::DEFAULT_RETRY_AFTER;
 use super::limiter::{Acquired, Limiter, Rejection};
 use super::release::OnResponse;
@@ -345,7 +348,7 @@ where
 {
     type Response = S::Response;
     type Error = Error;
-    type Future = ResponseFuture<S, Req, OnResponse>;
+    type Future = KeyedResponseFuture<S, Req>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Error::inner)
@@ -354,10 +357,55 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let key = (self.key_fn)(&req);
         let (acquired, guard) = self.partitions.acquire(key);
-        let future = admit(acquired, &mut self.inner, req, self.retry_after);
-        match guard {
-            Some(guard) => future.with_companion(guard),
-            None => future,
+        KeyedResponseFuture {
+            inner: admit(acquired, &mut self.inner, req, self.retry_after),
+            guard,
         }
+    }
+}
+
+/// Something a request holds while it holds its place: in the overflow partition, the
+/// count of its key's work there.
+type Companion = Box<dyn Send + Sync>;
+
+pin_project! {
+    /// Response future of [`KeyedConcurrencyLimit`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it returns its permit, or gives up its place in the queue.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct KeyedResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        inner: ResponseFuture<S, Req, OnResponse>,
+        // Dropped when the request ends.
+        guard: Option<Companion>,
+    }
+}
+
+impl<S, Req> Future for KeyedResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        *this.guard = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<S, Req> fmt::Debug for KeyedResponseFuture<S, Req>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
     }
 }

@@ -88,6 +88,8 @@ pub(crate) struct Limiter {
     /// How long a response body may hold its permit when permits go back at the body's
     /// end (`until_body_end`).
     pub(crate) max_body_hold: Duration,
+    /// What adaptive permits measure their start from.
+    epoch: Instant,
 }
 
 /// The default of [`Limiter::max_body_hold`].
@@ -237,6 +239,7 @@ impl Limiter {
             metrics,
             on_release: None,
             max_body_hold: DEFAULT_MAX_BODY_HOLD,
+            epoch: Instant::now(),
         }
     }
 
@@ -262,6 +265,12 @@ impl Limiter {
         self.in_flight() == 0 && self.queued() == 0
     }
 
+    /// Nanoseconds from the limiter's creation to `at`.
+    fn since_epoch(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    #[inline]
     fn released(&self) {
         if let Some(hook) = &self.on_release {
             hook(self);
@@ -304,13 +313,7 @@ impl Limiter {
     fn admitted(self: &Arc<Self>, in_flight: usize) -> Permit {
         self.metrics.admitted.increment(1);
         self.metrics.in_flight.increment(1.0);
-        Permit {
-            limiter: self.clone(),
-            // Only adaptive limits need the latency: spare the clock read otherwise.
-            started: self.algorithm.as_ref().map(|_| Instant::now()),
-            in_flight,
-            outcome: Outcome::Ignore,
-        }
+        Permit::new(self.clone(), in_flight)
     }
 
     /// Takes a permit, or a place in the queue, or says why not.
@@ -514,28 +517,54 @@ pub(crate) enum Acquired {
 pub(crate) enum Outcome {
     /// Not a sample: ended before a response (dropped by the caller) or failed in a way
     /// that says nothing about load.
-    Ignore,
-    Success,
-    Dropped,
+    Ignore = 0,
+    Success = 1,
+    Dropped = 2,
 }
 
 /// One admitted request's share of the limit. Dropping it returns the permit.
+///
+/// Its fields are whole words: a static limit's permit is built and moved on every
+/// request, and words built and read whole move fastest.
 pub struct Permit {
     limiter: Arc<Limiter>,
-    started: Option<Instant>,
-    in_flight: usize,
-    outcome: Outcome,
+    /// Adaptive limits only: nanoseconds from the limiter's epoch to the admission, plus
+    /// one; 0 when the request is not timed (static limits spare the clock read).
+    started: u64,
+    /// The in-flight count at admission, shifted left by two, or'ed with the [`Outcome`].
+    sample: usize,
 }
 
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
-            .field("in_flight", &self.in_flight)
+            .field("in_flight", &(self.sample >> 2))
             .finish_non_exhaustive()
     }
 }
 
 impl Permit {
+    #[inline]
+    fn new(limiter: Arc<Limiter>, in_flight: usize) -> Self {
+        let started = match limiter.algorithm {
+            None => 0,
+            Some(_) => limiter.since_epoch(Instant::now()).saturating_add(1),
+        };
+        Permit {
+            limiter,
+            started,
+            sample: in_flight << 2 | Outcome::Ignore as usize,
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        match self.sample & 3 {
+            1 => Outcome::Success,
+            2 => Outcome::Dropped,
+            _ => Outcome::Ignore,
+        }
+    }
+
     /// How long a response body may hold this permit (`until_body_end`).
     #[cfg(feature = "http")]
     pub(crate) fn max_body_hold(&self) -> Duration {
@@ -543,32 +572,52 @@ impl Permit {
     }
 
     /// Records how the request ended; the sample is taken when the permit is returned.
+    #[inline]
     pub(crate) fn record(&mut self, outcome: Outcome) {
-        self.outcome = outcome;
+        self.sample = self.sample & !3 | outcome as usize;
     }
 
     /// Counts the request as a drop: the backend answered that it is overloaded.
     #[cfg(feature = "http")]
     pub(crate) fn record_overloaded(&mut self) {
-        self.outcome = Outcome::Dropped;
+        self.record(Outcome::Dropped);
     }
 }
 
 impl Drop for Permit {
+    #[inline]
     fn drop(&mut self) {
-        let sample = match (self.outcome, self.started) {
-            (Outcome::Ignore, _) | (_, None) => None,
-            (outcome, Some(started)) => Some(Sample::new(
-                started.elapsed(),
-                self.in_flight,
-                outcome == Outcome::Dropped,
-            )),
-        };
-        self.limiter.release();
-        if let Some(sample) = sample {
-            self.limiter.sample(sample);
+        if self.started == 0 {
+            self.limiter.release();
+            self.limiter.released();
+        } else {
+            self.release_timed();
         }
-        self.limiter.released();
+    }
+}
+
+impl Permit {
+    /// Returns an adaptive limit's permit and feeds its sample to the algorithm.
+    #[cold]
+    #[inline(never)]
+    fn release_timed(&mut self) {
+        let limiter = &self.limiter;
+        let sample = match self.outcome() {
+            Outcome::Ignore => None,
+            outcome => {
+                let now = limiter.since_epoch(Instant::now());
+                Some(Sample::new(
+                    Duration::from_nanos(now.saturating_sub(self.started - 1)),
+                    self.sample >> 2,
+                    outcome == Outcome::Dropped,
+                ))
+            }
+        };
+        limiter.release();
+        if let Some(sample) = sample {
+            limiter.sample(sample);
+        }
+        limiter.released();
     }
 }
 
@@ -629,12 +678,7 @@ impl Ticket {
             .record(self.enqueued.elapsed().as_secs_f64());
         limiter.metrics.admitted.increment(1);
         limiter.metrics.in_flight.increment(1.0);
-        Permit {
-            limiter: limiter.clone(),
-            started: limiter.algorithm.as_ref().map(|_| Instant::now()),
-            in_flight: limiter.in_flight(),
-            outcome: Outcome::Ignore,
-        }
+        Permit::new(limiter.clone(), limiter.in_flight())
     }
 
     /// Gives up the place after the maximum wait; a permit granted at the last moment is

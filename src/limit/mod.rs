@@ -70,6 +70,7 @@ mod service;
 pub use self::future::ResponseFuture;
 pub use self::keyed::{
     KeyedConcurrencyLimit, KeyedConcurrencyLimitBuilder, KeyedConcurrencyLimitLayer,
+    KeyedResponseFuture,
 };
 pub use self::layer::{
     ConcurrencyLimitBuilder, ConcurrencyLimitLayer, LimitHandle, DEFAULT_RETRY_AFTER,

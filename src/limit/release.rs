@@ -19,6 +19,7 @@ pub struct OnResponse;
 impl<R> Release<R> for OnResponse {
     type Output = R;
 
+    #[inline]
     fn attach(response: R, permit: Permit) -> R {
         drop(permit);
         response

@@ -117,9 +117,7 @@ where
     S: Service<Req> + Clone,
 {
     match acquired {
-        Ok(Acquired::Permit(permit)) => {
-            ResponseFuture::running(inner.call(req), permit, retry_after)
-        }
+        Ok(Acquired::Permit(permit)) => ResponseFuture::running(inner.call(req), permit),
         Ok(Acquired::Queued(ticket)) => {
             let fresh = inner.clone();
             let readied = std::mem::replace(inner, fresh);
