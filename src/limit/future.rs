@@ -174,12 +174,10 @@ where
                         Ok(Poll::Ready(result)) => result.map_err(Error::inner),
                         Err(payload) => Err(Error::panicked(&*payload)),
                     };
-                    if let Some(permit) = permit.as_mut() {
-                        permit.record(outcome_of(&result));
-                    }
-                    let Some(permit) = permit.take() else {
+                    let Some(mut permit) = permit.take() else {
                         unreachable!("checked above");
                     };
+                    permit.record(outcome_of(&result));
                     // The release mode decides when the permit goes.
                     break result.map(|response| M::attach(response, permit));
                 }
