@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::layer::Shared;
 use crate::error::{BoxError, Error};
 use crate::retry::{Policy, Verdict};
-use crate::timeout::deadline::{far_future, Scoped};
+use crate::timeout::deadline::{carry, Scoped};
 use crate::timeout::{Carrier, Deadline, TimeoutContext};
 
 pin_project! {
@@ -22,12 +22,12 @@ pin_project! {
     struct Attempt<F> {
         #[pin]
         future: Scoped<F>,
-        started: Instant,
+        started: Deadline,
     }
 }
 
 impl<F: Future> Attempt<F> {
-    fn new(ctx: TimeoutContext, future: F, started: Instant) -> Self {
+    fn new(ctx: TimeoutContext, future: F, started: Deadline) -> Self {
         Attempt {
             future: Scoped::new(ctx, future),
             started,
@@ -41,7 +41,7 @@ enum Timer {
     Off,
     /// The delay runs from this instant; the timer is made the first time the attempts
     /// are pending, so an answer ready at once never touches it.
-    From(Instant),
+    From(Deadline),
     Set(Pin<Box<Sleep>>),
 }
 
@@ -50,7 +50,7 @@ where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
 {
-    type Output = (Result<T, Error>, Instant);
+    type Output = (Result<T, Error>, Deadline);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -98,15 +98,11 @@ where
         carrier: C,
         shared: Arc<Shared>,
     ) -> Self {
-        let started = Instant::now();
+        let started = Deadline::now();
         let existing = carrier.existing(&req);
-        let ctx = TimeoutContext::peek(|current| {
-            TimeoutContext::attempt_under(existing.as_ref().or(current))
-        });
-        carrier.insert(&mut req, &ctx);
-        let mut slot = Some(ctx);
-        let future = TimeoutContext::enter(&mut slot, || inner.call(req));
-        let ctx = slot.expect("the scope gives its context back");
+        let mut ctx = TimeoutContext::attempt_under(existing.as_ref(), started);
+        carry(&carrier, &mut req, &mut ctx);
+        let future = ctx.enter(|| inner.call(req));
         shared.metrics.get().attempts.increment(1);
         let timer = match template {
             Some(_) => Timer::From(started),
@@ -170,9 +166,7 @@ where
             }
             if let Timer::From(since) = *this.timer {
                 let delay = this.shared.delay();
-                let at = since
-                    .checked_add(delay)
-                    .unwrap_or_else(|| far_future(since));
+                let at = since.later(delay).instant();
                 *this.timer = Timer::Set(Box::pin(tokio::time::sleep_until(at)));
             }
             let Timer::Set(timer) = this.timer else {
@@ -201,10 +195,10 @@ where
             shared.metrics.get().hedges.increment(1);
             tracing::debug!(attempt = *this.sent, "hedge: sent another attempt");
             // Its own scope, in the task-local and (with a carrier) in the request.
-            let ctx = TimeoutContext::peek(TimeoutContext::attempt_under);
-            this.carrier.insert(&mut request, &ctx);
+            let now = Deadline::now();
+            let mut ctx = TimeoutContext::attempt_under(None, now);
+            carry(this.carrier, &mut request, &mut ctx);
             let call = Oneshot::new(this.service.clone(), request);
-            let now = Instant::now();
             this.hedges.push(Box::pin(Attempt::new(ctx, call, now)));
             *this.timer = if *this.sent < shared.max_attempts {
                 Timer::From(now)
@@ -222,7 +216,7 @@ fn settle<Req, Res, P: Policy<Req, Res>>(
     policy: &P,
     shared: &Shared,
     outcome: Result<Res, Error>,
-    started: Instant,
+    started: Deadline,
     hedged: bool,
     last: bool,
 ) -> Option<Result<Res, Error>> {
@@ -251,8 +245,8 @@ fn may_hedge(shared: &Shared) -> bool {
     true
 }
 
-fn won(shared: &Shared, started: Instant, hedged: bool) {
-    shared.record(started.elapsed());
+fn won(shared: &Shared, started: Deadline, hedged: bool) {
+    shared.record(Deadline::now().since(started));
     if hedged {
         shared.metrics.get().wins.increment(1);
         tracing::debug!("hedge: a hedged attempt won");

@@ -1,6 +1,7 @@
 //! The deadline and cancellation token a timeout hands down to the work it bounds.
 
 use std::cell::Cell;
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -11,63 +12,163 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-thread_local! {
-    /// The context of the timeout whose work this thread is running right now. A scope
-    /// moves its context in for the length of a `call` or a `poll` and takes it back out,
-    /// so nothing is cloned or counted per request.
-    static CURRENT: Cell<Option<TimeoutContext>> = const { Cell::new(None) };
+/// About thirty years: far enough to mean never, near enough not to overflow.
+const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// The instant deadlines count from: a year (or less, on a young clock) before the first
+/// one was made, so every instant a running program meets is after it.
+#[inline]
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        [86_400 * 365, 86_400, 3_600, 1]
+            .into_iter()
+            .find_map(|secs| now.checked_sub(Duration::from_secs(secs)))
+            .unwrap_or(now)
+    })
 }
+
+/// Nanoseconds, saturating below the scope flag's bit.
+#[inline]
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).map_or(MAX_NANOS, |n| n.min(MAX_NANOS))
+}
+
+const MAX_NANOS: u64 = SCOPE_TOKEN - 1;
 
 /// When the innermost enclosing timeout expires: the earliest of the nested deadlines.
 ///
 /// Layers and inner code read it to avoid starting work that cannot finish in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Deadline(Instant);
+// Nanoseconds since `epoch()`: one word, cheap to hand down the scope.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Deadline(u64);
 
 impl Deadline {
     /// A deadline at `instant`.
+    #[inline]
     pub fn at(instant: Instant) -> Self {
-        Deadline(instant)
+        Deadline(nanos(instant.saturating_duration_since(epoch())))
     }
 
-    /// A deadline `timeout` from now (saturating far in the future).
+    /// A deadline `timeout` from now (at most about thirty years from now).
     pub fn after(timeout: Duration) -> Self {
-        let now = Instant::now();
-        Deadline(now.checked_add(timeout).unwrap_or_else(|| far_future(now)))
+        Deadline::now().later(timeout)
+    }
+
+    /// Now, as a deadline.
+    #[inline]
+    pub(crate) fn now() -> Self {
+        Deadline::at(Instant::now())
+    }
+
+    /// `duration` after this one (at most about thirty years after).
+    #[inline]
+    pub(crate) fn later(self, duration: Duration) -> Self {
+        let duration = nanos(duration).min(nanos(FAR));
+        Deadline(self.0.saturating_add(duration).min(MAX_NANOS))
+    }
+
+    /// The time from `earlier` to this one, zero if `earlier` is later.
+    #[inline]
+    pub(crate) fn since(self, earlier: Deadline) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
     }
 
     /// The deadline's instant.
     pub fn instant(&self) -> Instant {
-        self.0
+        let epoch = epoch();
+        epoch
+            .checked_add(Duration::from_nanos(self.0))
+            .unwrap_or_else(|| far_future(epoch))
     }
 
     /// Time left, zero once passed.
     pub fn remaining(&self) -> Duration {
-        self.0.saturating_duration_since(Instant::now())
+        self.since(Deadline::now())
     }
 
     /// True once the deadline has passed.
     pub fn is_expired(&self) -> bool {
-        Instant::now() >= self.0
+        Deadline::now() >= *self
     }
 
     /// True if work taking `duration`, started now, would finish by the deadline.
     pub fn allows(&self, duration: Duration) -> bool {
         Instant::now()
             .checked_add(duration)
-            .is_some_and(|end| end <= self.0)
+            .is_some_and(|end| Deadline::at(end) <= *self)
     }
 
     /// The deadline of the timeout whose work is running on this task, if any.
+    #[inline]
     pub fn current() -> Option<Deadline> {
-        TimeoutContext::peek(|ctx| ctx.map(|ctx| ctx.deadline))
+        frame_deadline(FRAME.get())
+    }
+}
+
+impl fmt::Debug for Deadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Deadline").field(&self.instant()).finish()
     }
 }
 
 pub(crate) fn far_future(now: Instant) -> Instant {
-    // About thirty years: far enough to mean never, near enough not to overflow.
-    now.checked_add(Duration::from_secs(86_400 * 365 * 30))
-        .unwrap_or(now)
+    now.checked_add(FAR).unwrap_or(now)
+}
+
+/// The scope's token is in [`TOKEN`] (it was made, adopted, or is a child of an outer
+/// scope's); without it nobody asked for the token yet and `TOKEN` is empty.
+const SCOPE_TOKEN: u64 = 1 << 63;
+
+thread_local! {
+    /// The scope of the timeout whose work this thread is running right now: its deadline
+    /// and the `SCOPE_TOKEN` flag, 0 outside any scope. One word of plain data, so
+    /// entering and leaving a scope is two writes with no destructor to register.
+    static FRAME: Cell<u64> = const { Cell::new(0) };
+    /// The current scope's token, once it has one. A scope without a token (most
+    /// requests: nobody listens) never touches it.
+    static TOKEN: Cell<Option<Arc<LazyToken>>> = const { Cell::new(None) };
+}
+
+#[inline]
+fn frame(deadline: Deadline, token: bool) -> u64 {
+    deadline.0.max(1) | if token { SCOPE_TOKEN } else { 0 }
+}
+
+#[inline]
+fn frame_deadline(frame: u64) -> Option<Deadline> {
+    (frame != 0).then_some(Deadline(frame & !SCOPE_TOKEN))
+}
+
+#[inline]
+fn has_token(frame: u64) -> bool {
+    frame & SCOPE_TOKEN != 0
+}
+
+/// Puts `token` in the token slot and returns what was there (`Err` with `token` back
+/// while the thread is shutting down).
+fn swap_token(
+    token: Option<Arc<LazyToken>>,
+) -> Result<Option<Arc<LazyToken>>, Option<Arc<LazyToken>>> {
+    let mut token = Some(token);
+    TOKEN
+        .try_with(|slot| slot.replace(token.take().expect("swapped once")))
+        .map_err(|_| token.take().expect("not swapped"))
+}
+
+/// The token of the scope `frame` describes (the one running on this thread), made now if
+/// nobody asked for it before; `None` while the thread is shutting down.
+fn current_token(frame: u64) -> Option<Arc<LazyToken>> {
+    let token = TOKEN
+        .try_with(|slot| {
+            let token = slot.take().unwrap_or_else(LazyToken::root);
+            slot.set(Some(token.clone()));
+            token
+        })
+        .ok()?;
+    FRAME.set(frame | SCOPE_TOKEN);
+    Some(token)
 }
 
 /// A cancellation token made only when somebody asks for it.
@@ -134,6 +235,7 @@ impl LazyToken {
         token
     }
 
+    #[inline]
     pub(crate) fn cancel(&self) {
         let mut state = self.lock();
         state.cancelled = true;
@@ -152,17 +254,17 @@ impl LazyToken {
 #[derive(Debug)]
 pub struct TimeoutContext {
     deadline: Deadline,
-    /// The enclosing scope's token, the parent of ours.
-    parent: Option<Arc<LazyToken>>,
-    token: OnceLock<Arc<LazyToken>>,
+    /// Made when somebody asks for it, unless the scope is nested (then it is a child of
+    /// the outer scope's, made with the scope). Every context handed out of the crate has
+    /// one: [`TimeoutContext::current`] and carriers make it first.
+    token: Option<Arc<LazyToken>>,
 }
 
 impl Clone for TimeoutContext {
     fn clone(&self) -> Self {
         TimeoutContext {
             deadline: self.deadline,
-            parent: None,
-            token: OnceLock::from(self.lazy_token().clone()),
+            token: self.token.clone(),
         }
     }
 }
@@ -172,18 +274,35 @@ impl TimeoutContext {
     pub(crate) fn new(deadline: Deadline, token: Arc<LazyToken>) -> Self {
         TimeoutContext {
             deadline,
-            parent: None,
-            token: OnceLock::from(token),
+            token: Some(token),
         }
     }
 
-    /// A scope with `deadline` whose token, made when somebody asks for it, is a child of
-    /// `parent`'s.
+    /// A scope with `deadline` whose token is a child of `parent`'s or, without a parent,
+    /// made when somebody asks for it.
     pub(crate) fn under(deadline: Deadline, parent: Option<&TimeoutContext>) -> Self {
+        Self::with_parent(deadline, parent.and_then(|parent| parent.token.as_ref()))
+    }
+
+    #[inline]
+    fn with_parent(deadline: Deadline, parent: Option<&Arc<LazyToken>>) -> Self {
         TimeoutContext {
             deadline,
-            parent: parent.map(|parent| parent.lazy_token().clone()),
-            token: OnceLock::new(),
+            token: parent.map(LazyToken::child_of),
+        }
+    }
+
+    /// A scope with `deadline`, nested in the scope running on this thread if there is
+    /// one: the earlier of the two deadlines, a child of its token.
+    #[inline]
+    pub(crate) fn nested(deadline: Deadline) -> Self {
+        let outer = FRAME.get();
+        match frame_deadline(outer) {
+            Some(outer_deadline) => {
+                let parent = current_token(outer);
+                Self::with_parent(outer_deadline.min(deadline), parent.as_ref())
+            }
+            None => Self::with_parent(deadline, None),
         }
     }
 
@@ -194,30 +313,40 @@ impl TimeoutContext {
 
     /// The cancellation token of this scope.
     pub fn token(&self) -> CancellationToken {
-        self.lazy_token().get()
+        match &self.token {
+            Some(token) => token.get(),
+            // Not reached: every context handed out has its token (see the field).
+            None => CancellationToken::new(),
+        }
     }
 
-    pub(crate) fn lazy_token(&self) -> &Arc<LazyToken> {
-        self.token.get_or_init(|| match &self.parent {
-            Some(parent) => LazyToken::child_of(parent),
-            None => LazyToken::root(),
-        })
+    /// Makes the token now, before the context is shared.
+    pub(crate) fn share(&mut self) {
+        self.token.get_or_insert_with(LazyToken::root);
     }
 
     /// Cancels this scope's token, if anybody made it (if nobody did, nobody listens).
     pub(crate) fn cancel(&self) {
-        if let Some(token) = self.token.get() {
+        if let Some(token) = &self.token {
             token.cancel();
         }
     }
 
-    /// A scope for one attempt under `parent` (or a root scope): a child token, the same
-    /// deadline.
+    /// A scope for one attempt: under `existing` (a context the request carried), else
+    /// under the scope running on this thread (a child token, the same deadline), else a
+    /// root scope with no deadline to speak of, counted from `now`.
     #[cfg(feature = "hedge")]
-    pub(crate) fn attempt_under(parent: Option<&TimeoutContext>) -> TimeoutContext {
-        match parent {
-            Some(outer) => TimeoutContext::under(outer.deadline, Some(outer)),
-            None => TimeoutContext::under(Deadline::at(far_future(Instant::now())), None),
+    pub(crate) fn attempt_under(existing: Option<&TimeoutContext>, now: Deadline) -> Self {
+        if let Some(outer) = existing {
+            return TimeoutContext::under(outer.deadline, Some(outer));
+        }
+        let outer = FRAME.get();
+        match frame_deadline(outer) {
+            Some(deadline) => {
+                let parent = current_token(outer);
+                Self::with_parent(deadline, parent.as_ref())
+            }
+            None => Self::with_parent(now.later(FAR), None),
         }
     }
 
@@ -226,95 +355,73 @@ impl TimeoutContext {
     /// Available while the inner service's `call` runs and while its response future is
     /// polled; a task spawned from there does not inherit it (pass the token along).
     pub fn current() -> Option<TimeoutContext> {
-        Self::peek(|ctx| ctx.cloned())
+        let frame = FRAME.get();
+        let deadline = frame_deadline(frame)?;
+        let token = current_token(frame).unwrap_or_else(LazyToken::root);
+        Some(TimeoutContext {
+            deadline,
+            token: Some(token),
+        })
     }
 
-    /// Runs `f` on the current context, without cloning it.
-    pub(crate) fn peek<R>(f: impl FnOnce(Option<&TimeoutContext>) -> R) -> R {
-        let mut f = Some(f);
-        let seen = CURRENT.try_with(|cell| {
-            let ctx = cell.take();
-            let result = (f.take().expect("called once"))(ctx.as_ref());
-            cell.set(ctx);
-            result
-        });
-        match seen {
-            Ok(result) => result,
-            Err(_) => (f.take().expect("called once"))(None),
-        }
-    }
-
-    /// Runs `f` with the context in `slot` as the current one, then puts it back in `slot`
-    /// (also when `f` panics).
-    pub(crate) fn enter<R>(slot: &mut Option<TimeoutContext>, f: impl FnOnce() -> R) -> R {
+    /// Runs `f` with `self` as the current scope, then takes the scope back (also when `f`
+    /// panics): a token made meanwhile stays with `self`.
+    pub(crate) fn enter<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        /// Puts the outer scope back, and our token (if any) back in our context.
         struct Restore<'a> {
-            slot: &'a mut Option<TimeoutContext>,
-            outer: Option<TimeoutContext>,
+            ctx: &'a mut TimeoutContext,
+            outer: u64,
+            /// The outer scope's token, while ours is in the slot.
+            outer_token: Option<Arc<LazyToken>>,
         }
         impl Drop for Restore<'_> {
+            #[inline]
             fn drop(&mut self) {
-                let outer = self.outer.take();
-                if let Ok(ours) = CURRENT.try_with(|cell| cell.replace(outer)) {
-                    *self.slot = ours;
+                let ours = FRAME.replace(self.outer);
+                // The slot holds a token when either scope has one (see `enter`).
+                if !has_token(ours) && !has_token(self.outer) {
+                    return;
+                }
+                if let Ok(Some(token)) = swap_token(self.outer_token.take()) {
+                    self.ctx.token = Some(token);
                 }
             }
         }
-        if slot.is_none() {
-            return f();
-        }
-        match CURRENT.try_with(|cell| cell.replace(slot.take())) {
-            Ok(outer) => {
-                let _restore = Restore { slot, outer };
-                f()
-            }
-            // The thread is shutting down: no scope to set.
-            Err(_) => f(),
-        }
-    }
-
-    /// Makes a context from the current one (`None` outside any scope) and `req` with
-    /// `make`, then runs `f(req)` inside it; returns the context with `f`'s result. One
-    /// trip to the thread-local on the way in, one on the way out.
-    pub(crate) fn nest<Q, R>(
-        mut req: Q,
-        make: impl FnOnce(Option<&TimeoutContext>, &mut Q) -> TimeoutContext,
-        f: impl FnOnce(Q) -> R,
-    ) -> (TimeoutContext, R) {
-        /// Puts the outer context back, also when `f` panics; hands ours back.
-        struct Restore(Option<Option<TimeoutContext>>);
-        impl Restore {
-            fn ours(&mut self) -> Option<TimeoutContext> {
-                let outer = self.0.take()?;
-                CURRENT.try_with(|cell| cell.replace(outer)).ok().flatten()
+        let token = self.token.take();
+        let ours = frame(self.deadline, token.is_some());
+        let outer = FRAME.replace(ours);
+        let mut outer_token = None;
+        if has_token(ours) || has_token(outer) {
+            match swap_token(token) {
+                Ok(previous) => outer_token = previous,
+                Err(token) => {
+                    // The thread is shutting down: the scope runs without its token.
+                    FRAME.set(ours & !SCOPE_TOKEN);
+                    self.token = token;
+                }
             }
         }
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                self.ours();
-            }
-        }
-        let mut make = Some(make);
-        let entered = CURRENT.try_with(|cell| {
-            let outer = cell.take();
-            let ours = (make.take().expect("called once"))(outer.as_ref(), &mut req);
-            cell.set(Some(ours));
-            outer
-        });
-        let Ok(outer) = entered else {
-            // The thread is shutting down: no scope to set.
-            let ours = (make.take().expect("called once"))(None, &mut req);
-            return (ours, f(req));
+        let _restore = Restore {
+            ctx: self,
+            outer,
+            outer_token,
         };
-        let mut restore = Restore(Some(outer));
-        let result = f(req);
-        let ours = restore.ours().expect("the scope gives its context back");
-        (ours, result)
+        f()
     }
 
     #[cfg(feature = "cache")]
-    pub(crate) fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
-        Self::enter(&mut Some(self), f)
+    pub(crate) fn sync_scope<R>(mut self, f: impl FnOnce() -> R) -> R {
+        self.enter(f)
     }
+}
+
+/// Whether a scoped future is still running: a whole word, so that moving the future
+/// never reads a word that was written in parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+enum Phase {
+    Running,
+    Finished,
 }
 
 pin_project! {
@@ -323,17 +430,15 @@ pin_project! {
     pub(crate) struct Scoped<F> {
         #[pin]
         future: F,
-        ctx: Option<TimeoutContext>,
-        armed: bool,
+        ctx: TimeoutContext,
+        phase: Phase,
     }
 
     impl<F> PinnedDrop for Scoped<F> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if *this.armed {
-                if let Some(ctx) = this.ctx.as_ref() {
-                    ctx.cancel();
-                }
+            if *this.phase == Phase::Running {
+                this.ctx.cancel();
             }
         }
     }
@@ -341,12 +446,19 @@ pin_project! {
 
 impl<F> Scoped<F> {
     /// `future` in `ctx`; dropping it unfinished cancels the token.
+    #[inline]
     pub(crate) fn new(ctx: TimeoutContext, future: F) -> Self {
         Scoped {
             future,
-            ctx: Some(ctx),
-            armed: true,
+            ctx,
+            phase: Phase::Running,
         }
+    }
+
+    /// True once the future has finished.
+    #[inline]
+    pub(crate) fn finished(&self) -> bool {
+        self.phase == Phase::Finished
     }
 }
 
@@ -356,10 +468,9 @@ impl<F: Future> Future for Scoped<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let future = this.future;
-        let polled = TimeoutContext::enter(this.ctx, || future.poll(cx));
+        let polled = this.ctx.enter(|| future.poll(cx));
         if polled.is_ready() {
-            // Finished: nothing left to cancel.
-            *this.armed = false;
+            *this.phase = Phase::Finished;
         }
         polled
     }
@@ -373,6 +484,20 @@ pub trait Carrier<Req> {
 
     /// Leaves `ctx` in the request for the inner service.
     fn insert(&self, req: &mut Req, ctx: &TimeoutContext);
+
+    /// False if [`insert`](Carrier::insert) leaves nothing in the request: the context's
+    /// token is then made only when somebody asks for it, instead of before `insert`.
+    fn carries(&self) -> bool {
+        true
+    }
+}
+
+/// Leaves `ctx` in `req` through `carrier`, with its token made first if it is shared.
+pub(crate) fn carry<Req, C: Carrier<Req>>(carrier: &C, req: &mut Req, ctx: &mut TimeoutContext) {
+    if carrier.carries() {
+        ctx.share();
+        carrier.insert(req, ctx);
+    }
 }
 
 /// Carries the context only in the task-local scope (any request type; the default).
@@ -385,6 +510,10 @@ impl<Req> Carrier<Req> for TaskLocal {
     }
 
     fn insert(&self, _req: &mut Req, _ctx: &TimeoutContext) {}
+
+    fn carries(&self) -> bool {
+        false
+    }
 }
 
 /// A timeout chosen per request; `None` falls back to the layer's.
@@ -419,5 +548,50 @@ where
 {
     fn timeout_for(&self, req: &Req) -> Option<Duration> {
         (self.0)(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_gives_back_its_instant_and_orders_like_it() {
+        let now = Instant::now();
+        let later = now + Duration::from_millis(1500);
+        assert_eq!(Deadline::at(now).instant(), now);
+        assert_eq!(Deadline::at(later).instant(), later);
+        assert!(Deadline::at(now) < Deadline::at(later));
+        assert_eq!(
+            Deadline::at(now).later(Duration::from_millis(1500)),
+            Deadline::at(later)
+        );
+        assert_eq!(
+            Deadline::at(later).since(Deadline::at(now)),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(Deadline::at(now).since(Deadline::at(later)), Duration::ZERO);
+    }
+
+    #[test]
+    fn an_endless_timeout_ends_about_thirty_years_out_and_never_wraps() {
+        let now = Deadline::now();
+        let endless = now.later(Duration::MAX);
+        assert_eq!(endless.since(now), FAR);
+        assert_eq!(endless.later(Duration::MAX).since(now), 2 * FAR);
+        assert!(!endless.is_expired());
+        assert!(Deadline::after(Duration::MAX) > now);
+    }
+
+    #[test]
+    fn the_scope_word_keeps_the_deadline_apart_from_the_token_flag() {
+        let deadline = Deadline::now().later(Duration::from_secs(3));
+        for token in [false, true] {
+            let word = frame(deadline, token);
+            assert_eq!(frame_deadline(word), Some(deadline));
+            assert_eq!(has_token(word), token);
+        }
+        assert_eq!(frame_deadline(0), None);
+        assert_eq!(frame_deadline(frame(Deadline(0), false)), Some(Deadline(1)));
     }
 }

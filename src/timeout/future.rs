@@ -6,11 +6,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use super::deadline::Scoped;
+use super::deadline::{Deadline, Scoped};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::metrics::{Lazy, TimeoutMetrics};
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 pin_project! {
     /// Response future of [`Timeout`](super::Timeout).
@@ -23,9 +23,10 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         state: State<F>,
-        expires: Instant,
-        // When the request started, kept only while a recorder takes the durations.
-        timing: Option<(Instant, Arc<Lazy<TimeoutMetrics>>)>,
+        expires: Deadline,
+        started: Deadline,
+        // Only while a recorder takes the durations.
+        timing: Option<Arc<Lazy<TimeoutMetrics>>>,
     }
 }
 
@@ -47,8 +48,9 @@ pin_project! {
 impl<F> ResponseFuture<F> {
     pub(crate) fn new(
         future: Scoped<F>,
-        expires: Instant,
-        timing: Option<(Instant, Arc<Lazy<TimeoutMetrics>>)>,
+        expires: Deadline,
+        started: Deadline,
+        timing: Option<Arc<Lazy<TimeoutMetrics>>>,
     ) -> Self {
         ResponseFuture {
             state: State::Running {
@@ -56,6 +58,7 @@ impl<F> ResponseFuture<F> {
                 sleep: None,
             },
             expires,
+            started,
             timing,
         }
     }
@@ -71,32 +74,38 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut state = this.state;
-        let StateProj::Running { future, sleep } = state.as_mut().project() else {
+        let StateProj::Running { mut future, sleep } = state.as_mut().project() else {
             panic!("timeout::ResponseFuture polled after completion");
         };
-        if let Poll::Ready(result) = future.poll(cx) {
+        assert!(
+            !future.finished(),
+            "timeout::ResponseFuture polled after completion"
+        );
+        if let Poll::Ready(result) = future.as_mut().poll(cx) {
             // Completed in time: the token stays as it is.
             let result = result.map_err(Error::inner);
-            if let Some((started, metrics)) = this.timing.as_ref() {
-                let elapsed = started.elapsed().as_secs_f64();
+            if let Some(metrics) = this.timing.as_ref() {
+                let elapsed = Deadline::now().since(*this.started).as_secs_f64();
                 match &result {
                     Ok(_) => metrics.get().ok.record(elapsed),
                     Err(_) => metrics.get().error.record(elapsed),
                 }
             }
-            state.set(State::Done);
+            // The finished future stays until the response future is dropped: rewriting
+            // the state here costs more than the request.
             return Poll::Ready(result);
         }
         let expires = *this.expires;
-        let sleep = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(expires)));
+        let sleep =
+            sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(expires.instant())));
         if sleep.as_mut().poll(cx).is_ready() {
             tracing::debug!("timeout: timed out, cancelling the work");
-            if let Some((started, metrics)) = this.timing.as_ref() {
+            if let Some(metrics) = this.timing.as_ref() {
                 metrics.get().timeouts.increment(1);
                 metrics
                     .get()
                     .timed_out
-                    .record(started.elapsed().as_secs_f64());
+                    .record(Deadline::now().since(*this.started).as_secs_f64());
             }
             // Dropping the scope cancels the token, then drops the inner future.
             state.set(State::Done);
@@ -109,6 +118,7 @@ where
 impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
+            State::Running { future, .. } if future.finished() => "done",
             State::Running { .. } => "running",
             State::Done => "done",
         };

@@ -3,11 +3,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
 use tower_service::Service;
 
 use super::deadline::{
-    far_future, Carrier, Deadline, RequestTimeout, SameForAll, Scoped, TaskLocal, TimeoutContext,
+    carry, Carrier, Deadline, RequestTimeout, SameForAll, Scoped, TaskLocal, TimeoutContext,
 };
 use super::future::ResponseFuture;
 use super::layer::TimeoutLayer;
@@ -97,33 +96,23 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let now = Instant::now();
+        let now = Deadline::now();
         let timeout = self.per_request.timeout_for(&req).unwrap_or(self.timeout);
-        let expires = now.checked_add(timeout).unwrap_or_else(|| far_future(now));
-        let ours = Deadline::at(expires);
-        let carrier = &self.carrier;
+        let ours = now.later(timeout);
+        let mut req = req;
+        // A scope running on this thread comes first; else one the request carried.
+        let carried = match Deadline::current() {
+            Some(_) => None,
+            None => self.carrier.existing(&req),
+        };
+        let mut ctx = match carried {
+            Some(outer) => TimeoutContext::under(outer.deadline().min(ours), Some(&outer)),
+            None => TimeoutContext::nested(ours),
+        };
+        carry(&self.carrier, &mut req, &mut ctx);
         let inner = &mut self.inner;
-        let (ctx, future) = TimeoutContext::nest(
-            req,
-            |current, req| {
-                let ctx = match current {
-                    Some(outer) => TimeoutContext::under(outer.deadline().min(ours), Some(outer)),
-                    None => match carrier.existing(req) {
-                        Some(outer) => {
-                            TimeoutContext::under(outer.deadline().min(ours), Some(&outer))
-                        }
-                        None => TimeoutContext::under(ours, None),
-                    },
-                };
-                carrier.insert(req, &ctx);
-                ctx
-            },
-            |req| inner.call(req),
-        );
-        let timing = self
-            .metrics
-            .recording()
-            .then(|| (now, self.metrics.clone()));
-        ResponseFuture::new(Scoped::new(ctx, future), expires, timing)
+        let future = ctx.enter(|| inner.call(req));
+        let timing = self.metrics.recording().then(|| self.metrics.clone());
+        ResponseFuture::new(Scoped::new(ctx, future), ours, now, timing)
     }
 }
