@@ -143,6 +143,104 @@ async fn cancelling_the_outer_scope_cancels_the_inner_token() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_token_first_asked_for_while_polling_three_scopes_deep_is_cancelled_on_expiry() {
+    // Nobody asks for a token in `call`: each scope's token is made only when the inner
+    // future, polled for the second time, asks for it.
+    let seen: Arc<Mutex<Vec<CancellationToken>>> = Arc::default();
+    let record = seen.clone();
+    let svc = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(Duration::from_secs(10)))
+        .layer(TimeoutLayer::new(Duration::from_secs(20)))
+        .layer(TimeoutLayer::new(Duration::from_secs(30)))
+        .service(service_fn(move |()| {
+            let record = record.clone();
+            async move {
+                tokio::task::yield_now().await;
+                let deadline = Deadline::current().expect("polled inside the scopes");
+                let token = TimeoutContext::current().expect("inside").token();
+                record.lock().unwrap().push(token.clone());
+                // Asked again in the same scope: the same token.
+                let again = TimeoutContext::current().expect("inside").token();
+                record.lock().unwrap().push(again);
+                token.cancelled().await;
+                Ok::<_, Infallible>(deadline)
+            }
+        }));
+    let start = Instant::now();
+    let mut fut = task::spawn(svc.oneshot(()));
+    assert_pending!(fut.poll());
+    assert_pending!(fut.poll());
+    let tokens = seen.lock().unwrap().clone();
+    assert_eq!(tokens.len(), 2);
+    assert!(!tokens[0].is_cancelled());
+    // The outermost scope expires first: its cancellation reaches the innermost token.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let err = fut.await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TimedOut);
+    assert!(tokens[0].is_cancelled() && tokens[1].is_cancelled());
+    assert!(start.elapsed() >= Duration::from_secs(10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_scope_that_finished_keeps_a_child_token_of_the_outer_scope() {
+    // The inner scope answers at once (its own token is never cancelled by it); the outer
+    // scope then expires: a token taken inside the inner scope is cancelled through the
+    // chain, as work spawned from there would need.
+    let seen: Arc<Mutex<Option<CancellationToken>>> = Arc::default();
+    let record = seen.clone();
+    let inner = TimeoutLayer::new(Duration::from_secs(30)).layer(service_fn(move |()| {
+        let record = record.clone();
+        async move {
+            let token = TimeoutContext::current().expect("inside").token();
+            *record.lock().unwrap() = Some(token);
+            Ok::<_, Infallible>(())
+        }
+    }));
+    let svc = TimeoutLayer::new(Duration::from_secs(10)).layer(service_fn(move |()| {
+        let inner = inner.clone();
+        async move {
+            tokio::task::yield_now().await;
+            inner.oneshot(()).await.expect("in time");
+            std::future::pending::<()>().await;
+            Ok::<_, Infallible>(())
+        }
+    }));
+    let mut fut = task::spawn(svc.oneshot(()));
+    assert_pending!(fut.poll());
+    assert_pending!(fut.poll());
+    let token = seen.lock().unwrap().clone().expect("the inner scope ran");
+    assert!(!token.is_cancelled(), "the inner scope finished in time");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(fut.await.unwrap_err().kind(), ErrorKind::TimedOut);
+    assert!(token.is_cancelled());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_made_in_call_is_the_one_the_future_sees_when_polled() {
+    let seen: Arc<Mutex<Vec<CancellationToken>>> = Arc::default();
+    let record = seen.clone();
+    let svc = TimeoutLayer::new(Duration::from_secs(5)).layer(service_fn(move |()| {
+        let in_call = TimeoutContext::current().expect("inside").token();
+        let record = record.clone();
+        async move {
+            let in_poll = TimeoutContext::current().expect("inside").token();
+            record.lock().unwrap().extend([in_call.clone(), in_poll]);
+            in_call.cancelled().await;
+            Ok::<_, Infallible>(())
+        }
+    }));
+    let mut fut = task::spawn(svc.oneshot(()));
+    assert_pending!(fut.poll());
+    drop(fut);
+    let tokens = seen.lock().unwrap().clone();
+    assert!(tokens[0].is_cancelled());
+    assert!(
+        tokens[1].is_cancelled(),
+        "the same token in call and in poll"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_total_timeout_outside_a_full_limit_expires_while_queued() {
     let upstream = Upstream::new();
     upstream.close();

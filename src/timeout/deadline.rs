@@ -35,7 +35,7 @@ fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).map_or(MAX_NANOS, |n| n.min(MAX_NANOS))
 }
 
-const MAX_NANOS: u64 = SCOPE_TOKEN - 1;
+const MAX_NANOS: u64 = SCOPE_PARENT - 1;
 
 /// When the innermost enclosing timeout expires: the earliest of the nested deadlines.
 ///
@@ -117,33 +117,37 @@ pub(crate) fn far_future(now: Instant) -> Instant {
     now.checked_add(FAR).unwrap_or(now)
 }
 
-/// The scope's token is in [`TOKEN`] (it was made, adopted, or is a child of an outer
-/// scope's); without it nobody asked for the token yet and `TOKEN` is empty.
+/// The scope's token is in [`TOKEN`] (it was made or adopted).
 const SCOPE_TOKEN: u64 = 1 << 63;
+/// The token the scope's token will be a child of is in [`TOKEN`] (the scope is nested and
+/// nobody asked for its token yet).
+const SCOPE_PARENT: u64 = 1 << 62;
+/// Either: something of the scope's is in [`TOKEN`]. Without either, `TOKEN` is empty.
+const SCOPE_SLOT: u64 = SCOPE_TOKEN | SCOPE_PARENT;
 
 thread_local! {
     /// The scope of the timeout whose work this thread is running right now: its deadline
-    /// and the `SCOPE_TOKEN` flag, 0 outside any scope. One word of plain data, so
-    /// entering and leaving a scope is two writes with no destructor to register.
+    /// and the flags above, 0 outside any scope. One word of plain data, so entering and
+    /// leaving a scope is two writes with no destructor to register.
     static FRAME: Cell<u64> = const { Cell::new(0) };
-    /// The current scope's token, once it has one. A scope without a token (most
-    /// requests: nobody listens) never touches it.
+    /// The current scope's token or, until somebody asks for it, its parent. A root scope
+    /// without a token (most requests: nobody listens) never touches it.
     static TOKEN: Cell<Option<Arc<LazyToken>>> = const { Cell::new(None) };
 }
 
 #[inline]
-fn frame(deadline: Deadline, token: bool) -> u64 {
-    deadline.0.max(1) | if token { SCOPE_TOKEN } else { 0 }
+fn frame(deadline: Deadline, slot: u64) -> u64 {
+    deadline.0.max(1) | slot
 }
 
 #[inline]
 fn frame_deadline(frame: u64) -> Option<Deadline> {
-    (frame != 0).then_some(Deadline(frame & !SCOPE_TOKEN))
+    (frame != 0).then_some(Deadline(frame & !SCOPE_SLOT))
 }
 
 #[inline]
-fn has_token(frame: u64) -> bool {
-    frame & SCOPE_TOKEN != 0
+fn in_slot(frame: u64) -> bool {
+    frame & SCOPE_SLOT != 0
 }
 
 /// Puts `token` in the token slot and returns what was there (`Err` with `token` back
@@ -162,12 +166,16 @@ fn swap_token(
 fn current_token(frame: u64) -> Option<Arc<LazyToken>> {
     let token = TOKEN
         .try_with(|slot| {
-            let token = slot.take().unwrap_or_else(LazyToken::root);
+            let token = match (slot.take(), frame & SCOPE_SLOT) {
+                (Some(token), SCOPE_TOKEN) => token,
+                (Some(parent), _) => LazyToken::child_of(&parent),
+                (None, _) => LazyToken::root(),
+            };
             slot.set(Some(token.clone()));
             token
         })
         .ok()?;
-    FRAME.set(frame | SCOPE_TOKEN);
+    FRAME.set(frame & !SCOPE_SLOT | SCOPE_TOKEN);
     Some(token)
 }
 
@@ -254,10 +262,11 @@ impl LazyToken {
 #[derive(Debug)]
 pub struct TimeoutContext {
     deadline: Deadline,
-    /// Made when somebody asks for it, unless the scope is nested (then it is a child of
-    /// the outer scope's, made with the scope). Every context handed out of the crate has
-    /// one: [`TimeoutContext::current`] and carriers make it first.
+    /// Made when somebody asks for it. Every context handed out of the crate has one:
+    /// [`TimeoutContext::current`] and carriers make it first.
     token: Option<Arc<LazyToken>>,
+    /// Until the token is made: the outer scope's, its parent to be.
+    parent: Option<Arc<LazyToken>>,
 }
 
 impl Clone for TimeoutContext {
@@ -265,6 +274,7 @@ impl Clone for TimeoutContext {
         TimeoutContext {
             deadline: self.deadline,
             token: self.token.clone(),
+            parent: self.parent.clone(),
         }
     }
 }
@@ -275,20 +285,22 @@ impl TimeoutContext {
         TimeoutContext {
             deadline,
             token: Some(token),
+            parent: None,
         }
     }
 
     /// A scope with `deadline` whose token is a child of `parent`'s or, without a parent,
     /// made when somebody asks for it.
     pub(crate) fn under(deadline: Deadline, parent: Option<&TimeoutContext>) -> Self {
-        Self::with_parent(deadline, parent.and_then(|parent| parent.token.as_ref()))
+        Self::with_parent(deadline, parent.and_then(|parent| parent.token.clone()))
     }
 
     #[inline]
-    fn with_parent(deadline: Deadline, parent: Option<&Arc<LazyToken>>) -> Self {
+    fn with_parent(deadline: Deadline, parent: Option<Arc<LazyToken>>) -> Self {
         TimeoutContext {
             deadline,
-            token: parent.map(LazyToken::child_of),
+            token: None,
+            parent,
         }
     }
 
@@ -300,7 +312,7 @@ impl TimeoutContext {
         match frame_deadline(outer) {
             Some(outer_deadline) => {
                 let parent = current_token(outer);
-                Self::with_parent(outer_deadline.min(deadline), parent.as_ref())
+                Self::with_parent(outer_deadline.min(deadline), parent)
             }
             None => Self::with_parent(deadline, None),
         }
@@ -322,7 +334,12 @@ impl TimeoutContext {
 
     /// Makes the token now, before the context is shared.
     pub(crate) fn share(&mut self) {
-        self.token.get_or_insert_with(LazyToken::root);
+        if self.token.is_none() {
+            self.token = Some(match self.parent.take() {
+                Some(parent) => LazyToken::child_of(&parent),
+                None => LazyToken::root(),
+            });
+        }
     }
 
     /// Cancels this scope's token, if anybody made it (if nobody did, nobody listens).
@@ -344,7 +361,7 @@ impl TimeoutContext {
         match frame_deadline(outer) {
             Some(deadline) => {
                 let parent = current_token(outer);
-                Self::with_parent(deadline, parent.as_ref())
+                Self::with_parent(deadline, parent)
             }
             None => Self::with_parent(now.later(FAR), None),
         }
@@ -361,6 +378,7 @@ impl TimeoutContext {
         Some(TimeoutContext {
             deadline,
             token: Some(token),
+            parent: None,
         })
     }
 
@@ -378,26 +396,40 @@ impl TimeoutContext {
             #[inline]
             fn drop(&mut self) {
                 let ours = FRAME.replace(self.outer);
-                // The slot holds a token when either scope has one (see `enter`).
-                if !has_token(ours) && !has_token(self.outer) {
+                // The slot holds something when either scope has (see `enter`).
+                if !in_slot(ours) && !in_slot(self.outer) {
                     return;
                 }
-                if let Ok(Some(token)) = swap_token(self.outer_token.take()) {
-                    self.ctx.token = Some(token);
+                if let Ok(Some(held)) = swap_token(self.outer_token.take()) {
+                    if ours & SCOPE_TOKEN != 0 {
+                        self.ctx.token = Some(held);
+                    } else {
+                        self.ctx.parent = Some(held);
+                    }
                 }
             }
         }
-        let token = self.token.take();
-        let ours = frame(self.deadline, token.is_some());
+        let (held, kind) = match (self.token.take(), self.parent.take()) {
+            (Some(token), parent) => {
+                self.parent = parent;
+                (Some(token), SCOPE_TOKEN)
+            }
+            (None, Some(parent)) => (Some(parent), SCOPE_PARENT),
+            (None, None) => (None, 0),
+        };
+        let ours = frame(self.deadline, kind);
         let outer = FRAME.replace(ours);
         let mut outer_token = None;
-        if has_token(ours) || has_token(outer) {
-            match swap_token(token) {
+        if in_slot(ours) || in_slot(outer) {
+            match swap_token(held) {
                 Ok(previous) => outer_token = previous,
-                Err(token) => {
+                Err(held) => {
                     // The thread is shutting down: the scope runs without its token.
-                    FRAME.set(ours & !SCOPE_TOKEN);
-                    self.token = token;
+                    FRAME.set(ours & !SCOPE_SLOT);
+                    match kind {
+                        SCOPE_TOKEN => self.token = held,
+                        _ => self.parent = held,
+                    }
                 }
             }
         }
@@ -586,12 +618,12 @@ mod tests {
     #[test]
     fn the_scope_word_keeps_the_deadline_apart_from_the_token_flag() {
         let deadline = Deadline::now().later(Duration::from_secs(3));
-        for token in [false, true] {
-            let word = frame(deadline, token);
+        for slot in [0, SCOPE_TOKEN, SCOPE_PARENT] {
+            let word = frame(deadline, slot);
             assert_eq!(frame_deadline(word), Some(deadline));
-            assert_eq!(has_token(word), token);
+            assert_eq!(in_slot(word), slot != 0);
         }
         assert_eq!(frame_deadline(0), None);
-        assert_eq!(frame_deadline(frame(Deadline(0), false)), Some(Deadline(1)));
+        assert_eq!(frame_deadline(frame(Deadline(0), 0)), Some(Deadline(1)));
     }
 }
