@@ -259,7 +259,7 @@ impl LazyToken {
 /// future before it completes; it is a child of the enclosing timeout's token, so
 /// cancelling an outer scope cancels the inner ones too. It is created on first use:
 /// clones of a context share one token.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TimeoutContext {
     deadline: Deadline,
     /// Made when somebody asks for it. Every context handed out of the crate has one:
@@ -267,16 +267,6 @@ pub struct TimeoutContext {
     token: Option<Arc<LazyToken>>,
     /// Until the token is made: the outer scope's, its parent to be.
     parent: Option<Arc<LazyToken>>,
-}
-
-impl Clone for TimeoutContext {
-    fn clone(&self) -> Self {
-        TimeoutContext {
-            deadline: self.deadline,
-            token: self.token.clone(),
-            parent: self.parent.clone(),
-        }
-    }
 }
 
 impl TimeoutContext {
@@ -354,16 +344,10 @@ impl TimeoutContext {
     /// root scope with no deadline to speak of, counted from `now`.
     #[cfg(feature = "hedge")]
     pub(crate) fn attempt_under(existing: Option<&TimeoutContext>, now: Deadline) -> Self {
-        if let Some(outer) = existing {
-            return TimeoutContext::under(outer.deadline, Some(outer));
-        }
-        let outer = FRAME.get();
-        match frame_deadline(outer) {
-            Some(deadline) => {
-                let parent = current_token(outer);
-                Self::with_parent(deadline, parent)
-            }
-            None => Self::with_parent(now.later(FAR), None),
+        match existing {
+            Some(outer) => TimeoutContext::under(outer.deadline, Some(outer)),
+            // Under a running scope, its deadline is the earlier one.
+            None => Self::nested(now.later(FAR)),
         }
     }
 
