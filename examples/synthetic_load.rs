@@ -114,10 +114,19 @@ where
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            // Small frames go out at once: with Nagle's algorithm on, a frame can wait for
+            // the peer's delayed acknowledgement (40 ms on Linux).
+            let _ = stream.set_nodelay(true);
             let service = TowerToHyperService::new(service.clone());
             tokio::spawn(async move {
                 let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder.http2().max_concurrent_streams(100_000);
+                // A hedge that loses is a cancelled stream; h2's defaults treat a steady flow
+                // of those as abuse and close the connection.
+                builder
+                    .http2()
+                    .max_concurrent_streams(100_000)
+                    .max_pending_accept_reset_streams(1 << 20)
+                    .max_local_error_reset_streams(1 << 20);
                 let _ = builder
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
@@ -173,9 +182,14 @@ async fn upstream(script: Script, capacity: Option<usize>) -> Upstream {
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
 fn client() -> HttpClient {
+    // As the server: no Nagle delay, and room for the streams hedges cancel.
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .http2_only(true)
-        .build_http()
+        .http2_max_concurrent_reset_streams(1 << 16)
+        .http2_max_local_error_reset_streams(1 << 20)
+        .build(connector)
 }
 
 /// Calls the upstream for key `k` as `GET /item/k`: the innermost service every system
