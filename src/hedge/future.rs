@@ -191,6 +191,7 @@ where
                 continue;
             };
             *this.sent += 1;
+            shared.hedged();
             shared.metrics.get().attempts.increment(1);
             shared.metrics.get().hedges.increment(1);
             tracing::debug!(attempt = *this.sent, "hedge: sent another attempt");

@@ -8,6 +8,7 @@
 //! 32nd sample and read by everyone else from one atomic.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 const SUB_BITS: u32 = 4;
@@ -63,7 +64,8 @@ pub(crate) struct LatencyWindow {
     window: u64,
     recorded: AtomicU64,
     min_samples: u64,
-    percentile: f64,
+    /// The percentile to report, as the bits of an `f64` (a rate target moves it).
+    percentile: AtomicU64,
     /// The highest bucket ever used: recomputing scans no further.
     highest: AtomicUsize,
     /// Cached results, in microseconds; `u64::MAX` until there are enough samples.
@@ -75,7 +77,7 @@ impl std::fmt::Debug for LatencyWindow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LatencyWindow")
             .field("window", &self.window)
-            .field("percentile", &self.percentile)
+            .field("percentile", &self.percentile_wanted())
             .field("recorded", &self.recorded.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -90,7 +92,7 @@ impl LatencyWindow {
             window: window.max(1),
             recorded: AtomicU64::new(0),
             min_samples: min_samples.max(1),
-            percentile: percentile.clamp(0.0, 1.0),
+            percentile: AtomicU64::new(percentile.clamp(0.0, 1.0).to_bits()),
             highest: AtomicUsize::new(0),
             at_percentile: AtomicU64::new(u64::MAX),
             median: AtomicU64::new(u64::MAX),
@@ -148,11 +150,27 @@ impl LatencyWindow {
             upper_of(BUCKETS - 1)
         };
         self.at_percentile
-            .store(value_at(rank(self.percentile)), Ordering::Relaxed);
+            .store(value_at(rank(self.percentile_wanted())), Ordering::Relaxed);
         self.median.store(value_at(rank(0.5)), Ordering::Relaxed);
     }
 
-    /// The configured percentile of the window, once there are enough samples.
+    /// The percentile the window reports (`0.0..=1.0`).
+    pub(crate) fn percentile_wanted(&self) -> f64 {
+        f64::from_bits(self.percentile.load(Ordering::Relaxed))
+    }
+
+    /// Reports another percentile from the next recomputation on.
+    pub(crate) fn set_percentile(&self, percentile: f64) {
+        self.percentile
+            .store(percentile.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+    }
+
+    /// Latencies counted in so far.
+    pub(crate) fn recorded(&self) -> u64 {
+        self.recorded.load(Ordering::Relaxed)
+    }
+
+    /// The wanted percentile of the window, once there are enough samples.
     pub(crate) fn percentile(&self) -> Option<Duration> {
         match self.at_percentile.load(Ordering::Relaxed) {
             u64::MAX => None,
@@ -166,6 +184,83 @@ impl LatencyWindow {
             u64::MAX => None,
             micros => Some(Duration::from_micros(micros)),
         }
+    }
+}
+
+/// Moves a window's percentile so that about `target` of the requests are hedged.
+///
+/// Each time the window recomputes (every 32nd sample), the share of hedges among the
+/// samples since the last time is compared with the target, and the share of latencies
+/// above the percentile is multiplied by `exp(0.02 × (target − share) / target)`: it
+/// settles where the hedged share is the target on average, and stays between a quarter
+/// of the target and one half.
+/// Where slow requests are a fixed share (a slow replica, a garbage collection), the
+/// percentile settles where the remaining hedges go to the slowest of the others.
+pub(crate) struct RateTarget {
+    target: f64,
+    hedged: AtomicU64,
+    state: Mutex<RateState>,
+}
+
+struct RateState {
+    hedged: u64,
+    recorded: u64,
+    tail: f64,
+}
+
+impl RateTarget {
+    /// `target` is clamped to `0.001..=0.5`.
+    pub(crate) fn new(target: f64) -> Self {
+        let target = if target.is_finite() { target } else { 0.0 };
+        let target = target.clamp(0.001, 0.5);
+        RateTarget {
+            target,
+            hedged: AtomicU64::new(0),
+            state: Mutex::new(RateState {
+                hedged: 0,
+                recorded: 0,
+                tail: target,
+            }),
+        }
+    }
+
+    /// The percentile to start from.
+    pub(crate) fn initial_percentile(&self) -> f64 {
+        1.0 - self.target
+    }
+
+    /// Counts one hedge sent.
+    pub(crate) fn hedged(&self) {
+        self.hedged.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Measures the share hedged since the last call and moves `window`'s percentile.
+    pub(crate) fn adjust(&self, window: &LatencyWindow) {
+        // One adjustment at a time; a recomputation that finds another under way skips.
+        let Ok(mut state) = self.state.try_lock() else {
+            return;
+        };
+        let hedged = self.hedged.load(Ordering::Relaxed);
+        let recorded = window.recorded();
+        let samples = recorded.saturating_sub(state.recorded);
+        if samples == 0 {
+            return;
+        }
+        let share = hedged.saturating_sub(state.hedged) as f64 / samples as f64;
+        state.hedged = hedged;
+        state.recorded = recorded;
+        let step = (0.02 * (self.target - share) / self.target).exp();
+        state.tail = (state.tail * step).clamp(self.target / 4.0, 0.5);
+        window.set_percentile(1.0 - state.tail);
+    }
+}
+
+impl std::fmt::Debug for RateTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateTarget")
+            .field("target", &self.target)
+            .field("hedged", &self.hedged.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
     }
 }
 
@@ -222,5 +317,59 @@ mod tests {
         );
         let median = window.median().unwrap();
         assert!(median >= Duration::from_millis(10), "{median:?}");
+    }
+
+    /// Latencies 1 to 100 ms in a fixed shuffled order, 2% of them 100 ms (a slow share
+    /// every hedge must cover); a request is hedged when its latency is above the delay.
+    /// Returns the share hedged over the last `tail` requests.
+    fn hedged_share(target: f64, start: f64, requests: u64, tail: u64) -> f64 {
+        let window = LatencyWindow::new(1_000, 20, start);
+        let rate = RateTarget::new(target);
+        let mut hedged_at_end = 0;
+        for i in 0..requests {
+            let x = i.wrapping_mul(7_919) % 100;
+            let latency = if x < 2 {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_micros(2_000 + (i.wrapping_mul(104_729) % 4_000))
+            };
+            let delay = window.percentile().unwrap_or(Duration::from_millis(10));
+            if latency > delay {
+                rate.hedged();
+                if i >= requests - tail {
+                    hedged_at_end += 1;
+                }
+            }
+            // The hedge wins a slow request (its own latency is recorded), and loses a fast
+            // one; the slow attempt it beat is never recorded.
+            let recorded = if x < 2 {
+                Duration::from_micros(2_000 + (i.wrapping_mul(31) % 4_000))
+            } else {
+                latency
+            };
+            if window.record(recorded) {
+                rate.adjust(&window);
+            }
+        }
+        hedged_at_end as f64 / tail as f64
+    }
+
+    #[test]
+    fn a_rate_target_moves_the_percentile_until_that_share_is_hedged() {
+        for target in [0.03, 0.05, 0.1] {
+            let share = hedged_share(target, 1.0 - target, 60_000, 20_000);
+            assert!(
+                (share - target).abs() <= target * 0.25,
+                "target {target}: {share} hedged"
+            );
+        }
+    }
+
+    #[test]
+    fn a_rate_target_below_the_slow_share_keeps_the_percentile_high() {
+        // 2% are slow and must be hedged; a 1% target cannot be met, and the percentile,
+        // started at the median, goes up to its bound (a quarter of the target above it).
+        let share = hedged_share(0.01, 0.5, 60_000, 20_000);
+        assert!((0.02..0.03).contains(&share), "{share} hedged");
     }
 }

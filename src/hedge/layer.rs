@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::latency::LatencyWindow;
+use super::latency::{LatencyWindow, RateTarget};
 use super::service::Hedge;
 use crate::budget::Budget;
 use crate::metrics::{HedgeMetrics, Lazy};
@@ -18,6 +18,8 @@ pub(crate) enum Delay {
     Percentile {
         window: LatencyWindow,
         initial: Duration,
+        /// Moves the percentile to hedge a share of requests; `None` keeps it fixed.
+        rate: Option<RateTarget>,
     },
 }
 
@@ -36,7 +38,19 @@ impl Shared {
     pub(crate) fn delay(&self) -> Duration {
         match &self.delay {
             Delay::Fixed(delay) => *delay,
-            Delay::Percentile { window, initial } => window.percentile().unwrap_or(*initial),
+            Delay::Percentile {
+                window, initial, ..
+            } => window.percentile().unwrap_or(*initial),
+        }
+    }
+
+    /// Counts a hedge sent, for a rate target.
+    pub(crate) fn hedged(&self) {
+        if let Delay::Percentile {
+            rate: Some(rate), ..
+        } = &self.delay
+        {
+            rate.hedged();
         }
     }
 
@@ -44,13 +58,18 @@ impl Shared {
     pub(crate) fn expected(&self) -> Duration {
         match &self.delay {
             Delay::Fixed(delay) => *delay,
-            Delay::Percentile { window, initial } => window.median().unwrap_or(*initial),
+            Delay::Percentile {
+                window, initial, ..
+            } => window.median().unwrap_or(*initial),
         }
     }
 
     pub(crate) fn record(&self, latency: Duration) {
-        if let Delay::Percentile { window, .. } = &self.delay {
+        if let Delay::Percentile { window, rate, .. } = &self.delay {
             if window.record(latency) {
+                if let Some(rate) = rate {
+                    rate.adjust(window);
+                }
                 if let Some(delay) = window.percentile() {
                     self.metrics.get().delay.set(delay.as_secs_f64());
                 }
@@ -69,12 +88,14 @@ impl Shared {
 /// use towerguard::budget::Budget;
 /// use towerguard::hedge::HedgeLayer;
 ///
-/// // Hedge after the 95th percentile of recent latencies, for at most 5% of requests.
+/// // Hedge about 2% of requests (the delay follows), from a budget of at most 5%.
 /// let hedge = HedgeLayer::builder()
 ///     .name("backend")
-///     .percentile(0.95)
+///     .hedge_rate(0.02)
 ///     .budget(Budget::new(0.05, 1.0))
 ///     .build();
+/// // Or always after the 95th percentile of recent latencies.
+/// let p95 = HedgeLayer::builder().percentile(0.95).build();
 /// // Or after a fixed delay.
 /// let fixed = HedgeLayer::builder()
 ///     .fixed_delay(Duration::from_millis(20))
@@ -115,15 +136,17 @@ impl Default for HedgeLayer {
 }
 
 impl HedgeLayer {
-    /// Starts a builder: two attempts at most; the delay is the 95th percentile of the
-    /// last 1,000 to 2,000 successful attempts, 10 ms until 20 have been seen; hedges
+    /// Starts a builder: two attempts at most; the delay is the percentile of the last
+    /// 1,000 to 2,000 successful attempts that hedges about 4% of requests (see
+    /// [`hedge_rate`](HedgeBuilder::hedge_rate)), 10 ms until 20 have been seen; hedges
     /// spend from a budget of 10% of successful requests plus 1 per second.
     pub fn builder() -> HedgeBuilder {
         HedgeBuilder {
             settings: Settings {
                 name: "default".to_owned(),
                 fixed: None,
-                percentile: 0.95,
+                percentile: 0.96,
+                rate: Some(0.04),
                 window: 1_000,
                 min_samples: 20,
                 initial: Duration::from_millis(10),
@@ -159,6 +182,7 @@ struct Settings {
     name: String,
     fixed: Option<Duration>,
     percentile: f64,
+    rate: Option<f64>,
     window: u64,
     min_samples: u64,
     initial: Duration,
@@ -174,13 +198,32 @@ impl<P, C> HedgeBuilder<P, C> {
         self
     }
 
-    /// Hedge after this percentile (`0.0..=1.0`) of recent successful latencies.
+    /// Hedge after this percentile (`0.0..=1.0`) of recent successful latencies, always
+    /// (no [`hedge_rate`](Self::hedge_rate)).
     pub fn percentile(mut self, percentile: f64) -> Self {
         self.settings.percentile = if percentile.is_finite() {
             percentile.clamp(0.0, 1.0)
         } else {
             0.95
         };
+        self.settings.rate = None;
+        self.settings.fixed = None;
+        self
+    }
+
+    /// Hedge about this share of requests (`0.001..=0.5`, default 0.04): the delay is a
+    /// percentile of recent successful latencies that moves until the share of requests
+    /// hedged is `rate`.
+    ///
+    /// A fixed percentile hedges its complement of the requests whose latency follows the
+    /// recent ones, plus every request that is slow for another reason (a slow replica, a
+    /// pause), and is late when the latencies are coarse (a timer's millisecond). Aiming
+    /// at a share spends what you meant to spend and no more: when 2% of calls hang, a 4%
+    /// rate hedges those and the slowest 2% of the rest, at the earliest delay that allows.
+    /// The percentile stays between `1 − rate / 4` and the median. The budget still caps
+    /// what is spent; keep `rate` below its ratio.
+    pub fn hedge_rate(mut self, rate: f64) -> Self {
+        self.settings.rate = Some(if rate.is_finite() { rate } else { 0.04 });
         self.settings.fixed = None;
         self
     }
@@ -256,14 +299,17 @@ impl<P, C> HedgeBuilder<P, C> {
         let settings = self.settings;
         let delay = match settings.fixed {
             Some(delay) => Delay::Fixed(delay),
-            None => Delay::Percentile {
-                window: LatencyWindow::new(
-                    settings.window,
-                    settings.min_samples,
-                    settings.percentile,
-                ),
-                initial: settings.initial,
-            },
+            None => {
+                let rate = settings.rate.map(RateTarget::new);
+                let percentile = rate
+                    .as_ref()
+                    .map_or(settings.percentile, RateTarget::initial_percentile);
+                Delay::Percentile {
+                    window: LatencyWindow::new(settings.window, settings.min_samples, percentile),
+                    initial: settings.initial,
+                    rate,
+                }
+            }
         };
         HedgeLayer {
             shared: Arc::new(Shared {

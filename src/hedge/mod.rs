@@ -5,9 +5,11 @@
 //! cancellation tokens cancelled; an error does not win while another attempt is still
 //! running.
 //!
-//! - **Delay**: a percentile (default the 95th) of the latencies of recent successful
-//!   attempts, over a sliding window, at microsecond resolution and without a lock per
-//!   request; a configured initial delay until enough samples exist; or a fixed delay.
+//! - **Delay**: a percentile of the latencies of recent successful attempts, over a
+//!   sliding window, at microsecond resolution and without a lock per request. By default
+//!   the percentile moves until about 4% of requests are hedged
+//!   ([`hedge_rate`](HedgeBuilder::hedge_rate)); or a fixed percentile; a configured
+//!   initial delay until enough samples exist; or a fixed delay.
 //! - **Budget**: every hedge spends a token from a [`Budget`](crate::budget::Budget) that
 //!   successful requests fill, so a uniformly slow backend never gets double the load.
 //! - **Deadline**: no hedge when the enclosing [`Deadline`](crate::timeout::Deadline)

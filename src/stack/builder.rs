@@ -268,7 +268,8 @@ impl StackBuilder {
         self
     }
 
-    /// Hedge after the 95th percentile of recent latencies.
+    /// Hedge after a percentile of recent latencies that hedges about 4% of requests
+    /// ([`HedgeBuilder::hedge_rate`](crate::hedge::HedgeBuilder::hedge_rate)).
     pub fn hedge_adaptive(mut self) -> Self {
         self.hedge = Some(None);
         self
