@@ -194,6 +194,7 @@ impl LatencyWindow {
 /// above the percentile is multiplied by `exp(0.02 × (target − share) / target)`: it
 /// settles where the hedged share is the target on average, and stays between a quarter
 /// of the target and one half.
+///
 /// Where slow requests are a fixed share (a slow replica, a garbage collection), the
 /// percentile settles where the remaining hedges go to the slowest of the others.
 pub(crate) struct RateTarget {
@@ -319,8 +320,8 @@ mod tests {
         assert!(median >= Duration::from_millis(10), "{median:?}");
     }
 
-    /// Latencies 1 to 100 ms in a fixed shuffled order, 2% of them 100 ms (a slow share
-    /// every hedge must cover); a request is hedged when its latency is above the delay.
+    /// Latencies of 2 to 6 ms in a fixed scrambled order, and 2% of 100 ms (a slow share
+    /// the hedges must cover); a request is hedged when its latency is above the delay.
     /// Returns the share hedged over the last `tail` requests.
     fn hedged_share(target: f64, start: f64, requests: u64, tail: u64) -> f64 {
         let window = LatencyWindow::new(1_000, 20, start);
@@ -368,7 +369,7 @@ mod tests {
     #[test]
     fn a_rate_target_below_the_slow_share_keeps_the_percentile_high() {
         // 2% are slow and must be hedged; a 1% target cannot be met, and the percentile,
-        // started at the median, goes up to its bound (a quarter of the target above it).
+        // started at the median, goes up to its bound (a quarter of the target below 1).
         let share = hedged_share(0.01, 0.5, 60_000, 20_000);
         assert!((0.02..0.03).contains(&share), "{share} hedged");
     }
