@@ -123,24 +123,6 @@ fn vegas_converges_near_capacity_from_latency_alone() {
 }
 
 #[test]
-fn vegas_keeps_about_one_request_queued_over_a_small_backend() {
-    // Each request queued in a backend of 16 slots costs every request a sixteenth of a
-    // service time; the classic thresholds let 3 to 7 of them stand (a mean of 23 here).
-    const CAPACITY: usize = 16;
-    let mut vegas = Vegas::new(4, 1, 1_000);
-    let mut noise = Noise(16);
-    let history = run(&mut vegas, 40_000, |limit| {
-        Sample::new(latency(limit, CAPACITY, &mut noise), limit, false)
-    });
-    let late = &history[20_000..];
-    let avg = mean(late);
-    assert!(
-        (CAPACITY as f64..=CAPACITY as f64 + 2.0).contains(&avg),
-        "mean {avg}"
-    );
-}
-
-#[test]
 fn vegas_does_not_drift_upward_under_sustained_overload() {
     const CAPACITY: usize = 100;
     let mut vegas = Vegas::new(10, 1, 10_000);
@@ -199,7 +181,5 @@ fn vegas_takes_its_baseline_from_the_fastest_request_when_it_starts_overloaded()
         (CAPACITY..=CAPACITY * 3 / 2).contains(&limit),
         "the limit settled at {limit}"
     );
-    // The fastest request's latency, not a queued mean; once the limit reaches the
-    // capacity, a window's mean may itself dip below it with the noise.
-    assert!(vegas.no_load_latency() <= Some(BASE));
+    assert_eq!(vegas.no_load_latency(), Some(BASE));
 }

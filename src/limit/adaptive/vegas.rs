@@ -8,12 +8,9 @@ use super::{may_grow, Algorithm, Sample};
 /// as queueing. It keeps the lowest window latency seen as the no-load latency, and
 /// estimates how many
 /// requests are queued in the backend as `limit × (1 − no_load / latency)`. With `step =
-/// max(1, log10(limit))` and `unit = step × √(min(1, limit / 200))`: a queue under `unit`
-/// grows the limit by `6 × step`, under `3 × unit` by `step`; a queue over `6 × unit`
-/// shrinks it by `step`; a drop shrinks it by `step`. The limit settles where the backend
-/// holds a small queue: near its capacity. (Without the square root, as in the classic
-/// algorithm, a backend of 16 slots would hold 3 to 6 requests queued, each paying for
-/// them in latency.)
+/// max(1, log10(limit))`: a queue under `step` grows the limit by `6 × step`, under
+/// `3 × step` by `step`; a queue over `6 × step` shrinks it by `step`; a drop shrinks it by
+/// `step`. The limit settles where the backend holds a small queue: near its capacity.
 ///
 /// Under sustained overload latency stays high against the no-load latency, so the queue
 /// estimate keeps the limit from growing; the no-load latency never rises by itself.
@@ -93,15 +90,14 @@ impl Algorithm for Vegas {
             Some(_) if !may_grow(current, &sample) => self.limit,
             Some(no_load) => {
                 let queue = self.limit * (1.0 - no_load.as_secs_f64() / latency.as_secs_f64());
-                let unit = step * small_limit_scale(self.limit);
-                if queue <= unit {
+                if queue <= step {
                     self.limit + 6.0 * step
-                } else if queue < 3.0 * unit {
+                } else if queue < 3.0 * step {
                     self.limit + step
-                } else if queue > 6.0 * unit {
+                } else if queue > 6.0 * step {
                     // Far over: give back half of the excess at once, so a limit that
                     // starts high reaches the backend's capacity in a few windows.
-                    self.limit - step.max((queue - 6.0 * unit) / 2.0)
+                    self.limit - step.max((queue - 6.0 * step) / 2.0)
                 } else {
                     self.limit
                 }
@@ -110,14 +106,4 @@ impl Algorithm for Vegas {
         self.limit = next.clamp(self.min as f64, self.max as f64);
         self.limit.round() as usize
     }
-}
-
-/// Below a limit of 200, the queue thresholds shrink with `√(limit / 200)`. Vegas's
-/// `log10` thresholds allow a queue of 3 to 6 requests whatever the limit: over a backend
-/// of 16 slots that is a quarter to a third more requests than it can serve, all of them
-/// waiting. Scaled, the same backend holds one or two queued requests. Above 200 the window
-/// mean's jitter, multiplied by the limit, reads as a few requests of queue, and the
-/// `log10` thresholds are what keeps that from shrinking the limit.
-fn small_limit_scale(limit: f64) -> f64 {
-    (limit / 200.0).clamp(0.0, 1.0).sqrt()
 }
