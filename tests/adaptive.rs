@@ -123,6 +123,34 @@ fn vegas_converges_near_capacity_from_latency_alone() {
 }
 
 #[test]
+fn vegas_does_not_read_latency_spread_as_queue_down_to_its_minimum() {
+    // A backend of 100 slots whose latency varies between 1 and 1.5 times its base, with
+    // no queue: a window's fastest request is near the base and its mean a quarter above,
+    // which Vegas reads as a queue of a fifth of the limit. Thresholds small enough to
+    // act on that at a limit of 16 shrink the limit to its minimum while the backend has
+    // room for six times as many requests.
+    const CAPACITY: usize = 100;
+    let mut vegas = Vegas::new(16, 4, 1_000);
+    let window = Algorithm::window(&vegas);
+    let mut noise = Noise(9);
+    let mut limit = vegas.initial_limit();
+    let mut history = Vec::new();
+    for _ in 0..2_000 {
+        let queueing = (limit as f64 / CAPACITY as f64).max(1.0);
+        let latencies: Vec<Duration> = (0..window)
+            .map(|_| BASE.mul_f64(queueing * (1.0 + 0.5 * noise.next())))
+            .collect();
+        let mean = latencies.iter().sum::<Duration>() / window as u32;
+        let fastest = *latencies.iter().min().unwrap();
+        let sample = Sample::new(mean, limit, false).with_min_latency(fastest);
+        limit = vegas.update(limit, sample).max(1);
+        history.push(limit);
+    }
+    let late = mean(&history[1_000..]);
+    assert!(late >= 16.0, "mean {late}");
+}
+
+#[test]
 fn vegas_does_not_drift_upward_under_sustained_overload() {
     const CAPACITY: usize = 100;
     let mut vegas = Vegas::new(10, 1, 10_000);
