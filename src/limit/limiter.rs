@@ -582,21 +582,7 @@ impl Permit {
     pub(crate) fn record_overloaded(&mut self) {
         self.record(Outcome::Dropped);
     }
-}
 
-impl Drop for Permit {
-    #[inline]
-    fn drop(&mut self) {
-        if self.started == 0 {
-            self.limiter.release();
-            self.limiter.released();
-        } else {
-            self.release_timed();
-        }
-    }
-}
-
-impl Permit {
     /// Returns an adaptive limit's permit and feeds its sample to the algorithm.
     #[cold]
     #[inline(never)]
@@ -618,6 +604,18 @@ impl Permit {
             limiter.sample(sample);
         }
         limiter.released();
+    }
+}
+
+impl Drop for Permit {
+    #[inline]
+    fn drop(&mut self) {
+        if self.started == 0 {
+            self.limiter.release();
+            self.limiter.released();
+        } else {
+            self.release_timed();
+        }
     }
 }
 
