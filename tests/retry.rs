@@ -509,6 +509,50 @@ fn retry_metrics_are_emitted() {
 }
 
 #[test]
+fn retry_metrics_are_counted_without_a_budget_too() {
+    // The budget test above counts with a budget; these counters must not depend on one.
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let upstream = Upstream::scripted(|n, key| match (key, n) {
+        ("flaky", 1) => Outcome::Err("reset"),
+        ("down", _) => Outcome::Err("down"),
+        _ => Outcome::Ok(format!("{key}#{n}")),
+    });
+    let svc = metrics::with_local_recorder(&recorder, || {
+        RetryLayer::builder()
+            .name("nb")
+            .max_attempts(3)
+            .without_budget()
+            .build()
+            .layer(upstream)
+    });
+    let runtime = support::paused_runtime();
+    runtime.block_on(async {
+        svc.clone().oneshot("flaky".to_owned()).await.unwrap();
+        svc.clone().oneshot("down".to_owned()).await.unwrap_err();
+    });
+    let m = Metrics::from(&snapshotter);
+    assert_eq!(
+        m.counter("towerguard_retry_attempts_total", &[("name", "nb")]),
+        5
+    );
+    assert_eq!(
+        m.counter(
+            "towerguard_retry_retries_total",
+            &[("name", "nb"), ("reason", "error")]
+        ),
+        3
+    );
+    assert_eq!(
+        m.counter(
+            "towerguard_retry_gave_up_total",
+            &[("name", "nb"), ("reason", "max_attempts")]
+        ),
+        1
+    );
+}
+
+#[test]
 fn public_types_are_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}
     fn send<T: Send>() {}
