@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 use towerguard::budget::Budget;
 use towerguard::http::{BufferBodyLayer, BufferedBody, HttpPolicy};
-use towerguard::retry::{Backoff, FnPolicy, RetryLayer, Verdict};
+use towerguard::retry::{Backoff, FnPolicy, RetryBuilder, RetryLayer, Verdict};
 use towerguard::timeout::TimeoutLayer;
 use towerguard::ErrorKind;
 
@@ -446,8 +446,9 @@ async fn every_attempt_drives_its_service_to_ready_first() {
     );
 }
 
-#[test]
-fn retry_metrics_are_emitted() {
+/// Runs `keys` through a layer from `builder` over an upstream where "flaky" fails its first
+/// call and "down" every call, all under a fresh recorder, and returns what it recorded.
+fn retry_metrics_of(builder: RetryBuilder, keys: &[&str]) -> Metrics {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let upstream = Upstream::scripted(|n, key| match (key, n) {
@@ -456,28 +457,28 @@ fn retry_metrics_are_emitted() {
         _ => Outcome::Ok(format!("{key}#{n}")),
     });
     // Handles register when the layer wraps its service.
-    let svc = metrics::with_local_recorder(&recorder, || {
-        // Only the floor pays: two tokens, for the first two retries.
-        RetryLayer::builder()
-            .name("m")
-            .max_attempts(2)
-            .budget(
-                Budget::builder()
-                    .ratio(0.0)
-                    .min_per_second(2.0)
-                    .max_balance(0.0)
-                    .build(),
-            )
-            .build()
-            .layer(upstream)
-    });
+    let svc = metrics::with_local_recorder(&recorder, || builder.build().layer(upstream));
     let runtime = support::paused_runtime();
     runtime.block_on(async {
-        svc.clone().oneshot("flaky".to_owned()).await.unwrap();
-        svc.clone().oneshot("down".to_owned()).await.unwrap_err();
-        svc.clone().oneshot("down".to_owned()).await.unwrap_err();
+        for key in keys {
+            let answer = svc.clone().oneshot((*key).to_owned()).await;
+            assert_eq!(answer.is_ok(), *key == "flaky", "{key}: {answer:?}");
+        }
     });
-    let m = Metrics::from(&snapshotter);
+    Metrics::from(&snapshotter)
+}
+
+#[test]
+fn retry_metrics_are_emitted() {
+    // Only the floor pays: two tokens, for the first two retries.
+    let builder = RetryLayer::builder().name("m").max_attempts(2).budget(
+        Budget::builder()
+            .ratio(0.0)
+            .min_per_second(2.0)
+            .max_balance(0.0)
+            .build(),
+    );
+    let m = retry_metrics_of(builder, &["flaky", "down", "down"]);
     let name = [("name", "m")];
     assert_eq!(m.counter("towerguard_retry_attempts_total", &name), 5);
     assert_eq!(
@@ -511,27 +512,11 @@ fn retry_metrics_are_emitted() {
 #[test]
 fn retry_metrics_are_counted_without_a_budget_too() {
     // The budget test above counts with a budget; these counters must not depend on one.
-    let recorder = metrics_util::debugging::DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let upstream = Upstream::scripted(|n, key| match (key, n) {
-        ("flaky", 1) => Outcome::Err("reset"),
-        ("down", _) => Outcome::Err("down"),
-        _ => Outcome::Ok(format!("{key}#{n}")),
-    });
-    let svc = metrics::with_local_recorder(&recorder, || {
-        RetryLayer::builder()
-            .name("nb")
-            .max_attempts(3)
-            .without_budget()
-            .build()
-            .layer(upstream)
-    });
-    let runtime = support::paused_runtime();
-    runtime.block_on(async {
-        svc.clone().oneshot("flaky".to_owned()).await.unwrap();
-        svc.clone().oneshot("down".to_owned()).await.unwrap_err();
-    });
-    let m = Metrics::from(&snapshotter);
+    let builder = RetryLayer::builder()
+        .name("nb")
+        .max_attempts(3)
+        .without_budget();
+    let m = retry_metrics_of(builder, &["flaky", "down"]);
     assert_eq!(
         m.counter("towerguard_retry_attempts_total", &[("name", "nb")]),
         5
