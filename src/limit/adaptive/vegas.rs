@@ -2,18 +2,35 @@ use std::time::Duration;
 
 use super::{may_grow, Algorithm, Sample};
 
+/// Windows after which, with no window at half the limit or under, a probe holds the limit
+/// at half for one window to read the latency without a queue.
+const PROBE_EVERY: usize = 32;
+
 /// A latency-based limit in the style of TCP Vegas.
 ///
 /// Samples are averaged over a window (32 by default) so that latency jitter does not read
-/// as queueing. It keeps the lowest window latency seen as the no-load latency, and
-/// estimates how many
-/// requests are queued in the backend as `limit × (1 − no_load / latency)`. With `step =
-/// max(1, log10(limit))`: a queue under `step` grows the limit by `6 × step`, under
-/// `3 × step` by `step`; a queue over `6 × step` shrinks it by `step`; a drop shrinks it by
-/// `step`. The limit settles where the backend holds a small queue: near its capacity.
+/// as queueing. Two estimates of the queue in the backend bound the limit, and the lower
+/// of the two limits they allow wins:
 ///
-/// Under sustained overload latency stays high against the no-load latency, so the queue
-/// estimate keeps the limit from growing; the no-load latency never rises by itself.
+/// - Against the fastest request (classic Vegas): the lowest latency seen is the no-load
+///   latency, and `limit × (1 − no_load / latency)` the queue. With `step = max(1,
+///   log10(limit))`: a queue under `step` allows `6 × step` more, under `3 × step` one
+///   `step` more; over `6 × step` it takes the limit down. Latency that merely varies
+///   reads as a queue here too, so this estimate can only hold a queue of several steps.
+/// - Against the unqueued latency: the mean latency of a window with at most half the
+///   limit in flight, which met no queue of ours and shows the backend's own spread. A
+///   window of a busy limiter seldom has one, so every 32 windows a probe holds the limit
+///   at half for one window to read it (at once when there is no reading yet). The queue
+///   `limit × (1 − unqueued / latency)` over half a request (or over twice what the
+///   windows' own noise makes of it) takes the limit down by `step`; under it the limit
+///   grows by `step / 8`, faster after 8 such windows in a row. This holds the limit at
+///   the backend's capacity with next to no queue, whatever its latency spread.
+///
+/// A drop (a timeout or an overload answer) takes the limit down by `step`. Under
+/// sustained overload latency stays high against both baselines, so the limit does not
+/// drift up; the no-load latency never rises by itself.
+///
+/// A probe costs throughput for one window in 33: about half the limit for its length.
 ///
 /// ```
 /// use towerguard::limit::adaptive::Vegas;
@@ -28,6 +45,19 @@ pub struct Vegas {
     limit: f64,
     no_load: Option<Duration>,
     window: usize,
+    /// The mean latency of the latest windows that met no queue of ours (at most half
+    /// the limit in flight), smoothed.
+    unqueued: Option<f64>,
+    /// Windows since the last one that met no queue.
+    since_unqueued: usize,
+    /// Set while the limit is held at half for a reading.
+    probing: bool,
+    /// Windows in a row that showed no queue against the unqueued latency.
+    clear: usize,
+    /// The previous window's mean latency, in seconds.
+    last: Option<f64>,
+    /// How much a window's mean differs from the one before, relative, smoothed.
+    noise: f64,
 }
 
 impl Vegas {
@@ -43,6 +73,12 @@ impl Vegas {
             limit: initial as f64,
             no_load: None,
             window: 32,
+            unqueued: None,
+            since_unqueued: 0,
+            probing: false,
+            clear: 0,
+            last: None,
+            noise: 0.0,
         }
     }
 
@@ -50,6 +86,24 @@ impl Vegas {
     pub fn window(mut self, samples: usize) -> Self {
         self.window = samples.max(1);
         self
+    }
+
+    /// The mean latency of a window that met no queue of ours, smoothed over such windows
+    /// (`None` until one was seen).
+    pub fn unqueued_latency(&self) -> Option<Duration> {
+        self.unqueued.map(Duration::from_secs_f64)
+    }
+
+    /// The limit a probe holds: half the limit, not under the minimum.
+    fn probe_level(&self) -> usize {
+        ((self.limit / 2.0).round() as usize).max(self.min)
+    }
+
+    /// Takes a window's mean latency as met without a queue of ours.
+    fn read_unqueued(&mut self, latency: Duration) {
+        let latency = latency.as_secs_f64();
+        self.unqueued = Some(self.unqueued.map_or(latency, |old| (old + latency) / 2.0));
+        self.since_unqueued = 0;
     }
 
     /// The no-load latency estimate: the lowest latency seen so far.
@@ -68,11 +122,30 @@ impl Algorithm for Vegas {
     }
 
     fn update(&mut self, current: usize, sample: Sample) -> usize {
+        let latency = sample.latency.max(Duration::from_micros(1));
+        let level = self.probe_level();
+        if self.probing {
+            // Hold the limit at half until a whole window was admitted under it.
+            if sample.in_flight > level {
+                return level;
+            }
+            self.probing = false;
+            self.read_unqueued(latency);
+            return self.limit.round() as usize;
+        }
         // Follow the limiter if it moved the limit (e.g. clamped it).
         if (self.limit.round() as usize) != current {
             self.limit = current as f64;
         }
-        let latency = sample.latency.max(Duration::from_micros(1));
+        let mean = latency.as_secs_f64();
+        if let Some(last) = self.last.replace(mean) {
+            self.noise += ((mean / last - 1.0).abs() - self.noise) / 16.0;
+        }
+        if sample.in_flight <= level {
+            self.read_unqueued(latency);
+        } else {
+            self.since_unqueued += 1;
+        }
         // The baseline is the shortest latency seen: a window's fastest request met the
         // least queueing.
         let fastest = sample.min_latency.clamp(Duration::from_micros(1), latency);
@@ -89,8 +162,9 @@ impl Algorithm for Vegas {
             }
             Some(_) if !may_grow(current, &sample) => self.limit,
             Some(no_load) => {
-                let queue = self.limit * (1.0 - no_load.as_secs_f64() / latency.as_secs_f64());
-                if queue <= step {
+                let no_load = no_load.as_secs_f64();
+                let queue = self.limit * (1.0 - no_load / latency.as_secs_f64());
+                let by_mean = if queue <= step {
                     self.limit + 6.0 * step
                 } else if queue < 3.0 * step {
                     self.limit + step
@@ -100,10 +174,39 @@ impl Algorithm for Vegas {
                     self.limit - step.max((queue - 6.0 * step) / 2.0)
                 } else {
                     self.limit
-                }
+                };
+                // The queue against the latency met without one: latency that merely
+                // varies shows in both, so this reads only what queueing adds, and can
+                // hold a queue much smaller than the estimate against the fastest.
+                let by_unqueued = match self.unqueued {
+                    Some(unqueued) => {
+                        let queue = self.limit * (1.0 - unqueued / latency.as_secs_f64());
+                        // Half a request, or twice what the windows' noise makes of it.
+                        let low = (2.0 * self.limit * self.noise).max(0.5);
+                        if queue > low {
+                            self.clear = 0;
+                            self.limit - step
+                        } else if queue >= -2.0 * low {
+                            // Slowly at first, faster once no queue has shown for a while.
+                            self.clear += 1;
+                            self.limit + step / 8.0 * self.clear.saturating_sub(8).max(1) as f64
+                        } else {
+                            f64::INFINITY
+                        }
+                    }
+                    None => f64::INFINITY,
+                };
+                by_mean.min(by_unqueued)
             }
         };
         self.limit = next.clamp(self.min as f64, self.max as f64);
-        self.limit.round() as usize
+        let current = self.limit.round() as usize;
+        let level = self.probe_level();
+        let due = self.unqueued.is_none() || self.since_unqueued >= PROBE_EVERY;
+        if due && level < current && may_grow(current, &sample) {
+            self.probing = true;
+            return level;
+        }
+        current
     }
 }
