@@ -51,6 +51,21 @@ fn run(
     history
 }
 
+/// Vegas over the backend model of `capacity` slots under sustained overload, seeded.
+fn vegas_over(vegas: &mut Vegas, capacity: usize, samples: usize, seed: u64) -> Vec<usize> {
+    let mut noise = Noise(seed);
+    run(vegas, samples, |limit| {
+        Sample::new(latency(limit, capacity, &mut noise), limit, false)
+    })
+}
+
+/// The values in ascending order, for reading percentiles.
+fn sorted(values: &[usize]) -> Vec<usize> {
+    let mut values = values.to_vec();
+    values.sort_unstable();
+    values
+}
+
 fn mean(values: &[usize]) -> f64 {
     values.iter().sum::<usize>() as f64 / values.len() as f64
 }
@@ -103,15 +118,10 @@ fn aimd_latency_threshold_counts_slow_samples_as_drops() {
 fn vegas_converges_near_capacity_from_latency_alone() {
     for capacity in [20usize, 100, 400] {
         let mut vegas = Vegas::new(4, 1, 5_000);
-        let mut noise = Noise(capacity as u64);
-        let history = run(&mut vegas, 60_000, |limit| {
-            Sample::new(latency(limit, capacity, &mut noise), limit, false)
-        });
+        let history = vegas_over(&mut vegas, capacity, 60_000, capacity as u64);
         // The median: where the limit holds between the probes that halve it briefly.
         let late = &history[30_000..];
-        let mut sorted = late.to_vec();
-        sorted.sort_unstable();
-        let median = sorted[sorted.len() / 2] as f64;
+        let median = sorted(late)[late.len() / 2] as f64;
         let cap = capacity as f64;
         assert!(
             (cap * 0.95..=cap * 1.3).contains(&median),
@@ -131,12 +141,8 @@ fn vegas_holds_a_small_backend_at_its_capacity_with_next_to_no_queue() {
     // estimate against the fastest request alone holds three to seven of them queued.
     const CAPACITY: usize = 16;
     let mut vegas = Vegas::new(16, 1, 1_000);
-    let mut noise = Noise(16);
-    let history = run(&mut vegas, 60_000, |limit| {
-        Sample::new(latency(limit, CAPACITY, &mut noise), limit, false)
-    });
-    let mut late = history[10_000..].to_vec();
-    late.sort_unstable();
+    let history = vegas_over(&mut vegas, CAPACITY, 60_000, 16);
+    let late = sorted(&history[10_000..]);
     let (median, p95) = (late[late.len() / 2], late[late.len() * 19 / 20]);
     assert!((16..=17).contains(&median), "median {median}");
     assert!(p95 <= 17, "95th percentile {p95}");
@@ -175,10 +181,7 @@ fn vegas_does_not_read_latency_spread_as_queue_down_to_its_minimum() {
 fn vegas_does_not_drift_upward_under_sustained_overload() {
     const CAPACITY: usize = 100;
     let mut vegas = Vegas::new(10, 1, 10_000);
-    let mut noise = Noise(11);
-    let history = run(&mut vegas, 200_000, |limit| {
-        Sample::new(latency(limit, CAPACITY, &mut noise), limit, false)
-    });
+    let history = vegas_over(&mut vegas, CAPACITY, 200_000, 11);
     let windows: Vec<f64> = history[20_000..].chunks(20_000).map(mean).collect();
     let first = windows[0];
     for (i, w) in windows.iter().enumerate() {

@@ -163,7 +163,7 @@ impl Algorithm for Vegas {
             Some(_) if !may_grow(current, &sample) => self.limit,
             Some(no_load) => {
                 let no_load = no_load.as_secs_f64();
-                let queue = self.limit * (1.0 - no_load / latency.as_secs_f64());
+                let queue = self.limit * (1.0 - no_load / mean);
                 let by_mean = if queue <= step {
                     self.limit + 6.0 * step
                 } else if queue < 3.0 * step {
@@ -180,7 +180,7 @@ impl Algorithm for Vegas {
                 // hold a queue much smaller than the estimate against the fastest.
                 let by_unqueued = match self.unqueued {
                     Some(unqueued) => {
-                        let queue = self.limit * (1.0 - unqueued / latency.as_secs_f64());
+                        let queue = self.limit * (1.0 - unqueued / mean);
                         // Half a request, or twice what the windows' noise makes of it.
                         let low = (2.0 * self.limit * self.noise).max(0.5);
                         if queue > low {
