@@ -32,7 +32,12 @@ fn epoch() -> Instant {
 /// Nanoseconds, saturating below the scope flag's bit.
 #[inline]
 fn nanos(duration: Duration) -> u64 {
-    u64::try_from(duration.as_nanos()).map_or(MAX_NANOS, |n| n.min(MAX_NANOS))
+    // In u64 arithmetic, without the u128 `as_nanos` goes through.
+    duration
+        .as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(duration.subsec_nanos()))
+        .min(MAX_NANOS)
 }
 
 const MAX_NANOS: u64 = SCOPE_PARENT - 1;
@@ -261,12 +266,14 @@ impl LazyToken {
 /// clones of a context share one token.
 #[derive(Debug, Clone)]
 pub struct TimeoutContext {
-    deadline: Deadline,
     /// Made when somebody asks for it. Every context handed out of the crate has one:
     /// [`TimeoutContext::current`] and carriers make it first.
     token: Option<Arc<LazyToken>>,
     /// Until the token is made: the outer scope's, its parent to be.
     parent: Option<Arc<LazyToken>>,
+    // Last: the two words before it are written together, and a copy of the context
+    // then reads each part as it was written.
+    deadline: Deadline,
 }
 
 impl TimeoutContext {
@@ -368,7 +375,23 @@ impl TimeoutContext {
 
     /// Runs `f` with `self` as the current scope, then takes the scope back (also when `f`
     /// panics): a token made meanwhile stays with `self`.
+    #[inline]
     pub(crate) fn enter<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        if self.token.is_none() && self.parent.is_none() {
+            let ours = frame(self.deadline, 0);
+            let outer = FRAME.replace(ours);
+            if !in_slot(outer) {
+                // Neither scope has anything in the token slot (most requests): two
+                // writes, and a token somebody made meanwhile is taken back after.
+                let _restore = RestorePlain { ctx: self, outer };
+                return f();
+            }
+            FRAME.set(outer);
+        }
+        self.enter_slotted(f)
+    }
+
+    fn enter_slotted<R>(&mut self, f: impl FnOnce() -> R) -> R {
         /// Puts the outer scope back, and our token (if any) back in our context.
         struct Restore<'a> {
             ctx: &'a mut TimeoutContext,
@@ -428,6 +451,33 @@ impl TimeoutContext {
     #[cfg(feature = "cache")]
     pub(crate) fn sync_scope<R>(mut self, f: impl FnOnce() -> R) -> R {
         self.enter(f)
+    }
+}
+
+/// Puts back an outer scope that had nothing in the token slot; takes back the token of
+/// ours if somebody made it meanwhile.
+struct RestorePlain<'a> {
+    ctx: &'a mut TimeoutContext,
+    outer: u64,
+}
+
+impl Drop for RestorePlain<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        let ours = FRAME.replace(self.outer);
+        if in_slot(ours) {
+            self.take_token();
+        }
+    }
+}
+
+impl RestorePlain<'_> {
+    #[cold]
+    fn take_token(&mut self) {
+        // Only our own token can be there: a scope nested in ours put its parent back.
+        if let Ok(token) = swap_token(None) {
+            self.ctx.token = token;
+        }
     }
 }
 
