@@ -46,7 +46,8 @@ pin_project! {
         S: Service<Req>,
     {
         First { #[pin] future: S::Future },
-        Waiting { #[pin] sleep: Sleep },
+        // Boxed: a wait is rare, and the future every request carries stays small.
+        Waiting { sleep: Pin<Box<Sleep>> },
         Retrying { #[pin] call: Oneshot<S, Req> },
     }
 }
@@ -88,7 +89,7 @@ where
                 StateProj::First { future } => ready!(future.poll(cx)).map_err(Error::inner),
                 StateProj::Retrying { call } => ready!(call.poll(cx)).map_err(Error::inner),
                 StateProj::Waiting { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     // A fresh copy, or the kept one itself when the policy makes no more.
                     let copy = this.replay.as_ref().and_then(|r| this.policy.replay(r));
                     let Some(request) = copy.or_else(|| this.replay.take()) else {
@@ -123,7 +124,7 @@ where
                     tracing::debug!(retry = *this.retries + 1, ?wait, "retry: retrying");
                     *this.retries += 1;
                     this.state.set(State::Waiting {
-                        sleep: tokio::time::sleep(wait),
+                        sleep: Box::pin(tokio::time::sleep(wait)),
                     });
                 }
                 None => return Poll::Ready(outcome),
