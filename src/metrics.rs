@@ -536,15 +536,14 @@ impl CacheMetrics {
         self.weighted_size.set(weighted_size as f64);
     }
 
-    /// Counts a removal from a moka store. `expired` marks an explicit removal the cache
-    /// made because the entry had expired (moka reports it as explicit).
+    /// Counts a removal from a moka store: the cache's own removals (an invalidation, a
+    /// stored response the origin replaced) count as invalidated.
     #[cfg(feature = "http")]
-    pub(crate) fn record_removal(&self, cause: moka::notification::RemovalCause, expired: bool) {
+    pub(crate) fn record_removal(&self, cause: moka::notification::RemovalCause) {
         use moka::notification::RemovalCause;
         match cause {
             RemovalCause::Size => self.evicted_size.increment(1),
             RemovalCause::Expired => self.evicted_expired.increment(1),
-            RemovalCause::Explicit if expired => self.evicted_expired.increment(1),
             RemovalCause::Explicit => self.evicted_invalidated.increment(1),
             RemovalCause::Replaced => {}
         }

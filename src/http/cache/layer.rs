@@ -296,7 +296,7 @@ impl HttpCacheBuilder {
                     u32::saturating_add,
                 )
             })
-            .eviction_listener(move |_key, _value, cause| listener.record_removal(cause, false))
+            .eviction_listener(move |_key, _value, cause| listener.record_removal(cause))
             .build();
         let core = Arc::new(Core {
             key_extra: self.key_extra,
