@@ -14,6 +14,8 @@
 //! timeout) goes straight into `Router::layer`: it is infallible, errors become 503 with
 //! `Retry-After` or 504.
 
+mod common;
+
 use std::time::Duration;
 
 use axum::body::Body;
@@ -25,14 +27,7 @@ use towerguard::stack::StackBuilder;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    // `RUST_LOG=towerguard=debug` shows every layer's decisions.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    common::init_tracing();
     let mut listen = "127.0.0.1:3000".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {

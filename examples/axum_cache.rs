@@ -14,6 +14,8 @@
 //! than 64 requests are in flight and 128 wait, and 504 after 2 s, without
 //! `HandleErrorLayer`: `ErrorResponseLayer` makes the stack infallible.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,14 +60,7 @@ async fn stats(State(state): State<AppState>) -> String {
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    // `RUST_LOG=towerguard=debug` shows every layer's decisions.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    common::init_tracing();
     let mut listen = "127.0.0.1:3000".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {

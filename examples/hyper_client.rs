@@ -11,6 +11,8 @@
 //! their metrics): retries by reason, retries the budget refused, hedges, timeouts, limit
 //! rejections.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,14 +31,7 @@ use towerguard::stack::StackBuilder;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    // `RUST_LOG=towerguard=debug` shows every layer's decisions.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    common::init_tracing();
     // The layers' counters, read back at the end to report outcomes by cause.
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();

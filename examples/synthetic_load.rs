@@ -30,6 +30,8 @@
 //! `bash benches/report_screenshot.sh` opens the report in headless Chromium and saves a
 //! screenshot.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -1228,14 +1230,7 @@ fn parse_args() -> Result<Args, String> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    // `RUST_LOG=towerguard=debug` shows every layer's decisions.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    common::init_tracing();
     let args = match parse_args() {
         Ok(args) => args,
         Err(message) => {
