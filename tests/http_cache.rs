@@ -89,6 +89,11 @@ async fn origin(State(origin): State<Arc<Origin>>, req: AxumRequest) -> AxumResp
                 .header("set-cookie", format!("session={n}"))
                 .body(AxumBody::from(format!("cookie #{n}")))
         }
+        "/tagged" => builder
+            .header("cache-control", "max-age=60")
+            .header("cache-tag", "news, sport")
+            .header("surrogate-key", "front-page")
+            .body(AxumBody::from(format!("tagged #{n}"))),
         "/private" => builder
             .header("cache-control", "private, max-age=60")
             .body(AxumBody::from(format!("private #{n}"))),
@@ -497,6 +502,40 @@ async fn a_successful_post_invalidates_the_stored_get() {
         after, "/item #3",
         "the POST was #2; the GET went back to the origin"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_fields_stay_in_the_store_and_do_not_reach_the_client() {
+    let h = harness(layer()).await;
+    for expected in ["fwd=uri-miss", "hit"] {
+        let (status, headers, body) = h.get("/tagged", &[]).await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"tagged #1"[..]));
+        assert!(cache_status(&headers).contains(expected), "{headers:?}");
+        assert!(headers.get("cache-tag").is_none(), "{headers:?}");
+        assert!(headers.get("surrogate-key").is_none(), "{headers:?}");
+    }
+    // The store kept them: invalidating by either tag empties it.
+    h.layer.invalidate_tag("front-page");
+    assert_eq!(h.get("/tagged", &[]).await.2, "tagged #2");
+    h.layer.invalidate_tag("sport");
+    assert_eq!(h.get("/tagged", &[]).await.2, "tagged #3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_fields_reach_the_client_when_kept() {
+    let h = harness(
+        HttpCacheLayer::builder()
+            .max_body_bytes(1024)
+            .keep_tag_headers(true)
+            .build(),
+    )
+    .await;
+    for _ in 0..2 {
+        let (_, headers, _) = h.get("/tagged", &[]).await;
+        assert_eq!(headers["cache-tag"], "news, sport");
+        assert_eq!(headers["surrogate-key"], "front-page");
+    }
+    assert_eq!(h.origin.hits("/tagged"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

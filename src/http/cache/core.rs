@@ -20,6 +20,8 @@ pub(super) struct Core {
     pub(super) policy: HttpCachePolicy,
     pub(super) max_body: usize,
     pub(super) max_variants: usize,
+    /// Whether `Cache-Tag` and `Surrogate-Key` go on to the client.
+    pub(super) keep_tag_headers: bool,
     pub(super) metrics: CacheMetrics,
     /// The second tier, when one is configured.
     #[cfg(feature = "redis")]

@@ -83,6 +83,7 @@ impl HttpCacheLayer {
             max_body: 1024 * 1024,
             max_variants: 8,
             max_flights: 10_000,
+            keep_tag_headers: false,
             #[cfg(feature = "redis")]
             second: None,
         }
@@ -192,6 +193,7 @@ pub struct HttpCacheBuilder {
     max_body: usize,
     max_variants: usize,
     max_flights: usize,
+    keep_tag_headers: bool,
     #[cfg(feature = "redis")]
     second: Option<crate::tier::RedisTier>,
 }
@@ -205,6 +207,7 @@ impl fmt::Debug for HttpCacheBuilder {
             .field("max_body", &self.max_body)
             .field("max_variants", &self.max_variants)
             .field("max_flights", &self.max_flights)
+            .field("keep_tag_headers", &self.keep_tag_headers)
             .field("key_extra", &self.key_extra.is_some())
             .finish()
     }
@@ -259,6 +262,16 @@ impl HttpCacheBuilder {
         self
     }
 
+    /// Sends the origin's `Cache-Tag` and `Surrogate-Key` fields on to the client. By
+    /// default they are removed from every response the layer returns, as CDNs do: they
+    /// name the origin's invalidation groups, which are not the client's business. They
+    /// are kept in the store either way, so [`invalidate_tag`](HttpCacheLayer::invalidate_tag)
+    /// finds them. Keep them when another cache in front of this one invalidates by tag.
+    pub fn keep_tag_headers(mut self, keep: bool) -> Self {
+        self.keep_tag_headers = keep;
+        self
+    }
+
     /// A second tier in Redis shared by every instance (feature `redis`): a URI missing
     /// here is read from Redis before the origin; on a miss there too, one instance at a
     /// time goes to the origin for it (a lease) and the others wait for its response;
@@ -305,6 +318,7 @@ impl HttpCacheBuilder {
             policy: self.policy,
             max_body: self.max_body,
             max_variants: self.max_variants,
+            keep_tag_headers: self.keep_tag_headers,
             #[cfg(feature = "redis")]
             second: self.second.map(|tier| {
                 let metrics = crate::tier::TierMetrics::register(&self.name);

@@ -20,7 +20,7 @@ use super::fetch::{
     fetch, forward, forwarded, revalidate_in_background, through_tiers, Conditionals,
 };
 use super::respond::{respond, serve, with_status};
-use super::stored::{Fetch, Fetched, FlightKey, Stored};
+use super::stored::{Fetch, Fetched, FlightKey, Stored, TAG_FIELDS};
 use crate::cache::flight::{Joined, Owner, Upstream, Waiter};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::http::body::BufferedBody;
@@ -72,7 +72,18 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        Box::pin(handle(self.core.clone(), self.inner.clone(), req))
+        let core = self.core.clone();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let keep_tags = core.keep_tag_headers;
+            let mut response = handle(core, inner, req).await?;
+            if !keep_tags {
+                for name in TAG_FIELDS {
+                    response.headers_mut().remove(name);
+                }
+            }
+            Ok(response)
+        })
     }
 }
 

@@ -165,7 +165,7 @@ pub(super) type KeyExtra = Arc<dyn Fn(&http::Uri, &HeaderMap) -> Option<String> 
 
 /// The fields whose values tag a response: `Cache-Tag` (comma-separated) and
 /// `Surrogate-Key` (space-separated).
-const TAG_FIELDS: [&str; 2] = ["cache-tag", "surrogate-key"];
+pub(super) const TAG_FIELDS: [&str; 2] = ["cache-tag", "surrogate-key"];
 
 /// The tags `headers` give a response.
 pub(super) fn tags(headers: &HeaderMap) -> Vec<String> {
