@@ -94,6 +94,11 @@ struct Args {
     #[arg(long)]
     cdn_mode: bool,
 
+    /// Pass the upstream's `Cache-Tag` and `Surrogate-Key` on to clients (by default they
+    /// are kept for invalidation and removed from responses).
+    #[arg(long)]
+    keep_tag_headers: bool,
+
     /// Bound on each request, end to end, in milliseconds (none when not given).
     #[arg(long, value_name = "MS")]
     timeout_ms: Option<u64>,
@@ -147,6 +152,20 @@ struct Args {
     /// the same one.
     #[arg(long, default_value = "towerguard:proxy:", value_name = "PREFIX")]
     redis_prefix: String,
+
+    /// Bound on each Redis operation, in milliseconds; a slower one counts as a miss.
+    #[arg(long, default_value_t = 50, value_name = "MS")]
+    redis_timeout_ms: u64,
+
+    /// Length of the lease one proxy holds on a URL while it fetches it for the fleet,
+    /// in milliseconds (renewed while the fetch runs; 0 turns fleet-wide coalescing off).
+    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    redis_lease_ms: u64,
+
+    /// How long the other proxies wait for that fetch before fetching themselves, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
+    redis_lease_wait_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -469,7 +488,8 @@ fn build_proxy(args: &Args) -> Result<Proxy, String> {
             .name("proxy")
             .policy(policy)
             .capacity_bytes(args.cache_capacity_mb * 1024 * 1024)
-            .max_body_bytes(args.max_body_kb * 1024);
+            .max_body_bytes(args.max_body_kb * 1024)
+            .keep_tag_headers(args.keep_tag_headers);
         builder = builder.http_cache(with_redis(cache, args)?.build());
     }
     let stack = builder
@@ -489,6 +509,9 @@ fn with_redis(
     };
     let tier = towerguard::tier::RedisTier::builder(url.as_str())
         .prefix(args.redis_prefix.as_str())
+        .timeout(Duration::from_millis(args.redis_timeout_ms))
+        .lease(Duration::from_millis(args.redis_lease_ms))
+        .lease_wait(Duration::from_millis(args.redis_lease_wait_ms))
         .build()
         .map_err(|err| format!("--redis {url}: {err}"))?;
     Ok(cache.second_tier(tier))

@@ -117,7 +117,7 @@ pub const TIER_BACKPLANE: &str = "towerguard_second_tier_backplane_messages_tota
 #[cfg(feature = "redis")]
 pub const TIER_RESYNCS: &str = "towerguard_second_tier_resyncs_total";
 /// Cross-instance leases, labelled by `result` (`acquired`, `waited`, `takeover`,
-/// `timeout`).
+/// `timeout`, `renewed`, `lost`).
 #[cfg(feature = "redis")]
 pub const TIER_LEASES: &str = "towerguard_second_tier_leases_total";
 
@@ -164,7 +164,7 @@ pub const TIER_METRICS: &[MetricInfo] = &[
         kind: MetricType::Counter,
         labels: &["result"],
         unit: "leases",
-        help: "cross-instance flights: acquired, waited, takeover, timeout",
+        help: "cross-instance flights: acquired, waited, takeover, timeout, renewed, lost",
     },
 ];
 

@@ -329,9 +329,21 @@ async fn fleet(
     towerguard::cache::CacheHandle<String, String>,
     BoxService,
 )> {
+    fleet_of(|| tier(server, prefix), upstream).await
+}
+
+/// [`fleet`] with tiers of `make_tier`'s making.
+async fn fleet_of(
+    make_tier: impl Fn() -> RedisTier,
+    upstream: impl Fn(usize) -> BoxUpstream,
+) -> Vec<(
+    RedisTier,
+    towerguard::cache::CacheHandle<String, String>,
+    BoxService,
+)> {
     let mut out = Vec::new();
     for i in 0..3 {
-        let tier = tier(server, prefix);
+        let tier = make_tier();
         let layer = CacheLayer::builder(|key: &String| Some(key.clone()))
             .name(format!("fleet-{i}"))
             .ttl(Duration::from_secs(60))
@@ -554,6 +566,109 @@ async fn a_lease_holder_whose_flight_is_dropped_lets_another_instance_take_over(
         "k from instance 1"
     );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// A fleet whose leases last 300 ms and whose waiters wait `wait`; instance 0's upstream
+/// signals `started` and then answers after `holder_takes` (never, when `None`).
+async fn leased_fleet(
+    server: &RedisServer,
+    prefix: &str,
+    wait: Duration,
+    holder_takes: Option<Duration>,
+    calls: Arc<AtomicUsize>,
+) -> (
+    Vec<(
+        RedisTier,
+        towerguard::cache::CacheHandle<String, String>,
+        BoxService,
+    )>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let started_tx = Arc::new(std::sync::Mutex::new(Some(started_tx)));
+    let make_tier = || {
+        RedisTier::builder(server.url())
+            .prefix(prefix)
+            .timeout(Duration::from_millis(500))
+            .lease(Duration::from_millis(300))
+            .lease_wait(wait)
+            .build()
+            .unwrap()
+    };
+    let fleet = fleet_of(make_tier, move |i| {
+        let (calls, started) = (calls.clone(), started_tx.clone());
+        tower::util::BoxCloneSyncService::new(service_fn(move |key: String| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let started = started.lock().unwrap().take();
+            async move {
+                if i == 0 {
+                    if let Some(started) = started {
+                        let _ = started.send(());
+                    }
+                    // The slow upstream under test, not a wait for an event.
+                    match holder_takes {
+                        Some(takes) => tokio::time::sleep(takes).await,
+                        None => std::future::pending().await,
+                    }
+                }
+                Ok::<_, std::io::Error>(format!("{key} from instance {i}"))
+            }
+        }))
+    })
+    .await;
+    (fleet, started_rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_slower_than_its_lease_keeps_it_and_the_fleet_calls_the_upstream_once() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (fleet, started) = leased_fleet(
+        &server,
+        "slow:",
+        Duration::from_secs(30),
+        Some(Duration::from_millis(1200)),
+        calls.clone(),
+    )
+    .await;
+    let holder = tokio::spawn(fleet[0].2.clone().oneshot("k".to_owned()));
+    started.await.unwrap();
+    // Both wait on instance 0's lease, which it renews for four times its length.
+    let waiters = [1, 2].map(|i| tokio::spawn(fleet[i].2.clone().oneshot("k".to_owned())));
+    assert_eq!(holder.await.unwrap().unwrap(), "k from instance 0");
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap().unwrap(), "k from instance 0");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Released once written: nothing is left to lapse.
+    let lease: Option<String> = redis_cmd(&server, redis::cmd("GET").arg("slow:l:k")).await;
+    assert_eq!(lease, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_calls_the_upstream_itself_once_the_lease_wait_runs_out() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (fleet, started) = leased_fleet(
+        &server,
+        "waitout:",
+        Duration::from_millis(400),
+        None,
+        calls.clone(),
+    )
+    .await;
+    let holder = tokio::spawn(fleet[0].2.clone().oneshot("k".to_owned()));
+    started.await.unwrap();
+    let waited_from = std::time::Instant::now();
+    let value = fleet[1].2.clone().oneshot("k".to_owned()).await.unwrap();
+    assert_eq!(value, "k from instance 1");
+    assert!(waited_from.elapsed() >= Duration::from_millis(400));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    holder.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::bus::new_id;
@@ -27,6 +28,8 @@ pub(crate) struct LeaseGuard {
     from: u64,
     metrics: TierMetrics,
     done: bool,
+    /// The task that renews the lease while the flight runs.
+    renewal: Option<AbortHandle>,
 }
 
 /// Deletes the lease if it is still ours, and publishes `ARGV[3]` on `ARGV[2]` when given.
@@ -40,10 +43,19 @@ end
 return 0
 ";
 
+/// Sets the lease's expiry to `ARGV[2]` ms if it is still ours (`ARGV[1]`); 1 if it was.
+const RENEW_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
 impl RedisTier {
     /// Takes the lease on `name`, or waits for the instance holding it to write a value
-    /// (`read` reads it), up to the lease's length. Taking the lease after waiting is a
-    /// takeover (the holder released it without a value, or died).
+    /// (`read` reads it), up to the lease wait. Taking the lease after waiting is a
+    /// takeover (the holder released it without a value, or died and its lease lapsed).
+    /// A held lease is renewed every third of its length until it is released.
     pub(crate) async fn lease<T, F, Fut>(
         &self,
         name: &str,
@@ -60,7 +72,7 @@ impl RedisTier {
         }
         self.start_bus();
         let token = format!("{:x}", new_id());
-        let deadline = Instant::now() + shared.config.lease;
+        let deadline = Instant::now() + shared.config.lease_wait;
         let notify = shared.bus.wait_on(name);
         let mut waited = false;
         let outcome = loop {
@@ -70,6 +82,12 @@ impl RedisTier {
             match self.try_acquire(name, &token, metrics).await {
                 None => break Lease::Alone,
                 Some(true) => {
+                    let renewal = tokio::spawn(renew(
+                        self.clone(),
+                        self.lease_key(name),
+                        token.clone(),
+                        metrics.clone(),
+                    ));
                     let guard = Box::new(LeaseGuard {
                         tier: self.clone(),
                         name: name.to_owned(),
@@ -77,6 +95,7 @@ impl RedisTier {
                         from,
                         metrics: metrics.clone(),
                         done: false,
+                        renewal: Some(renewal.abort_handle()),
                     });
                     // A holder may have written and released between the caller's read
                     // and this lease: its value answers.
@@ -119,9 +138,7 @@ impl RedisTier {
     /// `Some(true)` when the lease on `name` is now ours, `Some(false)` when another
     /// instance holds it, `None` when Redis is unavailable.
     async fn try_acquire(&self, name: &str, token: &str, metrics: &TierMetrics) -> Option<bool> {
-        let ms = u64::try_from(self.shared.config.lease.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let ms = self.lease_ms();
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.lease_key(name))
             .arg(token)
@@ -132,6 +149,41 @@ impl RedisTier {
             .await
             .map(|set| set.is_some())
     }
+
+    /// The lease's length in whole milliseconds, at least one.
+    fn lease_ms(&self) -> u64 {
+        u64::try_from(self.shared.config.lease.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+}
+
+/// Keeps the lease at `key` ours while the flight holding it runs: every third of the
+/// lease's length its expiry is set back to the whole length. Ends when the guard
+/// aborts it, or when the lease is found no longer ours (it lapsed while Redis was out of
+/// reach and another instance took it). A failed renewal is tried again at the next one.
+async fn renew(tier: RedisTier, key: String, token: String, metrics: TierMetrics) {
+    let ms = tier.lease_ms();
+    let every = (tier.shared.config.lease / 3).max(std::time::Duration::from_millis(1));
+    let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(RENEW_SCRIPT).arg(1).arg(&key).arg(&token).arg(ms);
+        match tier
+            .run::<i64>(Request::Cmd(cmd), &metrics, Op::Lease)
+            .await
+        {
+            Some(1) => metrics.lease_renewed.increment(1),
+            Some(_) => {
+                metrics.lease_lost.increment(1);
+                tracing::debug!("second tier: lease lost while the flight ran");
+                return;
+            }
+            None => {}
+        }
+    }
 }
 
 impl LeaseGuard {
@@ -139,6 +191,7 @@ impl LeaseGuard {
     /// waiters), tells them to try again.
     pub(crate) async fn release(mut self: Box<Self>, written: bool) {
         self.done = true;
+        self.stop_renewing();
         release(
             &self.tier,
             &self.name,
@@ -175,8 +228,17 @@ async fn release(
     }
 }
 
+impl LeaseGuard {
+    fn stop_renewing(&mut self) {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
+    }
+}
+
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
+        self.stop_renewing();
         if self.done {
             return;
         }

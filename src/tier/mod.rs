@@ -8,11 +8,12 @@
 //!   after their fresh and stale windows, and carry the end of their fresh life, so an
 //!   instance that reads one keeps it only as long as it is still fresh.
 //! - **Cross-instance single flight.** On a Redis miss the flight takes a lease on the key
-//!   (`SET NX PX`, 5 s by default). One instance at a time holds it and calls the
-//!   upstream; the others wait for its result, woken by the backplane and reading Redis
-//!   every 50 ms as a fallback, for up to the lease's length, after which they call the
-//!   upstream themselves. A holder whose flight is dropped releases the lease; one that
-//!   dies never blocks anyone past the lease.
+//!   (`SET NX PX`, 5 s by default). One instance at a time holds it, renews it every
+//!   third of its length, and calls the upstream; the others wait for its result, woken
+//!   by the backplane and reading Redis every 50 ms as a fallback, for up to the lease
+//!   wait (30 s by default), after which they call the upstream themselves. A holder
+//!   whose flight is dropped releases the lease; one that dies stops renewing it, so it
+//!   blocks nobody past the lease's length.
 //! - **Backplane.** Every write and every invalidation (one key, a tag, everything) is
 //!   published on a Redis channel (`{prefix}bus`), and every other instance drops its
 //!   first-tier copy when the message arrives. Tags (see
@@ -145,6 +146,7 @@ struct Config {
     failures_to_open: u32,
     backoff: Duration,
     lease: Duration,
+    lease_wait: Duration,
     lease_poll: Duration,
 }
 
@@ -157,7 +159,8 @@ pub(crate) enum Request {
 impl RedisTier {
     /// Starts a builder for the Redis at `url` (`redis://host:port/db`): keys prefixed
     /// `towerguard:`, a 50 ms timeout per operation, a breaker that opens for 1 s after 3
-    /// failures in a row, and 5 s leases.
+    /// failures in a row, and 5 s leases (renewed while their flight runs) that others
+    /// wait on for up to 30 s.
     pub fn builder(url: impl Into<String>) -> RedisTierBuilder {
         RedisTierBuilder {
             url: url.into(),
@@ -167,6 +170,7 @@ impl RedisTier {
                 failures_to_open: 3,
                 backoff: Duration::from_secs(1),
                 lease: Duration::from_secs(5),
+                lease_wait: Duration::from_secs(30),
                 lease_poll: Duration::from_millis(50),
             },
         }
@@ -598,12 +602,38 @@ impl RedisTierBuilder {
         self
     }
 
-    /// How long one instance may hold a key's lease while it calls the upstream (default
-    /// 5 s), which is also how long the others wait for its result before calling the
-    /// upstream themselves. A flight slower than the lease lets another instance start
-    /// one. `Duration::ZERO` turns cross-instance single flight off.
+    /// The length of a key's lease, held by the one instance calling the upstream for it
+    /// (default 5 s). The holder renews it every third of its length while the flight
+    /// runs, so a slow upstream keeps it; a holder that dies or loses Redis blocks the
+    /// others for at most this long, after which one of them takes the lease over.
+    /// `Duration::ZERO` turns cross-instance single flight off.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.config.lease = lease;
+        self
+    }
+
+    /// How long an instance waits for another's flight (whose lease stands) before it
+    /// calls the upstream itself (default 30 s). Set it above the upstream's slowest
+    /// answer you want made once across the fleet; a caller's own timeout still ends
+    /// its wait sooner.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use towerguard::tier::RedisTier;
+    ///
+    /// # fn main() -> Result<(), towerguard::Error> {
+    /// // Reports take up to a minute: one instance makes each, the others wait for it.
+    /// let tier = RedisTier::builder("redis://127.0.0.1:6379/")
+    ///     .prefix("reports:")
+    ///     .lease(Duration::from_secs(5))
+    ///     .lease_wait(Duration::from_secs(90))
+    ///     .build()?;
+    /// # let _ = tier;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn lease_wait(mut self, wait: Duration) -> Self {
+        self.config.lease_wait = wait;
         self
     }
 
@@ -713,6 +743,8 @@ pub(crate) struct TierMetrics {
     pub(crate) lease_waited: Counter,
     pub(crate) lease_takeover: Counter,
     pub(crate) lease_timeout: Counter,
+    pub(crate) lease_renewed: Counter,
+    pub(crate) lease_lost: Counter,
     durations: [Histogram; 6],
     pub(crate) breaker_open: Gauge,
 }
@@ -742,6 +774,8 @@ impl TierMetrics {
             lease_waited: leases("waited"),
             lease_takeover: leases("takeover"),
             lease_timeout: leases("timeout"),
+            lease_renewed: leases("renewed"),
+            lease_lost: leases("lost"),
             durations: [
                 duration("get"),
                 duration("set"),
