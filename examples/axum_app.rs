@@ -21,7 +21,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::PrometheusBuilder;
 use towerguard::http::HttpCacheLayer;
 use towerguard::stack::StackBuilder;
 
@@ -41,10 +40,10 @@ async fn main() -> std::io::Result<()> {
     }
 
     // The recorder first: layers register their metrics when they are built.
-    let prometheus = match PrometheusBuilder::new().install_recorder() {
+    let prometheus = match common::install_prometheus() {
         Ok(handle) => handle,
         Err(err) => {
-            eprintln!("cannot install the metrics recorder: {err}");
+            eprintln!("{err}");
             std::process::exit(1);
         }
     };

@@ -29,6 +29,8 @@
 //! finish (up to `--shutdown-grace-secs`), and exits 0; it prints `listening on ADDR` once
 //! it accepts connections and `stopped` when it is done.
 
+mod common;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,7 +49,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -553,9 +554,7 @@ async fn shutdown_signal() {
 }
 
 async fn serve_metrics(addr: SocketAddr) -> Result<(), String> {
-    let handle = PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|err| format!("cannot install the metrics recorder: {err}"))?;
+    let handle = common::install_prometheus()?;
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || std::future::ready(handle.render())),
