@@ -177,6 +177,69 @@ fn vegas_does_not_read_latency_spread_as_queue_down_to_its_minimum() {
     assert!(late >= 16.0, "mean {late}");
 }
 
+/// Vegas over a backend of `capacity` slots whose latency varies between 1 and
+/// `1 + spread` times its base with no queue, and queues in proportion beyond capacity;
+/// demand always fills the limit. Returns the limit after each window.
+fn vegas_over_spread(
+    vegas: &mut Vegas,
+    capacity: usize,
+    spread: f64,
+    windows: usize,
+    seed: u64,
+) -> Vec<usize> {
+    let window = Algorithm::window(vegas);
+    let mut noise = Noise(seed);
+    let mut limit = vegas.initial_limit();
+    let mut history = Vec::with_capacity(windows);
+    for _ in 0..windows {
+        let queueing = (limit as f64 / capacity as f64).max(1.0);
+        let latencies: Vec<Duration> = (0..window)
+            .map(|_| BASE.mul_f64(queueing * (1.0 + spread * noise.next())))
+            .collect();
+        let mean = latencies.iter().sum::<Duration>() / window as u32;
+        let fastest = *latencies.iter().min().unwrap();
+        let sample = Sample::new(mean, limit, false).with_min_latency(fastest);
+        limit = vegas.update(limit, sample).max(1);
+        history.push(limit);
+    }
+    history
+}
+
+#[test]
+fn vegas_reaches_the_capacity_of_a_backend_whose_latency_varies_twofold() {
+    // 100 slots, latency between 1 and 2 times the base with no queue. Against the fastest
+    // request alone this reads as a queue of a third of the limit and holds it near 17;
+    // the probes at half and a quarter of the limit read the same latency, so the
+    // latency at half is the backend's own and the limit follows the queue against it.
+    const CAPACITY: usize = 100;
+    for seed in [3, 4, 5] {
+        let mut vegas = Vegas::new(16, 4, 1_000);
+        let history = vegas_over_spread(&mut vegas, CAPACITY, 1.0, 6_000, seed);
+        let late = sorted(&history[3_000..]);
+        let (median, p95) = (late[late.len() / 2], late[late.len() * 19 / 20]);
+        assert!((85..=110).contains(&median), "seed {seed}: median {median}");
+        assert!(p95 <= 115, "seed {seed}: 95th percentile {p95}");
+        assert!(vegas.unqueued_is_flat(), "seed {seed}");
+    }
+}
+
+#[test]
+fn vegas_started_far_over_capacity_does_not_hold_the_probes_level() {
+    // Started at 400 over 100 slots whose latency varies twofold: the first probe, at
+    // 200, is itself over capacity and reads twice the base latency, as a threefold
+    // spread would. The probe at a quarter (100) reads less, so that reading is not
+    // taken as the backend's own and the limit comes down to the capacity.
+    const CAPACITY: usize = 100;
+    for seed in [6, 7, 8] {
+        let mut vegas = Vegas::new(400, 4, 1_000);
+        let history = vegas_over_spread(&mut vegas, CAPACITY, 1.0, 6_000, seed);
+        let late = sorted(&history[3_000..]);
+        let (median, p95) = (late[late.len() / 2], late[late.len() * 19 / 20]);
+        assert!((85..=110).contains(&median), "seed {seed}: median {median}");
+        assert!(p95 <= 115, "seed {seed}: 95th percentile {p95}");
+    }
+}
+
 #[test]
 fn vegas_does_not_drift_upward_under_sustained_overload() {
     const CAPACITY: usize = 100;

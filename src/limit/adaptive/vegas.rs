@@ -6,6 +6,14 @@ use super::{may_grow, Algorithm, Sample};
 /// at half for one window to read the latency without a queue.
 const PROBE_EVERY: usize = 32;
 
+/// Probes at half the limit per probe that reads a quarter of the limit too.
+const QUARTER_EVERY: usize = 4;
+
+/// How far above the fastest request the unqueued latency must be for the probes to
+/// check whether it is the backend's own spread: under it, the estimate against the
+/// fastest holds a limit of 130 or more.
+const SPREAD: f64 = 0.1;
+
 /// A latency-based limit in the style of TCP Vegas.
 ///
 /// Samples are averaged over a window (32 by default) so that latency jitter does not read
@@ -26,11 +34,22 @@ const PROBE_EVERY: usize = 32;
 ///   grows by `step / 8`, faster after 8 such windows in a row. This holds the limit at
 ///   the backend's capacity with next to no queue, whatever its latency spread.
 ///
+/// A backend's own spread still bounds the first estimate, and so the limit: a latency
+/// that varies between 1 and 2 times its base reads as a queue of a third of the limit.
+/// So when the unqueued latency is more than 10% above the fastest, every fourth probe
+/// reads a quarter of the limit too, for one more window. If the latency there is the
+/// same as at half (within 10%, or three times the windows' noise), half the limit met
+/// no queue in the backend either: the unqueued latency is the backend's own, and it
+/// replaces the fastest request as the first estimate's no-load latency. If it is lower,
+/// the probe at half was itself over capacity (as when the limit starts far above it)
+/// and the fastest request stays the no-load latency.
+///
 /// A drop (a timeout or an overload answer) takes the limit down by `step`. Under
 /// sustained overload latency stays high against both baselines, so the limit does not
 /// drift up; the no-load latency never rises by itself.
 ///
-/// A probe costs throughput for one window in 33: about half the limit for its length.
+/// A probe costs throughput for one window in 33: about half the limit for its length;
+/// the reading at a quarter, when taken, three quarters of the limit for one more.
 ///
 /// ```
 /// use towerguard::limit::adaptive::Vegas;
@@ -50,8 +69,16 @@ pub struct Vegas {
     unqueued: Option<f64>,
     /// Windows since the last one that met no queue.
     since_unqueued: usize,
-    /// Set while the limit is held at half for a reading.
-    probing: bool,
+    /// The probe under way, if any.
+    probe: Probe,
+    /// Probes at half the limit so far.
+    probes: usize,
+    /// The mean latency the last probe read at half the limit, in seconds.
+    half_reading: Option<f64>,
+    /// Whether the last pair of probes read the same latency at a quarter of the limit
+    /// as at half: then half the limit met no queue in the backend either, and the
+    /// unqueued latency is the backend's own, not a queue's.
+    flat: bool,
     /// Windows in a row that showed no queue against the unqueued latency.
     clear: usize,
     /// The previous window's mean latency, in seconds.
@@ -75,7 +102,10 @@ impl Vegas {
             window: 32,
             unqueued: None,
             since_unqueued: 0,
-            probing: false,
+            probe: Probe::None,
+            probes: 0,
+            half_reading: None,
+            flat: false,
             clear: 0,
             last: None,
             noise: 0.0,
@@ -97,6 +127,17 @@ impl Vegas {
     /// The limit a probe holds: half the limit, not under the minimum.
     fn probe_level(&self) -> usize {
         ((self.limit / 2.0).round() as usize).max(self.min)
+    }
+
+    /// The second probe's level: a quarter of the limit, not under the minimum.
+    fn quarter_level(&self) -> usize {
+        ((self.limit / 4.0).round() as usize).max(self.min)
+    }
+
+    /// Whether the latency at half the limit is the backend's own: the last probes read
+    /// it no higher at half the limit than at a quarter (within the windows' noise).
+    pub fn unqueued_is_flat(&self) -> bool {
+        self.flat
     }
 
     /// Takes a window's mean latency as met without a queue of ours.
@@ -124,14 +165,53 @@ impl Algorithm for Vegas {
     fn update(&mut self, current: usize, sample: Sample) -> usize {
         let latency = sample.latency.max(Duration::from_micros(1));
         let level = self.probe_level();
-        if self.probing {
+        match self.probe {
+            Probe::None => {}
             // Hold the limit at half until a whole window was admitted under it.
-            if sample.in_flight > level {
-                return level;
+            Probe::Half if sample.in_flight > level => return level,
+            Probe::Half => {
+                self.read_unqueued(latency);
+                self.half_reading = Some(latency.as_secs_f64());
+                let quarter = self.quarter_level();
+                // The second reading only where it can change the limit (the unqueued
+                // latency well above the fastest: a spread the estimate against the
+                // fastest reads as a queue), and then every fourth probe: it costs
+                // three quarters of the limit for a window.
+                let spread = match (self.unqueued, self.no_load) {
+                    (Some(unqueued), Some(fastest)) => {
+                        unqueued > fastest.as_secs_f64() * (1.0 + SPREAD)
+                    }
+                    _ => false,
+                };
+                if !spread {
+                    self.flat = false;
+                }
+                self.probes += usize::from(spread);
+                if spread && quarter < level && self.probes % QUARTER_EVERY == 1 {
+                    self.probe = Probe::Quarter;
+                    return quarter;
+                }
+                self.probe = Probe::None;
+                if quarter >= level {
+                    self.flat = false;
+                }
+                return self.limit.round() as usize;
             }
-            self.probing = false;
-            self.read_unqueued(latency);
-            return self.limit.round() as usize;
+            Probe::Quarter if sample.in_flight > self.quarter_level() => {
+                return self.quarter_level()
+            }
+            Probe::Quarter => {
+                self.probe = Probe::None;
+                // Queueing in the backend raises the latency with the load; the
+                // backend's own spread does not. Flat: at most 10% (or three times the
+                // windows' noise) higher at half the limit than at a quarter.
+                let quarter = latency.as_secs_f64();
+                let tolerance = (3.0 * self.noise).max(0.1);
+                self.flat = self
+                    .half_reading
+                    .is_some_and(|half| half <= quarter * (1.0 + tolerance));
+                return self.limit.round() as usize;
+            }
         }
         // Follow the limiter if it moved the limit (e.g. clamped it).
         if (self.limit.round() as usize) != current {
@@ -162,7 +242,13 @@ impl Algorithm for Vegas {
             }
             Some(_) if !may_grow(current, &sample) => self.limit,
             Some(no_load) => {
-                let no_load = no_load.as_secs_f64();
+                // When the probes showed the unqueued latency to be the backend's own,
+                // it is the no-load latency: the fastest request would read the
+                // backend's spread as a queue.
+                let no_load = match self.unqueued {
+                    Some(unqueued) if self.flat => unqueued.max(no_load.as_secs_f64()),
+                    _ => no_load.as_secs_f64(),
+                };
                 let queue = self.limit * (1.0 - no_load / mean);
                 let by_mean = if queue <= step {
                     self.limit + 6.0 * step
@@ -204,9 +290,19 @@ impl Algorithm for Vegas {
         let level = self.probe_level();
         let due = self.unqueued.is_none() || self.since_unqueued >= PROBE_EVERY;
         if due && level < current && may_grow(current, &sample) {
-            self.probing = true;
+            self.probe = Probe::Half;
             return level;
         }
         current
     }
+}
+
+/// Which reading a probe is taking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    None,
+    /// At half the limit: the unqueued latency.
+    Half,
+    /// Then at a quarter: whether the latency at half was the backend's own.
+    Quarter,
 }
