@@ -201,6 +201,12 @@ impl LeaseGuard {
         )
         .await;
     }
+
+    fn stop_renewing(&mut self) {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
+    }
 }
 
 async fn release(
@@ -225,14 +231,6 @@ async fn release(
     let done = tier.run::<()>(Request::Cmd(cmd), metrics, Op::Lease).await;
     if done.is_some() && !written {
         metrics.sent.increment(1);
-    }
-}
-
-impl LeaseGuard {
-    fn stop_renewing(&mut self) {
-        if let Some(renewal) = self.renewal.take() {
-            renewal.abort();
-        }
     }
 }
 
