@@ -158,21 +158,7 @@ fn vegas_does_not_read_latency_spread_as_queue_down_to_its_minimum() {
     // room for six times as many requests.
     const CAPACITY: usize = 100;
     let mut vegas = Vegas::new(16, 4, 1_000);
-    let window = Algorithm::window(&vegas);
-    let mut noise = Noise(9);
-    let mut limit = vegas.initial_limit();
-    let mut history = Vec::new();
-    for _ in 0..2_000 {
-        let queueing = (limit as f64 / CAPACITY as f64).max(1.0);
-        let latencies: Vec<Duration> = (0..window)
-            .map(|_| BASE.mul_f64(queueing * (1.0 + 0.5 * noise.next())))
-            .collect();
-        let mean = latencies.iter().sum::<Duration>() / window as u32;
-        let fastest = *latencies.iter().min().unwrap();
-        let sample = Sample::new(mean, limit, false).with_min_latency(fastest);
-        limit = vegas.update(limit, sample).max(1);
-        history.push(limit);
-    }
+    let history = vegas_over_spread(&mut vegas, CAPACITY, 0.5, 2_000, 9);
     let late = mean(&history[1_000..]);
     assert!(late >= 16.0, "mean {late}");
 }
@@ -205,20 +191,28 @@ fn vegas_over_spread(
     history
 }
 
+/// Runs Vegas from `initial` over 100 slots whose latency varies twofold (`seed`), and
+/// checks that the limit settles at the capacity: over the second half of 6,000 windows,
+/// median 85 to 110 and 95th percentile at most 115. Returns the Vegas.
+fn assert_settles_at_capacity_of_a_twofold_spread(initial: usize, seed: u64) -> Vegas {
+    const CAPACITY: usize = 100;
+    let mut vegas = Vegas::new(initial, 4, 1_000);
+    let history = vegas_over_spread(&mut vegas, CAPACITY, 1.0, 6_000, seed);
+    let late = sorted(&history[3_000..]);
+    let (median, p95) = (late[late.len() / 2], late[late.len() * 19 / 20]);
+    assert!((85..=110).contains(&median), "seed {seed}: median {median}");
+    assert!(p95 <= 115, "seed {seed}: 95th percentile {p95}");
+    vegas
+}
+
 #[test]
 fn vegas_reaches_the_capacity_of_a_backend_whose_latency_varies_twofold() {
     // 100 slots, latency between 1 and 2 times the base with no queue. Against the fastest
-    // request alone this reads as a queue of a third of the limit and holds it near 17;
+    // request alone this reads as a queue of a third of the limit and holds it near 12;
     // the probes at half and a quarter of the limit read the same latency, so the
     // latency at half is the backend's own and the limit follows the queue against it.
-    const CAPACITY: usize = 100;
     for seed in [3, 4, 5] {
-        let mut vegas = Vegas::new(16, 4, 1_000);
-        let history = vegas_over_spread(&mut vegas, CAPACITY, 1.0, 6_000, seed);
-        let late = sorted(&history[3_000..]);
-        let (median, p95) = (late[late.len() / 2], late[late.len() * 19 / 20]);
-        assert!((85..=110).contains(&median), "seed {seed}: median {median}");
-        assert!(p95 <= 115, "seed {seed}: 95th percentile {p95}");
+        let vegas = assert_settles_at_capacity_of_a_twofold_spread(16, seed);
         assert!(vegas.unqueued_is_flat(), "seed {seed}");
     }
 }
@@ -229,14 +223,8 @@ fn vegas_started_far_over_capacity_does_not_hold_the_probes_level() {
     // 200, is itself over capacity and reads twice the base latency, as a threefold
     // spread would. The probe at a quarter (100) reads less, so that reading is not
     // taken as the backend's own and the limit comes down to the capacity.
-    const CAPACITY: usize = 100;
     for seed in [6, 7, 8] {
-        let mut vegas = Vegas::new(400, 4, 1_000);
-        let history = vegas_over_spread(&mut vegas, CAPACITY, 1.0, 6_000, seed);
-        let late = sorted(&history[3_000..]);
-        let (median, p95) = (late[late.len() / 2], late[late.len() * 19 / 20]);
-        assert!((85..=110).contains(&median), "seed {seed}: median {median}");
-        assert!(p95 <= 115, "seed {seed}: 95th percentile {p95}");
+        assert_settles_at_capacity_of_a_twofold_spread(400, seed);
     }
 }
 

@@ -568,8 +568,9 @@ async fn a_lease_holder_whose_flight_is_dropped_lets_another_instance_take_over(
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
-/// A fleet whose leases last 300 ms and whose waiters wait `wait`; instance 0's upstream
-/// signals `started` and then answers after `holder_takes` (never, when `None`).
+/// A fleet whose leases last 300 ms and whose waiters wait `wait`, and a request for `k`
+/// on instance 0, returned once its upstream call has started (so instance 0 holds the
+/// lease); that call answers after `holder_takes` (never, when `None`).
 async fn leased_fleet(
     server: &RedisServer,
     prefix: &str,
@@ -582,7 +583,7 @@ async fn leased_fleet(
         towerguard::cache::CacheHandle<String, String>,
         BoxService,
     )>,
-    tokio::sync::oneshot::Receiver<()>,
+    tokio::task::JoinHandle<Result<String, towerguard::Error>>,
 ) {
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let started_tx = Arc::new(std::sync::Mutex::new(Some(started_tx)));
@@ -616,7 +617,9 @@ async fn leased_fleet(
         }))
     })
     .await;
-    (fleet, started_rx)
+    let holder = tokio::spawn(fleet[0].2.clone().oneshot("k".to_owned()));
+    started_rx.await.unwrap();
+    (fleet, holder)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -625,7 +628,7 @@ async fn a_flight_slower_than_its_lease_keeps_it_and_the_fleet_calls_the_upstrea
         return;
     };
     let calls = Arc::new(AtomicUsize::new(0));
-    let (fleet, started) = leased_fleet(
+    let (fleet, holder) = leased_fleet(
         &server,
         "slow:",
         Duration::from_secs(30),
@@ -633,8 +636,6 @@ async fn a_flight_slower_than_its_lease_keeps_it_and_the_fleet_calls_the_upstrea
         calls.clone(),
     )
     .await;
-    let holder = tokio::spawn(fleet[0].2.clone().oneshot("k".to_owned()));
-    started.await.unwrap();
     // Both wait on instance 0's lease, which it renews for four times its length.
     let waiters = [1, 2].map(|i| tokio::spawn(fleet[i].2.clone().oneshot("k".to_owned())));
     assert_eq!(holder.await.unwrap().unwrap(), "k from instance 0");
@@ -653,7 +654,7 @@ async fn a_waiter_calls_the_upstream_itself_once_the_lease_wait_runs_out() {
         return;
     };
     let calls = Arc::new(AtomicUsize::new(0));
-    let (fleet, started) = leased_fleet(
+    let (fleet, holder) = leased_fleet(
         &server,
         "waitout:",
         Duration::from_millis(400),
@@ -661,8 +662,6 @@ async fn a_waiter_calls_the_upstream_itself_once_the_lease_wait_runs_out() {
         calls.clone(),
     )
     .await;
-    let holder = tokio::spawn(fleet[0].2.clone().oneshot("k".to_owned()));
-    started.await.unwrap();
     let waited_from = std::time::Instant::now();
     let value = fleet[1].2.clone().oneshot("k".to_owned()).await.unwrap();
     assert_eq!(value, "k from instance 1");

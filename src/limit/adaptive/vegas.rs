@@ -183,7 +183,8 @@ impl Algorithm for Vegas {
                     }
                     _ => false,
                 };
-                if !spread {
+                if !spread || quarter >= level {
+                    // Nothing for a reading at a quarter to decide, or no room for one.
                     self.flat = false;
                 }
                 self.probes += usize::from(spread);
@@ -192,9 +193,6 @@ impl Algorithm for Vegas {
                     return quarter;
                 }
                 self.probe = Probe::None;
-                if quarter >= level {
-                    self.flat = false;
-                }
                 return self.limit.round() as usize;
             }
             Probe::Quarter if sample.in_flight > self.quarter_level() => {
