@@ -2,7 +2,7 @@
 # Three proxies sharing one cache through Redis, tried as an operator would run a fleet:
 # a redis-server of its own, the origin of benches/peers, and three proxy examples with
 # `--redis`. A cold burst spread over the three must reach the origin once; a POST
-# through one must invalidate the URL on all three.
+# through one must invalidate the URL on all three, and so must a PURGE.
 #
 #   bash benches/proxy_fleet.sh     (builds the release example with the redis feature
 #                                    when missing; PROXY=path uses another build)
@@ -27,7 +27,7 @@ ports=()
 for i in 0 1 2; do
   port=$(free_port)
   "$proxy" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$origin_port" \
-    --redis "redis://127.0.0.1:$redis_port/" --no-access-log >"$work/proxy$i.log" 2>&1 &
+    --redis "redis://127.0.0.1:$redis_port/" --purge-token fleet-token --no-access-log >"$work/proxy$i.log" 2>&1 &
   pids+=($!)
   ports+=("$port")
 done
@@ -67,4 +67,19 @@ for i in 0 1 2; do
 done
 echo "after the POST: $(for i in 0 1 2; do get "$i"; echo; done | sort -u) (origin requests: $(curl -s "http://127.0.0.1:$origin_port/count/doc"))"
 [ "$stale" = 0 ] || { echo "FAILED: $stale proxies served the old version after the POST" >&2; exit 1; }
+
+# A change the proxies cannot see (made at the origin directly), then a PURGE through
+# one proxy: without the token it is refused, with it every proxy drops the URL.
+curl -s -o /dev/null -X POST "http://127.0.0.1:$origin_port/obj/doc"  # version 4 at the origin
+purge() { curl -s -o /dev/null -w '%{http_code}' -H "Host: fleet.test" -X PURGE "$@" \
+  "http://127.0.0.1:${ports[2]}/obj/doc"; }
+refused=$(purge)
+[ "$refused" = 401 ] || { echo "FAILED: a PURGE without the token got $refused" >&2; exit 1; }
+kept=$(for i in 0 1 2; do get "$i"; echo; done | sort -u)
+[ "$kept" = "doc version 3" ] || { echo "FAILED: after a refused PURGE the fleet served '$kept'" >&2; exit 1; }
+purged=$(purge -H "Authorization: Bearer fleet-token")
+echo "PURGE through proxy 2: without the token $refused, with it $purged"
+after=$(for i in 0 1 2; do get "$i"; echo; done | sort -u)
+echo "after the PURGE: $after"
+[ "$after" = "doc version 4" ] || { echo "FAILED: after the PURGE the fleet served '$after'" >&2; exit 1; }
 echo "ok"

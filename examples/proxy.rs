@@ -25,6 +25,15 @@
 //! the whole fleet, and an invalidation (a successful POST, PUT, DELETE or PATCH) reaches
 //! every proxy. `benches/proxy_fleet.sh` runs three of them.
 //!
+//! With `--purge-token TOKEN`, a `PURGE` request carrying `Authorization: Bearer TOKEN`
+//! drops the URL it names from the cache (or, with a `Cache-Tag` or `Surrogate-Key`
+//! header, the responses tagged so), on every proxy of a fleet:
+//!
+//! ```text
+//! curl -X PURGE -H 'Authorization: Bearer TOKEN' http://localhost:8080/page
+//! curl -X PURGE -H 'Authorization: Bearer TOKEN' -H 'Cache-Tag: product-42' http://localhost:8080/
+//! ```
+//!
 //! On SIGTERM or Ctrl-C it stops accepting connections, lets the requests under way
 //! finish (up to `--shutdown-grace-secs`), and exits 0; it prints `listening on ADDR` once
 //! it accepts connections and `stopped` when it is done.
@@ -39,8 +48,11 @@ use std::process::ExitCode;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use clap::Parser;
-use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, VIA};
+use http::header::{
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, VIA, WWW_AUTHENTICATE,
+};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -54,7 +66,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service};
-use towerguard::http::cache_policy::HttpCachePolicy;
+use towerguard::http::cache_policy::{primary_key, HttpCachePolicy};
 use towerguard::http::{BufferedBody, HttpCacheLayer, CACHE_STATUS};
 use towerguard::stack::StackBuilder;
 
@@ -99,6 +111,14 @@ struct Args {
     /// are kept for invalidation and removed from responses).
     #[arg(long)]
     keep_tag_headers: bool,
+
+    /// Accept `PURGE` requests carrying `Authorization: Bearer TOKEN`: `PURGE /path`
+    /// removes that URL's stored responses; with a `Cache-Tag` (comma-separated) or
+    /// `Surrogate-Key` (space-separated) header, the responses tagged so instead. With
+    /// `--redis`, on every proxy of the fleet. Without this option `PURGE` is forwarded
+    /// like any other method.
+    #[arg(long, value_name = "TOKEN")]
+    purge_token: Option<String>,
 
     /// Bound on each request, end to end, in milliseconds (none when not given).
     #[arg(long, value_name = "MS")]
@@ -365,10 +385,128 @@ where
 
 type Proxy = BoxCloneSyncService<Request<Incoming>, Response<BufferedBody<Incoming>>, Infallible>;
 
+/// Answers `PURGE` requests from the cache: built when `--purge-token` is given.
+#[derive(Clone)]
+struct Purger {
+    cache: HttpCacheLayer,
+    /// What `Authorization: Bearer TOKEN` must carry.
+    token: Vec<u8>,
+}
+
+impl Purger {
+    fn is_purge(req: &Request<Incoming>) -> bool {
+        req.method().as_str() == "PURGE"
+    }
+
+    /// Whether the request carries the token (the scheme's case does not matter; the
+    /// token is compared without stopping at the first difference).
+    fn authorised(&self, req: &Request<Incoming>) -> bool {
+        let Some(given) = req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes) else {
+            return false;
+        };
+        let Some((scheme, token)) = given.split_at_checked(7) else {
+            return false;
+        };
+        scheme.eq_ignore_ascii_case(b"bearer ")
+            && token.len() == self.token.len()
+            && token
+                .iter()
+                .zip(&self.token)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+
+    /// The tags a `Cache-Tag` or `Surrogate-Key` field names, if the request has one.
+    fn tags(req: &Request<Incoming>) -> Vec<String> {
+        let mut tags = Vec::new();
+        for (name, separator) in [("cache-tag", ','), ("surrogate-key", ' ')] {
+            for value in req.headers().get_all(name) {
+                let Ok(value) = value.to_str() else { continue };
+                tags.extend(
+                    value
+                        .split(separator)
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_owned),
+                );
+            }
+        }
+        tags
+    }
+
+    async fn purge(self, req: Request<Incoming>) -> Response<BufferedBody<Incoming>> {
+        if !self.authorised(&req) {
+            tracing::warn!(target: "purge", path = req.uri().path(), "purge refused: wrong or missing token");
+            let mut response = text(
+                http::StatusCode::UNAUTHORIZED,
+                "purge: wrong or missing token\n",
+            );
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+        let tags = Purger::tags(&req);
+        if !tags.is_empty() {
+            for tag in &tags {
+                self.purge_tag(tag).await;
+            }
+            tracing::info!(target: "purge", tags = tags.join(", "), "purged by tag");
+            return text(
+                http::StatusCode::OK,
+                &format!("purged tags: {}\n", tags.join(", ")),
+            );
+        }
+        let host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
+        match primary_key(&http::Method::GET, req.uri(), host) {
+            Some(key) => {
+                self.purge_key(&key).await;
+                tracing::info!(target: "purge", key, "purged");
+                text(http::StatusCode::OK, &format!("purged: {key}\n"))
+            }
+            None => text(http::StatusCode::BAD_REQUEST, "purge: no URL to purge\n"),
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    async fn purge_key(&self, key: &str) {
+        self.cache.purge(key).await;
+    }
+
+    #[cfg(not(feature = "redis"))]
+    async fn purge_key(&self, key: &str) {
+        self.cache.invalidate(key);
+    }
+
+    #[cfg(feature = "redis")]
+    async fn purge_tag(&self, tag: &str) {
+        self.cache.purge_tag(tag).await;
+    }
+
+    #[cfg(not(feature = "redis"))]
+    async fn purge_tag(&self, tag: &str) {
+        self.cache.invalidate_tag(tag);
+    }
+}
+
+/// A short plain-text answer made by the proxy itself.
+fn text(status: http::StatusCode, body: &str) -> Response<BufferedBody<Incoming>> {
+    let mut response = Response::new(BufferedBody::complete(Bytes::copy_from_slice(
+        body.as_bytes(),
+    )));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
 /// Per connection: `X-Forwarded-For`, then the proxy, then the access log line.
 #[derive(Clone)]
 struct ConnectionService {
     proxy: Proxy,
+    purger: Option<Purger>,
     peer: SocketAddr,
     /// The peer's address as a field value, made once per connection.
     peer_value: HeaderValue,
@@ -378,11 +516,12 @@ struct ConnectionService {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 impl ConnectionService {
-    fn new(proxy: Proxy, peer: SocketAddr, access_log: bool) -> Self {
+    fn new(proxy: Proxy, purger: Option<Purger>, peer: SocketAddr, access_log: bool) -> Self {
         let peer_value = HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ConnectionService {
             proxy,
+            purger,
             peer,
             peer_value,
             access_log,
@@ -400,6 +539,9 @@ impl Service<Request<Incoming>> for ConnectionService {
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        if let Some(purger) = self.purger.clone().filter(|_| Purger::is_purge(&req)) {
+            return Box::pin(async move { Ok(purger.purge(req).await) });
+        }
         let headers = req.headers_mut();
         let forwarded = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
             Some(earlier) => {
@@ -448,7 +590,8 @@ impl Service<Request<Incoming>> for ConnectionService {
     }
 }
 
-fn build_proxy(args: &Args) -> Result<Proxy, String> {
+/// The proxy, and the purger when `--purge-token` asks for one.
+fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>), String> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(args.connect_timeout_ms)));
     connector.set_nodelay(true);
@@ -481,6 +624,7 @@ fn build_proxy(args: &Args) -> Result<Proxy, String> {
     if args.hedge {
         builder = builder.hedge_adaptive();
     }
+    let mut purger = None;
     if !args.no_cache {
         let policy = HttpCachePolicy::default()
             .ignore_client_directives(args.cdn_mode)
@@ -491,12 +635,19 @@ fn build_proxy(args: &Args) -> Result<Proxy, String> {
             .capacity_bytes(args.cache_capacity_mb * 1024 * 1024)
             .max_body_bytes(args.max_body_kb * 1024)
             .keep_tag_headers(args.keep_tag_headers);
-        builder = builder.http_cache(with_redis(cache, args)?.build());
+        let cache = with_redis(cache, args)?.build();
+        purger = args.purge_token.as_ref().map(|token| Purger {
+            cache: cache.clone(),
+            token: token.clone().into_bytes(),
+        });
+        builder = builder.http_cache(cache);
+    } else if args.purge_token.is_some() {
+        return Err("--purge-token has nothing to purge with --no-cache".to_owned());
     }
     let stack = builder
         .build_http::<Incoming>()
         .map_err(|err| format!("invalid configuration: {err}"))?;
-    Ok(stack.layer(forward))
+    Ok((stack.layer(forward), purger))
 }
 
 /// The cache with its second tier in Redis, when `--redis` asks for one.
@@ -572,7 +723,7 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(addr) = args.metrics {
         serve_metrics(addr).await?;
     }
-    let proxy = build_proxy(&args)?;
+    let (proxy, purger) = build_proxy(&args)?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|err| match err.kind() {
@@ -615,6 +766,7 @@ async fn run(args: Args) -> Result<(), String> {
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(ConnectionService::new(
             proxy.clone(),
+            purger.clone(),
             peer,
             !args.no_access_log,
         ));
