@@ -45,6 +45,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -390,7 +391,7 @@ type Proxy = BoxCloneSyncService<Request<Incoming>, Response<BufferedBody<Incomi
 struct Purger {
     cache: HttpCacheLayer,
     /// What `Authorization: Bearer TOKEN` must carry.
-    token: Vec<u8>,
+    token: Arc<[u8]>,
 }
 
 impl Purger {
@@ -411,7 +412,7 @@ impl Purger {
             && token.len() == self.token.len()
             && token
                 .iter()
-                .zip(&self.token)
+                .zip(self.token.iter())
                 .fold(0u8, |diff, (a, b)| diff | (a ^ b))
                 == 0
     }
@@ -539,8 +540,10 @@ impl Service<Request<Incoming>> for ConnectionService {
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        if let Some(purger) = self.purger.clone().filter(|_| Purger::is_purge(&req)) {
-            return Box::pin(async move { Ok(purger.purge(req).await) });
+        if Purger::is_purge(&req) {
+            if let Some(purger) = self.purger.clone() {
+                return Box::pin(async move { Ok(purger.purge(req).await) });
+            }
         }
         let headers = req.headers_mut();
         let forwarded = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
@@ -638,7 +641,7 @@ fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>), String> {
         let cache = with_redis(cache, args)?.build();
         purger = args.purge_token.as_ref().map(|token| Purger {
             cache: cache.clone(),
-            token: token.clone().into_bytes(),
+            token: Arc::from(token.as_bytes()),
         });
         builder = builder.http_cache(cache);
     } else if args.purge_token.is_some() {
