@@ -469,23 +469,19 @@ impl Purger {
         }
     }
 
-    #[cfg(feature = "redis")]
+    /// Drops one URL: fleet-wide, waiting for Redis, with the `redis` feature.
     async fn purge_key(&self, key: &str) {
+        #[cfg(feature = "redis")]
         self.cache.purge(key).await;
-    }
-
-    #[cfg(not(feature = "redis"))]
-    async fn purge_key(&self, key: &str) {
+        #[cfg(not(feature = "redis"))]
         self.cache.invalidate(key);
     }
 
-    #[cfg(feature = "redis")]
+    /// Drops one tag's responses, as [`purge_key`](Self::purge_key) does a URL.
     async fn purge_tag(&self, tag: &str) {
+        #[cfg(feature = "redis")]
         self.cache.purge_tag(tag).await;
-    }
-
-    #[cfg(not(feature = "redis"))]
-    async fn purge_tag(&self, tag: &str) {
+        #[cfg(not(feature = "redis"))]
         self.cache.invalidate_tag(tag);
     }
 }
