@@ -1450,6 +1450,17 @@ fn conditional_requests_answered_from_the_cache() {
         !not_modified(&headers(&[("if-none-match", "\"v1\"")]), &no_etag),
         "no ETag to match"
     );
+    // RFC 9110 section 13.1.2: `*` is false whenever a current representation exists,
+    // with or without an entity tag.
+    let bare = headers(&[("cache-control", "max-age=60")]);
+    assert!(
+        not_modified(&headers(&[("if-none-match", "*")]), &bare),
+        "If-None-Match * against a stored response without validators"
+    );
+    assert!(
+        not_modified(&headers(&[("if-none-match", "\"v0\", *")]), &no_etag),
+        "a * in a list"
+    );
 }
 
 #[test]

@@ -582,12 +582,15 @@ pub fn head_matches(stored: &HeaderMap, head: &HeaderMap) -> bool {
 /// `Last-Modified`.
 pub fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
     if let Some(inm) = request.get(IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        let tags = tags(inm);
+        // `*` matches any current representation, entity tag or not (section 13.1.2).
+        if tags.contains(&"*") {
+            return true;
+        }
         let Some(etag) = stored.get(ETAG).and_then(|v| v.to_str().ok()) else {
             return false;
         };
-        return tags(inm)
-            .iter()
-            .any(|tag| *tag == "*" || weak_eq(tag, etag.trim()));
+        return tags.iter().any(|tag| weak_eq(tag, etag.trim()));
     }
     match (
         http_date(request, IF_MODIFIED_SINCE),
