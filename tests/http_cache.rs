@@ -213,6 +213,17 @@ async fn origin(State(origin): State<Arc<Origin>>, req: AxumRequest) -> AxumResp
             .header("etag", format!("\"v{n}\""))
             .header("cache-control", "max-age=0")
             .body(AxumBody::from(format!("head-changed #{n}"))),
+        p if p.starts_with("/t/") => {
+            // `/t/TAGS/NAME`: tagged with TAGS (comma-separated, `-` for none).
+            let tags = p.split('/').nth(2).unwrap_or("-");
+            let builder = builder.header("cache-control", "max-age=60");
+            let builder = if tags == "-" {
+                builder
+            } else {
+                builder.header("cache-tag", tags)
+            };
+            builder.body(AxumBody::from(format!("{p} #{n}")))
+        }
         p if p.starts_with("/soe") => {
             // A 200, stale at once, or the failure status the test set.
             let cc = match p {
@@ -519,6 +530,44 @@ async fn tag_fields_stay_in_the_store_and_do_not_reach_the_client() {
     assert_eq!(h.get("/tagged", &[]).await.2, "tagged #2");
     h.layer.invalidate_tag("sport");
     assert_eq!(h.get("/tagged", &[]).await.2, "tagged #3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidating_a_tag_drops_exactly_the_uris_tagged_so() {
+    let h = harness(layer()).await;
+    let paths = ["/t/red/1", "/t/red,blue/2", "/t/blue/3", "/t/-/4"];
+    for path in paths {
+        for expected in ["fwd=uri-miss", "hit"] {
+            let (_, headers, _) = h.get(path, &[]).await;
+            assert!(
+                cache_status(&headers).contains(expected),
+                "{path}: {headers:?}"
+            );
+        }
+    }
+    h.layer.invalidate_tag("red");
+    for (path, origin_requests) in [
+        ("/t/red/1", 2),
+        ("/t/red,blue/2", 2),
+        ("/t/blue/3", 1),
+        ("/t/-/4", 1),
+    ] {
+        h.get(path, &[]).await;
+        assert_eq!(h.origin.hits(path), origin_requests, "{path}");
+    }
+    // Stored again, the tagged URIs go again; a tag nothing carries removes nothing.
+    h.layer.invalidate_tag("red");
+    h.layer.invalidate_tag("green");
+    h.layer.invalidate_tag("blue");
+    for (path, origin_requests) in [
+        ("/t/red/1", 3),
+        ("/t/red,blue/2", 3),
+        ("/t/blue/3", 2),
+        ("/t/-/4", 1),
+    ] {
+        h.get(path, &[]).await;
+        assert_eq!(h.origin.hits(path), origin_requests, "{path}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName};
 
 use super::stored::{Fetched, FlightKey, KeyExtra, Stored, Variants};
+use super::tag_index::{carries, TagIndex};
 use crate::cache::flight::{FlightMap, Owner};
 use crate::error::{Error, ErrorKind};
 use crate::http::cache_policy::{normalised, vary_matches, HttpCachePolicy, Vary};
@@ -16,6 +17,8 @@ use crate::metrics::CacheMetrics;
 pub(super) struct Core {
     pub(super) key_extra: Option<KeyExtra>,
     pub(super) store: moka::sync::Cache<String, Arc<Variants>>,
+    /// The stored URIs by tag; the store's eviction listener takes lists out of it.
+    pub(super) tags: Arc<TagIndex>,
     pub(super) flights: FlightMap<FlightKey, Arc<Fetched>>,
     pub(super) policy: HttpCachePolicy,
     pub(super) max_body: usize,
@@ -108,8 +111,15 @@ impl Core {
     /// Stores `stored` as a variant of `key`, replacing the variant it matches.
     pub(super) fn insert(&self, key: &str, stored: Arc<Stored>) {
         let list = self.with_variant(key, stored);
-        self.store.insert(key.to_owned(), Arc::new(Variants(list)));
+        self.put(key, list);
         self.sample();
+    }
+
+    /// Stores `list` as the variants of `key`, indexed by tag first (see [`TagIndex`]).
+    fn put(&self, key: &str, list: Vec<Arc<Stored>>) {
+        let variants = Arc::new(Variants(list));
+        self.tags.add(key, &variants);
+        self.store.insert(key.to_owned(), variants);
     }
 
     /// The variants of `key` once `stored` is one of them, most recent first: it replaces
@@ -144,7 +154,7 @@ impl Core {
         if list.is_empty() {
             self.store.invalidate(key);
         } else {
-            self.store.insert(key.to_owned(), Arc::new(Variants(list)));
+            self.put(key, list);
         }
         self.sample();
     }
@@ -174,21 +184,13 @@ impl Core {
     }
 
     /// Removes from this instance every URI with a variant tagged `tag` (`Cache-Tag`,
-    /// `Surrogate-Key`): a scan of the store.
+    /// `Surrogate-Key`): only the URIs the tag index lists, not a scan of the store.
     pub(super) fn invalidate_tag_here(&self, tag: &str) {
-        let keys: Vec<String> = self
-            .store
-            .iter()
-            .filter(|(_, variants)| {
-                variants
-                    .0
-                    .iter()
-                    .any(|v| super::stored::tags(&v.headers).iter().any(|t| t == tag))
-            })
-            .map(|(key, _)| String::clone(&key))
-            .collect();
-        for key in &keys {
-            self.invalidate_here(key);
+        for key in self.tags.keys(tag) {
+            // The index may still list a list replaced a moment ago by one without the tag.
+            if self.store.get(&key).is_some_and(|v| carries(&v, tag)) {
+                self.invalidate_here(&key);
+            }
         }
     }
 

@@ -113,7 +113,8 @@ impl HttpCacheLayer {
     }
 
     /// Removes every stored response tagged `tag` by its `Cache-Tag` (comma-separated)
-    /// or `Surrogate-Key` (space-separated) header (a scan of the store). With a second
+    /// or `Surrogate-Key` (space-separated) header (an index by tag finds them: the cost
+    /// grows with the URIs tagged so, not with the store). With a second
     /// tier, every such response is also deleted from Redis and the other instances drop
     /// theirs, in the background ([`purge_tag`](Self::purge_tag) waits for it).
     pub fn invalidate_tag(&self, tag: &str) {
@@ -301,19 +302,27 @@ impl HttpCacheBuilder {
     pub fn build(self) -> HttpCacheLayer {
         let metrics = CacheMetrics::register(&self.name);
         let listener = metrics.clone();
+        let tags = Arc::new(super::tag_index::TagIndex::default());
+        let index = tags.clone();
         let store = moka::sync::Cache::builder()
             .max_capacity(self.capacity_bytes)
             .weigher(|key: &String, variants: &Arc<Variants>| {
                 variants.0.iter().map(|v| v.weight()).fold(
-                    u32::try_from(key.len()).unwrap_or(u32::MAX),
+                    u32::try_from(key.len())
+                        .unwrap_or(u32::MAX)
+                        .saturating_add(super::tag_index::weight(key, variants)),
                     u32::saturating_add,
                 )
             })
-            .eviction_listener(move |_key, _value, cause| listener.record_removal(cause))
+            .eviction_listener(move |key, value, cause| {
+                listener.record_removal(cause);
+                index.remove(&key, &value);
+            })
             .build();
         let core = Arc::new(Core {
             key_extra: self.key_extra,
             store,
+            tags,
             flights: FlightMap::new(self.max_flights),
             policy: self.policy,
             max_body: self.max_body,
@@ -342,5 +351,102 @@ impl<S> Layer<S> for HttpCacheLayer {
             inner,
             core: self.core.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use bytes::Bytes;
+    use http::{HeaderValue, StatusCode};
+    use tokio::time::Instant;
+
+    use super::super::stored::Stored;
+    use super::super::tag_index::carries;
+    use super::*;
+    use crate::http::cache_policy::{vary, AgeInputs};
+
+    fn response(tags: &str, body: usize) -> Arc<Stored> {
+        let mut headers = HeaderMap::new();
+        headers.insert("cache-control", HeaderValue::from_static("max-age=60"));
+        if !tags.is_empty() {
+            headers.insert("cache-tag", HeaderValue::from_str(tags).unwrap());
+        }
+        Arc::new(Stored {
+            status: StatusCode::OK,
+            vary: vary(&headers),
+            headers,
+            body: Bytes::from(vec![0; body]),
+            request_headers: HeaderMap::new(),
+            extra: None,
+            age: AgeInputs {
+                age_header: None,
+                date: None,
+                request_time: SystemTime::now(),
+                response_time: SystemTime::now(),
+            },
+            stored_at: Instant::now(),
+            freshness: Duration::from_secs(60),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+        })
+    }
+
+    fn listed(core: &Core, tag: &str) -> Vec<String> {
+        let mut keys = core.tags.keys(tag);
+        keys.sort();
+        keys
+    }
+
+    fn stored_with(core: &Core, tag: &str) -> Vec<String> {
+        let mut keys: Vec<String> = core
+            .store
+            .iter()
+            .filter(|(_, variants)| carries(variants, tag))
+            .map(|(key, _)| String::clone(&key))
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn the_tag_index_lists_what_the_store_holds_through_eviction_replacement_and_purges() {
+        let layer = HttpCacheLayer::builder().capacity_bytes(64 * 1024).build();
+        let core = &layer.core;
+        // 1,000 URIs of 1 KiB each, tagged `all` and `even` or `odd`: the store keeps a
+        // fraction, the index must not keep the rest.
+        for i in 0..1_000 {
+            let tags = if i % 2 == 0 { "all, even" } else { "all, odd" };
+            core.insert(&format!("http://h/{i}"), response(tags, 1024));
+        }
+        core.store.run_pending_tasks();
+        let held = core.store.entry_count() as usize;
+        assert!((1..1_000).contains(&held), "{held} stored");
+        assert_eq!(core.tags.len(), 2 * held, "two entries per stored URI");
+        for tag in ["all", "even", "odd"] {
+            assert_eq!(listed(core, tag), stored_with(core, tag), "{tag}");
+        }
+
+        // A URI stored again without tags leaves the index.
+        let untagged = stored_with(core, "odd").remove(0);
+        core.insert(&untagged, response("", 10));
+        core.store.run_pending_tasks();
+        assert!(!listed(core, "all").contains(&untagged));
+        assert!(core.store.contains_key(&untagged));
+
+        // Purging a tag removes exactly the URIs tagged so, and their entries.
+        let odd = stored_with(core, "odd");
+        core.invalidate_tag_here("even");
+        core.store.run_pending_tasks();
+        assert!(stored_with(core, "even").is_empty());
+        assert!(listed(core, "even").is_empty());
+        assert_eq!(stored_with(core, "odd"), odd, "the other tag's URIs stay");
+        assert_eq!(listed(core, "all"), odd);
+        assert!(core.store.contains_key(&untagged), "an untagged URI stays");
+
+        core.invalidate_all_here();
+        core.store.run_pending_tasks();
+        assert_eq!(core.tags.len(), 0);
     }
 }

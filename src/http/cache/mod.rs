@@ -4,6 +4,7 @@
 //! - `service`: [`HttpCache`], a request's way through the cache;
 //! - `fetch`: requests to the origin (flights, revalidation, background refresh);
 //! - `core` and `stored`: the shared state, the stored variants and flight outcomes;
+//! - `tag_index`: which stored URIs carry which tag;
 //! - `respond`: responses assembled from the store, with `Cache-Status`.
 
 mod core;
@@ -12,6 +13,7 @@ mod layer;
 mod respond;
 mod service;
 mod stored;
+mod tag_index;
 #[cfg(feature = "redis")]
 mod tiered;
 

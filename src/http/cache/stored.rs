@@ -181,3 +181,11 @@ pub(super) fn tags(headers: &HeaderMap) -> Vec<String> {
     out.dedup();
     out
 }
+
+/// Every tag of the responses in `list`, once each.
+pub(super) fn list_tags(list: &[Arc<Stored>]) -> Vec<String> {
+    let mut all: Vec<String> = list.iter().flat_map(|s| tags(&s.headers)).collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}

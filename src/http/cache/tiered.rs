@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
 use super::core::Core;
-use super::stored::{tags, Fetch, Fetched, Stored};
+use super::stored::{list_tags, Fetch, Fetched, Stored};
 use crate::error::Error;
 use crate::http::cache_policy::{vary, vary_matches, AgeInputs, Reuse};
 use crate::tier::{wall_ms, Lease, Listener, Message, Read, RedisTier, TierMetrics};
@@ -72,12 +72,7 @@ impl HttpTier {
         if usable.is_zero() {
             return false;
         }
-        let tags: Vec<String> = {
-            let mut all: Vec<String> = list.iter().flat_map(|s| tags(&s.headers)).collect();
-            all.sort_unstable();
-            all.dedup();
-            all
-        };
+        let tags = list_tags(list);
         self.tier
             .set(
                 primary,
@@ -367,6 +362,7 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::stored::tags;
     use super::*;
 
     fn stored(body: &'static str, extra: Option<&str>) -> Stored {

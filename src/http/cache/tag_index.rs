@@ -1,0 +1,102 @@
+//! Which stored URIs carry which tag, so that purging a tag visits those URIs only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use super::stored::{list_tags, tags, Variants};
+
+/// Tag → the URIs whose stored variants carry it, each with the identities (addresses)
+/// of the variant lists that put it there.
+///
+/// A list goes into the index before it goes into the store, and out when the store lets
+/// it go: the store's eviction listener sees every list leave, whether replaced, evicted,
+/// expired or invalidated. So every list in the store is in the index, and the index
+/// holds no more than the store plus the lists on their way in or out. A list's identity
+/// stays unique while it is in the index: it is added after any earlier list at the same
+/// address has been let go (the listener holds that one until it returns).
+#[derive(Default)]
+pub(super) struct TagIndex {
+    tags: DashMap<String, HashMap<String, Vec<usize>>>,
+}
+
+impl TagIndex {
+    /// Indexes `variants`, about to be stored under `key`.
+    pub(super) fn add(&self, key: &str, variants: &Arc<Variants>) {
+        let id = identity(variants);
+        for tag in list_tags(&variants.0) {
+            self.tags
+                .entry(tag)
+                .or_default()
+                .entry(key.to_owned())
+                .or_default()
+                .push(id);
+        }
+    }
+
+    /// Forgets `variants`, which the store no longer holds under `key`.
+    pub(super) fn remove(&self, key: &str, variants: &Arc<Variants>) {
+        let id = identity(variants);
+        for tag in list_tags(&variants.0) {
+            let emptied = match self.tags.get_mut(&tag) {
+                Some(mut keys) => {
+                    if let Some(ids) = keys.get_mut(key) {
+                        ids.retain(|other| *other != id);
+                        if ids.is_empty() {
+                            keys.remove(key);
+                        }
+                    }
+                    keys.is_empty()
+                }
+                None => false,
+            };
+            if emptied {
+                self.tags.remove_if(&tag, |_, keys| keys.is_empty());
+            }
+        }
+    }
+
+    /// The URIs with a list tagged `tag` in the index.
+    pub(super) fn keys(&self, tag: &str) -> Vec<String> {
+        self.tags
+            .get(tag)
+            .map(|keys| keys.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Index entries (tag, URI) held.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.tags.iter().map(|keys| keys.len()).sum()
+    }
+}
+
+/// What indexing `variants` under `key` costs in memory, in bytes, for the store's weigher:
+/// per tag, a copy of the URI, its place in the tag's map, the list of identities, and the
+/// tag itself (counted every time, though URIs with the same tag share it).
+pub(super) fn weight(key: &str, variants: &Variants) -> u32 {
+    let total: usize = list_tags(&variants.0)
+        .iter()
+        .map(|tag| key.len() + tag.len() + PER_ENTRY)
+        .sum();
+    u32::try_from(total).unwrap_or(u32::MAX)
+}
+
+/// One (tag, URI) entry beyond the two strings' bytes, counted from its parts: the map
+/// slot (the URI's `String` and the `Vec`, 48 bytes, at up to 7/8 load), the `Vec`'s
+/// first allocation (four identities, 32 bytes) and the allocator's overhead on the two
+/// allocations.
+const PER_ENTRY: usize = 128;
+
+/// True when a variant of `variants` is tagged `tag`.
+pub(super) fn carries(variants: &Variants, tag: &str) -> bool {
+    variants
+        .0
+        .iter()
+        .any(|v| tags(&v.headers).iter().any(|t| t == tag))
+}
+
+fn identity(variants: &Arc<Variants>) -> usize {
+    Arc::as_ptr(variants) as usize
+}
