@@ -117,7 +117,7 @@ impl Core {
 
     /// Stores `list` as the variants of `key`, indexed by tag first (see [`TagIndex`]).
     fn put(&self, key: &str, list: Vec<Arc<Stored>>) {
-        let variants = Arc::new(Variants(list));
+        let variants = Arc::new(Variants::new(list));
         self.tags.add(key, &variants);
         self.store.insert(key.to_owned(), variants);
     }

@@ -110,8 +110,20 @@ pub(super) fn compact(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// The variants stored for one URI.
-pub(super) struct Variants(pub(super) Vec<Arc<Stored>>);
+/// The variants stored for one URI, and their tags (read once, when the list is made).
+pub(super) struct Variants(pub(super) Vec<Arc<Stored>>, Vec<String>);
+
+impl Variants {
+    pub(super) fn new(list: Vec<Arc<Stored>>) -> Self {
+        let tags = list_tags(&list);
+        Variants(list, tags)
+    }
+
+    /// Every tag of every variant, once each, in order.
+    pub(super) fn tags(&self) -> &[String] {
+        &self.1
+    }
+}
 
 /// What a flight brings back.
 pub(super) struct Fetched {

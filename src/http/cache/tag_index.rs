@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use super::stored::{list_tags, tags, Variants};
+use super::stored::Variants;
 
 /// Tag → the URIs whose stored variants carry it, each with the identities (addresses)
 /// of the variant lists that put it there.
@@ -25,9 +25,9 @@ impl TagIndex {
     /// Indexes `variants`, about to be stored under `key`.
     pub(super) fn add(&self, key: &str, variants: &Arc<Variants>) {
         let id = identity(variants);
-        for tag in list_tags(&variants.0) {
+        for tag in variants.tags() {
             self.tags
-                .entry(tag)
+                .entry(tag.clone())
                 .or_default()
                 .entry(key.to_owned())
                 .or_default()
@@ -38,8 +38,8 @@ impl TagIndex {
     /// Forgets `variants`, which the store no longer holds under `key`.
     pub(super) fn remove(&self, key: &str, variants: &Arc<Variants>) {
         let id = identity(variants);
-        for tag in list_tags(&variants.0) {
-            let emptied = match self.tags.get_mut(&tag) {
+        for tag in variants.tags() {
+            let emptied = match self.tags.get_mut(tag) {
                 Some(mut keys) => {
                     if let Some(ids) = keys.get_mut(key) {
                         ids.retain(|other| *other != id);
@@ -52,7 +52,7 @@ impl TagIndex {
                 None => false,
             };
             if emptied {
-                self.tags.remove_if(&tag, |_, keys| keys.is_empty());
+                self.tags.remove_if(tag, |_, keys| keys.is_empty());
             }
         }
     }
@@ -76,7 +76,8 @@ impl TagIndex {
 /// per tag, a copy of the URI, its place in the tag's map, the list of identities, and the
 /// tag itself (counted every time, though URIs with the same tag share it).
 pub(super) fn weight(key: &str, variants: &Variants) -> u32 {
-    let total: usize = list_tags(&variants.0)
+    let total: usize = variants
+        .tags()
         .iter()
         .map(|tag| key.len() + tag.len() + PER_ENTRY)
         .sum();
@@ -91,10 +92,7 @@ const PER_ENTRY: usize = 128;
 
 /// True when a variant of `variants` is tagged `tag`.
 pub(super) fn carries(variants: &Variants, tag: &str) -> bool {
-    variants
-        .0
-        .iter()
-        .any(|v| tags(&v.headers).iter().any(|t| t == tag))
+    variants.tags().iter().any(|t| t == tag)
 }
 
 fn identity(variants: &Arc<Variants>) -> usize {
