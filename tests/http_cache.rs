@@ -1310,3 +1310,139 @@ async fn the_stacks_timeout_answer_carries_cache_status() {
     );
     h.origin.gate.send_replace(true);
 }
+
+/// An origin whose responses carry `cache_control` (none when empty) and a status of
+/// `status`; while `together` holds a barrier, a request is answered only once as many
+/// requests as the barrier counts are under way at once. Counts the requests it got.
+#[allow(clippy::type_complexity)]
+fn barrier_origin(
+    status: StatusCode,
+    cache_control: &'static str,
+) -> (
+    impl Service<
+            Request<Full<Bytes>>,
+            Response = Response<Full<Bytes>>,
+            Error = towerguard::BoxError,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    Arc<Mutex<Option<Arc<tokio::sync::Barrier>>>>,
+    Arc<AtomicUsize>,
+) {
+    let together: Arc<Mutex<Option<Arc<tokio::sync::Barrier>>>> = Arc::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let origin = {
+        let (together, calls) = (together.clone(), calls.clone());
+        tower::service_fn(move |_: Request<Full<Bytes>>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let barrier = together.lock().unwrap().clone();
+            async move {
+                if let Some(barrier) = barrier {
+                    barrier.wait().await;
+                }
+                let builder = Response::builder().status(status);
+                let builder = if cache_control.is_empty() {
+                    builder
+                } else {
+                    builder.header("cache-control", cache_control)
+                };
+                Ok(builder
+                    .body(Full::new(Bytes::from(format!("#{n}"))))
+                    .unwrap())
+            }
+        })
+    };
+    (origin, together, calls)
+}
+
+/// Sends `n` GETs of one URI through `svc` at once, while the origin answers only when all
+/// `n` are under way together: true when every one got its response (within an hour of
+/// paused time, which runs out at once when they wait for each other).
+async fn all_at_once<S>(
+    svc: &S,
+    together: &Mutex<Option<Arc<tokio::sync::Barrier>>>,
+    n: usize,
+) -> bool
+where
+    S: Service<Request<Full<Bytes>>, Error = towerguard::Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+{
+    *together.lock().unwrap() = Some(Arc::new(tokio::sync::Barrier::new(n)));
+    let mut requests = JoinSet::new();
+    for _ in 0..n {
+        let request = Request::get("http://origin.test/dynamic")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        requests.spawn(svc.clone().oneshot(request));
+    }
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(3600), async {
+        while let Some(result) = requests.join_next().await {
+            result.unwrap().unwrap_or_else(|e| panic!("{e}"));
+        }
+    })
+    .await
+    .is_ok();
+    *together.lock().unwrap() = None;
+    answered
+}
+
+#[tokio::test(start_paused = true)]
+async fn misses_of_a_uri_whose_response_cannot_be_stored_go_to_the_origin_at_once() {
+    for (cache_control, why) in [
+        ("", "no-freshness"),
+        ("no-store", "no-store"),
+        ("private, max-age=60", "private"),
+    ] {
+        let (origin, together, calls) = barrier_origin(StatusCode::OK, cache_control);
+        let svc = HttpCacheLayer::builder().build().layer(origin);
+        let get = || {
+            Request::get("http://origin.test/dynamic")
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        };
+        let first = svc.clone().oneshot(get()).await.unwrap();
+        assert!(
+            cache_status(first.headers()).contains(why),
+            "{why}: {}",
+            cache_status(first.headers())
+        );
+        // Had they waited behind one origin request, that one would wait for the other two.
+        assert!(
+            all_at_once(&svc, &together, 3).await,
+            "{why}: misses waited for each other"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "{why}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_error_or_a_zero_uncacheable_ttl_keeps_misses_behind_one_origin_request() {
+    use std::time::Duration;
+    let cases = [
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "",
+            Duration::from_secs(120),
+        ),
+        (StatusCode::OK, "", Duration::ZERO),
+    ];
+    for (status, cache_control, ttl) in cases {
+        let (origin, together, calls) = barrier_origin(status, cache_control);
+        let svc = HttpCacheLayer::builder()
+            .uncacheable_ttl(ttl)
+            .build()
+            .layer(origin);
+        let request = Request::get("http://origin.test/dynamic")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        svc.clone().oneshot(request).await.unwrap();
+        assert!(
+            !all_at_once(&svc, &together, 3).await,
+            "{status} with {ttl:?}: misses went to the origin at once"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "{status} with {ttl:?}");
+    }
+}

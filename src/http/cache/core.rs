@@ -26,6 +26,10 @@ pub(super) struct Core {
     /// Whether `Cache-Tag` and `Surrogate-Key` go on to the client.
     pub(super) keep_tag_headers: bool,
     pub(super) metrics: CacheMetrics,
+    /// URIs whose last origin response could not be stored, for a while: their misses go
+    /// to the origin each, not one at a time behind a flight whose outcome they could
+    /// not share. `None` when the builder turned it off.
+    pub(super) uncacheable: Option<moka::sync::Cache<String, ()>>,
     /// The second tier, when one is configured.
     #[cfg(feature = "redis")]
     pub(super) second: Option<Arc<super::tiered::HttpTier>>,
@@ -52,6 +56,7 @@ impl Owner<FlightKey, Arc<Fetched>> for Core {
                 if let Some(stored) = &fetched.store {
                     self.insert(&key.primary, stored.clone());
                 }
+                self.note_uncacheable(&key.primary, fetched);
                 if let Some(evicted) = &fetched.evict {
                     self.remove_variant(&key.primary, evicted);
                 }
@@ -108,8 +113,40 @@ impl Core {
         }
     }
 
+    /// Whether the last origin response for `key` could not be stored (and that was
+    /// recently enough to remember).
+    pub(super) fn is_uncacheable(&self, key: &str) -> bool {
+        self.uncacheable
+            .as_ref()
+            .is_some_and(|marks| marks.contains_key(key))
+    }
+
+    /// Remembers that `fetched`, the origin's answer for `key`, could not be stored,
+    /// unless it is a server error (a burst of misses then still waits for one origin
+    /// request, which spares a failing origin) or a 304 (which answers validators and says
+    /// nothing of what a whole response would be).
+    pub(super) fn note_uncacheable(&self, key: &str, fetched: &Fetched) {
+        if let Some(marks) = &self.uncacheable {
+            if fetched.store.is_none()
+                && fetched.not_stored.is_some()
+                && !fetched.status.is_server_error()
+                && fetched.status != http::StatusCode::NOT_MODIFIED
+            {
+                marks.insert(key.to_owned(), ());
+            }
+        }
+    }
+
+    /// Forgets that `key` could not be stored.
+    fn forget_uncacheable(&self, key: &str) {
+        if let Some(marks) = &self.uncacheable {
+            marks.invalidate(key);
+        }
+    }
+
     /// Stores `stored` as a variant of `key`, replacing the variant it matches.
     pub(super) fn insert(&self, key: &str, stored: Arc<Stored>) {
+        self.forget_uncacheable(key);
         let list = self.with_variant(key, stored);
         self.put(key, list);
         self.sample();
@@ -173,6 +210,7 @@ impl Core {
     pub(super) fn invalidate_here(&self, key: &str) {
         self.flights.detach_where(|flight| flight.primary == key);
         self.store.invalidate(key);
+        self.forget_uncacheable(key);
         self.sample();
     }
 
@@ -180,6 +218,9 @@ impl Core {
     pub(super) fn invalidate_all_here(&self) {
         self.flights.detach_all();
         self.store.invalidate_all();
+        if let Some(marks) = &self.uncacheable {
+            marks.invalidate_all();
+        }
         self.sample();
     }
 

@@ -204,10 +204,12 @@ where
             let detail = if ranged { "range" } else { "head" };
             return forward(inner, req, forwarded(reason, Some(detail))).await;
         }
-        if has_conditional(req.headers()) {
-            // Nothing usable stored: the client's own validators go to the origin.
+        if has_conditional(req.headers()) || core.is_uncacheable(&key) {
+            // Nothing usable stored: the client's own validators go to the origin; or the
+            // URI's last response could not be stored, so a flight's outcome would not be
+            // shared either: to the origin at once, not behind another request.
             metrics.miss.increment(1);
-            return conditional_miss(&core, inner, req, key, extra, reason).await;
+            return miss_alone(&core, inner, req, key, extra, reason).await;
         }
         return coalesced(&core, inner, req, (key, extra), None, reason).await;
     };
@@ -410,10 +412,10 @@ fn has_conditional(headers: &HeaderMap) -> bool {
     headers.contains_key(IF_NONE_MATCH) || headers.contains_key(IF_MODIFIED_SINCE)
 }
 
-/// A conditional GET with nothing usable stored: sent to the origin with the client's
-/// validators, alone (its answer may be a 304 for this client only); a 200 that may be
-/// stored is stored.
-async fn conditional_miss<S, B, RB>(
+/// A GET with nothing usable stored, sent to the origin alone, with the client's
+/// validators if it has any (their answer may be a 304 for this client only): a response
+/// that may be stored is stored, one that may not keeps the URI's misses apart.
+async fn miss_alone<S, B, RB>(
     core: &Arc<Core>,
     inner: S,
     req: Request<B>,
@@ -441,6 +443,7 @@ where
     if let Some(stored) = &fetched.store {
         core.insert(&key, stored.clone());
     }
+    core.note_uncacheable(&key, &fetched);
     let answering = Answering {
         core,
         fetched: &fetched,
