@@ -2,7 +2,8 @@
 # Three proxies sharing one cache through Redis, tried as an operator would run a fleet:
 # a redis-server of its own, the origin of benches/peers, and three proxy examples with
 # `--redis`. A cold burst spread over the three must reach the origin once; a POST
-# through one must invalidate the URL on all three, and so must a PURGE.
+# through one must invalidate the URL on all three, and so must a PURGE of the URL or of
+# a tag it carries (and a tag PURGE only what carries the tag).
 #
 #   bash benches/proxy_fleet.sh     (builds the release example with the redis feature
 #                                    when missing; PROXY=path uses another build)
@@ -82,4 +83,20 @@ echo "PURGE through proxy 2: without the token $refused, with it $purged"
 after=$(for i in 0 1 2; do get "$i"; echo; done | sort -u)
 echo "after the PURGE: $after"
 [ "$after" = "doc version 4" ] || { echo "FAILED: after the PURGE the fleet served '$after'" >&2; exit 1; }
+
+# A PURGE by tag through proxy 0 (the origin tags /obj/NAME with NAME): every proxy drops
+# the URL tagged `doc` and keeps `/obj/other`.
+getp() { curl -s -H "Host: fleet.test" "http://127.0.0.1:${ports[$1]}/obj/$2"; }
+for i in 0 1 2; do getp "$i" other >/dev/null; done
+others=$(curl -s "http://127.0.0.1:$origin_port/count/other")
+curl -s -o /dev/null -X POST "http://127.0.0.1:$origin_port/obj/doc"   # version 5
+curl -s -o /dev/null -X POST "http://127.0.0.1:$origin_port/obj/other" # version 2
+tagged=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: fleet.test" -X PURGE \
+  -H "Authorization: Bearer fleet-token" -H "Cache-Tag: doc" "http://127.0.0.1:${ports[0]}/")
+after=$(for i in 0 1 2; do get "$i"; echo; done | sort -u)
+kept=$(for i in 0 1 2; do getp "$i" other; echo; done | sort -u)
+echo "PURGE of tag doc through proxy 0: $tagged; then doc: $after; other: $(head -c 8 <<<"$kept")... (origin requests for other: $others then $(curl -s "http://127.0.0.1:$origin_port/count/other"))"
+[ "$tagged" = 200 ] || { echo "FAILED: the tag PURGE got $tagged" >&2; exit 1; }
+[ "$after" = "doc version 5" ] || { echo "FAILED: after the tag PURGE the fleet served '$after'" >&2; exit 1; }
+[ "$kept" != "other version 2" ] || { echo "FAILED: the tag PURGE dropped an untagged URL" >&2; exit 1; }
 echo "ok"

@@ -3,7 +3,7 @@
 
     python3 benches/peers/origin.py PORT
 
-GET /obj/NAME          1 KiB, Cache-Control: public, max-age=3600
+GET /obj/NAME          1 KiB, Cache-Control: public, max-age=3600, Cache-Tag: NAME
 GET /slow/NAME?ms=N    the same after N ms (default 500), for cold bursts and slow requests
 GET /count/NAME        how many requests for /obj/NAME or /slow/NAME arrived, as text
 POST /obj/NAME         a new version of NAME (204); its GETs say `NAME version N`
@@ -27,11 +27,13 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def answer(self, body, cache_control="public, max-age=3600", head=False):
+    def answer(self, body, cache_control="public, max-age=3600", head=False, tag=None):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", cache_control)
+        if tag:
+            self.send_header("Cache-Tag", tag)
         self.end_headers()
         if not head:
             self.wfile.write(body)
@@ -55,7 +57,7 @@ class Handler(BaseHTTPRequestHandler):
             ms = int(parse_qs(url.query).get("ms", ["500"])[0])
             time.sleep(ms / 1000)
         body = BODY if version is None else f"{name} version {version}".encode()
-        self.answer(body, head=head)
+        self.answer(body, head=head, tag=name)
 
     def do_GET(self):
         self.handle_one(head=False)
