@@ -1311,10 +1311,18 @@ async fn the_stacks_timeout_answer_carries_cache_status() {
     h.origin.gate.send_replace(true);
 }
 
+/// Where a test puts the barrier its origin's requests wait at, when they should.
+type Together = Arc<Mutex<Option<Arc<tokio::sync::Barrier>>>>;
+
+/// What a test holds of a [`barrier_origin`]: the barrier's slot and the requests it got.
+struct Gathering {
+    together: Together,
+    calls: Arc<AtomicUsize>,
+}
+
 /// An origin whose responses carry `cache_control` (none when empty) and a status of
 /// `status`; while `together` holds a barrier, a request is answered only once as many
 /// requests as the barrier counts are under way at once. Counts the requests it got.
-#[allow(clippy::type_complexity)]
 fn barrier_origin(
     status: StatusCode,
     cache_control: &'static str,
@@ -1328,10 +1336,9 @@ fn barrier_origin(
         + Send
         + Sync
         + 'static,
-    Arc<Mutex<Option<Arc<tokio::sync::Barrier>>>>,
-    Arc<AtomicUsize>,
+    Gathering,
 ) {
-    let together: Arc<Mutex<Option<Arc<tokio::sync::Barrier>>>> = Arc::default();
+    let together: Together = Arc::default();
     let calls = Arc::new(AtomicUsize::new(0));
     let origin = {
         let (together, calls) = (together.clone(), calls.clone());
@@ -1354,7 +1361,7 @@ fn barrier_origin(
             }
         })
     };
-    (origin, together, calls)
+    (origin, Gathering { together, calls })
 }
 
 /// Sends `n` GETs of one URI through `svc` at once, while the origin answers only when all
@@ -1396,7 +1403,7 @@ async fn misses_of_a_uri_whose_response_cannot_be_stored_go_to_the_origin_at_onc
         ("no-store", "no-store"),
         ("private, max-age=60", "private"),
     ] {
-        let (origin, together, calls) = barrier_origin(StatusCode::OK, cache_control);
+        let (origin, Gathering { together, calls }) = barrier_origin(StatusCode::OK, cache_control);
         let svc = HttpCacheLayer::builder().build().layer(origin);
         let get = || {
             Request::get("http://origin.test/dynamic")
@@ -1430,7 +1437,7 @@ async fn a_server_error_or_a_zero_uncacheable_ttl_keeps_misses_behind_one_origin
         (StatusCode::OK, "", Duration::ZERO),
     ];
     for (status, cache_control, ttl) in cases {
-        let (origin, together, calls) = barrier_origin(status, cache_control);
+        let (origin, Gathering { together, calls }) = barrier_origin(status, cache_control);
         let svc = HttpCacheLayer::builder()
             .uncacheable_ttl(ttl)
             .build()
