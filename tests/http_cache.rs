@@ -22,7 +22,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tower::{Layer, Service, ServiceExt};
-use towerguard::http::{HttpCache, HttpCacheLayer, CACHE_STATUS};
+use towerguard::http::{HttpCache, HttpCacheBuilder, HttpCacheLayer, CACHE_STATUS};
 
 /// The origin: counts requests per path, remembers conditional headers, and can hold
 /// responses behind a gate.
@@ -326,8 +326,13 @@ fn cache_status(headers: &HeaderMap) -> String {
         .unwrap_or_default()
 }
 
+/// The tests' cache: bodies up to 1 KiB stored (`/large` is above it).
+fn builder() -> HttpCacheBuilder {
+    HttpCacheLayer::builder().max_body_bytes(1024)
+}
+
 fn layer() -> HttpCacheLayer {
-    HttpCacheLayer::builder().max_body_bytes(1024).build()
+    builder().build()
 }
 
 /// Starts `n` concurrent GETs of `path`, each polled once (so it has joined the flight)
@@ -564,13 +569,7 @@ async fn invalidating_a_tag_drops_exactly_the_uris_tagged_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tag_fields_reach_the_client_when_kept() {
-    let h = harness(
-        HttpCacheLayer::builder()
-            .max_body_bytes(1024)
-            .keep_tag_headers(true)
-            .build(),
-    )
-    .await;
+    let h = harness(builder().keep_tag_headers(true).build()).await;
     for _ in 0..2 {
         let (_, headers, _) = h.get("/tagged", &[]).await;
         assert_eq!(headers["cache-tag"], "news, sport");
@@ -1181,13 +1180,7 @@ impl Service<Request<Full<Bytes>>> for MaybeDown {
 async fn stale_on_error_serves_within_its_bound_and_refuses_under_must_revalidate() {
     let policy = towerguard::http::cache_policy::HttpCachePolicy::default()
         .stale_on_error(std::time::Duration::from_secs(60));
-    let h = harness(
-        HttpCacheLayer::builder()
-            .max_body_bytes(1024)
-            .policy(policy)
-            .build(),
-    )
-    .await;
+    let h = harness(builder().policy(policy).build()).await;
     for path in ["/soe", "/soe-must-revalidate", "/soe-old"] {
         assert_eq!(h.get(path, &[]).await.2, format!("{path} #1"));
     }
