@@ -670,6 +670,146 @@ async fn a_waiter_calls_the_upstream_itself_once_the_lease_wait_runs_out() {
     holder.abort();
 }
 
+/// The upstream calls of a burst over three instances, in the order they start: the
+/// first (the lease holder's) says so and waits to be let go; the second answers only
+/// once the third has started. So the burst ends only if the other two instances call
+/// their upstreams at the same time, not one after the other.
+#[derive(Default)]
+struct Overlap {
+    calls: AtomicUsize,
+    started: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+    third: tokio::sync::Notify,
+}
+
+impl Overlap {
+    async fn call(&self) -> usize {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        match n {
+            1 => {
+                self.started.notify_one();
+                self.go.notified().await;
+            }
+            2 => self.third.notified().await,
+            3 => self.third.notify_one(),
+            _ => {}
+        }
+        n
+    }
+
+    /// Runs `burst` (the two waiters' requests) to its end; a deadlock guard fails the
+    /// test if it does not end (the waiters' lease wait is an hour, the burst takes
+    /// milliseconds).
+    async fn ends<T>(&self, burst: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(20), burst)
+            .await
+            .expect("the waiting instances called their upstreams one after the other")
+    }
+}
+
+/// A tier whose waiters would wait an hour for a lease.
+fn patient_tier(server: &RedisServer, prefix: &str) -> RedisTier {
+    RedisTier::builder(server.url())
+        .prefix(prefix)
+        .timeout(Duration::from_millis(500))
+        .lease_wait(Duration::from_secs(3600))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_not_to_be_stored_sends_the_instances_waiting_on_its_lease_to_their_upstreams_together(
+) {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let overlap = Arc::new(Overlap::default());
+    let mut fleet = Vec::new();
+    for i in 0..3 {
+        let tier = patient_tier(&server, "unstored:");
+        let layer = CacheLayer::builder(|key: &String| Some(key.clone()))
+            .name(format!("unstored-{i}"))
+            .storable(|_: &String| towerguard::cache::Storable::No)
+            .second_tier(tier.clone(), |key: &String| key.clone(), Utf8)
+            .build();
+        let overlap = overlap.clone();
+        let svc = layer.layer(service_fn(move |key: String| {
+            let overlap = overlap.clone();
+            async move { Ok::<_, std::io::Error>(format!("{key} #{}", overlap.call().await)) }
+        }));
+        tier.backplane().wait_for(|b| b.subscribed).await.unwrap();
+        fleet.push(svc);
+    }
+    let holder = tokio::spawn(fleet[0].clone().oneshot("k".to_owned()));
+    overlap.started.notified().await;
+    let waiters = [1, 2].map(|i| tokio::spawn(fleet[i].clone().oneshot("k".to_owned())));
+    overlap.go.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap(), "k #1");
+    let mut answers = overlap
+        .ends(async {
+            let mut answers = Vec::new();
+            for waiter in waiters {
+                answers.push(waiter.await.unwrap().unwrap());
+            }
+            answers
+        })
+        .await;
+    answers.sort();
+    assert_eq!(answers, ["k #2", "k #3"]);
+    // The key is marked in Redis (no value): the next miss anywhere calls its upstream
+    // without waiting for a lease.
+    let mark: Vec<u8> = redis_cmd(&server, redis::cmd("GET").arg("unstored:v:k")).await;
+    assert_eq!(mark, b"towerguard:unstored");
+    assert_eq!(
+        fleet[1].clone().oneshot("k".to_owned()).await.unwrap(),
+        "k #4"
+    );
+    let lease: Option<String> = redis_cmd(&server, redis::cmd("GET").arg("unstored:l:k")).await;
+    assert_eq!(lease, None, "nobody took the lease for it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_above_max_value_bytes_stays_in_the_first_tier_and_marks_its_key_in_redis() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // "value of k #1" is 13 bytes, 37 with the envelope; "short" fits.
+    let make = || {
+        RedisTier::builder(server.url())
+            .prefix("large:")
+            .timeout(Duration::from_millis(500))
+            .max_value_bytes(32)
+            .build()
+            .unwrap()
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let a = instance(make(), "large-a").layer(counting_upstream(calls.clone()));
+    let b = instance(make(), "large-b").layer(counting_upstream(calls.clone()));
+    assert_eq!(
+        a.clone().oneshot("k".into()).await.unwrap(),
+        "value of k #1"
+    );
+    let mark: Vec<u8> = redis_cmd(&server, redis::cmd("GET").arg("large:v:k")).await;
+    assert_eq!(mark, b"towerguard:unstored", "the value is not in Redis");
+    // A keeps it in its first tier; B calls its own upstream.
+    assert_eq!(
+        a.clone().oneshot("k".into()).await.unwrap(),
+        "value of k #1"
+    );
+    assert_eq!(
+        b.clone().oneshot("k".into()).await.unwrap(),
+        "value of k #2"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Below the bound, values go to Redis as before.
+    let short = instance(make(), "large-c").layer(service_fn(|_: String| async {
+        Ok::<_, std::io::Error>("short".to_owned())
+    }));
+    short.oneshot("s".into()).await.unwrap();
+    let value: Vec<u8> = redis_cmd(&server, redis::cmd("GET").arg("large:v:s")).await;
+    assert!(value.ends_with(b"short"), "{value:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_whose_holder_died_is_taken_over_once_it_lapses_never_before() {
     let Some(server) = RedisServer::start() else {
@@ -963,6 +1103,64 @@ mod http_tier {
         assert_eq!(gets("/weather/1"), 1);
     }
 
+    /// The HTTP form of the single-flight cache's test above: a response that cannot be
+    /// stored (no freshness) sends the instances waiting on the lease to the origin
+    /// together, and marks the URI so the next misses do not wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_response_that_cannot_be_stored_sends_the_instances_waiting_on_its_lease_to_the_origin_together(
+    ) {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let overlap = Arc::new(Overlap::default());
+        let mut fleet = Vec::new();
+        for i in 0..3 {
+            let tier = patient_tier(&server, "httpunstored:");
+            let overlap = overlap.clone();
+            let origin = service_fn(move |_: Request<Full<Bytes>>| {
+                let overlap = overlap.clone();
+                async move {
+                    let n = overlap.call().await;
+                    Ok::<_, std::io::Error>(Response::new(Full::new(Bytes::from(format!("#{n}")))))
+                }
+            });
+            let layer = HttpCacheLayer::builder()
+                .name(format!("httpunstored-{i}"))
+                .second_tier(tier.clone())
+                .build();
+            let svc: HttpService = tower::util::BoxCloneSyncService::new(layer.layer(origin));
+            tier.backplane().wait_for(|b| b.subscribed).await.unwrap();
+            fleet.push(svc);
+        }
+        let holder = {
+            let svc = fleet[0].clone();
+            tokio::spawn(async move { send(&svc, Method::GET, "/feed", false).await.0 })
+        };
+        overlap.started.notified().await;
+        let waiters = [1, 2].map(|i| {
+            let svc = fleet[i].clone();
+            tokio::spawn(async move { send(&svc, Method::GET, "/feed", false).await.0 })
+        });
+        overlap.go.notify_one();
+        assert_eq!(holder.await.unwrap(), "#1");
+        let mut bodies = overlap
+            .ends(async {
+                let mut bodies = Vec::new();
+                for waiter in waiters {
+                    bodies.push(waiter.await.unwrap());
+                }
+                bodies
+            })
+            .await;
+        bodies.sort();
+        assert_eq!(bodies, ["#2", "#3"]);
+        let keys: Vec<String> =
+            redis_cmd(&server, redis::cmd("KEYS").arg("httpunstored:v:*")).await;
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let mark: Vec<u8> = redis_cmd(&server, redis::cmd("GET").arg(&keys[0])).await;
+        assert_eq!(mark, b"towerguard:unstored");
+    }
+
     /// Sharing safety on the Redis path: a `private` response, one to a request with
     /// `Authorization` (without `public`) and one with `Set-Cookie`, served by one
     /// instance, never reach a client of another one through Redis, and never are in it.
@@ -992,22 +1190,27 @@ mod http_tier {
         let (body, _) = send(&fleet[1].2, Method::GET, "/news/shared", true).await;
         assert_eq!(body, "/news/shared #2");
         // Redis holds the shareable responses (the anonymous /account #2 among them) and
-        // nothing personal.
+        // nothing personal: the personal URIs only carry the mark of URIs whose responses
+        // are not stored.
         let keys: Vec<String> = redis_cmd(&server, redis::cmd("KEYS").arg("http:v:*")).await;
-        assert!(
-            keys.iter()
-                .all(|k| !k.contains("/private/") && !k.contains("/cookie/")),
-            "{keys:?}"
-        );
+        let mut responses = Vec::new();
         for key in &keys {
             let value: Vec<u8> = redis_cmd(&server, redis::cmd("GET").arg(key)).await;
+            if value == b"towerguard:unstored" {
+                continue;
+            }
+            assert!(
+                !key.contains("/private/") && !key.contains("/cookie/"),
+                "{key}: a personal response"
+            );
             let value = String::from_utf8_lossy(&value);
             assert!(
                 !value.contains("/account #1"),
                 "{key}: the credentialed response"
             );
+            responses.push(key);
         }
-        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert_eq!(responses.len(), 2, "{keys:?}");
     }
 }
 

@@ -10,7 +10,7 @@ use dashmap::DashMap;
 use super::flight::{Core, Upstream};
 use super::store::{Lifetime, Storable};
 use crate::tier::{
-    wall_ms, Codec, Envelope, Lease, Listener, Message, Read, RedisTier, TierMetrics,
+    wall_ms, Codec, Envelope, Lease, Listener, Message, Read, RedisTier, Seen, TierMetrics, Wrote,
 };
 
 /// How a key is named in Redis.
@@ -74,14 +74,13 @@ where
         (self.key)(key)
     }
 
-    /// The value stored under `name` while it is still fresh; `None` on a miss, a stale
+    /// The value stored under `name` while it is still fresh; nothing on a miss, a stale
     /// or unreadable entry, or when Redis is unavailable. A miss is counted unless this
     /// is a lease's read (which follows a counted one).
-    pub(crate) async fn read(&self, key: &K, name: &str, count_miss: bool) -> Option<V> {
+    pub(crate) async fn read(&self, key: &K, name: &str, count_miss: bool) -> Seen<V> {
         self.read_or_unavailable(key, name, count_miss)
             .await
-            .ok()
-            .flatten()
+            .unwrap_or(Seen::Nothing)
     }
 
     /// As [`read`](Self::read), with `Err` when Redis did not answer.
@@ -90,19 +89,20 @@ where
         key: &K,
         name: &str,
         count_miss: bool,
-    ) -> Result<Option<V>, ()> {
+    ) -> Result<Seen<V>, ()> {
         self.tier.start_bus();
         // A life left by a flight that was dropped after its read must not outlive it.
         self.lives.remove(key);
         let bytes = match self.tier.get(name, &self.metrics).await {
             Read::Found(bytes) => bytes,
+            Read::Unstored => return Ok(Seen::Unstored),
             missing => {
                 if count_miss {
                     self.metrics.miss.increment(1);
                 }
                 return match missing {
                     Read::Unavailable => Err(()),
-                    _ => Ok(None),
+                    _ => Ok(Seen::Nothing),
                 };
             }
         };
@@ -124,11 +124,18 @@ where
             if count_miss {
                 self.metrics.miss.increment(1);
             }
-            return Ok(None);
+            return Ok(Seen::Nothing);
         };
         self.metrics.hit.increment(1);
         self.lives.insert(key.clone(), life);
-        Ok(Some(value))
+        Ok(Seen::Value(value))
+    }
+
+    /// Marks `name` as a key whose result the tier does not hold.
+    pub(crate) async fn mark_unstored(&self, name: &str) {
+        self.tier
+            .mark_unstored(name, crate::tier::UNSTORED_TTL, &self.metrics)
+            .await;
     }
 
     /// Takes `name`'s lease or waits for the instance that holds it.
@@ -151,9 +158,9 @@ where
         value: &V,
         life: Lifetime,
         tags: &[String],
-    ) -> bool {
+    ) -> Wrote {
         let Some(payload) = self.codec.encode(value) else {
-            return false;
+            return Wrote::Failed;
         };
         let envelope = Envelope {
             fresh_until_ms: life
@@ -232,22 +239,26 @@ where
         let core = self.clone();
         Box::pin(async move {
             let name = tier.name(&key);
-            let reachable = match tier.read_or_unavailable(&key, &name, true).await {
-                Ok(Some(value)) => return Ok(value),
-                Ok(None) => true,
+            let (reachable, lease) = match tier.read_or_unavailable(&key, &name, true).await {
+                Ok(Seen::Value(value)) => return Ok(value),
+                Ok(Seen::Nothing) => (true, true),
+                // Marked: another instance's result for it was not stored, so nobody's
+                // lease would bring one; go straight to the upstream.
+                Ok(Seen::Unstored) => (true, false),
                 // Redis did not answer: the flight goes on without it, so a request waits
                 // out at most one timeout.
-                Err(()) => false,
+                Err(()) => (false, false),
             };
-            let guard = match reachable {
+            let guard = match lease {
                 true => match tier.lease(&key, &name).await {
                     Lease::Found(value) => return Ok(value),
                     Lease::Held(guard) => Some(guard),
-                    Lease::Alone => None,
+                    Lease::Alone | Lease::Unstored => None,
                 },
                 false => None,
             };
-            // On an error the guard is dropped: the lease is released for the others.
+            // On an error the guard is dropped: the lease is released for the others, and
+            // one of them calls its upstream next (one at a time, sparing a failing one).
             let value = upstream.await?;
             let life = match (core.storable)(&value) {
                 Storable::No => None,
@@ -255,13 +266,21 @@ where
                 Storable::For(life) => Some(life),
             };
             let mut written = false;
-            if let (true, Some(life)) = (reachable, life) {
-                let tags = core
-                    .tags
-                    .as_ref()
-                    .map(|f| f(&key, &value))
-                    .unwrap_or_default();
-                written = tier.write(&name, &value, life, &tags).await;
+            if reachable {
+                match life {
+                    Some(life) => {
+                        let tags = core
+                            .tags
+                            .as_ref()
+                            .map(|f| f(&key, &value))
+                            .unwrap_or_default();
+                        written = tier.write(&name, &value, life, &tags).await == Wrote::Value;
+                    }
+                    // Not to be stored: mark it, so the instances waiting on the lease
+                    // (woken by its release) and the next misses anywhere call their
+                    // upstreams at once instead of one after another.
+                    None => tier.mark_unstored(&name).await,
+                }
             }
             if let Some(guard) = guard {
                 guard.release(written).await;

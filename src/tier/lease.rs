@@ -17,6 +17,19 @@ pub(crate) enum Lease<T> {
     Found(T),
     /// No lease: Redis unavailable, leases off, or the wait ran out. Call the upstream.
     Alone,
+    /// The key is marked as one whose result the tier does not hold: call the upstream
+    /// now, without waiting for anybody's lease.
+    Unstored,
+}
+
+/// What a read of the key found while taking or waiting for its lease.
+pub(crate) enum Seen<T> {
+    /// A usable value.
+    Value(T),
+    /// Nothing usable.
+    Nothing,
+    /// The key is marked unstored.
+    Unstored,
 }
 
 /// A held lease. Released by [`release`](Self::release), or in the background when
@@ -64,7 +77,7 @@ impl RedisTier {
     ) -> Lease<T>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Option<T>>,
+        Fut: Future<Output = Seen<T>>,
     {
         let shared = &self.shared;
         if shared.config.lease.is_zero() {
@@ -98,10 +111,17 @@ impl RedisTier {
                         renewal: Some(renewal.abort_handle()),
                     });
                     // A holder may have written and released between the caller's read
-                    // and this lease: its value answers.
-                    if let Some(value) = read().await {
-                        guard.release(false).await;
-                        break Lease::Found(value);
+                    // and this lease: its value answers, or its mark sends us on.
+                    match read().await {
+                        Seen::Value(value) => {
+                            guard.release(false).await;
+                            break Lease::Found(value);
+                        }
+                        Seen::Unstored => {
+                            guard.release(true).await;
+                            break Lease::Unstored;
+                        }
+                        Seen::Nothing => {}
                     }
                     if waited {
                         metrics.lease_takeover.increment(1);
@@ -116,8 +136,12 @@ impl RedisTier {
                 waited = true;
                 metrics.lease_waited.increment(1);
             }
-            if let Some(value) = read().await {
-                break Lease::Found(value);
+            match read().await {
+                Seen::Value(value) => break Lease::Found(value),
+                // The holder's result is not in Redis and will not be: waiting longer
+                // would only put this instance's upstream call after the holder's.
+                Seen::Unstored => break Lease::Unstored,
+                Seen::Nothing => {}
             }
             let now = Instant::now();
             if now >= deadline {
@@ -188,7 +212,8 @@ async fn renew(tier: RedisTier, key: String, token: String, metrics: TierMetrics
 
 impl LeaseGuard {
     /// Gives the lease up; when no value was `written` (whose write already woke the
-    /// waiters), tells them to try again.
+    /// waiters), tells them to try again: they read the key again, and go to their
+    /// upstreams at once if it is marked unstored.
     pub(crate) async fn release(mut self: Box<Self>, written: bool) {
         self.done = true;
         self.stop_renewing();

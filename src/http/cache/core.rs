@@ -127,14 +127,34 @@ impl Core {
     /// nothing of what a whole response would be).
     pub(super) fn note_uncacheable(&self, key: &str, fetched: &Fetched) {
         if let Some(marks) = &self.uncacheable {
-            if fetched.store.is_none()
-                && fetched.not_stored.is_some()
-                && !fetched.status.is_server_error()
-                && fetched.status != http::StatusCode::NOT_MODIFIED
-            {
+            if self.cannot_store(fetched) {
                 marks.insert(key.to_owned(), ());
             }
         }
+    }
+
+    /// Whether `fetched` is a response that could not be stored and says so of its URI:
+    /// neither a server error nor a 304 (see [`note_uncacheable`](Self::note_uncacheable)).
+    pub(super) fn cannot_store(&self, fetched: &Fetched) -> bool {
+        fetched.store.is_none()
+            && fetched.not_stored.is_some()
+            && !fetched.status.is_server_error()
+            && fetched.status != http::StatusCode::NOT_MODIFIED
+    }
+
+    /// How long a URI is remembered as one whose responses cannot be stored; `None` when
+    /// the builder turned that off.
+    #[cfg(feature = "redis")]
+    pub(super) fn uncacheable_ttl(&self) -> Option<std::time::Duration> {
+        self.uncacheable
+            .as_ref()
+            .and_then(|marks| marks.policy().time_to_live())
+    }
+
+    /// Whether the store holds any variant of `key`.
+    #[cfg(feature = "redis")]
+    pub(super) fn holds(&self, key: &str) -> bool {
+        self.store.contains_key(key)
     }
 
     /// Forgets that `key` could not be stored.

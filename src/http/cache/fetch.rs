@@ -218,10 +218,10 @@ pub(super) fn through_tiers(
         let lease = if read_first {
             match core.before_origin(&tier, &primary, &request, &extra).await {
                 super::tiered::Before::Found(fetched) => return Ok(fetched),
-                super::tiered::Before::Origin(guard, reachable) => (guard, reachable),
+                super::tiered::Before::Origin(origin) => origin,
             }
         } else {
-            (None, true)
+            super::tiered::Origin::unread(true)
         };
         let outcome = origin.await;
         core.after_origin(&tier, &primary, &outcome, lease).await;

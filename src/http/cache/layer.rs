@@ -288,7 +288,10 @@ impl HttpCacheBuilder {
     /// origin response that it could not share and then go to the origin anyway (default
     /// 120 s; zero turns it off). A response that may be stored ends it at once; server
     /// errors and 304s do not start it. The URIs remembered take at most 1/64 of
-    /// [`capacity_bytes`](Self::capacity_bytes), counted in it.
+    /// [`capacity_bytes`](Self::capacity_bytes), counted in it. With a second tier, such a
+    /// URI (when Redis holds no other variant of it) is also marked in Redis for as long,
+    /// so the other instances send its misses to the origin at once too, instead of
+    /// waiting for this one's lease.
     pub fn uncacheable_ttl(mut self, ttl: Duration) -> Self {
         self.uncacheable_ttl = ttl;
         self

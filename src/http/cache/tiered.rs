@@ -13,7 +13,7 @@ use super::core::Core;
 use super::stored::{list_tags, Fetch, Fetched, Stored};
 use crate::error::Error;
 use crate::http::cache_policy::{vary, vary_matches, AgeInputs, Reuse};
-use crate::tier::{wall_ms, Lease, Listener, Message, Read, RedisTier, TierMetrics};
+use crate::tier::{wall_ms, Lease, Listener, Message, Read, RedisTier, Seen, TierMetrics, Wrote};
 
 pub(super) struct HttpTier {
     pub(super) tier: RedisTier,
@@ -38,26 +38,34 @@ impl HttpTier {
         (self.id.get().copied().unwrap_or(0), &self.metrics)
     }
 
-    /// The variants stored in Redis for `primary`: `Err` when Redis did not answer.
-    async fn read(&self, primary: &str, count_miss: bool) -> Result<Vec<Stored>, ()> {
+    /// The variants stored in Redis for `primary` (an unreadable entry reads as none), or
+    /// its mark as a URI whose responses are not stored: `Err` when Redis did not answer.
+    async fn read(&self, primary: &str, count_miss: bool) -> Result<Seen<Vec<Stored>>, ()> {
         self.tier.start_bus();
         let found = match self.tier.get(primary, &self.metrics).await {
-            Read::Found(bytes) => decode(&bytes),
-            Read::Missing => Some(Vec::new()),
-            Read::Unavailable => None,
+            Read::Found(bytes) => decode(&bytes).unwrap_or_default(),
+            Read::Missing => Vec::new(),
+            Read::Unstored => return Ok(Seen::Unstored),
+            Read::Unavailable => {
+                if count_miss {
+                    self.metrics.miss.increment(1);
+                }
+                return Err(());
+            }
         };
-        let variants = found.ok_or(());
-        match &variants {
-            Ok(list) if !list.is_empty() => self.metrics.hit.increment(1),
-            _ if count_miss => self.metrics.miss.increment(1),
-            _ => {}
+        if found.is_empty() {
+            if count_miss {
+                self.metrics.miss.increment(1);
+            }
+            return Ok(Seen::Nothing);
         }
-        variants
+        self.metrics.hit.increment(1);
+        Ok(Seen::Value(found))
     }
 
     /// Writes `list` as the variants of `primary`, expiring when the last is no longer
     /// usable; the other instances drop their copies.
-    async fn write(&self, primary: &str, list: &[Arc<Stored>]) -> bool {
+    async fn write(&self, primary: &str, list: &[Arc<Stored>]) -> Wrote {
         let now = Instant::now();
         let usable = list
             .iter()
@@ -70,7 +78,7 @@ impl HttpTier {
             .max()
             .unwrap_or_default();
         if usable.is_zero() {
-            return false;
+            return Wrote::Failed;
         }
         let tags = list_tags(list);
         self.tier
@@ -104,15 +112,37 @@ impl HttpTier {
 pub(super) enum Before {
     /// A fresh variant for the request: the flight's outcome.
     Found(Arc<Fetched>),
-    /// Go to the origin: holding the lease (if any), and writing Redis after when it
-    /// answered.
-    Origin(Option<Box<crate::tier::LeaseGuard>>, bool),
+    /// Go to the origin, then tell Redis.
+    Origin(Origin),
+}
+
+/// A flight going to the origin, as far as the second tier is concerned.
+pub(super) struct Origin {
+    /// The lease, when this instance holds it.
+    guard: Option<Box<crate::tier::LeaseGuard>>,
+    /// Whether Redis answered: what the origin sends that may be stored is written.
+    reachable: bool,
+    /// Whether Redis held no variants for the URI: a response that cannot be stored may
+    /// then mark it (no other request's variant is lost to the mark).
+    may_mark: bool,
+}
+
+impl Origin {
+    /// Redis unreachable, or not read: nothing to tell it.
+    pub(super) fn unread(reachable: bool) -> Self {
+        Origin {
+            guard: None,
+            reachable,
+            may_mark: false,
+        }
+    }
 }
 
 impl Core {
     /// The second tier's part of a flight for `primary` that has nothing stored locally:
     /// a fresh variant from Redis, or another instance's result after waiting for its
-    /// lease, or the lease to go to the origin.
+    /// lease, or the lease to go to the origin. A URI marked as one whose responses are
+    /// not stored goes to the origin at once.
     pub(super) async fn before_origin(
         self: &Arc<Self>,
         tier: &Arc<HttpTier>,
@@ -136,44 +166,62 @@ impl Core {
             })?;
             Some(found(Arc::new(chosen), request, extra))
         };
-        match tier.read(primary, true).await {
-            Ok(list) => {
-                if let Some(fetched) = pick(list) {
-                    return Before::Found(fetched);
-                }
-            }
-            Err(()) => return Before::Origin(None, false),
-        }
+        let origin = |guard, may_mark| {
+            Before::Origin(Origin {
+                guard,
+                reachable: true,
+                may_mark,
+            })
+        };
+        let may_mark = match tier.read(primary, true).await {
+            Ok(Seen::Value(list)) => match pick(list) {
+                Some(fetched) => return Before::Found(fetched),
+                None => false,
+            },
+            Ok(Seen::Nothing) => true,
+            Ok(Seen::Unstored) => return origin(None, true),
+            Err(()) => return Before::Origin(Origin::unread(false)),
+        };
         let read = || async {
             match tier.read(primary, false).await {
-                Ok(list) => pick(list),
-                Err(()) => None,
+                Ok(Seen::Value(list)) => pick(list).map_or(Seen::Nothing, Seen::Value),
+                Ok(Seen::Unstored) => Seen::Unstored,
+                Ok(Seen::Nothing) | Err(()) => Seen::Nothing,
             }
         };
         match tier.tier.lease(primary, tier.sender(), read).await {
             Lease::Found(fetched) => Before::Found(fetched),
-            Lease::Held(guard) => Before::Origin(Some(guard), true),
-            Lease::Alone => Before::Origin(None, true),
+            Lease::Held(guard) => origin(Some(guard), may_mark),
+            Lease::Alone => origin(None, may_mark),
+            Lease::Unstored => origin(None, true),
         }
     }
 
     /// After a flight's origin request: writes what it stores (with the other variants
-    /// held for `primary`) to Redis, and releases the lease.
+    /// held for `primary`) to Redis, or marks the URI when its response cannot be stored
+    /// (as [`note_uncacheable`](Core::note_uncacheable) remembers it here), and releases
+    /// the lease.
     pub(super) async fn after_origin(
         &self,
         tier: &HttpTier,
         primary: &str,
         outcome: &Result<Arc<Fetched>, Error>,
-        (guard, reachable): (Option<Box<crate::tier::LeaseGuard>>, bool),
+        origin: Origin,
     ) {
         let mut written = false;
-        if let (true, Ok(fetched)) = (reachable, outcome) {
+        if let (true, Ok(fetched)) = (origin.reachable, outcome) {
             if let Some(stored) = &fetched.store {
                 let list = self.with_variant(primary, stored.clone());
-                written = tier.write(primary, &list).await;
+                written = tier.write(primary, &list).await == Wrote::Value;
+            } else if let Some(ttl) = self.uncacheable_ttl() {
+                if origin.may_mark && self.cannot_store(fetched) && !self.holds(primary) {
+                    tier.tier.mark_unstored(primary, ttl, &tier.metrics).await;
+                }
             }
         }
-        if let Some(guard) = guard {
+        // Without a value written (whose message woke them), the release wakes the
+        // instances waiting on the lease: a mark sends them to the origin at once.
+        if let Some(guard) = origin.guard {
             guard.release(written).await;
         }
     }
