@@ -99,4 +99,23 @@ echo "PURGE of tag doc through proxy 0: $tagged; then doc: $after; other: $(head
 [ "$tagged" = 200 ] || { echo "FAILED: the tag PURGE got $tagged" >&2; exit 1; }
 [ "$after" = "doc version 5" ] || { echo "FAILED: after the tag PURGE the fleet served '$after'" >&2; exit 1; }
 [ "$kept" != "other version 2" ] || { echo "FAILED: the tag PURGE dropped an untagged URL" >&2; exit 1; }
+
+# A URL whose responses are never stored (300 ms, no-store), three concurrent requests on
+# each proxy, twice: the first burst's proxies wait for one another's lease only once
+# (the holder marks the URL in Redis), the second goes to the origin at once everywhere.
+dyn_burst() {
+  for i in 0 1 2; do
+    for _ in 1 2 3; do
+      curl -s -o /dev/null -H "Host: fleet.test" -w "%{http_code}:%{time_total} " \
+        "http://127.0.0.1:${ports[$i]}/slow/dyn?ms=300&cc=no-store" &
+    done
+  done
+  wait
+}
+first=$(dyn_burst)
+second=$(dyn_burst)
+echo "no-store URL, 9 requests over three proxies (status:seconds): first burst $first; second $second (origin requests: $(curl -s "http://127.0.0.1:$origin_port/count/dyn"))"
+for answer in $first $second; do
+  [ "${answer%%:*}" = 200 ] || { echo "FAILED: a no-store request got ${answer%%:*}" >&2; exit 1; }
+done
 echo "ok"

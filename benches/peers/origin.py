@@ -4,7 +4,8 @@
     python3 benches/peers/origin.py PORT
 
 GET /obj/NAME          1 KiB, Cache-Control: public, max-age=3600, Cache-Tag: NAME
-GET /slow/NAME?ms=N    the same after N ms (default 500), for cold bursts and slow requests
+GET /slow/NAME?ms=N    the same after N ms (default 500), for cold bursts and slow requests;
+                       with &cc=VALUE, VALUE is its Cache-Control (cc=no-store: never stored)
 GET /count/NAME        how many requests for /obj/NAME or /slow/NAME arrived, as text
 POST /obj/NAME         a new version of NAME (204); its GETs say `NAME version N`
 Every response is HTTP/1.1 with Content-Length; connections are kept alive.
@@ -53,11 +54,13 @@ class Handler(BaseHTTPRequestHandler):
         with LOCK:
             COUNTS[name] = COUNTS.get(name, 0) + 1
             version = VERSIONS.get(name)
+        query = parse_qs(url.query)
         if kind == "slow":
-            ms = int(parse_qs(url.query).get("ms", ["500"])[0])
+            ms = int(query.get("ms", ["500"])[0])
             time.sleep(ms / 1000)
         body = BODY if version is None else f"{name} version {version}".encode()
-        self.answer(body, head=head, tag=name)
+        cache_control = query.get("cc", ["public, max-age=3600"])[0]
+        self.answer(body, cache_control=cache_control, head=head, tag=name)
 
     def do_GET(self):
         self.handle_one(head=False)
