@@ -671,14 +671,15 @@ async fn a_waiter_calls_the_upstream_itself_once_the_lease_wait_runs_out() {
 }
 
 /// The upstream calls of a burst over three instances, in the order they start: the
-/// first (the lease holder's) says so and waits to be let go; the second answers only
-/// once the third has started. So the burst ends only if the other two instances call
-/// their upstreams at the same time, not one after the other.
+/// first (the lease holder's) says so and waits to be let go; the second says so and
+/// answers only once the third has started. So the burst ends only if the other two
+/// instances call their upstreams at the same time, not one after the other.
 #[derive(Default)]
 struct Overlap {
     calls: AtomicUsize,
     started: tokio::sync::Notify,
     go: tokio::sync::Notify,
+    second: tokio::sync::Notify,
     third: tokio::sync::Notify,
 }
 
@@ -690,7 +691,10 @@ impl Overlap {
                 self.started.notify_one();
                 self.go.notified().await;
             }
-            2 => self.third.notified().await,
+            2 => {
+                self.second.notify_one();
+                self.third.notified().await;
+            }
             3 => self.third.notify_one(),
             _ => {}
         }
@@ -703,7 +707,7 @@ impl Overlap {
     async fn ends<T>(&self, burst: impl std::future::Future<Output = T>) -> T {
         tokio::time::timeout(Duration::from_secs(20), burst)
             .await
-            .expect("the waiting instances called their upstreams one after the other")
+            .expect("the upstream calls ran one after the other, not together")
     }
 }
 
@@ -1113,24 +1117,30 @@ mod http_tier {
             return;
         };
         let overlap = Arc::new(Overlap::default());
+        let instance = |i: usize, overlap: Arc<Overlap>| {
+            let server = &server;
+            async move {
+                let tier = patient_tier(server, "httpunstored:");
+                let origin = service_fn(move |_: Request<Full<Bytes>>| {
+                    let overlap = overlap.clone();
+                    async move {
+                        let n = overlap.call().await;
+                        let body = Bytes::from(format!("#{n}"));
+                        Ok::<_, std::io::Error>(Response::new(Full::new(body)))
+                    }
+                });
+                let layer = HttpCacheLayer::builder()
+                    .name(format!("httpunstored-{i}"))
+                    .second_tier(tier.clone())
+                    .build();
+                let svc: HttpService = tower::util::BoxCloneSyncService::new(layer.layer(origin));
+                tier.backplane().wait_for(|b| b.subscribed).await.unwrap();
+                svc
+            }
+        };
         let mut fleet = Vec::new();
         for i in 0..3 {
-            let tier = patient_tier(&server, "httpunstored:");
-            let overlap = overlap.clone();
-            let origin = service_fn(move |_: Request<Full<Bytes>>| {
-                let overlap = overlap.clone();
-                async move {
-                    let n = overlap.call().await;
-                    Ok::<_, std::io::Error>(Response::new(Full::new(Bytes::from(format!("#{n}")))))
-                }
-            });
-            let layer = HttpCacheLayer::builder()
-                .name(format!("httpunstored-{i}"))
-                .second_tier(tier.clone())
-                .build();
-            let svc: HttpService = tower::util::BoxCloneSyncService::new(layer.layer(origin));
-            tier.backplane().wait_for(|b| b.subscribed).await.unwrap();
-            fleet.push(svc);
+            fleet.push(instance(i, overlap.clone()).await);
         }
         let holder = {
             let svc = fleet[0].clone();
@@ -1159,6 +1169,27 @@ mod http_tier {
         assert_eq!(keys.len(), 1, "{keys:?}");
         let mark: Vec<u8> = redis_cmd(&server, redis::cmd("GET").arg(&keys[0])).await;
         assert_eq!(mark, b"towerguard:unstored");
+
+        // A fourth instance learns it from the mark: a miss that arrives while its first
+        // request is at the origin does not join that request's flight (whose response it
+        // could not use), it goes to the origin too. Its calls are the burst's second and
+        // third: the first answers only once the other has started.
+        let late = Arc::new(Overlap::default());
+        late.calls.store(1, Ordering::SeqCst);
+        let fourth = instance(3, late.clone()).await;
+        let first = {
+            let svc = fourth.clone();
+            tokio::spawn(async move { send(&svc, Method::GET, "/feed", false).await.0 })
+        };
+        late.second.notified().await;
+        let next = {
+            let svc = fourth.clone();
+            tokio::spawn(async move { send(&svc, Method::GET, "/feed", false).await.0 })
+        };
+        let bodies = late
+            .ends(async { [first.await.unwrap(), next.await.unwrap()] })
+            .await;
+        assert_eq!(bodies, ["#2", "#3"]);
     }
 
     /// Sharing safety on the Redis path: a `private` response, one to a request with

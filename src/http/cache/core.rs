@@ -126,10 +126,16 @@ impl Core {
     /// request, which spares a failing origin) or a 304 (which answers validators and says
     /// nothing of what a whole response would be).
     pub(super) fn note_uncacheable(&self, key: &str, fetched: &Fetched) {
+        if self.cannot_store(fetched) {
+            self.remember_uncacheable(key);
+        }
+    }
+
+    /// Remembers `key` as a URI whose responses cannot be stored (another instance found
+    /// so, and marked it in the second tier).
+    pub(super) fn remember_uncacheable(&self, key: &str) {
         if let Some(marks) = &self.uncacheable {
-            if self.cannot_store(fetched) {
-                marks.insert(key.to_owned(), ());
-            }
+            marks.insert(key.to_owned(), ());
         }
     }
 

@@ -179,7 +179,11 @@ impl Core {
                 None => false,
             },
             Ok(Seen::Nothing) => true,
-            Ok(Seen::Unstored) => return origin(None, true),
+            Ok(Seen::Unstored) => {
+                // Misses that arrive while this flight runs go to the origin at once.
+                self.remember_uncacheable(primary);
+                return origin(None, true);
+            }
             Err(()) => return Before::Origin(Origin::unread(false)),
         };
         let read = || async {
@@ -193,7 +197,10 @@ impl Core {
             Lease::Found(fetched) => Before::Found(fetched),
             Lease::Held(guard) => origin(Some(guard), may_mark),
             Lease::Alone => origin(None, may_mark),
-            Lease::Unstored => origin(None, true),
+            Lease::Unstored => {
+                self.remember_uncacheable(primary);
+                origin(None, true)
+            }
         }
     }
 
