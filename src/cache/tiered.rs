@@ -10,7 +10,7 @@ use dashmap::DashMap;
 use super::flight::{Core, Upstream};
 use super::store::{Lifetime, Storable};
 use crate::tier::{
-    wall_ms, Codec, Envelope, Lease, Listener, Message, Read, RedisTier, Seen, TierMetrics, Wrote,
+    wall_ms, Codec, Envelope, Lease, Listener, Message, Read, RedisTier, Seen, TierMetrics,
 };
 
 /// How a key is named in Redis.
@@ -158,9 +158,9 @@ where
         value: &V,
         life: Lifetime,
         tags: &[String],
-    ) -> Wrote {
+    ) -> bool {
         let Some(payload) = self.codec.encode(value) else {
-            return Wrote::Failed;
+            return false;
         };
         let envelope = Envelope {
             fresh_until_ms: life
@@ -274,7 +274,7 @@ where
                             .as_ref()
                             .map(|f| f(&key, &value))
                             .unwrap_or_default();
-                        written = tier.write(&name, &value, life, &tags).await == Wrote::Value;
+                        written = tier.write(&name, &value, life, &tags).await;
                     }
                     // Not to be stored: mark it, so the instances waiting on the lease
                     // (woken by its release) and the next misses anywhere call their

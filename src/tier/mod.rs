@@ -271,8 +271,9 @@ impl RedisTier {
 
     /// Writes `bytes` under `name`, expiring after `ttl` (never when `None`), adds `name`
     /// to each of `tags`, and tells the other instances (`from` is the writer's listener).
-    /// Bytes above the tier's bound are not written: `name` is marked unstored instead,
-    /// and nobody is told.
+    /// True when the value is in Redis. Bytes above the tier's bound are not written:
+    /// `name` is marked unstored instead, nobody is told, and the answer is false (a
+    /// lease's release then wakes its waiters, who read the mark).
     pub(crate) async fn set(
         &self,
         name: &str,
@@ -280,7 +281,7 @@ impl RedisTier {
         ttl: Option<Duration>,
         tags: &[String],
         (from, metrics): (u64, &TierMetrics),
-    ) -> Wrote {
+    ) -> bool {
         if bytes.len() > self.shared.config.max_value_bytes {
             metrics.too_large.increment(1);
             tracing::debug!(
@@ -288,10 +289,8 @@ impl RedisTier {
                 "second tier: value above max_value_bytes, not written"
             );
             let ttl = ttl.map_or(UNSTORED_TTL, |ttl| ttl.min(UNSTORED_TTL));
-            return match self.mark_unstored(name, ttl, metrics).await {
-                true => Wrote::Unstored,
-                false => Wrote::Failed,
-            };
+            self.mark_unstored(name, ttl, metrics).await;
+            return false;
         }
         let mut pipe = redis::pipe();
         let set = pipe.cmd("SET").arg(self.value_key(name)).arg(bytes);
@@ -313,10 +312,7 @@ impl RedisTier {
         self.publish_in(&mut pipe, &Message::Written(name), from);
         metrics.writes.increment(1);
         let done = self.run::<()>(Request::Pipe(pipe), metrics, Op::Set).await;
-        match self.sent(done, metrics) {
-            true => Wrote::Value,
-            false => Wrote::Failed,
-        }
+        self.sent(done, metrics)
     }
 
     /// Marks `name` as a key whose result the tier does not hold (it may not be stored,
@@ -324,20 +320,15 @@ impl RedisTier {
     /// the mark calls its upstream at once instead of waiting for a lease. Nothing is
     /// published: the other instances keep what their first tiers hold, and the ones
     /// waiting on the key's lease read the mark when its release wakes them.
-    pub(crate) async fn mark_unstored(
-        &self,
-        name: &str,
-        ttl: Duration,
-        metrics: &TierMetrics,
-    ) -> bool {
+    pub(crate) async fn mark_unstored(&self, name: &str, ttl: Duration, metrics: &TierMetrics) {
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.value_key(name))
             .arg(UNSTORED)
             .arg("PX")
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
-        self.run::<()>(Request::Cmd(cmd), metrics, Op::Set)
-            .await
-            .is_some()
+        // Not taken (Redis failing): the waiters take the lease over one at a time, as
+        // after any release without a value.
+        let _ = self.run::<()>(Request::Cmd(cmd), metrics, Op::Set).await;
     }
 
     /// Deletes `name` and tells the other instances.
@@ -749,18 +740,6 @@ pub(crate) enum Read {
     /// The key's last result is not held by the tier (see [`RedisTier::mark_unstored`]).
     Unstored,
     Unavailable,
-}
-
-/// What a write did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Wrote {
-    /// The value is in Redis, and the other instances were told.
-    Value,
-    /// The value was above the bound: the key is marked unstored instead, and nobody was
-    /// told (a lease's release wakes its waiters).
-    Unstored,
-    /// Redis did not take it.
-    Failed,
 }
 
 /// What a key holds in place of a value whose result the tier does not hold. Shorter

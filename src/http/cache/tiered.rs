@@ -13,7 +13,7 @@ use super::core::Core;
 use super::stored::{list_tags, Fetch, Fetched, Stored};
 use crate::error::Error;
 use crate::http::cache_policy::{vary, vary_matches, AgeInputs, Reuse};
-use crate::tier::{wall_ms, Lease, Listener, Message, Read, RedisTier, Seen, TierMetrics, Wrote};
+use crate::tier::{wall_ms, Lease, Listener, Message, Read, RedisTier, Seen, TierMetrics};
 
 pub(super) struct HttpTier {
     pub(super) tier: RedisTier,
@@ -65,7 +65,7 @@ impl HttpTier {
 
     /// Writes `list` as the variants of `primary`, expiring when the last is no longer
     /// usable; the other instances drop their copies.
-    async fn write(&self, primary: &str, list: &[Arc<Stored>]) -> Wrote {
+    async fn write(&self, primary: &str, list: &[Arc<Stored>]) -> bool {
         let now = Instant::now();
         let usable = list
             .iter()
@@ -78,7 +78,7 @@ impl HttpTier {
             .max()
             .unwrap_or_default();
         if usable.is_zero() {
-            return Wrote::Failed;
+            return false;
         }
         let tags = list_tags(list);
         self.tier
@@ -219,7 +219,7 @@ impl Core {
         if let (true, Ok(fetched)) = (origin.reachable, outcome) {
             if let Some(stored) = &fetched.store {
                 let list = self.with_variant(primary, stored.clone());
-                written = tier.write(primary, &list).await == Wrote::Value;
+                written = tier.write(primary, &list).await;
             } else if let Some(ttl) = self.uncacheable_ttl() {
                 if origin.may_mark && self.cannot_store(fetched) && !self.holds(primary) {
                     tier.tier.mark_unstored(primary, ttl, &tier.metrics).await;
