@@ -1107,6 +1107,28 @@ mod http_tier {
         assert_eq!(gets("/weather/1"), 1);
     }
 
+    /// An instance of a fleet (prefix `httpunstored:`) whose origin answers through the
+    /// `overlap` gate, with responses that cannot be stored (no freshness): `#N` for the
+    /// gate's Nth call.
+    async fn gated_instance(server: &RedisServer, i: usize, overlap: Arc<Overlap>) -> HttpService {
+        let tier = patient_tier(server, "httpunstored:");
+        let origin = service_fn(move |_: Request<Full<Bytes>>| {
+            let overlap = overlap.clone();
+            async move {
+                let n = overlap.call().await;
+                let body = Bytes::from(format!("#{n}"));
+                Ok::<_, std::io::Error>(Response::new(Full::new(body)))
+            }
+        });
+        let layer = HttpCacheLayer::builder()
+            .name(format!("httpunstored-{i}"))
+            .second_tier(tier.clone())
+            .build();
+        let svc: HttpService = tower::util::BoxCloneSyncService::new(layer.layer(origin));
+        tier.backplane().wait_for(|b| b.subscribed).await.unwrap();
+        svc
+    }
+
     /// The HTTP form of the single-flight cache's test above: a response that cannot be
     /// stored (no freshness) sends the instances waiting on the lease to the origin
     /// together, and marks the URI so the next misses do not wait.
@@ -1117,27 +1139,7 @@ mod http_tier {
             return;
         };
         let overlap = Arc::new(Overlap::default());
-        let instance = |i: usize, overlap: Arc<Overlap>| {
-            let server = &server;
-            async move {
-                let tier = patient_tier(server, "httpunstored:");
-                let origin = service_fn(move |_: Request<Full<Bytes>>| {
-                    let overlap = overlap.clone();
-                    async move {
-                        let n = overlap.call().await;
-                        let body = Bytes::from(format!("#{n}"));
-                        Ok::<_, std::io::Error>(Response::new(Full::new(body)))
-                    }
-                });
-                let layer = HttpCacheLayer::builder()
-                    .name(format!("httpunstored-{i}"))
-                    .second_tier(tier.clone())
-                    .build();
-                let svc: HttpService = tower::util::BoxCloneSyncService::new(layer.layer(origin));
-                tier.backplane().wait_for(|b| b.subscribed).await.unwrap();
-                svc
-            }
-        };
+        let instance = |i: usize, overlap: Arc<Overlap>| gated_instance(&server, i, overlap);
         let mut fleet = Vec::new();
         for i in 0..3 {
             fleet.push(instance(i, overlap.clone()).await);
@@ -1189,6 +1191,53 @@ mod http_tier {
         let bodies = late
             .ends(async { [first.await.unwrap(), next.await.unwrap()] })
             .await;
+        assert_eq!(bodies, ["#2", "#3"]);
+    }
+
+    /// Requests on one instance that wait for its flight, itself waiting on another
+    /// instance's lease, go to the origin together when that instance's response cannot be
+    /// stored: the flight reads the mark and ends without going to the origin, instead of
+    /// going first and leaving its waiters to go after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_waiting_on_a_flight_whose_uri_gets_marked_go_to_the_origin_together() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let overlap = Arc::new(Overlap::default());
+        let holder_instance = gated_instance(&server, 10, overlap.clone()).await;
+        let waiting_instance = gated_instance(&server, 11, overlap.clone()).await;
+        let holder = {
+            let svc = holder_instance.clone();
+            tokio::spawn(async move { send(&svc, Method::GET, "/feed", false).await.0 })
+        };
+        overlap.started.notified().await;
+        // Both requests are in the waiting instance's flight before the holder answers:
+        // the first poll of each reaches the flight (the first starts it, it then waits
+        // on Redis; the second joins it).
+        let mut waiters = Vec::new();
+        for _ in 0..2 {
+            let svc = waiting_instance.clone();
+            let mut request =
+                Box::pin(async move { send(&svc, Method::GET, "/feed", false).await.0 });
+            std::future::poll_fn(|cx| {
+                assert!(std::future::Future::poll(request.as_mut(), cx).is_pending());
+                std::task::Poll::Ready(())
+            })
+            .await;
+            waiters.push(tokio::spawn(request));
+        }
+        overlap.go.notify_one();
+        assert_eq!(holder.await.unwrap(), "#1");
+        let mut bodies = overlap
+            .ends(async {
+                let mut bodies = Vec::new();
+                for waiter in waiters {
+                    bodies.push(waiter.await.unwrap());
+                }
+                bodies
+            })
+            .await;
+        bodies.sort();
         assert_eq!(bodies, ["#2", "#3"]);
     }
 

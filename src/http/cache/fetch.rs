@@ -199,31 +199,36 @@ where
     }))
 }
 
-/// A flight's origin request `origin` for `primary`, through the second tier when there
-/// is one: with nothing stored here (`read_first`), Redis is read first and the key's
-/// lease taken (or another instance's response awaited); what the origin sends that may
-/// be stored is written to Redis.
+/// A flight's origin request (`origin` sending `req`) for `primary`, through the second
+/// tier when there is one: with nothing stored here (`read_first`), Redis is read first and
+/// the key's lease taken (or another instance's response awaited); what the origin sends
+/// that may be stored is written to Redis. A URI marked there as one whose responses are
+/// not stored ends the flight unsent, so its waiters go to the origin together.
 #[cfg(feature = "redis")]
-pub(super) fn through_tiers(
+pub(super) fn through_tiers<B: Send + 'static>(
     core: &Arc<Core>,
     (primary, request, extra): (String, HeaderMap, Option<String>),
     read_first: bool,
-    origin: Upstream<Arc<Fetched>>,
+    req: Request<B>,
+    origin: impl FnOnce(Request<B>) -> Upstream<Arc<Fetched>> + Send + 'static,
 ) -> Upstream<Arc<Fetched>> {
     let Some(tier) = core.second.clone() else {
-        return origin;
+        return origin(req);
     };
     let core = core.clone();
     Box::pin(async move {
         let lease = if read_first {
             match core.before_origin(&tier, &primary, &request, &extra).await {
                 super::tiered::Before::Found(fetched) => return Ok(fetched),
+                super::tiered::Before::Marked => {
+                    return Ok(super::tiered::unsent(req, request, extra))
+                }
                 super::tiered::Before::Origin(origin) => origin,
             }
         } else {
             super::tiered::Origin::unread(true)
         };
-        let outcome = origin.await;
+        let outcome = origin(req).await;
         core.after_origin(&tier, &primary, &outcome, lease).await;
         outcome
     })
@@ -231,13 +236,14 @@ pub(super) fn through_tiers(
 
 /// Without a second tier, the origin request as it is.
 #[cfg(not(feature = "redis"))]
-pub(super) fn through_tiers(
+pub(super) fn through_tiers<B>(
     _core: &Arc<Core>,
     _request: (String, HeaderMap, Option<String>),
     _read_first: bool,
-    origin: Upstream<Arc<Fetched>>,
+    req: Request<B>,
+    origin: impl FnOnce(Request<B>) -> Upstream<Arc<Fetched>>,
 ) -> Upstream<Arc<Fetched>> {
-    origin
+    origin(req)
 }
 
 pub(super) async fn forward<S, B, RB>(
@@ -294,15 +300,18 @@ pub(super) fn revalidate_in_background<S, B, RB>(
     let validators = has_validator(&stale.headers).then_some(stale);
     let (fetch_core, fetch_inner) = (core.clone(), inner.clone());
     let start = move || -> Upstream<Arc<Fetched>> {
-        let origin = Box::pin(fetch(
-            fetch_core.clone(),
-            fetch_inner,
-            req,
-            validators,
-            extra,
-            Conditionals::Ours,
-        ));
-        through_tiers(&fetch_core, tiered, false, origin)
+        let origin_core = fetch_core.clone();
+        let origin = move |req| -> Upstream<Arc<Fetched>> {
+            Box::pin(fetch(
+                origin_core,
+                fetch_inner,
+                req,
+                validators,
+                extra,
+                Conditionals::Ours,
+            ))
+        };
+        through_tiers(&fetch_core, tiered, false, req, origin)
     };
     if let Joined::Started(waiter) =
         core.flights

@@ -209,7 +209,7 @@ where
             // URI's last response could not be stored, so a flight's outcome would not be
             // shared either: to the origin at once, not behind another request.
             metrics.miss.increment(1);
-            return miss_alone(&core, inner, req, key, extra, reason).await;
+            return miss_alone(&core, inner, req, (key, extra), reason, false).await;
         }
         return coalesced(&core, inner, req, (key, extra), None, reason).await;
     };
@@ -244,6 +244,8 @@ where
     let revalidate = stored.clone().filter(|s| has_validator(&s.headers));
     let tiered = (key.clone(), request.1.clone(), extra.clone());
     let read_first = stored.is_none();
+    #[cfg(feature = "redis")]
+    let primary = key.clone();
     let flight_key = core.flight_key(key, &request.1, &extra);
     let mut request_slot = Some(req);
     let owner: Arc<dyn Owner<FlightKey, Arc<Fetched>>> = core.clone();
@@ -263,15 +265,18 @@ where
         let start = move || -> Upstream<Arc<Fetched>> {
             match slot.take() {
                 Some(req) => {
-                    let origin = Box::pin(fetch(
-                        start_core.clone(),
-                        start_inner,
-                        req,
-                        revalidate,
-                        start_extra,
-                        Conditionals::Ours,
-                    ));
-                    through_tiers(&start_core, tiered, read_first, origin)
+                    let origin_core = start_core.clone();
+                    let origin = move |req| -> Upstream<Arc<Fetched>> {
+                        Box::pin(fetch(
+                            origin_core,
+                            start_inner,
+                            req,
+                            revalidate,
+                            start_extra,
+                            Conditionals::Ours,
+                        ))
+                    };
+                    through_tiers(&start_core, tiered, read_first, req, origin)
                 }
                 None => unreachable!("a flight starts once"),
             }
@@ -331,6 +336,21 @@ where
         }
     }
 
+    #[cfg(feature = "redis")]
+    if let Fetch::Unsent(started) = &fetched.response {
+        // The URI's responses are not stored: each request to the origin on its own, all
+        // at once, the one that started the flight with the request it gave it.
+        // That one tells the second tier what the origin answered, as the flight would
+        // have.
+        let req = request_slot.take().or_else(|| {
+            let taken = started.lock().unwrap_or_else(|p| p.into_inner()).take();
+            taken.and_then(|r| r.downcast::<Request<B>>().ok().map(|r| *r))
+        });
+        let Some(req) = req else {
+            unreachable!("the request that started an unsent flight is taken back once");
+        };
+        return miss_alone(core, inner, req, (primary, extra), reason, originator).await;
+    }
     let answering = Answering {
         core,
         fetched: &fetched,
@@ -414,14 +434,16 @@ fn has_conditional(headers: &HeaderMap) -> bool {
 
 /// A GET with nothing usable stored, sent to the origin alone, with the client's
 /// validators if it has any (their answer may be a 304 for this client only): a response
-/// that may be stored is stored, one that may not keeps the URI's misses apart.
+/// that may be stored is stored, one that may not keeps the URI's misses apart. With
+/// `tell_tier`, the second tier hears of it as of a flight's response: a response it may
+/// store is written, one it may not renews the URI's mark.
 async fn miss_alone<S, B, RB>(
     core: &Arc<Core>,
     inner: S,
     req: Request<B>,
-    key: String,
-    extra: Option<String>,
+    (key, extra): (String, Option<String>),
     reason: &'static str,
+    tell_tier: bool,
 ) -> Result<Response<BufferedBody<RB>>, Error>
 where
     S: Service<Request<B>, Response = Response<RB>>,
@@ -440,6 +462,14 @@ where
     )
     .await
     .map_err(|error| failed(error, reason))?;
+    #[cfg(feature = "redis")]
+    if let Some(tier) = core.second.as_ref().filter(|_| tell_tier) {
+        let outcome = Ok(fetched.clone());
+        core.after_origin(tier, &key, &outcome, super::tiered::Origin::marked())
+            .await;
+    }
+    #[cfg(not(feature = "redis"))]
+    let _ = tell_tier;
     if let Some(stored) = &fetched.store {
         core.insert(&key, stored.clone());
     }

@@ -155,6 +155,11 @@ pub(super) enum Fetch {
     /// A response only the request that started the flight may have (too large, or not
     /// storable): a `Response<BufferedBody<RB>>`, taken once.
     Streaming(Mutex<Option<Box<dyn Any + Send>>>),
+    /// Not sent: the second tier marks the URI as one whose responses are not stored, so
+    /// every request that waited for the flight goes to the origin on its own, at once.
+    /// Holds the request that started the flight (a `Request<B>`) for it to take back.
+    #[cfg(feature = "redis")]
+    Unsent(Mutex<Option<Box<dyn Any + Send>>>),
 }
 
 /// What a flight is keyed by: everything that decides whether its response may be

@@ -114,6 +114,9 @@ pub(super) enum Before {
     Found(Arc<Fetched>),
     /// Go to the origin, then tell Redis.
     Origin(Origin),
+    /// The URI is marked as one whose responses are not stored: the flight's waiters go
+    /// to the origin on their own.
+    Marked,
 }
 
 /// A flight going to the origin, as far as the second tier is concerned.
@@ -134,6 +137,16 @@ impl Origin {
             guard: None,
             reachable,
             may_mark: false,
+        }
+    }
+
+    /// The URI was found marked (so Redis held no variants of it): a response that may be
+    /// stored is written, one that may not renews the mark.
+    pub(super) fn marked() -> Self {
+        Origin {
+            guard: None,
+            reachable: true,
+            may_mark: true,
         }
     }
 }
@@ -180,9 +193,9 @@ impl Core {
             },
             Ok(Seen::Nothing) => true,
             Ok(Seen::Unstored) => {
-                // Misses that arrive while this flight runs go to the origin at once.
+                // Later misses go to the origin at once too.
                 self.remember_uncacheable(primary);
-                return origin(None, true);
+                return Before::Marked;
             }
             Err(()) => return Before::Origin(Origin::unread(false)),
         };
@@ -199,7 +212,7 @@ impl Core {
             Lease::Alone => origin(None, may_mark),
             Lease::Unstored => {
                 self.remember_uncacheable(primary);
-                origin(None, true)
+                Before::Marked
             }
         }
     }
@@ -232,6 +245,26 @@ impl Core {
             guard.release(written).await;
         }
     }
+}
+
+/// A flight's outcome that sends each of its waiters to the origin on its own; the
+/// request `req` that started it waits in it to be taken back.
+pub(super) fn unsent<B: Send + 'static>(
+    req: http::Request<B>,
+    request: HeaderMap,
+    extra: Option<String>,
+) -> Arc<Fetched> {
+    Arc::new(Fetched {
+        status: http::StatusCode::OK,
+        response: Fetch::Unsent(std::sync::Mutex::new(Some(Box::new(req)))),
+        request_headers: request,
+        extra,
+        store: None,
+        not_stored: None,
+        evict: None,
+        revalidated: false,
+        from_tier: false,
+    })
 }
 
 /// A variant read from Redis as a flight's outcome.
