@@ -338,10 +338,9 @@ where
 
     #[cfg(feature = "redis")]
     if let Fetch::Unsent(started) = &fetched.response {
-        // The URI's responses are not stored: each request to the origin on its own, all
-        // at once, the one that started the flight with the request it gave it.
-        // That one tells the second tier what the origin answered, as the flight would
-        // have.
+        // The URI's responses are not stored: each request goes to the origin on its own,
+        // all at once. The one that started the flight takes back the request it gave it,
+        // and tells the second tier what the origin answered, as the flight would have.
         let req = request_slot.take().or_else(|| {
             let taken = started.lock().unwrap_or_else(|p| p.into_inner()).take();
             taken.and_then(|r| r.downcast::<Request<B>>().ok().map(|r| *r))

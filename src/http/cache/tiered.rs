@@ -255,6 +255,8 @@ pub(super) fn unsent<B: Send + 'static>(
     extra: Option<String>,
 ) -> Arc<Fetched> {
     Arc::new(Fetched {
+        // Nothing was sent: no status of the origin's; the outcome is neither stored nor
+        // noted as uncacheable (`not_stored` is `None`), only answered from.
         status: http::StatusCode::OK,
         response: Fetch::Unsent(std::sync::Mutex::new(Some(Box::new(req)))),
         request_headers: request,
