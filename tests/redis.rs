@@ -709,6 +709,25 @@ impl Overlap {
             .await
             .expect("the upstream calls ran one after the other, not together")
     }
+
+    /// The answers of `waiters` (the burst's requests), sorted, once every one has ended
+    /// (under the deadlock guard of [`ends`](Self::ends)).
+    async fn answers<F>(&self, waiters: impl IntoIterator<Item = F>) -> Vec<String>
+    where
+        F: std::future::Future<Output = String>,
+    {
+        let mut answers = self
+            .ends(async {
+                let mut answers = Vec::new();
+                for waiter in waiters {
+                    answers.push(waiter.await);
+                }
+                answers
+            })
+            .await;
+        answers.sort();
+        answers
+    }
 }
 
 /// A tier whose waiters would wait an hour for a lease.
@@ -749,16 +768,9 @@ async fn a_result_not_to_be_stored_sends_the_instances_waiting_on_its_lease_to_t
     let waiters = [1, 2].map(|i| tokio::spawn(fleet[i].clone().oneshot("k".to_owned())));
     overlap.go.notify_one();
     assert_eq!(holder.await.unwrap().unwrap(), "k #1");
-    let mut answers = overlap
-        .ends(async {
-            let mut answers = Vec::new();
-            for waiter in waiters {
-                answers.push(waiter.await.unwrap().unwrap());
-            }
-            answers
-        })
+    let answers = overlap
+        .answers(waiters.map(|waiter| async { waiter.await.unwrap().unwrap() }))
         .await;
-    answers.sort();
     assert_eq!(answers, ["k #2", "k #3"]);
     // The key is marked in Redis (no value): the next miss anywhere calls its upstream
     // without waiting for a lease.
@@ -1155,16 +1167,13 @@ mod http_tier {
         });
         overlap.go.notify_one();
         assert_eq!(holder.await.unwrap(), "#1");
-        let mut bodies = overlap
-            .ends(async {
-                let mut bodies = Vec::new();
-                for waiter in waiters {
-                    bodies.push(waiter.await.unwrap());
-                }
-                bodies
-            })
+        let bodies = overlap
+            .answers(
+                waiters
+                    .into_iter()
+                    .map(|waiter| async { waiter.await.unwrap() }),
+            )
             .await;
-        bodies.sort();
         assert_eq!(bodies, ["#2", "#3"]);
         let keys: Vec<String> =
             redis_cmd(&server, redis::cmd("KEYS").arg("httpunstored:v:*")).await;
@@ -1228,16 +1237,13 @@ mod http_tier {
         }
         overlap.go.notify_one();
         assert_eq!(holder.await.unwrap(), "#1");
-        let mut bodies = overlap
-            .ends(async {
-                let mut bodies = Vec::new();
-                for waiter in waiters {
-                    bodies.push(waiter.await.unwrap());
-                }
-                bodies
-            })
+        let bodies = overlap
+            .answers(
+                waiters
+                    .into_iter()
+                    .map(|waiter| async { waiter.await.unwrap() }),
+            )
             .await;
-        bodies.sort();
         assert_eq!(bodies, ["#2", "#3"]);
     }
 

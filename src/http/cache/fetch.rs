@@ -199,6 +199,34 @@ where
     }))
 }
 
+/// What a flight sends its request to the origin with: [`fetch`] with the cache's own
+/// conditional fields, from `revalidate`'s validators.
+pub(super) fn flight_origin<S, B, RB>(
+    core: Arc<Core>,
+    inner: S,
+    revalidate: Option<Arc<Stored>>,
+    extra: Option<String>,
+) -> impl FnOnce(Request<B>) -> Upstream<Arc<Fetched>> + Send + 'static
+where
+    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    move |req| -> Upstream<Arc<Fetched>> {
+        Box::pin(fetch(
+            core,
+            inner,
+            req,
+            revalidate,
+            extra,
+            Conditionals::Ours,
+        ))
+    }
+}
+
 /// A flight's origin request (`origin` sending `req`) for `primary`, through the second
 /// tier when there is one: with nothing stored here (`read_first`), Redis is read first and
 /// the key's lease taken (or another instance's response awaited); what the origin sends
@@ -300,17 +328,7 @@ pub(super) fn revalidate_in_background<S, B, RB>(
     let validators = has_validator(&stale.headers).then_some(stale);
     let (fetch_core, fetch_inner) = (core.clone(), inner.clone());
     let start = move || -> Upstream<Arc<Fetched>> {
-        let origin_core = fetch_core.clone();
-        let origin = move |req| -> Upstream<Arc<Fetched>> {
-            Box::pin(fetch(
-                origin_core,
-                fetch_inner,
-                req,
-                validators,
-                extra,
-                Conditionals::Ours,
-            ))
-        };
+        let origin = flight_origin(fetch_core.clone(), fetch_inner, validators, extra);
         through_tiers(&fetch_core, tiered, false, req, origin)
     };
     if let Joined::Started(waiter) =

@@ -17,7 +17,7 @@ use tower_service::Service;
 
 use super::core::Core;
 use super::fetch::{
-    fetch, forward, forwarded, revalidate_in_background, through_tiers, Conditionals,
+    fetch, flight_origin, forward, forwarded, revalidate_in_background, through_tiers, Conditionals,
 };
 use super::respond::{respond, serve, with_status};
 use super::stored::{Fetch, Fetched, FlightKey, Stored, TAG_FIELDS};
@@ -265,17 +265,8 @@ where
         let start = move || -> Upstream<Arc<Fetched>> {
             match slot.take() {
                 Some(req) => {
-                    let origin_core = start_core.clone();
-                    let origin = move |req| -> Upstream<Arc<Fetched>> {
-                        Box::pin(fetch(
-                            origin_core,
-                            start_inner,
-                            req,
-                            revalidate,
-                            start_extra,
-                            Conditionals::Ours,
-                        ))
-                    };
+                    let origin =
+                        flight_origin(start_core.clone(), start_inner, revalidate, start_extra);
                     through_tiers(&start_core, tiered, read_first, req, origin)
                 }
                 None => unreachable!("a flight starts once"),
