@@ -490,6 +490,19 @@ impl RetryMetrics {
     }
 }
 
+/// Handles that record nothing, for retries whose layer has no recorder.
+#[cfg(feature = "retry")]
+pub(crate) static NOOP_RETRY: RetryMetrics = RetryMetrics {
+    attempts: Counter::noop(),
+    retried_error: Counter::noop(),
+    retried_response: Counter::noop(),
+    budget_exhausted: Counter::noop(),
+    gave_up_max_attempts: Counter::noop(),
+    gave_up_deadline: Counter::noop(),
+    gave_up_not_replayable: Counter::noop(),
+    gave_up_retry_after: Counter::noop(),
+};
+
 #[cfg(feature = "hedge")]
 /// Instrument handles of one hedge instance.
 #[derive(Debug, Clone)]

@@ -37,6 +37,16 @@ impl Backoff {
         }
     }
 
+    /// The first wait's bound.
+    pub(crate) fn base(&self) -> Duration {
+        self.base
+    }
+
+    /// The bound no wait exceeds.
+    pub(crate) fn cap(&self) -> Duration {
+        self.cap
+    }
+
     /// The upper bound of the wait before retry `retry` (0-based).
     pub fn ceiling(&self, retry: u32) -> Duration {
         let factor = 1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX);
@@ -67,6 +77,13 @@ impl Jitter {
             .unwrap_or(0);
         let local = 0u8;
         Jitter(AtomicU64::new(seed ^ (&local as *const u8 as u64)))
+    }
+
+    /// The process's source, shared by every retry layer (drawn from only when a retry
+    /// waits).
+    pub(crate) fn global() -> &'static Jitter {
+        static GLOBAL: std::sync::OnceLock<Jitter> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(Jitter::new)
     }
 
     /// A uniform draw in `[0, 1)`.

@@ -12,9 +12,11 @@ use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
 use tower_service::Service;
 
-use super::layer::Shared;
+use super::backoff::Jitter;
+use super::layer::{Settings, Shared};
 use super::policy::{Policy, Verdict};
 use crate::error::{BoxError, Error};
+use crate::metrics::{RetryMetrics, NOOP_RETRY};
 use crate::timeout::Deadline;
 
 pin_project! {
@@ -24,6 +26,7 @@ pin_project! {
     ///
     /// Dropping it drops the attempt under way or the wait before the next one.
     #[must_use = "futures do nothing unless polled"]
+    #[project = FutureProj]
     pub struct ResponseFuture<S, Req, P>
     where
         S: Service<Req>,
@@ -35,7 +38,9 @@ pin_project! {
         // A copy kept for the next attempt; `None` when the request cannot be replayed.
         replay: Option<Req>,
         retries: u32,
-        shared: Arc<Shared>,
+        settings: Settings,
+        // `None` when the layer has no budget and no recorder.
+        shared: Option<Arc<Shared>>,
     }
 }
 
@@ -61,7 +66,8 @@ where
         service: S,
         policy: P,
         replay: Option<Req>,
-        shared: Arc<Shared>,
+        settings: Settings,
+        shared: Option<Arc<Shared>>,
     ) -> Self {
         ResponseFuture {
             state: State::First { future },
@@ -69,6 +75,7 @@ where
             policy,
             replay,
             retries: 0,
+            settings,
             shared,
         }
     }
@@ -82,81 +89,133 @@ where
 {
     type Output = Result<S::Response, Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        // The first attempt's success is the path nearly every request takes: kept small
+        // so it inlines into the caller; waits and retries run out of line.
+        if let StateProj::First { future } = this.state.as_mut().project() {
+            let outcome = ready!(future.poll(cx)).map_err(Error::inner);
+            if let Some(done) = this.settle(outcome) {
+                return Poll::Ready(done);
+            }
+        }
+        this.poll_retries(cx)
+    }
+}
+
+impl<S, Req, P> FutureProj<'_, S, Req, P>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    P: Policy<Req, S::Response>,
+{
+    /// The outcome if the request is done with it, or `None` with the wait before the
+    /// next attempt set.
+    #[inline]
+    fn settle(
+        &mut self,
+        outcome: Result<S::Response, Error>,
+    ) -> Option<Result<S::Response, Error>> {
+        match self.policy.classify(&outcome) {
+            Verdict::Done => {
+                let shared = self.shared.as_deref();
+                if let Some(shared) = shared.filter(|s| s.deposit && outcome.is_ok()) {
+                    if let Some(budget) = &shared.budget {
+                        budget.deposit();
+                    }
+                }
+                Some(outcome)
+            }
+            Verdict::Retry { after } => self.schedule(outcome, after),
+        }
+    }
+
+    /// Sets the wait before the next attempt, or gives the outcome back when there is none.
+    #[cold]
+    #[inline(never)]
+    fn schedule(
+        &mut self,
+        outcome: Result<S::Response, Error>,
+        after: Option<Duration>,
+    ) -> Option<Result<S::Response, Error>> {
+        let shared = self.shared.as_deref();
+        let replayable = self.replay.is_some();
+        let Some(wait) = next_wait(self.settings, shared, *self.retries, after, replayable) else {
+            return Some(outcome);
+        };
+        let reason = if outcome.is_err() {
+            &metrics(shared).retried_error
+        } else {
+            &metrics(shared).retried_response
+        };
+        reason.increment(1);
+        tracing::debug!(retry = *self.retries + 1, ?wait, "retry: retrying");
+        *self.retries += 1;
+        self.state.set(State::Waiting {
+            sleep: Box::pin(tokio::time::sleep(wait)),
+        });
+        None
+    }
+
+    /// Drives the waits and the attempts after the first.
+    #[inline(never)]
+    fn poll_retries(&mut self, cx: &mut Context<'_>) -> Poll<Result<S::Response, Error>> {
         loop {
-            let outcome = match this.state.as_mut().project() {
+            let outcome = match self.state.as_mut().project() {
                 StateProj::First { future } => ready!(future.poll(cx)).map_err(Error::inner),
                 StateProj::Retrying { call } => ready!(call.poll(cx)).map_err(Error::inner),
                 StateProj::Waiting { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
                     // A fresh copy, or the kept one itself when the policy makes no more.
-                    let copy = this.replay.as_ref().and_then(|r| this.policy.replay(r));
-                    let Some(request) = copy.or_else(|| this.replay.take()) else {
+                    let copy = self.replay.as_ref().and_then(|r| self.policy.replay(r));
+                    let Some(request) = copy.or_else(|| self.replay.take()) else {
                         unreachable!("only a replayable request waits for a retry");
                     };
-                    this.shared.metrics.get().attempts.increment(1);
-                    let call = Oneshot::new(this.service.clone(), request);
-                    this.state.set(State::Retrying { call });
+                    metrics(self.shared.as_deref()).attempts.increment(1);
+                    let call = Oneshot::new(self.service.clone(), request);
+                    self.state.set(State::Retrying { call });
                     continue;
                 }
             };
-            let shared = &**this.shared;
-            let after = match this.policy.classify(&outcome) {
-                Verdict::Done => {
-                    if outcome.is_ok() && shared.deposit {
-                        if let Some(budget) = &shared.budget {
-                            budget.deposit();
-                        }
-                    }
-                    return Poll::Ready(outcome);
-                }
-                Verdict::Retry { after } => after,
-            };
-            match next_wait(shared, *this.retries, after, this.replay.is_some()) {
-                Some(wait) => {
-                    let reason = if outcome.is_err() {
-                        &shared.metrics.get().retried_error
-                    } else {
-                        &shared.metrics.get().retried_response
-                    };
-                    reason.increment(1);
-                    tracing::debug!(retry = *this.retries + 1, ?wait, "retry: retrying");
-                    *this.retries += 1;
-                    this.state.set(State::Waiting {
-                        sleep: Box::pin(tokio::time::sleep(wait)),
-                    });
-                }
-                None => return Poll::Ready(outcome),
+            if let Some(done) = self.settle(outcome) {
+                return Poll::Ready(done);
             }
         }
     }
 }
 
+/// The layer's metric handles; handles that record nothing when the request carries no
+/// shared state (the layer has no recorder then).
+fn metrics(shared: Option<&Shared>) -> &RetryMetrics {
+    shared.map_or(&NOOP_RETRY, |shared| shared.metrics.get())
+}
+
 /// The wait before the next retry, or `None` (counted by reason) when there is none.
 fn next_wait(
-    shared: &Shared,
+    settings: &Settings,
+    shared: Option<&Shared>,
     retries: u32,
     after: Option<Duration>,
     replayable: bool,
 ) -> Option<Duration> {
-    let metrics = shared.metrics.get();
+    let metrics = metrics(shared);
     if !replayable {
         metrics.gave_up_not_replayable.increment(1);
         return None;
     }
-    if retries + 1 >= shared.max_attempts {
+    if retries + 1 >= settings.max_attempts {
         metrics.gave_up_max_attempts.increment(1);
         tracing::debug!("retry: attempts exhausted");
         return None;
     }
     let wait = match after {
-        Some(after) if after > shared.max_retry_after => {
+        Some(after) if after > settings.max_retry_after() => {
             metrics.gave_up_retry_after.increment(1);
             return None;
         }
         Some(after) => after,
-        None => shared.backoff.delay(retries, shared.jitter.unit()),
+        None => settings.backoff().delay(retries, Jitter::global().unit()),
     };
     // Never start an attempt that cannot finish before the deadline.
     if let Some(deadline) = Deadline::current() {
@@ -167,7 +226,7 @@ fn next_wait(
             return None;
         }
     }
-    if let Some(budget) = &shared.budget {
+    if let Some(budget) = shared.and_then(|shared| shared.budget.as_ref()) {
         if !budget.withdraw() {
             metrics.budget_exhausted.increment(1);
             tracing::debug!("retry: budget exhausted, giving up");

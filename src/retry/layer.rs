@@ -4,22 +4,63 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::backoff::{Backoff, Jitter};
+use super::backoff::Backoff;
 use super::policy::RetryErrors;
 use super::service::Retry;
 use crate::budget::Budget;
 use crate::metrics::{Lazy, RetryMetrics};
 
-/// Settings shared by every clone of one retry layer.
+/// State shared by every clone of one retry layer.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) max_attempts: u32,
-    pub(crate) backoff: Backoff,
-    pub(crate) max_retry_after: Duration,
+    pub(crate) settings: Settings,
     pub(crate) budget: Option<Budget>,
     pub(crate) deposit: bool,
-    pub(crate) jitter: Jitter,
     pub(crate) metrics: Lazy<RetryMetrics>,
+}
+
+impl Shared {
+    /// Whether a request needs this state besides its [`Settings`]: to deposit into or
+    /// withdraw from a budget, or to record metrics. Without either, a request touches
+    /// nothing shared (no reference count moves), which keeps the pass-through cheap and
+    /// free of contention between threads.
+    pub(crate) fn needed_per_request(&self) -> bool {
+        self.budget.is_some() || self.metrics.recording()
+    }
+}
+
+/// What a retry decision reads besides the budget: copied into every response future.
+/// Durations are kept in nanoseconds (saturating at about 584 years) so the copy stays
+/// small.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub(crate) max_attempts: u32,
+    backoff_base: u64,
+    backoff_cap: u64,
+    max_retry_after: u64,
+}
+
+impl Settings {
+    fn new(max_attempts: u32, backoff: Backoff, max_retry_after: Duration) -> Self {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Settings {
+            max_attempts,
+            backoff_base: nanos(backoff.base()),
+            backoff_cap: nanos(backoff.cap()),
+            max_retry_after: nanos(max_retry_after),
+        }
+    }
+
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff::new(
+            Duration::from_nanos(self.backoff_base),
+            Duration::from_nanos(self.backoff_cap),
+        )
+    }
+
+    pub(crate) fn max_retry_after(&self) -> Duration {
+        Duration::from_nanos(self.max_retry_after)
+    }
 }
 
 /// A [`Layer`] that retries transient failures with backoff, within a budget.
@@ -170,12 +211,9 @@ impl<P> RetryBuilder<P> {
     pub fn build(self) -> RetryLayer<P> {
         RetryLayer {
             shared: Arc::new(Shared {
-                max_attempts: self.max_attempts,
-                backoff: self.backoff,
-                max_retry_after: self.max_retry_after,
+                settings: Settings::new(self.max_attempts, self.backoff, self.max_retry_after),
                 budget: self.budget,
                 deposit: self.deposit,
-                jitter: Jitter::new(),
                 metrics: Lazy::new(self.name, RetryMetrics::register),
             }),
             policy: self.policy,

@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use tower_service::Service;
 
 use super::future::ResponseFuture;
-use super::layer::Shared;
+use super::layer::{Settings, Shared};
 use super::policy::Policy;
 use crate::error::{BoxError, Error};
 
@@ -17,6 +17,9 @@ pub struct Retry<S, P> {
     inner: S,
     policy: P,
     shared: Arc<Shared>,
+    settings: Settings,
+    /// Whether each request carries `shared` ([`Shared::needed_per_request`]).
+    carry: bool,
 }
 
 impl<S, P> Retry<S, P> {
@@ -24,6 +27,8 @@ impl<S, P> Retry<S, P> {
         Retry {
             inner,
             policy,
+            settings: shared.settings,
+            carry: shared.needed_per_request(),
             shared,
         }
     }
@@ -50,6 +55,8 @@ impl<S: Clone, P: Clone> Clone for Retry<S, P> {
             inner: self.inner.clone(),
             policy: self.policy.clone(),
             shared: self.shared.clone(),
+            settings: self.settings,
+            carry: self.carry,
         }
     }
 }
@@ -79,14 +86,18 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let replay = self.policy.replay(&req);
-        self.shared.metrics.get().attempts.increment(1);
+        let shared = self.carry.then(|| self.shared.clone());
+        if let Some(shared) = &shared {
+            shared.metrics.get().attempts.increment(1);
+        }
         let first = self.inner.call(req);
         ResponseFuture::new(
             first,
             self.inner.clone(),
             self.policy.clone(),
             replay,
-            self.shared.clone(),
+            self.settings,
+            shared,
         )
     }
 }
