@@ -409,10 +409,30 @@ pub(crate) struct LimitMetrics {
     pub(crate) rejected_queue_timeout: Counter,
     pub(crate) rejected_standing: Counter,
     pub(crate) queue_wait: Histogram,
+    /// Whether a recorder was installed at registration: without one the per-request
+    /// updates are skipped (the handles would record nothing).
+    recording: bool,
 }
 
 #[cfg(feature = "limit")]
 impl LimitMetrics {
+    /// Counts a request in: admitted, and in flight.
+    #[inline]
+    pub(crate) fn admit(&self) {
+        if self.recording {
+            self.admitted.increment(1);
+            self.in_flight.increment(1.0);
+        }
+    }
+
+    /// Counts a request out of flight.
+    #[inline]
+    pub(crate) fn release(&self) {
+        if self.recording {
+            self.in_flight.decrement(1.0);
+        }
+    }
+
     pub(crate) fn register(name: &str) -> Self {
         describe();
         let name = name.to_owned();
@@ -427,6 +447,7 @@ impl LimitMetrics {
             rejected_queue_timeout: rejected("queue_timeout"),
             rejected_standing: rejected("queue_standing"),
             queue_wait: metrics::histogram!(LIMIT_QUEUE_WAIT, "name" => name.clone()),
+            recording: recorder_installed(),
         }
     }
 }
@@ -602,7 +623,7 @@ impl<M> Lazy<M> {
 /// True unless the recorder in force is `metrics`' no-op one (the only recorder without
 /// state: every real recorder keeps a registry). Read once per layer instance, when its
 /// handles are registered.
-#[cfg(feature = "timeout")]
+#[cfg(any(feature = "timeout", feature = "limit"))]
 pub(crate) fn recorder_installed() -> bool {
     metrics::with_recorder(|recorder| std::mem::size_of_val(recorder) != 0)
 }

@@ -311,8 +311,7 @@ impl Limiter {
 
     #[inline]
     fn admitted(self: &Arc<Self>, in_flight: usize) -> Permit {
-        self.metrics.admitted.increment(1);
-        self.metrics.in_flight.increment(1.0);
+        self.metrics.admit();
         Permit::new(self.clone(), in_flight)
     }
 
@@ -450,7 +449,7 @@ impl Limiter {
     /// Returns a permit: to the first waiter if the limit allows, else to the pool.
     #[inline]
     fn release(&self) {
-        self.metrics.in_flight.decrement(1.0);
+        self.metrics.release();
         if self.queued.load(Ordering::SeqCst) > 0 && self.hand_over() {
             return;
         }
@@ -674,8 +673,7 @@ impl Ticket {
             .metrics
             .queue_wait
             .record(self.enqueued.elapsed().as_secs_f64());
-        limiter.metrics.admitted.increment(1);
-        limiter.metrics.in_flight.increment(1.0);
+        limiter.metrics.admit();
         Permit::new(limiter.clone(), limiter.in_flight())
     }
 
