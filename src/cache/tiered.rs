@@ -11,6 +11,7 @@ use super::flight::{Core, Upstream};
 use super::store::{Lifetime, Storable};
 use crate::tier::{
     wall_ms, Codec, Envelope, Lease, Listener, Message, Read, RedisTier, Seen, TierMetrics,
+    UNSTORED_TTL,
 };
 
 /// How a key is named in Redis.
@@ -134,7 +135,7 @@ where
     /// Marks `name` as a key whose result the tier does not hold.
     pub(crate) async fn mark_unstored(&self, name: &str) {
         self.tier
-            .mark_unstored(name, crate::tier::UNSTORED_TTL, &self.metrics)
+            .mark_unstored(name, UNSTORED_TTL, &self.metrics)
             .await;
     }
 
@@ -265,25 +266,25 @@ where
                 Storable::Default => Some(core.store.default_life()),
                 Storable::For(life) => Some(life),
             };
-            let mut written = false;
-            if reachable {
-                match life {
-                    Some(life) => {
-                        let tags = core
-                            .tags
-                            .as_ref()
-                            .map(|f| f(&key, &value))
-                            .unwrap_or_default();
-                        written = tier.write(&name, &value, life, &tags).await;
+            match (reachable, life, guard) {
+                (true, Some(life), guard) => {
+                    let tags = core
+                        .tags
+                        .as_ref()
+                        .map(|f| f(&key, &value))
+                        .unwrap_or_default();
+                    let written = tier.write(&name, &value, life, &tags).await;
+                    if let Some(guard) = guard {
+                        guard.release(written).await;
                     }
-                    // Not to be stored: mark it, so the instances waiting on the lease
-                    // (woken by its release) and the next misses anywhere call their
-                    // upstreams at once instead of one after another.
-                    None => tier.mark_unstored(&name).await,
                 }
-            }
-            if let Some(guard) = guard {
-                guard.release(written).await;
+                // Not to be stored: mark it, so the instances waiting on the lease (woken
+                // by its release, sent in the same round trip) and the next misses
+                // anywhere call their upstreams at once instead of one after another.
+                (true, None, Some(guard)) => guard.release_marked(UNSTORED_TTL).await,
+                (true, None, None) => tier.mark_unstored(&name).await,
+                (false, _, Some(guard)) => guard.release(false).await,
+                (false, _, None) => {}
             }
             Ok(value)
         })

@@ -2,6 +2,7 @@
 //! others wait for what it writes.
 
 use std::future::Future;
+use std::time::Duration;
 
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -214,15 +215,27 @@ impl LeaseGuard {
     /// Gives the lease up; when no value was `written` (whose write already woke the
     /// waiters), tells them to try again: they read the key again, and go to their
     /// upstreams at once if it is marked unstored.
-    pub(crate) async fn release(mut self: Box<Self>, written: bool) {
+    pub(crate) async fn release(self: Box<Self>, written: bool) {
+        self.release_then(written, None).await;
+    }
+
+    /// Marks the key unstored for `ttl` ([`RedisTier::mark_unstored`]) and gives the
+    /// lease up, in one round trip: the mark goes first, so the waiters the release wakes
+    /// read it.
+    pub(crate) async fn release_marked(self: Box<Self>, ttl: Duration) {
+        self.release_then(false, Some(ttl)).await;
+    }
+
+    async fn release_then(mut self: Box<Self>, written: bool, mark: Option<Duration>) {
         self.done = true;
         self.stop_renewing();
+        let mark = mark.map(|ttl| self.tier.mark_cmd(&self.name, ttl));
         release(
             &self.tier,
             &self.name,
             &self.token,
             (self.from, &self.metrics),
-            written,
+            (written, mark),
         )
         .await;
     }
@@ -234,12 +247,14 @@ impl LeaseGuard {
     }
 }
 
+/// Releases the lease on `name` if `token` still holds it; publishes the release unless
+/// a value was `written`; sends `mark` first in the same round trip when given.
 async fn release(
     tier: &RedisTier,
     name: &str,
     token: &str,
     (from, metrics): (u64, &TierMetrics),
-    written: bool,
+    (written, mark): (bool, Option<redis::Cmd>),
 ) {
     let message = if written {
         String::new()
@@ -253,7 +268,15 @@ async fn release(
         .arg(token)
         .arg(tier.channel())
         .arg(&message);
-    let done = tier.run::<()>(Request::Cmd(cmd), metrics, Op::Lease).await;
+    let request = match mark {
+        None => Request::Cmd(cmd),
+        Some(mark) => {
+            let mut pipe = redis::pipe();
+            pipe.add_command(mark).ignore().add_command(cmd).ignore();
+            Request::Pipe(pipe)
+        }
+    };
+    let done = tier.run::<()>(request, metrics, Op::Lease).await;
     if done.is_some() && !written {
         metrics.sent.increment(1);
     }
@@ -275,6 +298,8 @@ impl Drop for LeaseGuard {
             std::mem::take(&mut self.token),
         );
         let (from, metrics) = (self.from, self.metrics.clone());
-        runtime.spawn(async move { release(&tier, &name, &token, (from, &metrics), false).await });
+        runtime.spawn(async move {
+            release(&tier, &name, &token, (from, &metrics), (false, None)).await
+        });
     }
 }

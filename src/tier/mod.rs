@@ -321,14 +321,22 @@ impl RedisTier {
     /// published: the other instances keep what their first tiers hold, and the ones
     /// waiting on the key's lease read the mark when its release wakes them.
     pub(crate) async fn mark_unstored(&self, name: &str, ttl: Duration, metrics: &TierMetrics) {
+        // Not taken (Redis failing): the waiters take the lease over one at a time, as
+        // after any release without a value.
+        let _ = self
+            .run::<()>(Request::Cmd(self.mark_cmd(name, ttl)), metrics, Op::Set)
+            .await;
+    }
+
+    /// The command [`mark_unstored`](Self::mark_unstored) sends (a lease's release sends
+    /// it in the same round trip when its flight's result is not stored).
+    pub(crate) fn mark_cmd(&self, name: &str, ttl: Duration) -> redis::Cmd {
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.value_key(name))
             .arg(UNSTORED)
             .arg("PX")
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
-        // Not taken (Redis failing): the waiters take the lease over one at a time, as
-        // after any release without a value.
-        let _ = self.run::<()>(Request::Cmd(cmd), metrics, Op::Set).await;
+        cmd
     }
 
     /// Deletes `name` and tells the other instances.

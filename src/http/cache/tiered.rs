@@ -229,20 +229,25 @@ impl Core {
         origin: Origin,
     ) {
         let mut written = false;
+        let mut mark = None;
         if let (true, Ok(fetched)) = (origin.reachable, outcome) {
             if let Some(stored) = &fetched.store {
                 let list = self.with_variant(primary, stored.clone());
                 written = tier.write(primary, &list).await;
             } else if let Some(ttl) = self.uncacheable_ttl() {
                 if origin.may_mark && self.cannot_store(fetched) && !self.holds(primary) {
-                    tier.tier.mark_unstored(primary, ttl, &tier.metrics).await;
+                    mark = Some(ttl);
                 }
             }
         }
         // Without a value written (whose message woke them), the release wakes the
-        // instances waiting on the lease: a mark sends them to the origin at once.
-        if let Some(guard) = origin.guard {
-            guard.release(written).await;
+        // instances waiting on the lease: a mark, sent first in the same round trip,
+        // sends them to the origin at once.
+        match (origin.guard, mark) {
+            (Some(guard), Some(ttl)) => guard.release_marked(ttl).await,
+            (Some(guard), None) => guard.release(written).await,
+            (None, Some(ttl)) => tier.tier.mark_unstored(primary, ttl, &tier.metrics).await,
+            (None, None) => {}
         }
     }
 }
