@@ -225,6 +225,52 @@ async fn a_retry_after_beyond_the_cap_ends_the_retries() {
     assert_eq!(upstream.calls(), 1);
 }
 
+/// Without a budget and without a recorder, each request carries a copy of the layer's
+/// settings instead of its shared state: the `Retry-After` cap and the attempt bound hold
+/// all the same.
+#[tokio::test(start_paused = true)]
+async fn a_layer_without_a_budget_or_a_recorder_keeps_its_retry_after_cap_and_attempt_bound() {
+    let through = |upstream: &HttpUpstream| {
+        ServiceBuilder::new()
+            .layer(BufferBodyLayer::new(64))
+            .layer(
+                RetryLayer::builder()
+                    .policy(HttpPolicy)
+                    .max_attempts(2)
+                    .max_retry_after(Duration::from_secs(60))
+                    .without_budget()
+                    .build(),
+            )
+            .service(upstream.clone())
+    };
+    let get = || request(Method::GET, Chunks::default());
+
+    let below_cap = HttpUpstream::new(vec![status(503, Some("2"))]);
+    let start = Instant::now();
+    let response = through(&below_cap).oneshot(get()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    assert_eq!(below_cap.calls(), 2);
+
+    let beyond_cap = HttpUpstream::new(vec![status(503, Some("120"))]);
+    let start = Instant::now();
+    let response = through(&beyond_cap).oneshot(get()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(beyond_cap.calls(), 1);
+
+    let twice = HttpUpstream::new(vec![status(503, Some("1")), status(503, Some("1"))]);
+    let start = Instant::now();
+    let response = through(&twice).oneshot(get()).await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the last response"
+    );
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    assert_eq!(twice.calls(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn retryable_statuses_are_retried_and_others_are_not() {
     for (code, retried) in [
