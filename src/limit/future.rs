@@ -121,105 +121,103 @@ where
         // An admitted request is the path nearly every request takes: kept small so it
         // inlines into the caller; the queue and the rejections run out of line.
         if let StateProj::Running { future, permit } = state.as_mut().project() {
-            return poll_running::<S, Req, M>(future, permit, cx);
+            return Self::poll_running(future, permit, cx);
         }
-        poll_admission::<S, Req, M>(state, cx)
+        Self::poll_admission(state, cx)
     }
 }
 
-/// Polls an admitted request; its permit goes with the response (or back, if it failed).
-#[inline]
-fn poll_running<S, Req, M>(
-    future: Pin<&mut S::Future>,
-    permit: &mut Option<Permit>,
-    cx: &mut Context<'_>,
-) -> Poll<Result<M::Output, Error>>
+impl<S, Req, M> ResponseFuture<S, Req, M>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
     M: Release<S::Response>,
 {
-    // The permit leaves as the request ends: none left means polled again.
-    if permit.is_none() {
-        panic!("limit::ResponseFuture polled after completion");
+    /// Polls an admitted request; its permit goes with the response (or back, if it failed).
+    #[inline]
+    fn poll_running(
+        future: Pin<&mut S::Future>,
+        permit: &mut Option<Permit>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<M::Output, Error>> {
+        // The permit leaves as the request ends: none left means polled again.
+        if permit.is_none() {
+            panic!("limit::ResponseFuture polled after completion");
+        }
+        let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+        let result = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(result)) => result.map_err(Error::inner),
+            Err(payload) => Err(Error::panicked(&*payload)),
+        };
+        let Some(mut permit) = permit.take() else {
+            unreachable!("checked above");
+        };
+        permit.record(outcome_of(&result));
+        // The release mode decides when the permit goes.
+        Poll::Ready(result.map(|response| M::attach(response, permit)))
     }
-    let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
-    let result = match polled {
-        Ok(Poll::Pending) => return Poll::Pending,
-        Ok(Poll::Ready(result)) => result.map_err(Error::inner),
-        Err(payload) => Err(Error::panicked(&*payload)),
-    };
-    let Some(mut permit) = permit.take() else {
-        unreachable!("checked above");
-    };
-    permit.record(outcome_of(&result));
-    // The release mode decides when the permit goes.
-    Poll::Ready(result.map(|response| M::attach(response, permit)))
-}
 
-/// Polls a request not admitted at `call`: rejected, or waiting in the queue until it is
-/// granted a permit (then run), shed or timed out.
-#[inline(never)]
-fn poll_admission<S, Req, M>(
-    mut state: Pin<&mut State<S, Req>>,
-    cx: &mut Context<'_>,
-) -> Poll<Result<M::Output, Error>>
-where
-    S: Service<Req>,
-    S::Error: Into<BoxError>,
-    M: Release<S::Response>,
-{
-    let overloaded = |retry_after| Error::with_retry_after(ErrorKind::Overloaded, retry_after);
-    let output = loop {
-        match state.as_mut().project() {
-            StateProj::Rejected { retry_after } => {
-                let retry_after = *retry_after;
-                state.set(State::Done);
-                break Err(overloaded(retry_after));
-            }
-            StateProj::Queued { waiting } => {
-                let Waiting {
-                    ticket,
-                    retry_after,
-                    service,
-                    request,
-                    deadline,
-                } = &mut **waiting;
-                let permit = match ticket.poll_turn(cx.waker()) {
-                    Turn::Granted(permit) => permit,
-                    Turn::Shed => {
-                        let retry_after = *retry_after;
-                        state.set(State::Done);
-                        break Err(overloaded(retry_after));
-                    }
-                    Turn::Waiting => match deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
-                        Some(Poll::Ready(())) => match ticket.time_out() {
-                            Ok(permit) => permit,
-                            Err(_) => {
-                                let retry_after = *retry_after;
-                                state.set(State::Done);
-                                break Err(overloaded(retry_after));
-                            }
+    /// Polls a request not admitted at `call`: rejected, or waiting in the queue until it is
+    /// granted a permit (then run), shed or timed out.
+    #[inline(never)]
+    fn poll_admission(
+        mut state: Pin<&mut State<S, Req>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<M::Output, Error>> {
+        let overloaded = |retry_after| Error::with_retry_after(ErrorKind::Overloaded, retry_after);
+        let output = loop {
+            match state.as_mut().project() {
+                StateProj::Rejected { retry_after } => {
+                    let retry_after = *retry_after;
+                    state.set(State::Done);
+                    break Err(overloaded(retry_after));
+                }
+                StateProj::Queued { waiting } => {
+                    let Waiting {
+                        ticket,
+                        retry_after,
+                        service,
+                        request,
+                        deadline,
+                    } = &mut **waiting;
+                    let permit = match ticket.poll_turn(cx.waker()) {
+                        Turn::Granted(permit) => permit,
+                        Turn::Shed => {
+                            let retry_after = *retry_after;
+                            state.set(State::Done);
+                            break Err(overloaded(retry_after));
+                        }
+                        Turn::Waiting => match deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+                            Some(Poll::Ready(())) => match ticket.time_out() {
+                                Ok(permit) => permit,
+                                Err(_) => {
+                                    let retry_after = *retry_after;
+                                    state.set(State::Done);
+                                    break Err(overloaded(retry_after));
+                                }
+                            },
+                            _ => return Poll::Pending,
                         },
-                        _ => return Poll::Pending,
-                    },
-                };
-                let (Some(mut service), Some(request)) = (service.take(), request.take()) else {
-                    unreachable!("a queued request leaves the queue once");
-                };
-                let future = service.call(request);
-                state.set(State::Running {
-                    future,
-                    permit: Some(permit),
-                });
+                    };
+                    let (Some(mut service), Some(request)) = (service.take(), request.take())
+                    else {
+                        unreachable!("a queued request leaves the queue once");
+                    };
+                    let future = service.call(request);
+                    state.set(State::Running {
+                        future,
+                        permit: Some(permit),
+                    });
+                }
+                StateProj::Running { future, permit } => {
+                    return Self::poll_running(future, permit, cx);
+                }
+                StateProj::Done => panic!("limit::ResponseFuture polled after completion"),
             }
-            StateProj::Running { future, permit } => {
-                return poll_running::<S, Req, M>(future, permit, cx);
-            }
-            StateProj::Done => panic!("limit::ResponseFuture polled after completion"),
-        }
-    };
-    Poll::Ready(output)
+        };
+        Poll::Ready(output)
+    }
 }
 
 impl<S, Req, M> fmt::Debug for ResponseFuture<S, Req, M>

@@ -17,6 +17,9 @@ pub struct Retry<S, P> {
     inner: S,
     policy: P,
     shared: Arc<Shared>,
+    // `settings` and `carry` are read from `shared` once, here: reading them through it
+    // on every call measured slower (one task 16.6 to 21.3 ns against 10.0 to 10.4, two
+    // tasks 10.1 to 10.9 against 5.9 to 6.4).
     settings: Settings,
     /// Whether each request carries `shared` ([`Shared::needed_per_request`]).
     carry: bool,
