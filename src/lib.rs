@@ -54,6 +54,9 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[macro_use]
+mod macros;
+
 #[cfg(feature = "retry")]
 pub mod budget;
 #[cfg(any(

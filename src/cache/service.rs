@@ -30,20 +30,7 @@ impl<S, Req, K, V> Cache<S, Req, K, V> {
         }
     }
 
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes the cache and returns the wrapped service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_accessors!("cache");
 }
 
 impl<S: Clone, Req, K, V> Clone for Cache<S, Req, K, V> {

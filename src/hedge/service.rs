@@ -31,20 +31,7 @@ impl<S, P, C> Hedge<S, P, C> {
         }
     }
 
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes the hedge and returns the wrapped service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_accessors!("hedge");
 }
 
 impl<S: Clone, P: Clone, C: Clone> Clone for Hedge<S, P, C> {

@@ -39,20 +39,7 @@ impl<S, M> ConcurrencyLimit<S, M> {
         }
     }
 
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes the limit and returns the wrapped service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_accessors!("limit");
 }
 
 impl<S> ConcurrencyLimit<S> {

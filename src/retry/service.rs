@@ -36,20 +36,7 @@ impl<S, P> Retry<S, P> {
         }
     }
 
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes the retry and returns the wrapped service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_accessors!("retry");
 }
 
 impl<S: Clone, P: Clone> Clone for Retry<S, P> {

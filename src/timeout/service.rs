@@ -54,20 +54,7 @@ impl<S, C, T> Timeout<S, C, T> {
         }
     }
 
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes the timeout and returns the wrapped service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_accessors!("timeout");
 }
 
 impl<S: fmt::Debug, C: fmt::Debug, T> fmt::Debug for Timeout<S, C, T> {
