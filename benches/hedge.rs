@@ -9,19 +9,6 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tower::Layer;
 
-#[derive(Clone)]
-struct ClonePolicy;
-
-impl tower::hedge::Policy<u64> for ClonePolicy {
-    fn clone_request(&self, req: &u64) -> Option<u64> {
-        Some(*req)
-    }
-
-    fn can_retry(&self, _req: &u64) -> bool {
-        true
-    }
-}
-
 fn hedge_in(c: &mut Criterion, prometheus: bool) {
     let rt = common::runtime();
     let _guard = rt.enter();
@@ -48,7 +35,7 @@ fn hedge_in(c: &mut Criterion, prometheus: bool) {
     common::bench_with(&mut group, &rt, "tower_hedge", || {
         tower::hedge::Hedge::new(
             common::echo(),
-            ClonePolicy,
+            common::ClonePolicy,
             10,
             0.95,
             Duration::from_secs(1),

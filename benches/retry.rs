@@ -11,33 +11,6 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tower::Layer;
 
-/// tower's retry needs a policy written by hand: up to two retries on error.
-#[derive(Clone)]
-struct Attempts(usize);
-
-impl tower::retry::Policy<u64, u64, Infallible> for Attempts {
-    type Future = Ready<()>;
-
-    fn retry(
-        &mut self,
-        _req: &mut u64,
-        result: &mut Result<u64, Infallible>,
-    ) -> Option<Self::Future> {
-        match result {
-            Ok(_) => None,
-            Err(_) if self.0 > 0 => {
-                self.0 -= 1;
-                Some(std::future::ready(()))
-            }
-            Err(_) => None,
-        }
-    }
-
-    fn clone_request(&mut self, req: &u64) -> Option<u64> {
-        Some(*req)
-    }
-}
-
 /// tower's retry with its `TpsBudget`, deposited on success and withdrawn per retry: the
 /// same job as towerguard's budgeted retry.
 #[derive(Clone)]
@@ -98,7 +71,7 @@ fn retry_in(c: &mut Criterion, prometheus: bool) {
         &mut group,
         &rt,
         "tower_retry",
-        tower::retry::RetryLayer::new(Attempts(2)).layer(common::echo()),
+        tower::retry::RetryLayer::new(common::Attempts(2)).layer(common::echo()),
     );
     common::bench(
         &mut group,

@@ -10,44 +10,12 @@
 mod common;
 
 use std::convert::Infallible;
-use std::future::Ready;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tower::{Layer, ServiceBuilder};
 use towerguard::cache::CacheLayer;
 use towerguard::stack::StackBuilder;
-
-#[derive(Clone)]
-struct ClonePolicy;
-
-impl tower::hedge::Policy<u64> for ClonePolicy {
-    fn clone_request(&self, req: &u64) -> Option<u64> {
-        Some(*req)
-    }
-    fn can_retry(&self, _req: &u64) -> bool {
-        true
-    }
-}
-
-#[derive(Clone)]
-struct Attempts(usize);
-
-impl<E> tower::retry::Policy<u64, u64, E> for Attempts {
-    type Future = Ready<()>;
-    fn retry(&mut self, _req: &mut u64, result: &mut Result<u64, E>) -> Option<Self::Future> {
-        match result {
-            Err(_) if self.0 > 0 => {
-                self.0 -= 1;
-                Some(std::future::ready(()))
-            }
-            _ => None,
-        }
-    }
-    fn clone_request(&mut self, req: &u64) -> Option<u64> {
-        Some(*req)
-    }
-}
 
 fn stack_in(c: &mut Criterion, prometheus: bool) {
     let rt = common::runtime();
@@ -65,9 +33,11 @@ fn stack_in(c: &mut Criterion, prometheus: bool) {
     let tower_stack = ServiceBuilder::new()
         .timeout(Duration::from_secs(10))
         .concurrency_limit(1_000)
-        .layer(tower::retry::RetryLayer::new(Attempts(2)))
+        .layer(tower::retry::RetryLayer::new(common::Attempts(2)))
         .buffer(1_024)
-        .layer_fn(|s| tower::hedge::Hedge::new(s, ClonePolicy, 10, 0.95, Duration::from_secs(1)))
+        .layer_fn(|s| {
+            tower::hedge::Hedge::new(s, common::ClonePolicy, 10, 0.95, Duration::from_secs(1))
+        })
         .timeout(Duration::from_secs(3))
         .service(common::echo());
     common::bench(&mut group, &rt, "tower", tower_stack);
