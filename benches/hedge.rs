@@ -35,7 +35,7 @@ fn hedge_in(c: &mut Criterion, prometheus: bool) {
     common::bench_with(&mut group, &rt, "tower_hedge", || {
         tower::hedge::Hedge::new(
             common::echo(),
-            common::ClonePolicy,
+            common::tower_policies::ClonePolicy,
             10,
             0.95,
             Duration::from_secs(1),

@@ -71,7 +71,7 @@ fn retry_in(c: &mut Criterion, prometheus: bool) {
         &mut group,
         &rt,
         "tower_retry",
-        tower::retry::RetryLayer::new(common::Attempts(2)).layer(common::echo()),
+        tower::retry::RetryLayer::new(common::tower_policies::Attempts(2)).layer(common::echo()),
     );
     common::bench(
         &mut group,

@@ -33,10 +33,18 @@ fn stack_in(c: &mut Criterion, prometheus: bool) {
     let tower_stack = ServiceBuilder::new()
         .timeout(Duration::from_secs(10))
         .concurrency_limit(1_000)
-        .layer(tower::retry::RetryLayer::new(common::Attempts(2)))
+        .layer(tower::retry::RetryLayer::new(
+            common::tower_policies::Attempts(2),
+        ))
         .buffer(1_024)
         .layer_fn(|s| {
-            tower::hedge::Hedge::new(s, common::ClonePolicy, 10, 0.95, Duration::from_secs(1))
+            tower::hedge::Hedge::new(
+                s,
+                common::tower_policies::ClonePolicy,
+                10,
+                0.95,
+                Duration::from_secs(1),
+            )
         })
         .timeout(Duration::from_secs(3))
         .service(common::echo());

@@ -31,17 +31,19 @@
 //! screenshot.
 
 mod common;
+#[path = "../benches/common/tower_policies.rs"]
+mod tower_policies;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::future::Ready;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tower_policies::{Attempts, ClonePolicy};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -789,18 +791,6 @@ async fn stampede(report: &mut Report, rounds: usize, bar: &ProgressBar) {
 // ---------------------------------------------------------------------------------------
 // tail
 
-#[derive(Clone)]
-struct ClonePolicy;
-
-impl tower::hedge::Policy<u64> for ClonePolicy {
-    fn clone_request(&self, req: &u64) -> Option<u64> {
-        Some(*req)
-    }
-    fn can_retry(&self, _req: &u64) -> bool {
-        true
-    }
-}
-
 const HEDGES: &[&str] = &[
     "no_hedge",
     "towerguard",
@@ -887,31 +877,6 @@ async fn tail(report: &mut Report, requests: usize, rounds: usize, bar: &Progres
 
 // ---------------------------------------------------------------------------------------
 // faults
-
-#[derive(Clone)]
-struct Attempts(usize);
-
-impl tower::retry::Policy<u64, Bytes, UpstreamError> for Attempts {
-    type Future = Ready<()>;
-
-    fn retry(
-        &mut self,
-        _req: &mut u64,
-        result: &mut Result<Bytes, UpstreamError>,
-    ) -> Option<Self::Future> {
-        match result {
-            Err(_) if self.0 > 0 => {
-                self.0 -= 1;
-                Some(std::future::ready(()))
-            }
-            _ => None,
-        }
-    }
-
-    fn clone_request(&mut self, req: &u64) -> Option<u64> {
-        Some(*req)
-    }
-}
 
 const RETRIES: &[&str] = &[
     "no_retry",

@@ -127,38 +127,4 @@ pub fn bench_with<S>(
     }
 }
 
-/// tower's hedge needs a policy written by hand: every request may be sent again.
-#[derive(Clone)]
-pub struct ClonePolicy;
-
-impl tower::hedge::Policy<u64> for ClonePolicy {
-    fn clone_request(&self, req: &u64) -> Option<u64> {
-        Some(*req)
-    }
-
-    fn can_retry(&self, _req: &u64) -> bool {
-        true
-    }
-}
-
-/// tower's retry needs a policy written by hand: up to this many retries on error.
-#[derive(Clone)]
-pub struct Attempts(pub usize);
-
-impl<E> tower::retry::Policy<u64, u64, E> for Attempts {
-    type Future = std::future::Ready<()>;
-
-    fn retry(&mut self, _req: &mut u64, result: &mut Result<u64, E>) -> Option<Self::Future> {
-        match result {
-            Err(_) if self.0 > 0 => {
-                self.0 -= 1;
-                Some(std::future::ready(()))
-            }
-            _ => None,
-        }
-    }
-
-    fn clone_request(&mut self, req: &u64) -> Option<u64> {
-        Some(*req)
-    }
-}
+pub mod tower_policies;
