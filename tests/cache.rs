@@ -849,3 +849,76 @@ async fn the_flight_token_is_cancelled_when_the_last_caller_leaves() {
     );
     assert_eq!(handle.flights_in_progress(), 0);
 }
+
+/// Tagged by the first letter of the key: `a1` carries `a`.
+fn tagged() -> towerguard::cache::CacheBuilder<String, String, String> {
+    builder().tags(|key: &String, _value: &String| vec![key[..1].to_owned()])
+}
+
+#[tokio::test]
+async fn invalidating_a_tag_removes_exactly_the_entries_that_carry_it() {
+    let upstream = Upstream::new();
+    let (mut svc, handle) = with(tagged(), &upstream);
+    let mut first = Vec::new();
+    for k in ["a1", "a2", "b1", "b2", "c1"] {
+        first.push(get(&mut svc, k).await.unwrap());
+    }
+    handle.invalidate_tag("a");
+    assert_eq!(handle.entry_count(), 3);
+    // The others are hits: the same values, no upstream call.
+    for (k, value) in ["b1", "b2", "c1"].into_iter().zip(&first[2..]) {
+        assert_eq!(&get(&mut svc, k).await.unwrap(), value);
+    }
+    assert_eq!(upstream.calls(), 5);
+    // The tagged ones go upstream again.
+    assert_eq!(get(&mut svc, "a1").await.unwrap(), "a1#6");
+    assert_eq!(get(&mut svc, "a2").await.unwrap(), "a2#7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_ups_go_on_while_a_tag_purge_scans_the_store() {
+    // While the purge asks an entry for its tags, another thread looks that very key up
+    // (same part of the store): the look-up must answer before the purge goes on. A purge
+    // that held the store locked through its scan would keep it waiting; the wait is
+    // bounded so that such a purge fails this test instead of hanging it.
+    let upstream = Upstream::new();
+    let service: Arc<std::sync::OnceLock<Svc>> = Arc::default();
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let runtime = tokio::runtime::Handle::current();
+    let (svc, handle) = {
+        let (service, answered) = (service.clone(), answered.clone());
+        let stuck = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        with(
+            builder().tags(move |key: &String, _value: &String| {
+                if stuck.load(Ordering::SeqCst) {
+                    return vec!["all".to_owned()];
+                }
+                let svc = service.get().expect("set before the purge").clone();
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (key, runtime) = (key.clone(), runtime.clone());
+                std::thread::spawn(move || {
+                    let _ = tx.send(runtime.block_on(svc.oneshot(key)));
+                });
+                match rx.recv_timeout(Duration::from_secs(10)) {
+                    Ok(Ok(_)) => {
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => stuck.store(true, Ordering::SeqCst),
+                }
+                vec!["all".to_owned()]
+            }),
+            &upstream,
+        )
+    };
+    assert!(service.set(svc.clone()).is_ok(), "set once");
+    let keys: Vec<String> = (0..64).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        svc.clone().oneshot(k.clone()).await.unwrap();
+    }
+    tokio::task::spawn_blocking(move || handle.invalidate_tag("all"))
+        .await
+        .unwrap();
+    assert_eq!(answered.load(Ordering::SeqCst), keys.len());
+    // Every look-up was a hit: the upstream saw only the first fill.
+    assert_eq!(upstream.calls(), keys.len());
+}

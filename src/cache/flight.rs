@@ -85,6 +85,20 @@ pub(crate) struct Core<K, V> {
     pub(crate) second: Option<Arc<super::tiered::SecondTier<K, V>>>,
 }
 
+impl<K, V> Core<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Removes from this instance's store every value whose tags include `tag`.
+    pub(crate) fn invalidate_tag_here(&self, tag: &str) {
+        if let Some(tags) = &self.tags {
+            self.store
+                .invalidate_where(|key, value| tags(key, value).iter().any(|t| t == tag));
+        }
+    }
+}
+
 impl<K, V> Owner<K, V> for Core<K, V>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,

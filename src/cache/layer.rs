@@ -384,24 +384,20 @@ where
         }
     }
 
-    /// Removes every entry whose [tags](CacheBuilder::tags) include `tag` (a scan of the
-    /// store). With a second tier, every value with the tag is also deleted from Redis and
-    /// the other instances drop theirs, in the background
-    /// ([`purge_tag`](Self::purge_tag) waits for it).
+    /// Removes every entry whose [tags](CacheBuilder::tags) include `tag`. With a second
+    /// tier, every value with the tag is also deleted from Redis and the other instances
+    /// drop theirs, in the background ([`purge_tag`](Self::purge_tag) waits for it).
+    ///
+    /// It scans the store on the calling thread, asking each entry for its tags. Look-ups
+    /// and inserts go on meanwhile (the scan holds a part of the store only to copy one
+    /// entry out), but its time grows with the number of entries: from async code, with a
+    /// large store, call it through `tokio::task::spawn_blocking`.
     pub fn invalidate_tag(&self, tag: &str) {
-        self.invalidate_tag_here(tag);
+        self.core.invalidate_tag_here(tag);
         #[cfg(feature = "redis")]
         if let Some(tier) = self.tier() {
             let tag = tag.to_owned();
             spawn(async move { tier.remove_tag(&tag).await });
-        }
-    }
-
-    fn invalidate_tag_here(&self, tag: &str) {
-        if let Some(tags) = &self.core.tags {
-            self.core
-                .store
-                .invalidate_where(|key, value| tags(key, value).iter().any(|t| t == tag));
         }
     }
 
@@ -433,7 +429,7 @@ where
     /// the tagged values and the message is sent. Feature `redis`.
     #[cfg(feature = "redis")]
     pub async fn purge_tag(&self, tag: &str) {
-        self.invalidate_tag_here(tag);
+        self.core.invalidate_tag_here(tag);
         if let Some(tier) = self.tier() {
             tier.remove_tag(tag).await;
         }

@@ -390,19 +390,22 @@ where
         self.index.contains_key(key)
     }
 
-    /// Removes every stored value `matches` selects (a scan of the whole store).
+    /// Removes every stored value `matches` selects: a scan of the whole store that holds
+    /// a part of it locked only to copy one entry out (and `matches` runs unlocked), so
+    /// look-ups go on meanwhile.
     pub(crate) fn invalidate_where(&self, matches: impl Fn(&K, &V) -> bool) {
-        let removed = AtomicU64::new(0);
-        self.index.retain(|key, entry| {
-            let hit = entry.value.as_ref().is_ok_and(|value| matches(key, value));
-            if hit {
-                removed.fetch_add(1, Ordering::Relaxed);
+        let mut removed = 0;
+        for (key, entry) in self.index.iter() {
+            if entry.value.as_ref().is_ok_and(|value| matches(&key, value))
+                && self
+                    .index
+                    .remove_if(&key, |current| Arc::ptr_eq(current, &entry))
+                    .is_some()
+            {
+                removed += 1;
             }
-            !hit
-        });
-        self.metrics
-            .evicted_invalidated
-            .increment(removed.into_inner());
+        }
+        self.metrics.evicted_invalidated.increment(removed);
         self.sample();
     }
 

@@ -314,12 +314,7 @@ where
                     self.store.invalidate(&key);
                 }
             }
-            Message::Tag(tag) => {
-                if let Some(tags) = &self.tags {
-                    self.store
-                        .invalidate_where(|key, value| tags(key, value).iter().any(|t| t == tag));
-                }
-            }
+            Message::Tag(tag) => self.invalidate_tag_here(tag),
             Message::All => {
                 tier.forget_all();
                 self.flights.detach_all();
