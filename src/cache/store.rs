@@ -409,15 +409,11 @@ where
         self.sample();
     }
 
+    /// Removes every entry, one at a time: each is dropped outside the store's locks, and
+    /// look-ups and inserts go on meanwhile.
     pub(crate) fn invalidate_all(&self) {
-        let removed = AtomicU64::new(0);
-        self.index.retain(|_, _| {
-            removed.fetch_add(1, Ordering::Relaxed);
-            false
-        });
-        self.metrics
-            .evicted_invalidated
-            .increment(removed.into_inner());
+        let removed = self.index.drain().count();
+        self.metrics.evicted_invalidated.increment(removed as u64);
         self.sample();
     }
 

@@ -1,11 +1,12 @@
-//! What a tag purge costs a single-flight cache's readers: a store of `ENTRIES` values
-//! (default 1,000,000; one tag in a hundred per entry), one thread reading hits in a loop
-//! (keys the purge keeps) and `invalidate_tag` on another. Prints, per run, how long the
-//! purge took and the slowest hit while it ran beside the slowest hit in the half second
-//! before it.
+//! What a purge costs a single-flight cache's readers: a store of `ENTRIES` values
+//! (default 1,000,000; one tag in a hundred per entry), one thread reading in a loop and a
+//! purge on another: `invalidate_tag` (the reader asks only for keys it keeps, so every
+//! read is a hit) or `invalidate_all` (reads after it are misses, each a flight and an
+//! insert). Prints, per run, how long the purge took and the slowest read while it ran
+//! beside the slowest in the half second before it.
 //!
-//!   cargo bench --bench tag_purge                 (three runs)
-//!   ENTRIES=100000 cargo bench --bench tag_purge
+//!   cargo bench --bench purge                 (three runs of each)
+//!   ENTRIES=100000 cargo bench --bench purge
 #![allow(missing_docs)]
 
 use std::convert::Infallible;
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use tower::{service_fn, Layer, Service, ServiceExt};
 use towerguard::cache::CacheLayer;
 
-/// The slowest hit in nanoseconds since the last time it was taken.
+/// The slowest read in nanoseconds since the last time it was taken.
 type Slowest = Arc<AtomicU64>;
 
 fn main() {
@@ -28,19 +29,30 @@ fn main() {
         .worker_threads(1)
         .build()
         .expect("a runtime");
-    println!("tag purge over {entries} entries, one tag in 100 per entry");
-    for run in 1..=3 {
-        let (took, before, during) = runtime.block_on(one(entries));
-        println!(
-            "run {run}: purge {:.1} ms; slowest hit before {:.3} ms, while purging {:.3} ms",
-            took.as_secs_f64() * 1e3,
-            before as f64 / 1e6,
-            during as f64 / 1e6
-        );
+    println!("{entries} entries, one tag in 100 per entry");
+    for purge in [Purge::Tag, Purge::All] {
+        for run in 1..=3 {
+            let (took, before, during) = runtime.block_on(one(entries, purge));
+            println!(
+                "{purge:?} run {run}: purge {:.1} ms; slowest read before {:.3} ms, while \
+                 purging {:.3} ms",
+                took.as_secs_f64() * 1e3,
+                before as f64 / 1e6,
+                during as f64 / 1e6
+            );
+        }
     }
 }
 
-async fn one(entries: u64) -> (Duration, u64, u64) {
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Purge {
+    /// `invalidate_tag` of one tag in a hundred.
+    Tag,
+    /// `invalidate_all`.
+    All,
+}
+
+async fn one(entries: u64, purge: Purge) -> (Duration, u64, u64) {
     let layer = CacheLayer::builder(|k: &u64| Some(*k))
         .max_entries(entries * 2)
         .tags(|k: &u64, _v: &u64| vec![format!("t{}", k % 100)])
@@ -65,9 +77,13 @@ async fn one(entries: u64) -> (Duration, u64, u64) {
                 while !stop.load(Ordering::Relaxed) {
                     let mut svc = svc.clone();
                     let t = Instant::now();
-                    // Only keys the purge keeps: every read is a hit.
                     let k = i * 7919 % entries;
-                    let k = if k % 100 == 7 { k ^ 1 } else { k };
+                    // A tag purge: only keys it keeps, so every read is a hit.
+                    let k = if purge == Purge::Tag && k % 100 == 7 {
+                        k ^ 1
+                    } else {
+                        k
+                    };
                     svc.ready().await.unwrap().call(k).await.unwrap();
                     slowest.fetch_max(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     i += 1;
@@ -76,17 +92,23 @@ async fn one(entries: u64) -> (Duration, u64, u64) {
         })
     };
     started.wait();
-    // Half a second of hits before the purge, for comparison.
+    // Half a second of reads before the purge, for comparison.
     slowest.store(0, Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(500));
     let before = slowest.swap(0, Ordering::Relaxed);
     let t = Instant::now();
-    handle.invalidate_tag("t7");
+    match purge {
+        Purge::Tag => handle.invalidate_tag("t7"),
+        Purge::All => handle.invalidate_all(),
+    }
     let took = t.elapsed();
-    let during = slowest.swap(0, Ordering::Relaxed);
+    // A read the purge held up ends after it: counted once the reader has stopped.
     stop.store(true, Ordering::Relaxed);
     reader.join().unwrap();
-    let tagged = (0..entries).filter(|k| k % 100 == 7).count() as u64;
-    assert_eq!(handle.entry_count(), entries - tagged);
+    let during = slowest.load(Ordering::Relaxed);
+    if purge == Purge::Tag {
+        let tagged = (0..entries).filter(|k| k % 100 == 7).count() as u64;
+        assert_eq!(handle.entry_count(), entries - tagged);
+    }
     (took, before, during)
 }
