@@ -68,6 +68,8 @@ pub mod budget;
 mod builder_ext;
 #[cfg(feature = "cache")]
 pub mod cache;
+#[cfg(feature = "retry")]
+mod cold;
 mod error;
 #[cfg(feature = "hedge")]
 pub mod hedge;

@@ -15,6 +15,7 @@ use tower_service::Service;
 use super::backoff::Jitter;
 use super::layer::{Settings, Shared};
 use super::policy::{Policy, Verdict};
+use crate::cold::ColdBox;
 use crate::error::{BoxError, Error};
 use crate::metrics::{RetryMetrics, NOOP_RETRY};
 use crate::timeout::Deadline;
@@ -38,7 +39,8 @@ pin_project! {
         // A copy kept for the next attempt; `None` when the request cannot be replayed.
         replay: Option<Req>,
         retries: u32,
-        settings: Settings,
+        // `None` when they were not interned: `shared` holds them then.
+        settings: Option<&'static Settings>,
         // `None` when the layer has no budget and no recorder.
         shared: Option<Arc<Shared>>,
     }
@@ -52,7 +54,7 @@ pin_project! {
     {
         First { #[pin] future: S::Future },
         // Boxed: a wait is rare, and the future every request carries stays small.
-        Waiting { sleep: Pin<Box<Sleep>> },
+        Waiting { sleep: ColdBox<Sleep> },
         Retrying { #[pin] call: Oneshot<S, Req> },
     }
 }
@@ -66,7 +68,7 @@ where
         service: S,
         policy: P,
         replay: Option<Req>,
-        settings: Settings,
+        settings: Option<&'static Settings>,
         shared: Option<Arc<Shared>>,
     ) -> Self {
         ResponseFuture {
@@ -90,17 +92,75 @@ where
     type Output = Result<S::Response, Error>;
 
     #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The first attempt's success is the path nearly every request takes: kept small
-        // so it inlines into the caller; waits and retries run out of line.
-        if let StateProj::First { future } = this.state.as_mut().project() {
+        // so it inlines into the caller, and it passes nothing but the future itself to
+        // the waits and retries, which run out of line.
+        let this = self.as_mut().project();
+        if let StateProj::First { future } = this.state.project() {
             let outcome = ready!(future.poll(cx)).map_err(Error::inner);
-            if let Some(done) = this.settle(outcome) {
+            match this.policy.classify(&outcome) {
+                Verdict::Done => return Poll::Ready(done(this.shared.as_deref(), outcome)),
+                Verdict::Retry { after } => {
+                    if let Some(done) = self.as_mut().project().schedule(outcome, after) {
+                        return Poll::Ready(done);
+                    }
+                }
+            }
+        }
+        self.poll_retries(cx)
+    }
+}
+
+/// Settles a finished request: a success deposits into the budget when the layer says so.
+#[inline]
+fn done<T>(shared: Option<&Shared>, outcome: Result<T, Error>) -> Result<T, Error> {
+    if let Some(shared) = shared.filter(|s| s.deposit && outcome.is_ok()) {
+        if let Some(budget) = &shared.budget {
+            budget.deposit();
+        }
+    }
+    outcome
+}
+
+impl<S, Req, P> ResponseFuture<S, Req, P>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    P: Policy<Req, S::Response>,
+{
+    /// Drives the waits and the attempts after the first.
+    #[inline(never)]
+    fn poll_retries(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<S::Response, Error>> {
+        let mut this = self.project();
+        loop {
+            let outcome = match this.state.as_mut().project() {
+                StateProj::First { future } => ready!(future.poll(cx)).map_err(Error::inner),
+                StateProj::Retrying { call } => ready!(call.poll(cx)).map_err(Error::inner),
+                StateProj::Waiting { sleep } => {
+                    ready!(sleep.as_mut().poll(cx));
+                    // A fresh copy, or the kept one itself when the policy makes no more.
+                    let copy = this.replay.as_ref().and_then(|r| this.policy.replay(r));
+                    let Some(request) = copy.or_else(|| this.replay.take()) else {
+                        unreachable!("only a replayable request waits for a retry");
+                    };
+                    metrics(this.shared.as_deref()).attempts.increment(1);
+                    let call = Oneshot::new(this.service.clone(), request);
+                    this.state.set(State::Retrying { call });
+                    continue;
+                }
+            };
+            let settled = match this.policy.classify(&outcome) {
+                Verdict::Done => Some(done(this.shared.as_deref(), outcome)),
+                Verdict::Retry { after } => this.schedule(outcome, after),
+            };
+            if let Some(done) = settled {
                 return Poll::Ready(done);
             }
         }
-        this.poll_retries(cx)
     }
 }
 
@@ -110,27 +170,6 @@ where
     S::Error: Into<BoxError>,
     P: Policy<Req, S::Response>,
 {
-    /// The outcome if the request is done with it, or `None` with the wait before the
-    /// next attempt set.
-    #[inline]
-    fn settle(
-        &mut self,
-        outcome: Result<S::Response, Error>,
-    ) -> Option<Result<S::Response, Error>> {
-        match self.policy.classify(&outcome) {
-            Verdict::Done => {
-                let shared = self.shared.as_deref();
-                if let Some(shared) = shared.filter(|s| s.deposit && outcome.is_ok()) {
-                    if let Some(budget) = &shared.budget {
-                        budget.deposit();
-                    }
-                }
-                Some(outcome)
-            }
-            Verdict::Retry { after } => self.schedule(outcome, after),
-        }
-    }
-
     /// Sets the wait before the next attempt, or gives the outcome back when there is none.
     #[cold]
     #[inline(never)]
@@ -140,8 +179,13 @@ where
         after: Option<Duration>,
     ) -> Option<Result<S::Response, Error>> {
         let shared = self.shared.as_deref();
+        let settings = self
+            .settings
+            .map(|settings| settings as &Settings)
+            .or(shared.map(|shared| &shared.settings))
+            .expect("a request without interned settings carries the shared state");
         let replayable = self.replay.is_some();
-        let Some(wait) = next_wait(self.settings, shared, *self.retries, after, replayable) else {
+        let Some(wait) = next_wait(settings, shared, *self.retries, after, replayable) else {
             return Some(outcome);
         };
         let reason = if outcome.is_err() {
@@ -153,35 +197,9 @@ where
         tracing::debug!(retry = *self.retries + 1, ?wait, "retry: retrying");
         *self.retries += 1;
         self.state.set(State::Waiting {
-            sleep: Box::pin(tokio::time::sleep(wait)),
+            sleep: ColdBox::new(tokio::time::sleep(wait)),
         });
         None
-    }
-
-    /// Drives the waits and the attempts after the first.
-    #[inline(never)]
-    fn poll_retries(&mut self, cx: &mut Context<'_>) -> Poll<Result<S::Response, Error>> {
-        loop {
-            let outcome = match self.state.as_mut().project() {
-                StateProj::First { future } => ready!(future.poll(cx)).map_err(Error::inner),
-                StateProj::Retrying { call } => ready!(call.poll(cx)).map_err(Error::inner),
-                StateProj::Waiting { sleep } => {
-                    ready!(sleep.as_mut().poll(cx));
-                    // A fresh copy, or the kept one itself when the policy makes no more.
-                    let copy = self.replay.as_ref().and_then(|r| self.policy.replay(r));
-                    let Some(request) = copy.or_else(|| self.replay.take()) else {
-                        unreachable!("only a replayable request waits for a retry");
-                    };
-                    metrics(self.shared.as_deref()).attempts.increment(1);
-                    let call = Oneshot::new(self.service.clone(), request);
-                    self.state.set(State::Retrying { call });
-                    continue;
-                }
-            };
-            if let Some(done) = self.settle(outcome) {
-                return Poll::Ready(done);
-            }
-        }
     }
 }
 

@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tower_layer::Layer;
@@ -14,31 +14,35 @@ use crate::metrics::{Lazy, RetryMetrics};
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) settings: Settings,
+    /// `settings` for the life of the process, when [`Settings::interned`] kept them.
+    pub(crate) interned: Option<&'static Settings>,
     pub(crate) budget: Option<Budget>,
     pub(crate) deposit: bool,
     pub(crate) metrics: Lazy<RetryMetrics>,
 }
 
 impl Shared {
-    /// Whether a request needs this state besides its [`Settings`]: to deposit into or
-    /// withdraw from a budget, or to record metrics. Without either, a request touches
-    /// nothing shared (no reference count moves), which keeps the pass-through cheap and
-    /// free of contention between threads.
+    /// Whether a request needs this state: to deposit into or withdraw from a budget, to
+    /// record metrics, or to read the settings (when they were not interned). Without
+    /// these, a request touches nothing shared (no reference count moves), which keeps the
+    /// pass-through cheap and free of contention between threads.
     pub(crate) fn needed_per_request(&self) -> bool {
-        self.budget.is_some() || self.metrics.recording()
+        self.budget.is_some() || self.metrics.recording() || self.interned.is_none()
     }
 }
 
-/// What a retry decision reads besides the budget: copied into every response future.
-/// Durations are kept in nanoseconds (saturating at about 584 years) so the copy stays
-/// small.
-#[derive(Debug, Clone, Copy)]
+/// What a retry decision reads besides the budget. Durations are kept in nanoseconds
+/// (saturating at about 584 years).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Settings {
     pub(crate) max_attempts: u32,
     backoff_base: u64,
     backoff_cap: u64,
     max_retry_after: u64,
 }
+
+/// How many distinct [`Settings`] a process keeps for good (see [`Settings::interned`]).
+pub(crate) const INTERNED_MAX: usize = 64;
 
 impl Settings {
     fn new(max_attempts: u32, backoff: Backoff, max_retry_after: Duration) -> Self {
@@ -49,6 +53,27 @@ impl Settings {
             backoff_cap: nanos(backoff.cap()),
             max_retry_after: nanos(max_retry_after),
         }
+    }
+
+    /// One copy of this value for the life of the process, shared by every layer built
+    /// with the same settings, so that a response future carries a pointer to them: a copy
+    /// is 32 bytes written per request, and a reference count would move on every request
+    /// (on two threads, the cost that mattered most). A program has few distinct retry
+    /// configurations; at most [`INTERNED_MAX`] are kept (a couple of kilobytes), and past
+    /// that this is `None` and the layer's requests read the settings through its shared
+    /// state instead.
+    fn interned(self) -> Option<&'static Settings> {
+        static KEPT: Mutex<Vec<&'static Settings>> = Mutex::new(Vec::new());
+        let mut kept = KEPT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(found) = kept.iter().find(|kept| ***kept == self) {
+            return Some(found);
+        }
+        if kept.len() >= INTERNED_MAX {
+            return None;
+        }
+        let leaked: &'static Settings = Box::leak(Box::new(self));
+        kept.push(leaked);
+        Some(leaked)
     }
 
     pub(crate) fn backoff(&self) -> Backoff {
@@ -209,9 +234,11 @@ impl<P> RetryBuilder<P> {
 
     /// Builds the layer and its shared state.
     pub fn build(self) -> RetryLayer<P> {
+        let settings = Settings::new(self.max_attempts, self.backoff, self.max_retry_after);
         RetryLayer {
             shared: Arc::new(Shared {
-                settings: Settings::new(self.max_attempts, self.backoff, self.max_retry_after),
+                settings,
+                interned: settings.interned(),
                 budget: self.budget,
                 deposit: self.deposit,
                 metrics: Lazy::new(self.name, RetryMetrics::register),
