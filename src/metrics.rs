@@ -425,6 +425,11 @@ impl LimitMetrics {
         }
     }
 
+    /// Whether a recorder was installed at registration.
+    pub(crate) fn recording(&self) -> bool {
+        self.recording
+    }
+
     /// Counts a request out of flight.
     #[inline]
     pub(crate) fn release(&self) {

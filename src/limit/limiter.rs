@@ -85,6 +85,9 @@ pub(crate) struct Limiter {
     /// Called after a permit or a queue place is given back (keyed partitions use it to
     /// drop partitions that became idle).
     on_release: Option<ReleaseHook>,
+    /// No recorder and no release hook: a static limit's permit goes back with the
+    /// in-flight count alone, inlined where it is dropped.
+    plain: bool,
     /// How long a response body may hold its permit when permits go back at the body's
     /// end (`until_body_end`).
     pub(crate) max_body_hold: Duration,
@@ -218,6 +221,7 @@ impl Limiter {
             .max(1);
         let algorithm = algorithm.map(Adaptive::new);
         metrics.limit.set(limit as f64);
+        let plain = !metrics.recording();
         Limiter {
             in_flight: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
@@ -238,6 +242,7 @@ impl Limiter {
             algorithm,
             metrics,
             on_release: None,
+            plain,
             max_body_hold: DEFAULT_MAX_BODY_HOLD,
             epoch: Instant::now(),
         }
@@ -257,6 +262,7 @@ impl Limiter {
     /// Sets the hook called after every release.
     pub(crate) fn with_on_release(mut self, hook: ReleaseHook) -> Self {
         self.on_release = Some(hook);
+        self.plain = false;
         self
     }
 
@@ -450,6 +456,12 @@ impl Limiter {
     #[inline]
     fn release(&self) {
         self.metrics.release();
+        self.release_count();
+    }
+
+    /// [`release`](Self::release) without the in-flight gauge.
+    #[inline]
+    fn release_count(&self) {
         if self.queued.load(Ordering::SeqCst) > 0 && self.hand_over() {
             return;
         }
@@ -582,11 +594,17 @@ impl Permit {
         self.record(Outcome::Dropped);
     }
 
-    /// Returns an adaptive limit's permit and feeds its sample to the algorithm.
+    /// Returns a permit that a recorder or a release hook hears of, or an adaptive
+    /// limit's, whose sample feeds the algorithm.
     #[cold]
     #[inline(never)]
-    fn release_timed(&mut self) {
+    fn release_tracked(&mut self) {
         let limiter = &self.limiter;
+        if self.started == 0 {
+            limiter.release();
+            limiter.released();
+            return;
+        }
         let sample = match self.outcome() {
             Outcome::Ignore => None,
             outcome => {
@@ -609,11 +627,10 @@ impl Permit {
 impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
-        if self.started == 0 {
-            self.limiter.release();
-            self.limiter.released();
+        if self.started == 0 && self.limiter.plain {
+            self.limiter.release_count();
         } else {
-            self.release_timed();
+            self.release_tracked();
         }
     }
 }
