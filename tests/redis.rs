@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -482,6 +482,81 @@ async fn invalidate_and_invalidate_tag_on_one_instance_reach_every_instance() {
     assert_eq!(get(0, "weather/1").await, weather);
     assert_eq!(get(2, "weather/1").await, weather);
     assert_eq!(calls.load(Ordering::SeqCst), 7);
+}
+
+/// A tag purge from another instance scans this instance's store (the tag function runs
+/// for every entry) off the runtime's workers: on a current-thread runtime, whose one
+/// thread would otherwise run the whole scan, other tasks go on meanwhile.
+#[tokio::test]
+async fn a_tag_purge_from_another_instance_leaves_the_runtime_free() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let by_path = |key: &String| {
+        key.split('/')
+            .next()
+            .map(|t| vec![t.to_owned()])
+            .unwrap_or_default()
+    };
+    // While armed, the listener's tag function asks a task of this runtime for an answer
+    // and waits for it (10 s at most, then it notes that the runtime was held up).
+    let armed = Arc::new(AtomicBool::new(false));
+    let held_up = Arc::new(AtomicBool::new(false));
+    let (ask, mut asked) = tokio::sync::mpsc::unbounded_channel::<std::sync::mpsc::Sender<()>>();
+    tokio::spawn(async move {
+        while let Some(answer) = asked.recv().await {
+            let _ = answer.send(());
+        }
+    });
+    let tags = {
+        let (armed, held_up) = (armed.clone(), held_up.clone());
+        move |key: &String, _: &String| {
+            if armed.load(Ordering::SeqCst) {
+                let (answer, answered) = std::sync::mpsc::channel();
+                ask.send(answer).unwrap();
+                if answered.recv_timeout(Duration::from_secs(10)).is_err() {
+                    held_up.store(true, Ordering::SeqCst);
+                }
+            }
+            by_path(key)
+        }
+    };
+    let (purger_tier, listener_tier) = (tier(&server, "free:"), tier(&server, "free:"));
+    let purger = CacheLayer::builder(|key: &String| Some(key.clone()))
+        .name("free-purger")
+        .ttl(Duration::from_secs(60))
+        .tags(move |key: &String, _: &String| by_path(key))
+        .second_tier(purger_tier.clone(), |key: &String| key.clone(), Utf8)
+        .build();
+    let listener = CacheLayer::builder(|key: &String| Some(key.clone()))
+        .name("free-listener")
+        .ttl(Duration::from_secs(60))
+        .tags(tags)
+        .second_tier(listener_tier.clone(), |key: &String| key.clone(), Utf8)
+        .build();
+    let svc = listener.layer(counting_upstream(calls.clone()));
+    for tier in [&purger_tier, &listener_tier] {
+        tier.backplane().wait_for(|b| b.subscribed).await.unwrap();
+    }
+    assert_eq!(
+        svc.clone().oneshot("sport/1".to_owned()).await.unwrap(),
+        "value of sport/1 #1"
+    );
+
+    armed.store(true, Ordering::SeqCst);
+    purger.handle().purge_tag("sport").await;
+    applied(&listener_tier, 1).await;
+    armed.store(false, Ordering::SeqCst);
+    assert!(
+        !held_up.load(Ordering::SeqCst),
+        "the scan held up the runtime's thread"
+    );
+    assert_eq!(
+        svc.oneshot("sport/1".to_owned()).await.unwrap(),
+        "value of sport/1 #2",
+        "purged here and in Redis"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -182,23 +182,45 @@ impl Bus {
         true
     }
 
-    fn dispatch(&self, payload: &[u8]) {
+    /// Hands a message to the caches of `tier` that did not send it.
+    fn dispatch(tier: &Arc<Shared>, payload: &[u8]) {
+        let bus = &tier.bus;
         let Some((from, message)) = std::str::from_utf8(payload).ok().and_then(Message::decode)
         else {
             tracing::debug!("second tier: unreadable backplane message ignored");
             return;
         };
-        let listeners: Vec<_> = lock(&self.listeners)
+        let listeners: Vec<_> = lock(&bus.listeners)
             .iter()
             .filter(|(id, _)| *id != from)
             .filter_map(|(_, l)| l.upgrade())
             .collect();
+        if let Message::Tag(tag) = message {
+            // The single-flight cache purges a tag by scanning its whole store (about a
+            // quarter second for a million entries): off the runtime's workers, so no other
+            // task waits for it. Later messages go on meanwhile; each only removes entries,
+            // so their order does not matter.
+            let tag = tag.to_owned();
+            let tier = tier.clone();
+            tokio::task::spawn_blocking(move || {
+                for listener in &listeners {
+                    listener.apply(&Message::Tag(&tag));
+                }
+                tier.bus.applied(&listeners);
+            });
+            return;
+        }
         for listener in &listeners {
             listener.apply(&message);
         }
-        if let Some(notify) = message.name().and_then(|name| self.waits.get(name)) {
+        if let Some(notify) = message.name().and_then(|name| bus.waits.get(name)) {
             notify.notify_waiters();
         }
+        bus.applied(&listeners);
+    }
+
+    /// Counts a message applied, if any cache took it.
+    fn applied(&self, listeners: &[Arc<dyn Listener>]) {
         if !listeners.is_empty() {
             self.state.send_modify(|s| s.applied += 1);
         }
@@ -262,7 +284,7 @@ async fn subscribe(shared: Weak<Shared>, channel: String) {
                     let Some(tier) = shared.upgrade() else {
                         return;
                     };
-                    tier.bus.dispatch(message.get_payload_bytes());
+                    Bus::dispatch(&tier, message.get_payload_bytes());
                 }
                 let Some(tier) = shared.upgrade() else {
                     return;
