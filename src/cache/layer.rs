@@ -391,7 +391,8 @@ where
     /// It scans the store on the calling thread, asking each entry for its tags. Look-ups
     /// and inserts go on meanwhile (the scan holds a part of the store only to copy one
     /// entry out), but its time grows with the number of entries: from async code, with a
-    /// large store, call it through `tokio::task::spawn_blocking`.
+    /// large store, call it through `tokio::task::spawn_blocking`. The other instances'
+    /// scans, on a tag purge from this one, run on their runtimes' blocking threads.
     pub fn invalidate_tag(&self, tag: &str) {
         self.core.invalidate_tag_here(tag);
         #[cfg(feature = "redis")]
