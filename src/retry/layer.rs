@@ -233,6 +233,11 @@ impl<P> RetryBuilder<P> {
     }
 
     /// Builds the layer and its shared state.
+    ///
+    /// The settings (attempts, backoff, `Retry-After` cap) are kept for the life of the
+    /// process, once per distinct value and at most 64 values (a few kilobytes), so a
+    /// request carries a pointer to them; layers past that bound work the same, each
+    /// request holding a reference to the layer's state instead.
     pub fn build(self) -> RetryLayer<P> {
         let settings = Settings::new(self.max_attempts, self.backoff, self.max_retry_after);
         RetryLayer {
