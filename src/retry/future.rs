@@ -100,7 +100,7 @@ where
         if let StateProj::First { future } = this.state.project() {
             let outcome = ready!(future.poll(cx)).map_err(Error::inner);
             match this.policy.classify(&outcome) {
-                Verdict::Done => return Poll::Ready(done(this.shared.as_deref(), outcome)),
+                Verdict::Done => return Poll::Ready(finish(this.shared.as_deref(), outcome)),
                 Verdict::Retry { after } => {
                     if let Some(done) = self.as_mut().project().schedule(outcome, after) {
                         return Poll::Ready(done);
@@ -114,7 +114,7 @@ where
 
 /// Settles a finished request: a success deposits into the budget when the layer says so.
 #[inline]
-fn done<T>(shared: Option<&Shared>, outcome: Result<T, Error>) -> Result<T, Error> {
+fn finish<T>(shared: Option<&Shared>, outcome: Result<T, Error>) -> Result<T, Error> {
     if let Some(shared) = shared.filter(|s| s.deposit && outcome.is_ok()) {
         if let Some(budget) = &shared.budget {
             budget.deposit();
@@ -154,7 +154,7 @@ where
                 }
             };
             let settled = match this.policy.classify(&outcome) {
-                Verdict::Done => Some(done(this.shared.as_deref(), outcome)),
+                Verdict::Done => Some(finish(this.shared.as_deref(), outcome)),
                 Verdict::Retry { after } => this.schedule(outcome, after),
             };
             if let Some(done) = settled {

@@ -196,6 +196,9 @@ impl Bus {
             .filter_map(|(_, l)| l.upgrade())
             .collect();
         if let Message::Tag(tag) = message {
+            if listeners.is_empty() {
+                return;
+            }
             // The single-flight cache purges a tag by scanning its whole store (about a
             // quarter second for a million entries): off the runtime's workers, so no other
             // task waits for it. Later messages go on meanwhile; each only removes entries,
