@@ -85,9 +85,6 @@ pub(crate) struct Limiter {
     /// Called after a permit or a queue place is given back (keyed partitions use it to
     /// drop partitions that became idle).
     on_release: Option<ReleaseHook>,
-    /// No recorder and no release hook: a static limit's permit goes back with the
-    /// in-flight count alone, inlined where it is dropped.
-    plain: bool,
     /// How long a response body may hold its permit when permits go back at the body's
     /// end (`until_body_end`).
     pub(crate) max_body_hold: Duration,
@@ -221,7 +218,6 @@ impl Limiter {
             .max(1);
         let algorithm = algorithm.map(Adaptive::new);
         metrics.limit.set(limit as f64);
-        let plain = !metrics.recording();
         Limiter {
             in_flight: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
@@ -242,7 +238,6 @@ impl Limiter {
             algorithm,
             metrics,
             on_release: None,
-            plain,
             max_body_hold: DEFAULT_MAX_BODY_HOLD,
             epoch: Instant::now(),
         }
@@ -262,8 +257,14 @@ impl Limiter {
     /// Sets the hook called after every release.
     pub(crate) fn with_on_release(mut self, hook: ReleaseHook) -> Self {
         self.on_release = Some(hook);
-        self.plain = false;
         self
+    }
+
+    /// No recorder and no release hook: a static limit's permit goes back with the
+    /// in-flight count alone, inlined where it is dropped.
+    #[inline]
+    fn plain(&self) -> bool {
+        !self.metrics.recording() && self.on_release.is_none()
     }
 
     /// Nothing in flight and nobody waiting.
@@ -627,7 +628,7 @@ impl Permit {
 impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
-        if self.started == 0 && self.limiter.plain {
+        if self.started == 0 && self.limiter.plain() {
             self.limiter.release_count();
         } else {
             self.release_tracked();
