@@ -432,3 +432,122 @@ async fn a_request_body_that_fails_is_the_clients_fault_400_and_the_backend_is_n
         "the backend was not called"
     );
 }
+
+/// A response body fed by the test, chunk by chunk: it ends when the sender is dropped.
+struct Fed(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl http_body::Body for Fed {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|data| Ok(http_body::Frame::data(data))))
+    }
+}
+
+/// What a proxy does: the upstream's slot is busy until its body has been sent, so the
+/// limit goes under the stack, around the client, and holds each permit until the body
+/// ends, through the HTTP cache that streams a body too large to store.
+#[tokio::test(start_paused = true)]
+async fn a_limit_under_the_stack_holds_its_permit_until_a_streamed_body_ends() {
+    use towerguard::limit::ConcurrencyLimitLayer;
+
+    let limit = ConcurrencyLimitLayer::builder()
+        .name("stack_body_end")
+        .limit(1)
+        .build();
+    let stack = StackBuilder::new()
+        .name("stack_body_end")
+        .without_limit()
+        .http_cache(
+            HttpCacheLayer::builder()
+                .name("stack_body_end")
+                .max_body_bytes(1024)
+                .build(),
+        )
+        .build_http::<Body>()
+        .unwrap();
+    // Each upstream call hands the test the sending end of its body.
+    let (senders, mut bodies) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = service_fn(move |req: Request<towerguard::http::BufferedBody<Body>>| {
+        let (send, receive) = tokio::sync::mpsc::channel(4);
+        senders.send(send).unwrap();
+        let cache_control = match req.uri().path() {
+            "/small" => "max-age=60",
+            _ => "no-store",
+        };
+        async move {
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .header("cache-control", cache_control)
+                    .body(Fed(receive))
+                    .unwrap(),
+            )
+        }
+    });
+    let svc = stack.layer(limit.until_body_end().layer(upstream));
+    let get = |path: &str| {
+        Request::get(format!("http://example.test{path}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let handle = limit.handle();
+
+    // A large download: its head is back, its body still streams.
+    let download = svc.clone().oneshot(get("/large")).await.unwrap();
+    assert_eq!(download.status(), StatusCode::OK);
+    let sender = bodies.recv().await.unwrap();
+    sender
+        .send(bytes::Bytes::from(vec![b'x'; 4096]))
+        .await
+        .unwrap();
+    assert_eq!(handle.in_flight(), 1, "the body holds the upstream's slot");
+    let refused = svc.clone().oneshot(get("/other")).await.unwrap();
+    assert_eq!(
+        refused.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a second upstream request while the first body streams"
+    );
+
+    // The client reads to the end: the slot comes back.
+    drop(sender);
+    let body = download.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 4096, "the streamed body arrives whole");
+    assert_eq!(
+        handle.in_flight(),
+        0,
+        "the slot comes back at the body's end"
+    );
+
+    // A small body the cache stores goes back when the cache has read it, before the
+    // client reads anything.
+    let storing = tokio::spawn(svc.clone().oneshot(get("/small")));
+    let sender = bodies.recv().await.unwrap();
+    sender
+        .send(bytes::Bytes::from_static(b"small"))
+        .await
+        .unwrap();
+    drop(sender);
+    let stored = storing.await.unwrap().unwrap();
+    assert_eq!(stored.status(), StatusCode::OK);
+    assert_eq!(
+        handle.in_flight(),
+        0,
+        "the cache read the body: the slot is back"
+    );
+    let body = stored.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"small");
+    let hit = svc.clone().oneshot(get("/small")).await.unwrap();
+    assert!(
+        hit.headers()[CACHE_STATUS]
+            .to_str()
+            .unwrap()
+            .contains("hit"),
+        "the small body was stored"
+    );
+}

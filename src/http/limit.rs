@@ -155,6 +155,21 @@ impl<B: Default> Default for PermitBody<B> {
 }
 
 impl<B> PermitBody<B> {
+    /// `body` holding no permit: the same type as a limited service's bodies, for a
+    /// service whose limit is optional.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use towerguard::http::PermitBody;
+    ///
+    /// let body = PermitBody::without_permit(Full::new(Bytes::from_static(b"hello")));
+    /// assert!(!body.holds_permit());
+    /// ```
+    pub fn without_permit(body: B) -> Self {
+        PermitBody { body, held: None }
+    }
+
     /// True while the body still holds its permit.
     pub fn holds_permit(&self) -> bool {
         self.held.as_ref().is_some_and(Held::holds)
