@@ -65,10 +65,12 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::util::BoxCloneSyncService;
-use tower::{Layer, Service};
+use tower::util::{BoxCloneSyncService, Either};
+use tower::{Layer, Service, ServiceExt};
 use towerguard::http::cache_policy::{primary_key, HttpCachePolicy};
-use towerguard::http::{BufferedBody, HttpCacheLayer, CACHE_STATUS};
+use towerguard::http::{BufferedBody, HttpCacheLayer, PermitBody, CACHE_STATUS};
+use towerguard::limit::adaptive::Aimd;
+use towerguard::limit::{ConcurrencyLimitLayer, QueueDiscipline};
 use towerguard::stack::StackBuilder;
 
 /// A caching reverse proxy built from towerguard's layers.
@@ -130,7 +132,9 @@ struct Args {
     attempt_timeout_ms: Option<u64>,
 
     /// Cap on requests at the upstream at once: a number, or `adaptive` (AIMD between 4
-    /// and 1000); no cap when not given.
+    /// and 1000); no cap when not given. A request holds its slot until the upstream's
+    /// response body has been sent on (at most 60 s), each retry and hedge attempt one of
+    /// its own; up to 256 more wait (CoDel, at most 100 ms), the rest get 503.
     #[arg(long, value_name = "N|adaptive", value_parser = parse_limit)]
     limit: Option<Limit>,
 
@@ -384,7 +388,11 @@ where
     }
 }
 
-type Proxy = BoxCloneSyncService<Request<Incoming>, Response<BufferedBody<Incoming>>, Infallible>;
+/// The upstream's response body, holding the `--limit` slot until it ends.
+type UpstreamBody = PermitBody<Incoming>;
+
+type Proxy =
+    BoxCloneSyncService<Request<Incoming>, Response<BufferedBody<UpstreamBody>>, Infallible>;
 
 /// Answers `PURGE` requests from the cache: built when `--purge-token` is given.
 #[derive(Clone)]
@@ -435,7 +443,7 @@ impl Purger {
         tags
     }
 
-    async fn purge(self, req: Request<Incoming>) -> Response<BufferedBody<Incoming>> {
+    async fn purge(self, req: Request<Incoming>) -> Response<BufferedBody<UpstreamBody>> {
         if !self.authorised(&req) {
             tracing::warn!(target: "purge", path = req.uri().path(), "purge refused: wrong or missing token");
             let mut response = text(
@@ -487,7 +495,7 @@ impl Purger {
 }
 
 /// A short plain-text answer made by the proxy itself.
-fn text(status: http::StatusCode, body: &str) -> Response<BufferedBody<Incoming>> {
+fn text(status: http::StatusCode, body: &str) -> Response<BufferedBody<UpstreamBody>> {
     let mut response = Response::new(BufferedBody::complete(Bytes::copy_from_slice(
         body.as_bytes(),
     )));
@@ -527,7 +535,7 @@ impl ConnectionService {
 }
 
 impl Service<Request<Incoming>> for ConnectionService {
-    type Response = Response<BufferedBody<Incoming>>;
+    type Response = Response<BufferedBody<UpstreamBody>>;
     type Error = Infallible;
     type Future = BoxFuture<Result<Self::Response, Infallible>>;
 
@@ -615,11 +623,6 @@ fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>), String> {
     if let Some(ms) = args.attempt_timeout_ms {
         builder = builder.attempt_timeout(Duration::from_millis(ms));
     }
-    match args.limit {
-        None => {}
-        Some(Limit::Adaptive) => builder = builder.adaptive_limit(32, 4, 1_000),
-        Some(Limit::Static(n)) => builder = builder.static_limit(n),
-    }
     if args.hedge {
         builder = builder.hedge_adaptive();
     }
@@ -646,7 +649,31 @@ fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>), String> {
     let stack = builder
         .build_http::<Incoming>()
         .map_err(|err| format!("invalid configuration: {err}"))?;
-    Ok((stack.layer(forward), purger))
+    // The limit goes under the stack, around the client: the upstream is busy until its
+    // body has been sent, so the slot is held until then (the stack's own limit would
+    // end with the response's head).
+    let upstream = match upstream_limit(args) {
+        Some(limit) => Either::Left(limit.until_body_end().layer(forward)),
+        None => Either::Right(
+            forward
+                .map_response(|response| response.map(PermitBody::without_permit))
+                .map_err(towerguard::Error::inner),
+        ),
+    };
+    Ok((stack.layer(upstream), purger))
+}
+
+/// The `--limit` on requests at the upstream, if any.
+fn upstream_limit(args: &Args) -> Option<ConcurrencyLimitLayer> {
+    let builder = ConcurrencyLimitLayer::builder()
+        .name("proxy")
+        .queue(256, Duration::from_millis(100))
+        .queue_discipline(QueueDiscipline::codel());
+    let builder = match args.limit? {
+        Limit::Static(n) => builder.limit(n),
+        Limit::Adaptive => builder.adaptive(Aimd::new(32, 4, 1_000)),
+    };
+    Some(builder.build())
 }
 
 /// The cache with its second tier in Redis, when `--redis` asks for one.
