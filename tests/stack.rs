@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tower::{service_fn, Layer, ServiceExt};
 use towerguard::cache::CacheLayer;
 use towerguard::http::{HttpCacheLayer, CACHE_STATUS};
+use towerguard::limit::ConcurrencyLimitLayer;
 use towerguard::stack::{StackBuilder, StackError};
 
 #[test]
@@ -455,8 +456,6 @@ impl http_body::Body for Fed {
 /// ends, through the HTTP cache that streams a body too large to store.
 #[tokio::test(start_paused = true)]
 async fn a_limit_under_the_stack_holds_its_permit_until_a_streamed_body_ends() {
-    use towerguard::limit::ConcurrencyLimitLayer;
-
     let limit = ConcurrencyLimitLayer::builder()
         .name("stack_body_end")
         .limit(1)
