@@ -68,6 +68,8 @@ pub mod budget;
 mod builder_ext;
 #[cfg(feature = "cache")]
 pub mod cache;
+#[cfg(any(feature = "cache", feature = "limit", feature = "timeout"))]
+mod clock;
 #[cfg(feature = "retry")]
 mod cold;
 mod error;

@@ -126,7 +126,8 @@ pub(crate) struct Entry<V> {
     fresh_until: Option<Instant>,
     swr_until: Option<Instant>,
     sie_until: Option<Instant>,
-    /// Nanoseconds from the store's epoch to the last read, for idle expiry.
+    /// Nanoseconds from the process-wide epoch ([`crate::clock`]) to the last read, for idle
+    /// expiry.
     last_access: AtomicU64,
 }
 
@@ -213,7 +214,6 @@ pub(crate) struct Store<K, V> {
     index: Index<K, V>,
     /// A capacity of 0: nothing is stored.
     stores_nothing: bool,
-    epoch: Instant,
     default_life: Lifetime,
     idle: Option<Duration>,
     negative_ttl: Option<Duration>,
@@ -256,7 +256,6 @@ where
                 Evictions(metrics.clone()),
             ),
             stores_nothing: config.max_capacity == 0,
-            epoch: Instant::now(),
             default_life: config.default_life,
             idle: config.idle,
             negative_ttl: config.negative_ttl,
@@ -265,7 +264,7 @@ where
     }
 
     fn ticks(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        crate::clock::since_epoch(now)
     }
 
     /// Looks `key` up, and removes what it finds unusable. The clock is read only if the

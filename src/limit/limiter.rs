@@ -88,8 +88,6 @@ pub(crate) struct Limiter {
     /// How long a response body may hold its permit when permits go back at the body's
     /// end (`until_body_end`).
     pub(crate) max_body_hold: Duration,
-    /// What adaptive permits measure their start from.
-    epoch: Instant,
 }
 
 /// The default of [`Limiter::max_body_hold`].
@@ -239,7 +237,6 @@ impl Limiter {
             metrics,
             on_release: None,
             max_body_hold: DEFAULT_MAX_BODY_HOLD,
-            epoch: Instant::now(),
         }
     }
 
@@ -272,9 +269,9 @@ impl Limiter {
         self.in_flight() == 0 && self.queued() == 0
     }
 
-    /// Nanoseconds from the limiter's creation to `at`.
+    /// Nanoseconds from the process-wide epoch to `at` ([`crate::clock`]).
     fn since_epoch(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        crate::clock::since_epoch(at)
     }
 
     #[inline]
@@ -540,7 +537,7 @@ pub(crate) enum Outcome {
 /// request, and words built and read whole move fastest.
 pub struct Permit {
     limiter: Arc<Limiter>,
-    /// Adaptive limits only: nanoseconds from the limiter's epoch to the admission, plus
+    /// Adaptive limits only: nanoseconds from the process-wide epoch to the admission, plus
     /// one; 0 when the request is not timed (static limits spare the clock read).
     started: u64,
     /// The in-flight count at admission, shifted left by two, or'ed with the [`Outcome`].

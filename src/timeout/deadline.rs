@@ -4,7 +4,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,29 +15,16 @@ use tokio_util::sync::CancellationToken;
 /// About thirty years: far enough to mean never, near enough not to overflow.
 const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
 
-/// The instant deadlines count from: a year (or less, on a young clock) before the first
-/// one was made, so every instant a running program meets is after it.
+/// The instant deadlines count from (see [`crate::clock`]).
 #[inline]
 fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(|| {
-        let now = Instant::now();
-        [86_400 * 365, 86_400, 3_600, 1]
-            .into_iter()
-            .find_map(|secs| now.checked_sub(Duration::from_secs(secs)))
-            .unwrap_or(now)
-    })
+    crate::clock::epoch()
 }
 
 /// Nanoseconds, saturating below the scope flag's bit.
 #[inline]
 fn nanos(duration: Duration) -> u64 {
-    // In u64 arithmetic, without the u128 `as_nanos` goes through.
-    duration
-        .as_secs()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(u64::from(duration.subsec_nanos()))
-        .min(MAX_NANOS)
+    crate::clock::nanos(duration).min(MAX_NANOS)
 }
 
 const MAX_NANOS: u64 = SCOPE_PARENT - 1;
@@ -53,7 +40,7 @@ impl Deadline {
     /// A deadline at `instant`.
     #[inline]
     pub fn at(instant: Instant) -> Self {
-        Deadline(nanos(instant.saturating_duration_since(epoch())))
+        Deadline(crate::clock::since_epoch(instant).min(MAX_NANOS))
     }
 
     /// A deadline `timeout` from now (at most about thirty years from now).
