@@ -82,6 +82,7 @@ where
         self.inner.poll_ready(cx).map_err(Error::inner)
     }
 
+    #[inline(always)]
     fn call(&mut self, req: Req) -> Self::Future {
         let now = Deadline::now();
         let timeout = self.per_request.timeout_for(&req).unwrap_or(self.timeout);
