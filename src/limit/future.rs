@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::limiter::{Outcome, Permit, Ticket, Turn};
+use super::limiter::{Outcome, Permit, Rejection, Ticket, Turn};
 use super::release::Release;
 use crate::error::{BoxError, Error, ErrorKind};
 
@@ -26,8 +26,16 @@ pin_project! {
     where
         S: Service<Req>,
     {
+        // The inner service's future, from the moment the request is admitted (at `call`
+        // for nearly every request). Dropped before the permit: fields drop in order. Side
+        // by side rather than an enum of states: an admitted request's future is then
+        // written field by field where the caller keeps it (see `ConcurrencyLimit::call`).
         #[pin]
-        state: State<S, Req>,
+        future: Option<S::Future>,
+        // Held while the request runs; it leaves with the response.
+        permit: Option<Permit>,
+        // Whether the request was admitted at `call`, and if not, why.
+        admission: Admission<S, Req>,
         _release: std::marker::PhantomData<fn() -> M>,
     }
 }
@@ -42,22 +50,50 @@ pub(crate) struct Waiting<S, Req> {
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
-pin_project! {
-    #[project = StateProj]
-    enum State<S, Req>
+/// Whether a request ran at `call`, and if not, why.
+pub(crate) enum Admission<S, Req> {
+    /// Admitted: the future and the permit are in place.
+    Admitted,
+    Rejected {
+        retry_after: Duration,
+    },
+    // Boxed: a waiting request's state would make every future (most never wait) larger.
+    Queued(Box<Waiting<S, Req>>),
+    /// Rejected, shed or timed out in the queue, and said so.
+    Done,
+}
+
+impl<S, Req> Admission<S, Req> {
+    /// A request given a place in the queue (with the readied service moved out of
+    /// `inner`, a fresh clone taking its place) or rejected.
+    #[cold]
+    #[inline(never)]
+    fn of(
+        queued: Result<Ticket, Rejection>,
+        inner: &mut S,
+        request: Req,
+        retry_after: Duration,
+    ) -> Self
     where
-        S: Service<Req>,
+        S: Clone,
     {
-        Rejected { retry_after: Duration },
-        // Boxed: a waiting request's state would make every future (most never wait)
-        // larger.
-        Queued { waiting: Box<Waiting<S, Req>> },
-        Running {
-            #[pin]
-            future: S::Future,
-            permit: Option<Permit>,
-        },
-        Done,
+        match queued {
+            Ok(ticket) => {
+                let fresh = inner.clone();
+                let service = std::mem::replace(inner, fresh);
+                let deadline = ticket
+                    .max_wait()
+                    .map(|wait| Box::pin(tokio::time::sleep(wait)));
+                Admission::Queued(Box::new(Waiting {
+                    ticket,
+                    retry_after,
+                    service: Some(service),
+                    request: Some(request),
+                    deadline,
+                }))
+            }
+            Err(_) => Admission::Rejected { retry_after },
+        }
     }
 }
 
@@ -65,36 +101,35 @@ impl<S, Req, M> ResponseFuture<S, Req, M>
 where
     S: Service<Req>,
 {
-    fn new(state: State<S, Req>) -> Self {
+    /// An admitted request: `inner` called now, with its permit.
+    #[inline(always)]
+    pub(crate) fn running(inner: &mut S, request: Req, permit: Permit) -> Self {
         ResponseFuture {
-            state,
+            future: Some(inner.call(request)),
+            permit: Some(permit),
+            admission: Admission::Admitted,
             _release: std::marker::PhantomData,
         }
     }
 
-    pub(crate) fn running(future: S::Future, permit: Permit) -> Self {
-        let permit = Some(permit);
-        Self::new(State::Running { future, permit })
-    }
-
-    pub(crate) fn queued(ticket: Ticket, service: S, request: Req, retry_after: Duration) -> Self {
-        let deadline = ticket
-            .max_wait()
-            .map(|wait| Box::pin(tokio::time::sleep(wait)));
-        let state = State::Queued {
-            waiting: Box::new(Waiting {
-                ticket,
-                retry_after,
-                service: Some(service),
-                request: Some(request),
-                deadline,
-            }),
-        };
-        Self::new(state)
-    }
-
-    pub(crate) fn rejected(retry_after: Duration) -> Self {
-        Self::new(State::Rejected { retry_after })
+    /// A request queued (the readied service moved out of `inner`, a fresh clone taking
+    /// its place) or rejected.
+    #[inline(always)]
+    pub(crate) fn unadmitted(
+        queued: Result<Ticket, Rejection>,
+        inner: &mut S,
+        request: Req,
+        retry_after: Duration,
+    ) -> Self
+    where
+        S: Clone,
+    {
+        ResponseFuture {
+            future: None,
+            permit: None,
+            admission: Admission::of(queued, inner, request, retry_after),
+            _release: std::marker::PhantomData,
+        }
     }
 }
 
@@ -117,13 +152,13 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
+        let mut this = self.project();
         // An admitted request is the path nearly every request takes: kept small so it
         // inlines into the caller; the queue and the rejections run out of line.
-        if let StateProj::Running { future, permit } = state.as_mut().project() {
-            return Self::poll_running(future, permit, cx);
+        match this.future.as_mut().as_pin_mut() {
+            Some(future) => Self::poll_running(future, this.permit, cx),
+            None => Self::poll_admission(this.future, this.permit, this.admission, cx),
         }
-        Self::poll_admission(state, cx)
     }
 }
 
@@ -162,61 +197,59 @@ where
     /// granted a permit (then run), shed or timed out.
     #[inline(never)]
     fn poll_admission(
-        mut state: Pin<&mut State<S, Req>>,
+        mut future: Pin<&mut Option<S::Future>>,
+        permit: &mut Option<Permit>,
+        admission: &mut Admission<S, Req>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<M::Output, Error>> {
         let overloaded = |retry_after| Error::with_retry_after(ErrorKind::Overloaded, retry_after);
-        let output = loop {
-            match state.as_mut().project() {
-                StateProj::Rejected { retry_after } => {
-                    let retry_after = *retry_after;
-                    state.set(State::Done);
-                    break Err(overloaded(retry_after));
+        let turn = match admission {
+            Admission::Rejected { retry_after } => Err(*retry_after),
+            Admission::Queued(waiting) => {
+                let Waiting {
+                    ticket,
+                    retry_after,
+                    deadline,
+                    ..
+                } = &mut **waiting;
+                match ticket.poll_turn(cx.waker()) {
+                    Turn::Granted(permit) => Ok(permit),
+                    Turn::Shed => Err(*retry_after),
+                    Turn::Waiting => match deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+                        Some(Poll::Ready(())) => ticket.time_out().map_err(|_| *retry_after),
+                        _ => return Poll::Pending,
+                    },
                 }
-                StateProj::Queued { waiting } => {
-                    let Waiting {
-                        ticket,
-                        retry_after,
-                        service,
-                        request,
-                        deadline,
-                    } = &mut **waiting;
-                    let permit = match ticket.poll_turn(cx.waker()) {
-                        Turn::Granted(permit) => permit,
-                        Turn::Shed => {
-                            let retry_after = *retry_after;
-                            state.set(State::Done);
-                            break Err(overloaded(retry_after));
-                        }
-                        Turn::Waiting => match deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
-                            Some(Poll::Ready(())) => match ticket.time_out() {
-                                Ok(permit) => permit,
-                                Err(_) => {
-                                    let retry_after = *retry_after;
-                                    state.set(State::Done);
-                                    break Err(overloaded(retry_after));
-                                }
-                            },
-                            _ => return Poll::Pending,
-                        },
-                    };
-                    let (Some(mut service), Some(request)) = (service.take(), request.take())
-                    else {
-                        unreachable!("a queued request leaves the queue once");
-                    };
-                    let future = service.call(request);
-                    state.set(State::Running {
-                        future,
-                        permit: Some(permit),
-                    });
-                }
-                StateProj::Running { future, permit } => {
-                    return Self::poll_running(future, permit, cx);
-                }
-                StateProj::Done => panic!("limit::ResponseFuture polled after completion"),
+            }
+            Admission::Admitted | Admission::Done => {
+                panic!("limit::ResponseFuture polled after completion")
             }
         };
-        Poll::Ready(output)
+        let granted = match turn {
+            Ok(permit) => permit,
+            Err(retry_after) => {
+                // Gives the place in the queue up.
+                *admission = Admission::Done;
+                return Poll::Ready(Err(overloaded(retry_after)));
+            }
+        };
+        let Admission::Queued(waiting) = std::mem::replace(admission, Admission::Admitted) else {
+            unreachable!("only a queued request is granted a permit here");
+        };
+        let Waiting {
+            service: Some(mut service),
+            request: Some(request),
+            ..
+        } = *waiting
+        else {
+            unreachable!("a queued request leaves the queue once");
+        };
+        *permit = Some(granted);
+        future.set(Some(service.call(request)));
+        match future.as_pin_mut() {
+            Some(future) => Self::poll_running(future, permit, cx),
+            None => unreachable!("set just above"),
+        }
     }
 }
 
@@ -225,11 +258,11 @@ where
     S: Service<Req>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.state {
-            State::Rejected { .. } => "rejected",
-            State::Queued { .. } => "queued",
-            State::Running { .. } => "running",
-            State::Done => "done",
+        let state = match (&self.admission, &self.permit) {
+            (Admission::Rejected { .. }, _) => "rejected",
+            (Admission::Queued(_), _) => "queued",
+            (Admission::Admitted, Some(_)) => "running",
+            (Admission::Admitted, None) | (Admission::Done, _) => "done",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

@@ -322,18 +322,28 @@ impl Limiter {
     /// Takes a permit, or a place in the queue, or says why not.
     #[inline]
     pub(crate) fn acquire(self: &Arc<Self>) -> Result<Acquired, Rejection> {
-        if self.queued.load(Ordering::SeqCst) == 0 {
-            if let Some(in_flight) = self.try_increment() {
-                return Ok(Acquired::Permit(self.admitted(in_flight)));
-            }
+        match self.try_admit() {
+            Some(permit) => Ok(Acquired::Permit(permit)),
+            None => self.acquire_slow().map(Acquired::Queued),
         }
-        self.acquire_slow()
     }
 
-    /// The limit is reached or somebody waits: reject or queue.
+    /// A permit if one is free and nobody waits: the path nearly every request takes.
+    #[inline]
+    pub(crate) fn try_admit(self: &Arc<Self>) -> Option<Permit> {
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            if let Some(in_flight) = self.try_increment() {
+                return Some(self.admitted(in_flight));
+            }
+        }
+        None
+    }
+
+    /// When [`try_admit`](Self::try_admit) found no permit: the limit is reached or
+    /// somebody waits, so queue or reject.
     #[cold]
     #[inline(never)]
-    fn acquire_slow(self: &Arc<Self>) -> Result<Acquired, Rejection> {
+    pub(crate) fn acquire_slow(self: &Arc<Self>) -> Result<Ticket, Rejection> {
         if self.max_queue == 0 {
             self.metrics.rejected_full.increment(1);
             tracing::debug!(reason = "full", "limit: shed");
@@ -374,13 +384,13 @@ impl Limiter {
         self.metrics.queue_depth.increment(1.0);
         // A permit may have come free after the fast path looked: hand out what is free.
         self.drain(&mut queue);
-        Ok(Acquired::Queued(Ticket {
+        Ok(Ticket {
             limiter: self.clone(),
             slot,
             enqueued: now,
             max_wait,
             done: false,
-        }))
+        })
     }
 
     /// True if the queue stands: it has not been empty for the CoDel interval (and has
