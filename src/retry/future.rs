@@ -38,7 +38,6 @@ pin_project! {
         policy: P,
         // A copy kept for the next attempt; `None` when the request cannot be replayed.
         replay: Option<Req>,
-        retries: u32,
         // `None` when they were not interned: `shared` holds them then.
         settings: Option<&'static Settings>,
         // `None` when the layer has no budget and no recorder.
@@ -53,9 +52,11 @@ pin_project! {
         S: Service<Req>,
     {
         First { #[pin] future: S::Future },
-        // Boxed: a wait is rare, and the future every request carries stays small.
-        Waiting { sleep: ColdBox<Sleep> },
-        Retrying { #[pin] call: Oneshot<S, Req> },
+        // Boxed: a wait is rare, and the future every request carries stays small. The
+        // retry count lives in the states after the first attempt, so the first
+        // attempt's future is a field smaller.
+        Waiting { sleep: ColdBox<Sleep>, retries: u32 },
+        Retrying { #[pin] call: Oneshot<S, Req>, retries: u32 },
     }
 }
 
@@ -76,7 +77,6 @@ where
             service,
             policy,
             replay,
-            retries: 0,
             settings,
             shared,
         }
@@ -139,8 +139,9 @@ where
         loop {
             let outcome = match this.state.as_mut().project() {
                 StateProj::First { future } => ready!(future.poll(cx)).map_err(Error::inner),
-                StateProj::Retrying { call } => ready!(call.poll(cx)).map_err(Error::inner),
-                StateProj::Waiting { sleep } => {
+                StateProj::Retrying { call, .. } => ready!(call.poll(cx)).map_err(Error::inner),
+                StateProj::Waiting { sleep, retries } => {
+                    let retries = *retries;
                     ready!(sleep.as_mut().poll(cx));
                     // A fresh copy, or the kept one itself when the policy makes no more.
                     let copy = this.replay.as_ref().and_then(|r| this.policy.replay(r));
@@ -149,7 +150,7 @@ where
                     };
                     metrics(this.shared.as_deref()).attempts.increment(1);
                     let call = Oneshot::new(this.service.clone(), request);
-                    this.state.set(State::Retrying { call });
+                    this.state.set(State::Retrying { call, retries });
                     continue;
                 }
             };
@@ -185,7 +186,11 @@ where
             .or(shared.map(|shared| &shared.settings))
             .expect("a request without interned settings carries the shared state");
         let replayable = self.replay.is_some();
-        let Some(wait) = next_wait(settings, shared, *self.retries, after, replayable) else {
+        let retries = match &*self.state {
+            State::First { .. } => 0,
+            State::Waiting { retries, .. } | State::Retrying { retries, .. } => *retries,
+        };
+        let Some(wait) = next_wait(settings, shared, retries, after, replayable) else {
             return Some(outcome);
         };
         let reason = if outcome.is_err() {
@@ -194,10 +199,10 @@ where
             &metrics(shared).retried_response
         };
         reason.increment(1);
-        tracing::debug!(retry = *self.retries + 1, ?wait, "retry: retrying");
-        *self.retries += 1;
+        tracing::debug!(retry = retries + 1, ?wait, "retry: retrying");
         self.state.set(State::Waiting {
             sleep: ColdBox::new(tokio::time::sleep(wait)),
+            retries: retries + 1,
         });
         None
     }
@@ -260,7 +265,13 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("retries", &self.retries)
+            .field(
+                "retries",
+                &match &self.state {
+                    State::First { .. } => 0,
+                    State::Waiting { retries, .. } | State::Retrying { retries, .. } => *retries,
+                },
+            )
             .finish_non_exhaustive()
     }
 }
