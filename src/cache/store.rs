@@ -263,10 +263,6 @@ where
         }
     }
 
-    fn ticks(&self, now: Instant) -> u64 {
-        crate::clock::since_epoch(now)
-    }
-
     /// Looks `key` up, and removes what it finds unusable. The clock is read only if the
     /// entry has a deadline or idle expiry is on.
     pub(crate) fn lookup(&self, key: &K) -> Lookup<V> {
@@ -279,7 +275,7 @@ where
         let now = Instant::now();
         let idle_expired = self.idle.is_some_and(|idle| {
             let last = entry.last_access.load(Ordering::Relaxed);
-            self.ticks(now).saturating_sub(last) >= idle.as_nanos() as u64
+            crate::clock::since_epoch(now).saturating_sub(last) >= idle.as_nanos() as u64
         });
         if !idle_expired {
             match entry.fresh_until {
@@ -310,7 +306,9 @@ where
 
     fn touch(&self, entry: &Entry<V>, now: Instant) {
         if self.idle.is_some() {
-            entry.last_access.store(self.ticks(now), Ordering::Relaxed);
+            entry
+                .last_access
+                .store(crate::clock::since_epoch(now), Ordering::Relaxed);
         }
     }
 
@@ -365,7 +363,7 @@ where
             fresh_until,
             swr_until,
             sie_until,
-            last_access: AtomicU64::new(self.ticks(now)),
+            last_access: AtomicU64::new(crate::clock::since_epoch(now)),
         }
     }
 

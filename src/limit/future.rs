@@ -113,7 +113,10 @@ where
     }
 
     /// A request queued (the readied service moved out of `inner`, a fresh clone taking
-    /// its place) or rejected.
+    /// its place) or rejected. Inlined, around the out-of-line [`Admission::of`]: the
+    /// caller then writes both paths' futures in place. Made out of line as a whole, its
+    /// future came back through memory and the admitted path's was copied too (the static
+    /// limit's bench went from 9 to 19 ns).
     #[inline(always)]
     pub(crate) fn unadmitted(
         queued: Result<Ticket, Rejection>,

@@ -269,11 +269,6 @@ impl Limiter {
         self.in_flight() == 0 && self.queued() == 0
     }
 
-    /// Nanoseconds from the process-wide epoch to `at` ([`crate::clock`]).
-    fn since_epoch(&self, at: Instant) -> u64 {
-        crate::clock::since_epoch(at)
-    }
-
     #[inline]
     fn released(&self) {
         if let Some(hook) = &self.on_release {
@@ -567,7 +562,7 @@ impl Permit {
     fn new(limiter: Arc<Limiter>, in_flight: usize) -> Self {
         let started = match limiter.algorithm {
             None => 0,
-            Some(_) => limiter.since_epoch(Instant::now()).saturating_add(1),
+            Some(_) => crate::clock::since_epoch(Instant::now()).saturating_add(1),
         };
         Permit {
             limiter,
@@ -616,7 +611,7 @@ impl Permit {
         let sample = match self.outcome() {
             Outcome::Ignore => None,
             outcome => {
-                let now = limiter.since_epoch(Instant::now());
+                let now = crate::clock::since_epoch(Instant::now());
                 Some(Sample::new(
                     Duration::from_nanos(now.saturating_sub(self.started - 1)),
                     self.sample >> 2,

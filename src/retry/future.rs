@@ -60,6 +60,16 @@ pin_project! {
     }
 }
 
+impl<S: Service<Req>, Req> State<S, Req> {
+    /// Retries sent so far.
+    fn retries(&self) -> u32 {
+        match self {
+            State::First { .. } => 0,
+            State::Waiting { retries, .. } | State::Retrying { retries, .. } => *retries,
+        }
+    }
+}
+
 impl<S, Req, P> ResponseFuture<S, Req, P>
 where
     S: Service<Req>,
@@ -186,10 +196,7 @@ where
             .or(shared.map(|shared| &shared.settings))
             .expect("a request without interned settings carries the shared state");
         let replayable = self.replay.is_some();
-        let retries = match &*self.state {
-            State::First { .. } => 0,
-            State::Waiting { retries, .. } | State::Retrying { retries, .. } => *retries,
-        };
+        let retries = self.state.retries();
         let Some(wait) = next_wait(settings, shared, retries, after, replayable) else {
             return Some(outcome);
         };
@@ -265,13 +272,7 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field(
-                "retries",
-                &match &self.state {
-                    State::First { .. } => 0,
-                    State::Waiting { retries, .. } | State::Retrying { retries, .. } => *retries,
-                },
-            )
+            .field("retries", &self.state.retries())
             .finish_non_exhaustive()
     }
 }
