@@ -34,6 +34,17 @@ fn limit_in(c: &mut Criterion, prometheus: bool) {
         "tower_concurrency_limit",
         tower::limit::ConcurrencyLimitLayer::new(1_000).layer(common::echo()),
     );
+    if prometheus {
+        // tower records nothing: this is tower's limit with the limit's metrics added.
+        common::bench(
+            &mut group,
+            &rt,
+            "tower_concurrency_limit_same_metrics",
+            common::tower_metrics::limit_metrics(
+                tower::limit::ConcurrencyLimitLayer::new(1_000).layer(common::echo()),
+            ),
+        );
+    }
     common::bench(
         &mut group,
         &rt,

@@ -73,6 +73,20 @@ fn retry_in(c: &mut Criterion, prometheus: bool) {
         "tower_retry",
         tower::retry::RetryLayer::new(common::tower_policies::Attempts(2)).layer(common::echo()),
     );
+    if prometheus {
+        // tower records nothing: this is tower's retry with the retry's metric added.
+        common::bench(
+            &mut group,
+            &rt,
+            "tower_retry_same_metrics",
+            tower::ServiceBuilder::new()
+                .layer(tower::retry::RetryLayer::new(
+                    common::tower_policies::Attempts(2),
+                ))
+                .layer(common::tower_metrics::CountAttemptsLayer)
+                .service(common::echo()),
+        );
+    }
     common::bench(
         &mut group,
         &rt,

@@ -26,6 +26,17 @@ fn timeout_in(c: &mut Criterion, prometheus: bool) {
         "tower_timeout",
         tower::timeout::TimeoutLayer::new(limit).layer(common::echo()),
     );
+    if prometheus {
+        // tower records nothing: this is tower's timeout with the timeout's metrics added.
+        common::bench(
+            &mut group,
+            &rt,
+            "tower_timeout_same_metrics",
+            common::tower_metrics::timeout_metrics(
+                tower::timeout::TimeoutLayer::new(limit).layer(common::echo()),
+            ),
+        );
+    }
     common::bench(
         &mut group,
         &rt,

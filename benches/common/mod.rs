@@ -127,4 +127,5 @@ pub fn bench_with<S>(
     }
 }
 
+pub mod tower_metrics;
 pub mod tower_policies;
