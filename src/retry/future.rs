@@ -74,6 +74,7 @@ impl<S, Req, P> ResponseFuture<S, Req, P>
 where
     S: Service<Req>,
 {
+    #[inline(always)]
     pub(crate) fn new(
         future: S::Future,
         service: S,
@@ -101,7 +102,7 @@ where
 {
     type Output = Result<S::Response, Error>;
 
-    #[inline]
+    #[inline(always)]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The first attempt's success is the path nearly every request takes: kept small
         // so it inlines into the caller, and it passes nothing but the future itself to
