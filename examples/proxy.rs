@@ -8,8 +8,12 @@
 //!
 //! It serves HTTP/1.1 and HTTP/2 over cleartext (h2c, prior knowledge) on one port and
 //! forwards to an HTTP/1.1 upstream (optionally under a path prefix, `--upstream
-//! http://host:port/base`). It answers from the cache what RFC 9111 allows a shared cache
-//! to answer and reports each decision in `Cache-Status`; everything else is streamed.
+//! http://host:port/base`; the upstream's `Location` and `Content-Location` under it are
+//! mapped back to the client's paths). It answers from the cache what RFC 9111 allows a
+//! shared cache to answer and reports each decision in `Cache-Status`; everything else is
+//! streamed. The cache keys on the URL fetched from the upstream, not on the name the
+//! client used for the proxy: the origin is sent the upstream's `Host` whatever the
+//! client's, so every name of the proxy (and every proxy of a fleet) shares one entry.
 //!
 //! As a proxy (RFC 9110 section 7.6) it removes the hop-by-hop fields in both directions
 //! (`Connection` and every field it lists, `Keep-Alive`, `Proxy-Connection`, `TE`,
@@ -52,7 +56,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::Parser;
 use http::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, VIA, WWW_AUTHENTICATE,
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LOCATION, HOST, LOCATION, VIA,
+    WWW_AUTHENTICATE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, Uri, Version};
@@ -225,6 +230,75 @@ fn parse_upstream(value: &str) -> Result<Upstream, String> {
     Ok(Upstream { authority, prefix })
 }
 
+impl Upstream {
+    /// The URL a request for `uri` is fetched from: the upstream's scheme and authority,
+    /// the prefix, then the request's path and query (an absolute-form target's own
+    /// authority is ignored). Requests take it on arrival, so the cache keys on what is
+    /// fetched: the origin never sees the client's `Host` (it gets the upstream's), and
+    /// clients that name the proxy differently (`localhost`, an address, another port, a
+    /// fleet member reached directly) share one entry per URL, as nginx's default
+    /// `$scheme$proxy_host$request_uri` key does.
+    fn target(&self, uri: &Uri) -> Option<Uri> {
+        let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{path_and_query}", self.prefix))
+            .build()
+            .ok()
+    }
+
+    /// Rewrites `Location` and `Content-Location` from the upstream's URL space into the
+    /// client's, as nginx's `proxy_redirect default` does: `http://UPSTREAM/PREFIX/x` and
+    /// `/PREFIX/x` become `/x`. Other values (another host, a path outside the prefix, a
+    /// relative reference) are left as they are. Done on the way out, after the cache,
+    /// so stored responses keep the upstream's URLs that their invalidations key on.
+    fn relocate(&self, headers: &mut HeaderMap) {
+        for name in [LOCATION, CONTENT_LOCATION] {
+            let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            if let Some(local) = self.local_path(value).and_then(|p| p.parse().ok()) {
+                headers.insert(name, local);
+            }
+        }
+    }
+
+    /// The client's path for a URL of the upstream's, if `url` is one.
+    fn local_path<'a>(&self, url: &'a str) -> Option<&'a str> {
+        let upstream_path = match url.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case("http://") => {
+                let rest = &url[7..];
+                let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+                if !rest[..end].eq_ignore_ascii_case(self.authority.as_str()) {
+                    return None;
+                }
+                &rest[end..]
+            }
+            _ if url.starts_with('/') && !url.starts_with("//") => {
+                if self.prefix.is_empty() {
+                    // Already the client's path.
+                    return None;
+                }
+                url
+            }
+            _ => return None,
+        };
+        let rest = upstream_path.strip_prefix(self.prefix.as_str())?;
+        match rest.as_bytes().first() {
+            None => Some("/"),
+            Some(b'/') => Some(rest),
+            // `/basement` is not under the prefix `/base`; `/base?x` is left as it is.
+            Some(_) => None,
+        }
+    }
+
+    /// The upstream's authority as a `Host` field value.
+    fn host(&self) -> Option<HeaderValue> {
+        HeaderValue::from_str(self.authority.as_str()).ok()
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Limit {
     Static(usize),
@@ -286,13 +360,12 @@ fn add_via(headers: &mut HeaderMap, version: Version) {
     }
 }
 
-/// Sends requests to the upstream: rewrites the target, strips hop-by-hop fields, adds
-/// `Via`, and refuses a response whose header section is larger than `max_header_bytes`
+/// Sends requests to the upstream (their target already rewritten by
+/// [`Upstream::target`]): strips hop-by-hop fields, adds `Via`, and refuses a response whose header section is larger than `max_header_bytes`
 /// (the client's read buffer alone lets a head of several times its size through when it
 /// arrives in one read).
 struct Forward<B> {
     client: Client<HttpConnector, B>,
-    upstream: Upstream,
     max_header_bytes: usize,
 }
 
@@ -300,7 +373,6 @@ impl<B> Clone for Forward<B> {
     fn clone(&self) -> Self {
         Forward {
             client: self.client.clone(),
-            upstream: self.upstream.clone(),
             max_header_bytes: self.max_header_bytes,
         }
     }
@@ -351,23 +423,10 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let path_and_query = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
-        let target = format!("{}{path_and_query}", self.upstream.prefix);
-        let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.upstream.authority.clone())
-            .path_and_query(target)
-            .build();
-        if let Ok(uri) = uri {
-            *req.uri_mut() = uri;
-        }
         let version = req.version();
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
         add_via(headers, version);
-        if let Ok(host) = self.upstream.authority.as_str().parse() {
-            headers.insert(HOST, host);
-        }
         // The upstream connection is HTTP/1.1 whatever the client spoke.
         *req.version_mut() = Version::HTTP_11;
         let call = self.client.request(req);
@@ -507,11 +566,15 @@ fn text(status: http::StatusCode, body: &str) -> Response<BufferedBody<UpstreamB
     response
 }
 
-/// Per connection: `X-Forwarded-For`, then the proxy, then the access log line.
+/// Per connection: the target rewritten to the upstream's, `X-Forwarded-For`, then the
+/// proxy, then the access log line.
 #[derive(Clone)]
 struct ConnectionService {
     proxy: Proxy,
     purger: Option<Purger>,
+    upstream: Arc<Upstream>,
+    /// The upstream's authority as the `Host` every forwarded request carries.
+    upstream_host: Option<HeaderValue>,
     peer: SocketAddr,
     /// The peer's address as a field value, made once per connection.
     peer_value: HeaderValue,
@@ -521,12 +584,20 @@ struct ConnectionService {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 impl ConnectionService {
-    fn new(proxy: Proxy, purger: Option<Purger>, peer: SocketAddr, access_log: bool) -> Self {
+    fn new(
+        proxy: Proxy,
+        purger: Option<Purger>,
+        upstream: Arc<Upstream>,
+        peer: SocketAddr,
+        access_log: bool,
+    ) -> Self {
         let peer_value = HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ConnectionService {
             proxy,
             purger,
+            upstream_host: upstream.host(),
+            upstream,
             peer,
             peer_value,
             access_log,
@@ -544,6 +615,21 @@ impl Service<Request<Incoming>> for ConnectionService {
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        // What the log line needs, taken only when it is written (the path as the client
+        // sent it).
+        let logged = self.access_log.then(|| {
+            (
+                req.method().clone(),
+                req.uri().path().to_owned(),
+                req.version(),
+            )
+        });
+        if let Some(target) = self.upstream.target(req.uri()) {
+            *req.uri_mut() = target;
+        }
+        if let Some(host) = &self.upstream_host {
+            req.headers_mut().insert(HOST, host.clone());
+        }
         if Purger::is_purge(&req) {
             if let Some(purger) = self.purger.clone() {
                 return Box::pin(async move { Ok(purger.purge(req).await) });
@@ -562,19 +648,13 @@ impl Service<Request<Incoming>> for ConnectionService {
         if let Some(value) = forwarded {
             headers.insert(X_FORWARDED_FOR, value);
         }
-        // What the log line needs, taken only when it is written.
-        let logged = self.access_log.then(|| {
-            (
-                req.method().clone(),
-                req.uri().path().to_owned(),
-                req.version(),
-            )
-        });
         let call = self.proxy.call(req);
         let peer = self.peer;
+        let upstream = self.upstream.clone();
         Box::pin(async move {
             let start = Instant::now();
-            let response = call.await?;
+            let mut response = call.await?;
+            upstream.relocate(response.headers_mut());
             if let Some((method, path, version)) = logged {
                 let cache_status = response
                     .headers()
@@ -607,7 +687,6 @@ fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>), String> {
         client: Client::builder(TokioExecutor::new())
             .http1_max_buf_size(max_header_bytes.max(8192))
             .build(connector),
-        upstream: args.upstream.clone(),
         max_header_bytes,
     };
     let mut builder = StackBuilder::new()
@@ -750,6 +829,7 @@ async fn run(args: Args) -> Result<(), String> {
         serve_metrics(addr).await?;
     }
     let (proxy, purger) = build_proxy(&args)?;
+    let upstream = Arc::new(args.upstream.clone());
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|err| match err.kind() {
@@ -793,6 +873,7 @@ async fn run(args: Args) -> Result<(), String> {
         let service = TowerToHyperService::new(ConnectionService::new(
             proxy.clone(),
             purger.clone(),
+            upstream.clone(),
             peer,
             !args.no_access_log,
         ));

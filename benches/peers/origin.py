@@ -7,6 +7,9 @@ GET /obj/NAME          1 KiB, Cache-Control: public, max-age=3600, Cache-Tag: NA
 GET /slow/NAME?ms=N    the same after N ms (default 500), for cold bursts and slow requests;
                        with &cc=VALUE, VALUE is its Cache-Control (cc=no-store: never stored)
 GET /count/NAME        how many requests for /obj/NAME or /slow/NAME arrived, as text
+GET /moved/NAME        301 to /obj/NAME; with ?abs, to http://HOST:PORT/obj/NAME
+/base/...              every route again, as an application mounted under /base sees it
+                       (its redirects go to /base/obj/NAME)
 POST /obj/NAME         a new version of NAME (204); its GETs say `NAME version N`
 Every response is HTTP/1.1 with Content-Length; connections are kept alive.
 """
@@ -41,12 +44,22 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_one(self, head):
         url = urlsplit(self.path)
-        parts = url.path.strip("/").split("/", 1)
+        base = "/base" if url.path.startswith("/base/") else ""
+        parts = url.path[len(base):].strip("/").split("/", 1)
         kind, name = (parts + [""])[:2]
         if kind == "count":
             with LOCK:
                 n = COUNTS.get(name, 0)
             self.answer(str(n).encode(), cache_control="no-store", head=head)
+            return
+        if kind == "moved":
+            target = f"{base}/obj/{name}"
+            if "abs" in parse_qs(url.query, keep_blank_values=True):
+                target = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}{target}"
+            self.send_response(301)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         if kind not in ("obj", "slow"):
             self.send_error(404)

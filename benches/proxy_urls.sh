@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The proxy example's URLs, tried as clients reach it: the cache keys on the URL fetched
+# from the upstream, so clients that name the proxy differently (an address, `localhost`,
+# any Host) share one entry; and the upstream's redirects come back in the client's URL
+# space, with and without a path prefix (`--upstream http://ORIGIN/base`).
+#
+#   bash benches/proxy_urls.sh       (builds the release example when missing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+proxy=${PROXY:-target/release/examples/proxy}
+[ -x "$proxy" ] || cargo build --release --example proxy
+
+source benches/lib.sh
+
+origin_port=$(free_port)
+python3 benches/peers/origin.py "$origin_port" & pids+=($!)
+until_true 10 curl -sf -o /dev/null "http://127.0.0.1:$origin_port/count/none"
+origin="127.0.0.1:$origin_port"
+
+plain=$(free_port)
+prefixed=$(free_port)
+"$proxy" --listen "127.0.0.1:$plain" --upstream "http://$origin" --purge-token t \
+  --no-access-log >"$work/plain.log" 2>&1 & pids+=($!)
+"$proxy" --listen "127.0.0.1:$prefixed" --upstream "http://$origin/base" \
+  --no-access-log >"$work/prefixed.log" 2>&1 & pids+=($!)
+until_true 10 grep -q "listening on" "$work/plain.log"
+until_true 10 grep -q "listening on" "$work/prefixed.log"
+
+fail() { echo "FAILED: $*" >&2; exit 1; }
+
+# One URL asked for under four names of the proxy: one origin request.
+for host in "127.0.0.1:$plain" "localhost:$plain" "example.test" "EXAMPLE.test:80"; do
+  curl -s -o /dev/null -H "Host: $host" "http://127.0.0.1:$plain/obj/named"
+done
+# HTTP/2 carries the name in the target's authority instead of Host.
+curl -s -o /dev/null --http2-prior-knowledge "http://localhost:$plain/obj/named"
+count=$(curl -s "http://$origin/count/named")
+echo "one URL under four Host names and over HTTP/2: origin requests $count"
+[ "$count" = 1 ] || fail "the proxy went to the origin $count times for one URL"
+
+# A PURGE naming the proxy one way drops the entry stored under another name.
+purged=$(curl -s -X PURGE -H "Authorization: Bearer t" -H "Host: other.test" \
+  "http://127.0.0.1:$plain/obj/named")
+curl -s -o /dev/null "http://127.0.0.1:$plain/obj/named"
+count=$(curl -s "http://$origin/count/named")
+echo "PURGE under another Host: '${purged%$'\n'}'; origin requests after it $count"
+[ "$count" = 2 ] || fail "after the PURGE the origin saw $count requests, not 2"
+
+# Redirects: the upstream's URLs (absolute or path-absolute, under the prefix) come back
+# as the client's paths; a path the proxy cannot map is passed on unchanged.
+location() { curl -s -o /dev/null -w '%{redirect_url}' "http://127.0.0.1:$1$2" | sed "s|^http://127.0.0.1:$1||"; }
+check() {
+  local got
+  got=$(location "$1" "$2")
+  echo "  GET $2 through port $1: Location $got"
+  [ "$got" = "$3" ] || fail "GET $2 was redirected to '$got', not '$3'"
+}
+echo "redirects:"
+check "$plain" /moved/doc /obj/doc
+check "$plain" "/moved/doc?abs" /obj/doc
+check "$prefixed" /moved/doc /obj/doc
+check "$prefixed" "/moved/doc?abs" /obj/doc
+# Followed, the redirect lands on the object (stored first under the upstream's URL).
+body=$(curl -s -L "http://127.0.0.1:$prefixed/moved/doc?abs" | head -c 4)
+[ "$body" = xxxx ] || fail "following the prefixed proxy's redirect gave '$body'"
+echo "ok"
