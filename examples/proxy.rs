@@ -19,7 +19,11 @@
 //! (`Connection` and every field it lists, `Keep-Alive`, `Proxy-Connection`, `TE`,
 //! `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-Authenticate`,
 //! `Proxy-Authorization`), adds itself to `Via` both ways, and appends the client's
-//! address to `X-Forwarded-For`. Request headers are bounded (`--max-header-kb`; larger
+//! address to `X-Forwarded-For`. A request body that comes without a length (chunked, or
+//! HTTP/2 without `content-length`) is read whole before it is forwarded, up to
+//! `--max-body-kb`, and sent with a `Content-Length`, as nginx does: origins that read
+//! only `Content-Length` get it, and a slow upload holds no `--limit` slot while it
+//! arrives. Request headers are bounded (`--max-header-kb`; larger
 //! ones get 431), upstream connections time out (`--connect-timeout-ms`), and each
 //! request is logged through `tracing` (method, path, status, cache status, duration;
 //! `RUST_LOG` filters, `--no-access-log` turns it off).
@@ -44,6 +48,7 @@
 
 mod common;
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -53,15 +58,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use http::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LOCATION, HOST, LOCATION, VIA,
-    WWW_AUTHENTICATE,
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_LOCATION, HOST,
+    LOCATION, TRANSFER_ENCODING, VIA, WWW_AUTHENTICATE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, Uri, Version};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -100,7 +106,8 @@ struct Args {
     cache_capacity_mb: u64,
 
     /// Largest response body stored (larger ones are streamed, not stored), and largest
-    /// request body read ahead for retries, in KiB.
+    /// request body read ahead, for retries and to send a body that came without a
+    /// length (chunked) with a `Content-Length` (larger ones go on chunked), in KiB.
     #[arg(long, default_value_t = 1024, value_name = "KIB")]
     max_body_kb: usize,
 
@@ -450,8 +457,85 @@ where
 /// The upstream's response body, holding the `--limit` slot until it ends.
 type UpstreamBody = PermitBody<Incoming>;
 
+/// A client's request body as the proxy passes it on: read ahead when it came without a
+/// length ([`with_length`]), as it arrives otherwise.
+type ClientBody = BufferedBody<Incoming>;
+
 type Proxy =
-    BoxCloneSyncService<Request<Incoming>, Response<BufferedBody<UpstreamBody>>, Infallible>;
+    BoxCloneSyncService<Request<ClientBody>, Response<BufferedBody<UpstreamBody>>, Infallible>;
+
+/// True when a request's body has no length the upstream could be told: chunked over
+/// HTTP/1.1, or HTTP/2 without `content-length`.
+fn has_unknown_length(req: &Request<Incoming>) -> bool {
+    !req.headers().contains_key(CONTENT_LENGTH)
+        && !req.body().is_end_stream()
+        && req.body().size_hint().exact().is_none()
+}
+
+/// Reads a request body that came without a length ahead, up to `max` bytes, as nginx's
+/// request buffering does: one that ends within the bound goes on with a
+/// `Content-Length`, so an origin that reads only `Content-Length` (Python's
+/// `http.server`, for one) gets it, and the upstream's `--limit` slot is not held while a
+/// slow client uploads. A longer one goes on chunked: what was read, then the rest. A
+/// body the client breaks off gets 400.
+async fn with_length(
+    req: Request<Incoming>,
+    max: usize,
+) -> Result<Request<ClientBody>, Response<BufferedBody<UpstreamBody>>> {
+    let (mut parts, mut body) = req.into_parts();
+    let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
+    let mut read = 0;
+    while read <= max {
+        let frame = match body.frame().await {
+            None => {
+                let mut data = BytesMut::with_capacity(read);
+                for frame in frames {
+                    if let Ok(chunk) = frame.into_data() {
+                        data.extend_from_slice(&chunk);
+                    }
+                }
+                parts.headers.remove(TRANSFER_ENCODING);
+                parts
+                    .headers
+                    .insert(CONTENT_LENGTH, HeaderValue::from(read));
+                let body = BufferedBody::complete(data.freeze());
+                return Ok(Request::from_parts(parts, body));
+            }
+            Some(Ok(frame)) => frame,
+            Some(Err(err)) => {
+                tracing::debug!(error = %err, "the client's request body failed");
+                return Err(text(
+                    http::StatusCode::BAD_REQUEST,
+                    "the request body ended early\n",
+                ));
+            }
+        };
+        match frame.data_ref() {
+            Some(chunk) => read += chunk.len(),
+            // Trailers end what can be read ahead.
+            None => {
+                frames.push_back(frame);
+                break;
+            }
+        }
+        frames.push_back(frame);
+    }
+    Ok(Request::from_parts(
+        parts,
+        BufferedBody::streaming(frames, Some(body)),
+    ))
+}
+
+/// What a request goes on to: the proxy at once, or after its body is read ahead.
+enum Call {
+    Now(<Proxy as Service<Request<ClientBody>>>::Future),
+    AfterBody {
+        proxy: Proxy,
+        // Boxed: the path is rare, and the future every request carries stays small.
+        req: Box<Request<Incoming>>,
+        max: usize,
+    },
+}
 
 /// Answers `PURGE` requests from the cache: built when `--purge-token` is given.
 #[derive(Clone)]
@@ -575,6 +659,8 @@ struct ConnectionService {
     upstream: Arc<Upstream>,
     /// The upstream's authority as the `Host` every forwarded request carries.
     upstream_host: Option<HeaderValue>,
+    /// The most of a request body without a length read ahead (`--max-body-kb`).
+    max_request_body: usize,
     peer: SocketAddr,
     /// The peer's address as a field value, made once per connection.
     peer_value: HeaderValue,
@@ -588,6 +674,7 @@ impl ConnectionService {
         proxy: Proxy,
         purger: Option<Purger>,
         upstream: Arc<Upstream>,
+        max_request_body: usize,
         peer: SocketAddr,
         access_log: bool,
     ) -> Self {
@@ -598,6 +685,7 @@ impl ConnectionService {
             purger,
             upstream_host: upstream.host(),
             upstream,
+            max_request_body,
             peer,
             peer_value,
             access_log,
@@ -648,12 +736,35 @@ impl Service<Request<Incoming>> for ConnectionService {
         if let Some(value) = forwarded {
             headers.insert(X_FORWARDED_FOR, value);
         }
-        let call = self.proxy.call(req);
+        let call = if has_unknown_length(&req) {
+            // The readied proxy goes into the future; this connection keeps a clone.
+            let clone = self.proxy.clone();
+            let proxy = std::mem::replace(&mut self.proxy, clone);
+            let max = self.max_request_body;
+            Call::AfterBody {
+                proxy,
+                req: Box::new(req),
+                max,
+            }
+        } else {
+            let req = req.map(|body| BufferedBody::streaming(VecDeque::new(), Some(body)));
+            Call::Now(self.proxy.call(req))
+        };
         let peer = self.peer;
         let upstream = self.upstream.clone();
         Box::pin(async move {
             let start = Instant::now();
-            let mut response = call.await?;
+            let mut response = match call {
+                Call::Now(call) => call.await?,
+                Call::AfterBody {
+                    mut proxy,
+                    req,
+                    max,
+                } => match with_length(*req, max).await {
+                    Ok(req) => proxy.call(req).await?,
+                    Err(refused) => refused,
+                },
+            };
             upstream.relocate(response.headers_mut());
             if let Some((method, path, version)) = logged {
                 let cache_status = response
@@ -726,7 +837,7 @@ fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>), String> {
         return Err("--purge-token has nothing to purge with --no-cache".to_owned());
     }
     let stack = builder
-        .build_http::<Incoming>()
+        .build_http::<ClientBody>()
         .map_err(|err| format!("invalid configuration: {err}"))?;
     // The limit goes under the stack, around the client: the upstream is busy until its
     // body has been sent, so the slot is held until then (the stack's own limit would
@@ -874,6 +985,7 @@ async fn run(args: Args) -> Result<(), String> {
             proxy.clone(),
             purger.clone(),
             upstream.clone(),
+            args.max_body_kb * 1024,
             peer,
             !args.no_access_log,
         ));

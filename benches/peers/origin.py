@@ -11,6 +11,8 @@ GET /moved/NAME        301 to /obj/NAME; with ?abs, to http://HOST:PORT/obj/NAME
 /base/...              every route again, as an application mounted under /base sees it
                        (its redirects go to /base/obj/NAME)
 POST /obj/NAME         a new version of NAME (204); its GETs say `NAME version N`
+POST /echo             `length N`: the body's length as its Content-Length gives it (a
+                       chunked body, which this server does not read, is length 0)
 Every response is HTTP/1.1 with Content-Length; connections are kept alive.
 """
 import sys
@@ -83,7 +85,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
+        body = self.rfile.read(length)
+        if urlsplit(self.path).path == "/echo":
+            self.answer(f"length {len(body)}".encode(), cache_control="no-store")
+            return
         name = urlsplit(self.path).path.strip("/").split("/", 1)[-1]
         with LOCK:
             VERSIONS[name] = VERSIONS.get(name, 1) + 1

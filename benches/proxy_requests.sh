@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The proxy example's URLs, tried as clients reach it: the cache keys on the URL fetched
-# from the upstream, so clients that name the proxy differently (an address, `localhost`,
-# any Host) share one entry; and the upstream's redirects come back in the client's URL
-# space, with and without a path prefix (`--upstream http://ORIGIN/base`).
+# The proxy example's requests, tried as clients send them: the cache keys on the URL
+# fetched from the upstream, so clients that name the proxy differently (an address,
+# `localhost`, any Host) share one entry; the upstream's redirects come back in the
+# client's URL space, with and without a path prefix (`--upstream http://ORIGIN/base`);
+# and a body sent without a length (chunked) up to --max-body-kb reaches an origin that
+# reads only Content-Length whole.
 #
-#   bash benches/proxy_urls.sh       (builds the release example when missing)
+#   bash benches/proxy_requests.sh     (builds the release example when missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 proxy=${PROXY:-target/release/examples/proxy}
@@ -20,7 +22,7 @@ origin="127.0.0.1:$origin_port"
 plain=$(free_port)
 prefixed=$(free_port)
 "$proxy" --listen "127.0.0.1:$plain" --upstream "http://$origin" --purge-token t \
-  --no-access-log >"$work/plain.log" 2>&1 & pids+=($!)
+  --max-body-kb 64 --no-access-log >"$work/plain.log" 2>&1 & pids+=($!)
 "$proxy" --listen "127.0.0.1:$prefixed" --upstream "http://$origin/base" \
   --no-access-log >"$work/prefixed.log" 2>&1 & pids+=($!)
 until_true 10 grep -q "listening on" "$work/plain.log"
@@ -63,4 +65,15 @@ check "$prefixed" "/moved/doc?abs" /obj/doc
 # Followed, the redirect lands on the object (stored first under the upstream's URL).
 body=$(curl -s -L "http://127.0.0.1:$prefixed/moved/doc?abs" | head -c 4)
 [ "$body" = xxxx ] || fail "following the prefixed proxy's redirect gave '$body'"
+# Bodies: with a length, and chunked below --max-body-kb (64 KiB here). One above the
+# bound goes on chunked, which this origin does not read.
+head -c 5000 /dev/zero >"$work/small"
+post() { curl -s -X POST "$@" "http://127.0.0.1:$plain/echo"; }
+with_length=$(post --data-binary @"$work/small")
+chunked=$(post -H "Transfer-Encoding: chunked" --data-binary @"$work/small")
+empty=$(post -H "Transfer-Encoding: chunked" --data-binary "")
+echo "the origin read: 5,000 bytes with a length: $with_length; chunked: $chunked; empty and chunked: $empty"
+[ "$with_length" = "length 5000" ] || fail "a body with a length arrived as '$with_length'"
+[ "$chunked" = "length 5000" ] || fail "a chunked body arrived as '$chunked'"
+[ "$empty" = "length 0" ] || fail "an empty chunked body arrived as '$empty'"
 echo "ok"
