@@ -367,10 +367,10 @@ fn add_via(headers: &mut HeaderMap, version: Version) {
     }
 }
 
-/// Sends requests to the upstream (their target already rewritten by
-/// [`Upstream::target`]): strips hop-by-hop fields, adds `Via`, and refuses a response whose header section is larger than `max_header_bytes`
-/// (the client's read buffer alone lets a head of several times its size through when it
-/// arrives in one read).
+/// Sends requests to the upstream (their target and `Host` already the upstream's, from
+/// [`Upstream::target`]): strips hop-by-hop fields, adds `Via`, and refuses a response
+/// whose header section is larger than `max_header_bytes` (the client's read buffer alone
+/// lets a head of several times its size through when it arrives in one read).
 struct Forward<B> {
     client: Client<HttpConnector, B>,
     max_header_bytes: usize,
