@@ -75,6 +75,8 @@ mod cold;
 mod error;
 #[cfg(feature = "hedge")]
 pub mod hedge;
+#[cfg(any(feature = "hedge", feature = "limit"))]
+mod hedged;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "limit")]

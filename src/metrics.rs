@@ -259,7 +259,7 @@ pub const METRICS: &[MetricInfo] = &[
         kind: MetricType::Counter,
         labels: &["reason"],
         unit: "requests",
-        help: "requests rejected: full, queue_full, queue_timeout, queue_standing",
+        help: "requests rejected: full, queue_full, queue_timeout, queue_standing, hedge",
     },
     MetricInfo {
         name: LIMIT_QUEUE_WAIT,
@@ -408,6 +408,8 @@ pub(crate) struct LimitMetrics {
     pub(crate) rejected_queue_full: Counter,
     pub(crate) rejected_queue_timeout: Counter,
     pub(crate) rejected_standing: Counter,
+    /// Hedges that found no free permit: they never queue.
+    pub(crate) rejected_hedge: Counter,
     pub(crate) queue_wait: Histogram,
     /// Whether a recorder was installed at registration: without one the per-request
     /// updates are skipped (the handles would record nothing).
@@ -451,6 +453,7 @@ impl LimitMetrics {
             rejected_queue_full: rejected("queue_full"),
             rejected_queue_timeout: rejected("queue_timeout"),
             rejected_standing: rejected("queue_standing"),
+            rejected_hedge: rejected("hedge"),
             queue_wait: metrics::histogram!(LIMIT_QUEUE_WAIT, "name" => name.clone()),
             recording: recorder_installed(),
         }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 use towerguard::budget::Budget;
 use towerguard::hedge::{HedgeBuilder, HedgeLayer};
+use towerguard::limit::{ConcurrencyLimitLayer, LimitHandle};
 use towerguard::timeout::{TimeoutContext, TimeoutLayer};
 
 use support::{Metrics, Probe};
@@ -322,6 +323,77 @@ fn hedge_metrics_are_emitted() {
     );
     assert_eq!(m.gauge("towerguard_hedge_delay_seconds", &name), 0.05);
     m.assert_listed_emitted(&["towerguard_hedge_"]);
+}
+
+/// A slow first attempt holding a limit of `max` under a hedge of 50 ms; the limit's
+/// handle, and the rejections it counted.
+fn hedge_over_a_limit(
+    max: usize,
+    backend: &Backend,
+) -> (
+    impl Service<u32, Response = usize, Error = towerguard::Error> + Clone,
+    LimitHandle,
+    metrics_util::debugging::Snapshotter,
+) {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // Handles register when the layers are built.
+    let (svc, handle) = metrics::with_local_recorder(&recorder, || {
+        let limit = ConcurrencyLimitLayer::builder()
+            .name("under-hedge")
+            .limit(max)
+            .queue(8, Duration::from_secs(5))
+            .build();
+        let handle = limit.handle();
+        let svc = fixed(50).build().layer(limit.layer(backend.service()));
+        (svc, handle)
+    });
+    (svc, handle, snapshotter)
+}
+
+#[test]
+fn a_hedge_finding_the_limit_full_is_refused_at_once_and_never_queues() {
+    let backend = Backend::new(|n| Duration::from_millis(if n == 0 { 1_000 } else { 10 }));
+    let (svc, handle, snapshotter) = hedge_over_a_limit(1, &backend);
+    support::paused_runtime().block_on(async {
+        let mut first = task::spawn(svc.clone().oneshot(0));
+        assert_pending!(first.poll());
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert_pending!(first.poll());
+        assert_eq!(handle.queued(), 0, "the hedge did not join the queue");
+        assert_eq!(handle.in_flight(), 1);
+        // An ordinary request still waits for the permit.
+        let mut second = task::spawn(svc.clone().oneshot(1));
+        assert_pending!(second.poll());
+        assert_eq!(handle.queued(), 1, "an ordinary request waits in the queue");
+        assert_eq!(first.await.unwrap(), 0, "the first attempt answered");
+        assert_eq!(
+            second.await.unwrap(),
+            1,
+            "the waiting request got the permit"
+        );
+    });
+    assert_eq!(backend.calls(), 2, "no hedge reached the backend");
+    let m = Metrics::from(&snapshotter);
+    let rejected = |reason| {
+        m.counter(
+            "towerguard_limit_rejected_total",
+            &[("name", "under-hedge"), ("reason", reason)],
+        )
+    };
+    assert_eq!(rejected("hedge"), 2, "both requests' hedges were refused");
+    assert_eq!(rejected("full") + rejected("queue_timeout"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_takes_a_free_permit() {
+    let backend = Backend::new(|n| Duration::from_millis(if n == 0 { 1_000 } else { 10 }));
+    let (svc, handle, _) = hedge_over_a_limit(2, &backend);
+    let start = Instant::now();
+    assert_eq!(svc.oneshot(0).await.unwrap(), 1, "the hedge won");
+    assert_eq!(start.elapsed(), Duration::from_millis(60));
+    assert_eq!(backend.calls(), 2);
+    assert_eq!(handle.in_flight(), 0, "the loser's permit came back");
 }
 
 #[test]

@@ -8,7 +8,6 @@ use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
-use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::layer::Shared;
@@ -59,7 +58,49 @@ where
     }
 }
 
-type Hedged<S, Req> = Pin<Box<Attempt<Oneshot<S, Req>>>>;
+type Hedged<S, Req> = Pin<Box<Attempt<HedgeCall<S, Req>>>>;
+
+pin_project! {
+    /// A hedge: its own clone of the service driven to readiness, then called marked as a
+    /// hedge ([`crate::hedged`]), so a concurrency limit under it does not queue it.
+    #[project = HedgeCallProj]
+    enum HedgeCall<S, Req>
+    where
+        S: Service<Req>,
+    {
+        NotReady { service: S, request: Option<Req> },
+        Called { #[pin] future: S::Future },
+    }
+}
+
+impl<S: Service<Req>, Req> HedgeCall<S, Req> {
+    fn new(service: S, request: Req) -> Self {
+        HedgeCall::NotReady {
+            service,
+            request: Some(request),
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> Future for HedgeCall<S, Req> {
+    type Output = Result<S::Response, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project() {
+                HedgeCallProj::NotReady { service, request } => {
+                    std::task::ready!(service.poll_ready(cx))?;
+                    let Some(request) = request.take() else {
+                        unreachable!("the request is taken only by the call that ends this state");
+                    };
+                    let future = crate::hedged::sending_hedge(|| service.call(request));
+                    self.set(HedgeCall::Called { future });
+                }
+                HedgeCallProj::Called { future } => return future.poll(cx),
+            }
+        }
+    }
+}
 
 pin_project! {
     /// Response future of [`Hedge`](super::Hedge).
@@ -199,7 +240,7 @@ where
             let now = Deadline::now();
             let mut ctx = TimeoutContext::attempt_under(None, now);
             carry(this.carrier, &mut request, &mut ctx);
-            let call = Oneshot::new(this.service.clone(), request);
+            let call = HedgeCall::new(this.service.clone(), request);
             this.hedges.push(Box::pin(Attempt::new(ctx, call, now)));
             *this.timer = if *this.sent < shared.max_attempts {
                 Timer::From(now)

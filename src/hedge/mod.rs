@@ -18,6 +18,11 @@
 //!   replays by `Clone`; the HTTP policy replays idempotent requests with buffered bodies).
 //! - **Readiness**: the first attempt uses the service `poll_ready` readied; each hedge
 //!   drives a clone to readiness before calling it.
+//! - **Spare capacity only**: a concurrency limit (`towerguard::limit`) under the hedge
+//!   gives a hedge a free permit or refuses it at once (`reason="hedge"`): a hedge never
+//!   waits in its queue, and the first attempt carries on. The layers in between must
+//!   call their inner service from their own `call` (towerguard's do; a `Buffer` does
+//!   not).
 //!
 //! Each attempt runs in a [`TimeoutContext`](crate::timeout::TimeoutContext) of its own, a
 //! child of the enclosing one, so a losing attempt's token is cancelled when it is dropped.

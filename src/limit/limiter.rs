@@ -344,6 +344,12 @@ impl Limiter {
             tracing::debug!(reason = "full", "limit: shed");
             return Err(Rejection::Full);
         }
+        if crate::hedged::sending_hedge_now() {
+            // A hedge takes a free permit or none (see `crate::hedged`).
+            self.metrics.rejected_hedge.increment(1);
+            tracing::debug!(reason = "hedge", "limit: a hedge found no free permit");
+            return Err(Rejection::Full);
+        }
         let mut queue = lock(&self.queue);
         if queue.waiting.len() >= self.max_queue {
             drop(queue);

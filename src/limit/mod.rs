@@ -19,6 +19,9 @@
 //!   the newest waiter. Under overload the requests that are served are served fast and
 //!   the rest are refused at once; without a standing queue, order and waits are FIFO's.
 //!   Sheds are counted under `reason="queue_standing"`.
+//! - **Hedges never queue**: under a hedge (`towerguard::hedge`), an attempt the hedge
+//!   sends takes a free permit or is refused at once (`reason="hedge"`), whatever the
+//!   queue: a hedge is worth sending only with capacity to spare.
 //! - **Adaptive**: an [`adaptive::Algorithm`] ([`adaptive::Aimd`], [`adaptive::Vegas`])
 //!   moves the limit within its bounds from the latency and drops of finished requests.
 //! - **Per key**: [`KeyedConcurrencyLimitLayer`] gives each key (tenant, client) a limit
