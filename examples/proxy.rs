@@ -11,9 +11,8 @@
 //! http://host:port/base`; the upstream's `Location` and `Content-Location` under it are
 //! mapped back to the client's paths). It answers from the cache what RFC 9111 allows a
 //! shared cache to answer and reports each decision in `Cache-Status`; everything else is
-//! streamed. The cache keys on the URL fetched from the upstream, not on the name the
-//! client used for the proxy: the origin is sent the upstream's `Host` whatever the
-//! client's, so every name of the proxy (and every proxy of a fleet) shares one entry.
+//! streamed. The cache keys on the URL as the client named it, `Host` included (see
+//! `Forward`).
 //!
 //! As a proxy (RFC 9110 section 7.6) it removes the hop-by-hop fields in both directions
 //! (`Connection` and every field it lists, `Keep-Alive`, `Proxy-Connection`, `TE`,
@@ -240,11 +239,7 @@ fn parse_upstream(value: &str) -> Result<Upstream, String> {
 impl Upstream {
     /// The URL a request for `uri` is fetched from: the upstream's scheme and authority,
     /// the prefix, then the request's path and query (an absolute-form target's own
-    /// authority is ignored). Requests take it on arrival, so the cache keys on what is
-    /// fetched: the origin never sees the client's `Host` (it gets the upstream's), and
-    /// clients that name the proxy differently (`localhost`, an address, another port, a
-    /// fleet member reached directly) share one entry per URL, as nginx's default
-    /// `$scheme$proxy_host$request_uri` key does.
+    /// authority is ignored).
     fn target(&self, uri: &Uri) -> Option<Uri> {
         let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
         Uri::builder()
@@ -258,8 +253,9 @@ impl Upstream {
     /// Rewrites `Location` and `Content-Location` from the upstream's URL space into the
     /// client's, as nginx's `proxy_redirect default` does: `http://UPSTREAM/PREFIX/x` and
     /// `/PREFIX/x` become `/x`. Other values (another host, a path outside the prefix, a
-    /// relative reference) are left as they are. Done on the way out, after the cache,
-    /// so stored responses keep the upstream's URLs that their invalidations key on.
+    /// relative reference) are left as they are. Done under the cache, so what it stores
+    /// and the invalidations an unsafe request's `Location` makes are in the client's
+    /// URL space too, as its keys are.
     fn relocate(&self, headers: &mut HeaderMap) {
         for name in [LOCATION, CONTENT_LOCATION] {
             let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
@@ -367,12 +363,21 @@ fn add_via(headers: &mut HeaderMap, version: Version) {
     }
 }
 
-/// Sends requests to the upstream (their target and `Host` already the upstream's, from
-/// [`Upstream::target`]): strips hop-by-hop fields, adds `Via`, and refuses a response
-/// whose header section is larger than `max_header_bytes` (the client's read buffer alone
-/// lets a head of several times its size through when it arrives in one read).
+/// Sends requests to the upstream: rewrites the target ([`Upstream::target`]) and `Host`,
+/// strips hop-by-hop fields, adds `Via`, and refuses a response whose header section is
+/// larger than `max_header_bytes` (the client's read buffer alone lets a head of several
+/// times its size through when it arrives in one read).
+///
+/// It rewrites them here, under the cache, so the cache keys on the URL as the client
+/// named it, `Host` included, as Varnish does: an origin that tells sites apart by a
+/// forwarded host (`X-Forwarded-Host`, set by a load balancer in front) cannot have one
+/// site's responses served to another's clients. Behind one load balancer every proxy
+/// of a fleet sees the same `Host` and shares the entries.
 struct Forward<B> {
     client: Client<HttpConnector, B>,
+    upstream: Arc<Upstream>,
+    /// The upstream's authority as the `Host` every forwarded request carries.
+    upstream_host: Option<HeaderValue>,
     max_header_bytes: usize,
 }
 
@@ -380,6 +385,8 @@ impl<B> Clone for Forward<B> {
     fn clone(&self) -> Self {
         Forward {
             client: self.client.clone(),
+            upstream: self.upstream.clone(),
+            upstream_host: self.upstream_host.clone(),
             max_header_bytes: self.max_header_bytes,
         }
     }
@@ -430,14 +437,21 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if let Some(target) = self.upstream.target(req.uri()) {
+            *req.uri_mut() = target;
+        }
         let version = req.version();
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
         add_via(headers, version);
+        if let Some(host) = &self.upstream_host {
+            headers.insert(HOST, host.clone());
+        }
         // The upstream connection is HTTP/1.1 whatever the client spoke.
         *req.version_mut() = Version::HTTP_11;
         let call = self.client.request(req);
         let max = self.max_header_bytes;
+        let upstream = self.upstream.clone();
         Box::pin(async move {
             let mut response = call.await?;
             let bytes = header_section_bytes(response.headers());
@@ -447,6 +461,7 @@ where
             let version = response.version();
             strip_hop_by_hop(response.headers_mut());
             add_via(response.headers_mut(), version);
+            upstream.relocate(response.headers_mut());
             // Answered in HTTP/1.1 (or the client's HTTP/2), whatever the upstream spoke.
             *response.version_mut() = Version::HTTP_11;
             Ok(response)
@@ -650,15 +665,12 @@ fn text(status: http::StatusCode, body: &str) -> Response<BufferedBody<UpstreamB
     response
 }
 
-/// Per connection: the target rewritten to the upstream's, `X-Forwarded-For`, then the
-/// proxy, then the access log line.
+/// Per connection: `X-Forwarded-For`, a body without a length read ahead, then the proxy,
+/// then the access log line.
 #[derive(Clone)]
 struct ConnectionService {
     proxy: Proxy,
     purger: Option<Purger>,
-    upstream: Arc<Upstream>,
-    /// The upstream's authority as the `Host` every forwarded request carries.
-    upstream_host: Option<HeaderValue>,
     /// The most of a request body without a length read ahead (`--max-body-kb`).
     max_request_body: usize,
     peer: SocketAddr,
@@ -673,7 +685,6 @@ impl ConnectionService {
     fn new(
         proxy: Proxy,
         purger: Option<Purger>,
-        upstream: Arc<Upstream>,
         max_request_body: usize,
         peer: SocketAddr,
         access_log: bool,
@@ -683,8 +694,6 @@ impl ConnectionService {
         ConnectionService {
             proxy,
             purger,
-            upstream_host: upstream.host(),
-            upstream,
             max_request_body,
             peer,
             peer_value,
@@ -703,21 +712,6 @@ impl Service<Request<Incoming>> for ConnectionService {
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        // What the log line needs, taken only when it is written (the path as the client
-        // sent it).
-        let logged = self.access_log.then(|| {
-            (
-                req.method().clone(),
-                req.uri().path().to_owned(),
-                req.version(),
-            )
-        });
-        if let Some(target) = self.upstream.target(req.uri()) {
-            *req.uri_mut() = target;
-        }
-        if let Some(host) = &self.upstream_host {
-            req.headers_mut().insert(HOST, host.clone());
-        }
         if Purger::is_purge(&req) {
             if let Some(purger) = self.purger.clone() {
                 return Box::pin(async move { Ok(purger.purge(req).await) });
@@ -736,6 +730,14 @@ impl Service<Request<Incoming>> for ConnectionService {
         if let Some(value) = forwarded {
             headers.insert(X_FORWARDED_FOR, value);
         }
+        // What the log line needs, taken only when it is written.
+        let logged = self.access_log.then(|| {
+            (
+                req.method().clone(),
+                req.uri().path().to_owned(),
+                req.version(),
+            )
+        });
         let call = if has_unknown_length(&req) {
             // The readied proxy goes into the future; this connection keeps a clone.
             let clone = self.proxy.clone();
@@ -751,10 +753,9 @@ impl Service<Request<Incoming>> for ConnectionService {
             Call::Now(self.proxy.call(req))
         };
         let peer = self.peer;
-        let upstream = self.upstream.clone();
         Box::pin(async move {
             let start = Instant::now();
-            let mut response = match call {
+            let response = match call {
                 Call::Now(call) => call.await?,
                 Call::AfterBody {
                     mut proxy,
@@ -765,7 +766,6 @@ impl Service<Request<Incoming>> for ConnectionService {
                     Err(refused) => refused,
                 },
             };
-            upstream.relocate(response.headers_mut());
             if let Some((method, path, version)) = logged {
                 let cache_status = response
                     .headers()
@@ -798,6 +798,8 @@ fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>), String> {
         client: Client::builder(TokioExecutor::new())
             .http1_max_buf_size(max_header_bytes.max(8192))
             .build(connector),
+        upstream: Arc::new(args.upstream.clone()),
+        upstream_host: args.upstream.host(),
         max_header_bytes,
     };
     let mut builder = StackBuilder::new()
@@ -940,7 +942,6 @@ async fn run(args: Args) -> Result<(), String> {
         serve_metrics(addr).await?;
     }
     let (proxy, purger) = build_proxy(&args)?;
-    let upstream = Arc::new(args.upstream.clone());
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|err| match err.kind() {
@@ -984,7 +985,6 @@ async fn run(args: Args) -> Result<(), String> {
         let service = TowerToHyperService::new(ConnectionService::new(
             proxy.clone(),
             purger.clone(),
-            upstream.clone(),
             args.max_body_kb * 1024,
             peer,
             !args.no_access_log,

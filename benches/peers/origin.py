@@ -8,6 +8,8 @@ GET /slow/NAME?ms=N    the same after N ms (default 500), for cold bursts and sl
                        with &cc=VALUE, VALUE is its Cache-Control (cc=no-store: never stored)
 GET /count/NAME        how many requests for /obj/NAME or /slow/NAME arrived, as text
 GET /moved/NAME        301 to /obj/NAME; with ?abs, to http://HOST:PORT/obj/NAME
+GET /site              `site HOST` from X-Forwarded-Host (as a multi-site application
+                       behind a load balancer tells sites apart), public, max-age=3600
 /base/...              every route again, as an application mounted under /base sees it
                        (its redirects go to /base/obj/NAME)
 POST /obj/NAME         a new version of NAME (204); its GETs say `NAME version N`
@@ -53,6 +55,10 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 n = COUNTS.get(name, 0)
             self.answer(str(n).encode(), cache_control="no-store", head=head)
+            return
+        if kind == "site":
+            host = self.headers.get("X-Forwarded-Host", "none")
+            self.answer(f"site {host}".encode(), head=head)
             return
         if kind == "moved":
             target = f"{base}/obj/{name}"
