@@ -22,7 +22,7 @@
 //! HTTP/2 without `content-length`) is read whole before it is forwarded, up to
 //! `--max-body-kb`, and sent with a `Content-Length`, as nginx does: origins that read
 //! only `Content-Length` get it, and a slow upload holds no `--limit` slot while it
-//! arrives. Request headers are bounded (`--max-header-kb`; larger
+//! arrives (with `--timeout-ms`, one still arriving after it gets 408). Request headers are bounded (`--max-header-kb`; larger
 //! ones get 431), upstream connections time out (`--connect-timeout-ms`), and each
 //! request is logged through `tracing` (method, path, status, cache status, duration;
 //! `RUST_LOG` filters, `--no-access-log` turns it off).
@@ -492,8 +492,33 @@ fn has_unknown_length(req: &Request<Incoming>) -> bool {
 /// `Content-Length`, so an origin that reads only `Content-Length` (Python's
 /// `http.server`, for one) gets it, and the upstream's `--limit` slot is not held while a
 /// slow client uploads. A longer one goes on chunked: what was read, then the rest. A
-/// body the client breaks off gets 400.
+/// body the client breaks off gets 400, and one still arriving after `--timeout-ms`
+/// (the bound on the whole request, when given) 408.
 async fn with_length(
+    req: Request<Incoming>,
+    read_ahead: ReadAhead,
+) -> Result<Request<ClientBody>, Response<BufferedBody<UpstreamBody>>> {
+    match read_ahead.within {
+        Some(within) => match tokio::time::timeout(within, read_body(req, read_ahead.max)).await {
+            Ok(read) => read,
+            Err(_) => Err(text(
+                http::StatusCode::REQUEST_TIMEOUT,
+                "the request body took longer than --timeout-ms\n",
+            )),
+        },
+        None => read_body(req, read_ahead.max).await,
+    }
+}
+
+/// How much of a body without a length is read ahead, and for how long at most.
+#[derive(Debug, Clone, Copy)]
+struct ReadAhead {
+    max: usize,
+    within: Option<Duration>,
+}
+
+/// [`with_length`]'s reading, without its time bound.
+async fn read_body(
     req: Request<Incoming>,
     max: usize,
 ) -> Result<Request<ClientBody>, Response<BufferedBody<UpstreamBody>>> {
@@ -548,7 +573,7 @@ enum Call {
         proxy: Proxy,
         // Boxed: the path is rare, and the future every request carries stays small.
         req: Box<Request<Incoming>>,
-        max: usize,
+        read_ahead: ReadAhead,
     },
 }
 
@@ -671,8 +696,9 @@ fn text(status: http::StatusCode, body: &str) -> Response<BufferedBody<UpstreamB
 struct ConnectionService {
     proxy: Proxy,
     purger: Option<Purger>,
-    /// The most of a request body without a length read ahead (`--max-body-kb`).
-    max_request_body: usize,
+    /// How a request body without a length is read ahead (`--max-body-kb`,
+    /// `--timeout-ms`).
+    read_ahead: ReadAhead,
     peer: SocketAddr,
     /// The peer's address as a field value, made once per connection.
     peer_value: HeaderValue,
@@ -685,7 +711,7 @@ impl ConnectionService {
     fn new(
         proxy: Proxy,
         purger: Option<Purger>,
-        max_request_body: usize,
+        read_ahead: ReadAhead,
         peer: SocketAddr,
         access_log: bool,
     ) -> Self {
@@ -694,7 +720,7 @@ impl ConnectionService {
         ConnectionService {
             proxy,
             purger,
-            max_request_body,
+            read_ahead,
             peer,
             peer_value,
             access_log,
@@ -742,11 +768,10 @@ impl Service<Request<Incoming>> for ConnectionService {
             // The readied proxy goes into the future; this connection keeps a clone.
             let clone = self.proxy.clone();
             let proxy = std::mem::replace(&mut self.proxy, clone);
-            let max = self.max_request_body;
             Call::AfterBody {
                 proxy,
                 req: Box::new(req),
-                max,
+                read_ahead: self.read_ahead,
             }
         } else {
             let req = req.map(|body| BufferedBody::streaming(VecDeque::new(), Some(body)));
@@ -760,8 +785,8 @@ impl Service<Request<Incoming>> for ConnectionService {
                 Call::AfterBody {
                     mut proxy,
                     req,
-                    max,
-                } => match with_length(*req, max).await {
+                    read_ahead,
+                } => match with_length(*req, read_ahead).await {
                     Ok(req) => proxy.call(req).await?,
                     Err(refused) => refused,
                 },
@@ -985,7 +1010,10 @@ async fn run(args: Args) -> Result<(), String> {
         let service = TowerToHyperService::new(ConnectionService::new(
             proxy.clone(),
             purger.clone(),
-            args.max_body_kb * 1024,
+            ReadAhead {
+                max: args.max_body_kb * 1024,
+                within: args.timeout_ms.map(Duration::from_millis),
+            },
             peer,
             !args.no_access_log,
         ));
