@@ -22,10 +22,10 @@
 //! HTTP/2 without `content-length`) is read whole before it is forwarded, up to
 //! `--max-body-kb`, and sent with a `Content-Length`, as nginx does: origins that read
 //! only `Content-Length` get it, and a slow upload holds no `--limit` slot while it
-//! arrives (with `--timeout-ms`, one still arriving after it gets 408). Request headers are bounded (`--max-header-kb`; larger
-//! ones get 431), upstream connections time out (`--connect-timeout-ms`), and each
-//! request is logged through `tracing` (method, path, status, cache status, duration;
-//! `RUST_LOG` filters, `--no-access-log` turns it off).
+//! arrives (with `--timeout-ms`, one still arriving after it gets 408). Request headers
+//! are bounded (`--max-header-kb`; larger ones get 431), upstream connections time out
+//! (`--connect-timeout-ms`), and each request is logged through `tracing` (method, path,
+//! status, cache status, duration; `RUST_LOG` filters, `--no-access-log` turns it off).
 //!
 //! With `--redis URL` (built with `--features redis`) several proxies share one cache: a
 //! response stored by one is a hit on the others, a cold URL goes to the origin once for
