@@ -57,7 +57,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use clap::Parser;
 use http::header::{
     HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_LOCATION, HOST,
@@ -65,8 +65,7 @@ use http::header::{
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, Uri, Version};
-use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming};
+use hyper::body::{Body, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -522,48 +521,26 @@ async fn read_body(
     req: Request<Incoming>,
     max: usize,
 ) -> Result<Request<ClientBody>, Response<BufferedBody<UpstreamBody>>> {
-    let (mut parts, mut body) = req.into_parts();
-    let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
-    let mut read = 0;
-    while read <= max {
-        let frame = match body.frame().await {
-            None => {
-                let mut data = BytesMut::with_capacity(read);
-                for frame in frames {
-                    if let Ok(chunk) = frame.into_data() {
-                        data.extend_from_slice(&chunk);
-                    }
-                }
-                parts.headers.remove(TRANSFER_ENCODING);
-                parts
-                    .headers
-                    .insert(CONTENT_LENGTH, HeaderValue::from(read));
-                let body = BufferedBody::complete(data.freeze());
-                return Ok(Request::from_parts(parts, body));
-            }
-            Some(Ok(frame)) => frame,
-            Some(Err(err)) => {
-                tracing::debug!(error = %err, "the client's request body failed");
-                return Err(text(
-                    http::StatusCode::BAD_REQUEST,
-                    "the request body ended early\n",
-                ));
-            }
-        };
-        match frame.data_ref() {
-            Some(chunk) => read += chunk.len(),
-            // Trailers end what can be read ahead.
-            None => {
-                frames.push_back(frame);
-                break;
-            }
+    let (mut parts, body) = req.into_parts();
+    let body = match BufferedBody::read_ahead(body, max).await {
+        Ok(body) => body,
+        Err(err) => {
+            tracing::debug!(error = %err, "the client's request body failed");
+            return Err(text(
+                http::StatusCode::BAD_REQUEST,
+                "the request body ended early\n",
+            ));
         }
-        frames.push_back(frame);
+    };
+    if body.is_replayable() {
+        if let Some(length) = body.size_hint().exact() {
+            parts.headers.remove(TRANSFER_ENCODING);
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(length));
+        }
     }
-    Ok(Request::from_parts(
-        parts,
-        BufferedBody::streaming(frames, Some(body)),
-    ))
+    Ok(Request::from_parts(parts, body))
 }
 
 /// What a request goes on to: the proxy at once, or after its body is read ahead.

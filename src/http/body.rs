@@ -6,12 +6,10 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-#[cfg(any(feature = "cache", feature = "retry"))]
 use bytes::BytesMut;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::error::BoxError;
-#[cfg(any(feature = "cache", feature = "retry"))]
 use crate::error::Error;
 
 /// A body read ahead up to a bound: either complete (held whole, cheap to clone, so a
@@ -49,6 +47,34 @@ impl<B> BufferedBody<B> {
         BufferedBody {
             state: BodyState::Complete((!data.is_empty()).then_some(data)),
         }
+    }
+
+    /// Reads `body` ahead, up to `max` bytes: complete (its length known, see
+    /// [`size_hint`](Body::size_hint)) when it ends within the bound, otherwise what was
+    /// read followed by the rest of `body`. A trailers frame also ends what is read ahead.
+    /// An error of `body` while it is read is returned (kind
+    /// [`Inner`](crate::ErrorKind::Inner)).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body::Body;
+    /// use http_body_util::Full;
+    /// use towerguard::http::BufferedBody;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), towerguard::Error> {
+    /// let read = BufferedBody::read_ahead(Full::new(Bytes::from("hello")), 1024).await?;
+    /// assert!(read.is_replayable());
+    /// assert_eq!(read.size_hint().exact(), Some(5));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn read_ahead(body: B, max: usize) -> Result<Self, Error>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        read_ahead(body, max).await
     }
 
     /// True when the whole body is held and can be replayed.
@@ -162,7 +188,6 @@ where
 
 /// Reads frames of `body` into `frames` (data also into `data`) until its end (`true`), a
 /// trailers frame or more than `max` bytes (`false`).
-#[cfg(any(feature = "cache", feature = "retry"))]
 pub(crate) fn poll_read_ahead<B>(
     mut body: Pin<&mut B>,
     frames: &mut VecDeque<Frame<Bytes>>,
@@ -196,7 +221,6 @@ where
 }
 
 /// Reads `body` ahead up to `max` bytes: complete when it ends within the bound.
-#[cfg(feature = "cache")]
 pub(crate) async fn read_ahead<B>(mut body: B, max: usize) -> Result<BufferedBody<B>, Error>
 where
     B: Body<Data = Bytes> + Unpin,
