@@ -272,3 +272,95 @@ fn the_sizes_straddle_the_bound() {
     let _ = Request::new(());
     let _: Response<()> = Response::new(());
 }
+
+/// A body fed by the test, one chunk per message, that ends when the sender is dropped:
+/// an event stream whose events the test sends one at a time.
+struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Fed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|chunk| Ok(Frame::data(chunk))))
+    }
+}
+
+/// An app whose `/events` answers its one request with `headers` and a body the
+/// returned sender feeds.
+fn event_app(
+    headers: &'static [(&'static str, &'static str)],
+) -> (Router, tokio::sync::mpsc::Sender<Bytes>) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let rx = std::sync::Arc::new(std::sync::Mutex::new(Some(rx)));
+    let app = Router::new().route(
+        "/events",
+        get(move || {
+            let rx = rx.lock().unwrap().take().expect("one request for /events");
+            let mut response = Response::builder();
+            for (name, value) in headers {
+                response = response.header(*name, *value);
+            }
+            std::future::ready(response.body(Body::new(Fed(rx))).unwrap())
+        }),
+    );
+    (app, tx)
+}
+
+/// Sends events one at a time and checks that each reaches the client before the next
+/// is sent: the stream does not end until the sender is dropped.
+async fn events_arrive_one_by_one(app: Router, tx: tokio::sync::mpsc::Sender<Bytes>) {
+    let addr = serve(app).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let run = async move {
+        let response = client
+            .get(format!("http://{addr}/events").parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        for n in 0..3 {
+            let event = format!("data: {n}\n\n");
+            tx.send(Bytes::from(event.clone())).await.unwrap();
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), event.as_bytes());
+        }
+        drop(tx);
+        assert!(
+            body.frame().await.is_none(),
+            "the stream ends with its sender"
+        );
+    };
+    // Only a guard against a hang: each step above waits on the one before.
+    tokio::time::timeout(std::time::Duration::from_secs(60), run)
+        .await
+        .expect("the events reach the client as they are sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_without_cache_fields_passes_the_http_stack_as_it_is_sent() {
+    let stack = StackBuilder::new()
+        .http_cache(HttpCacheLayer::builder().max_body_bytes(BOUND).build())
+        .build_http::<Body>()
+        .unwrap();
+    let (app, tx) = event_app(&[("content-type", "text/event-stream")]);
+    events_arrive_one_by_one(app.layer(stack), tx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_marked_no_cache_passes_the_http_stack_as_it_is_sent() {
+    let stack = StackBuilder::new()
+        .http_cache(HttpCacheLayer::builder().max_body_bytes(BOUND).build())
+        .build_http::<Body>()
+        .unwrap();
+    let (app, tx) = event_app(&[
+        ("content-type", "text/event-stream"),
+        ("cache-control", "no-cache"),
+    ]);
+    events_arrive_one_by_one(app.layer(stack), tx).await;
+}

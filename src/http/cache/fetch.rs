@@ -141,14 +141,8 @@ where
             reason,
         ));
     }
-    let body = read_ahead(body, core.max_body).await?;
-    if !body.is_replayable() {
-        return Ok(streaming(body, parts, NotStored::TooLarge));
-    }
-    let bytes = body.into_bytes().unwrap_or_default();
     let freshness = policy.freshness(status, &parts.headers);
     let (swr, sie) = policy.stale_windows(&parts.headers);
-    let response_vary = vary(&parts.headers);
     // Worth storing when it can answer a later request; an error that is stale at once
     // never takes the place of the response stale-on-error would serve.
     let useful = if is_stale_on_error_status(status) {
@@ -156,7 +150,22 @@ where
     } else {
         !freshness.is_zero() || has_validator(&parts.headers) || !swr.is_zero() || !sie.is_zero()
     };
-    let store = useful.then(|| {
+    if !useful {
+        // Decided from the headers alone: the body goes on as it arrives, so a response
+        // that never ends (an event stream) or ends late reaches its client at once.
+        return Ok(streaming(
+            BufferedBody::streaming(Default::default(), Some(body)),
+            parts,
+            NotStored::NoFreshness,
+        ));
+    }
+    let body = read_ahead(body, core.max_body).await?;
+    if !body.is_replayable() {
+        return Ok(streaming(body, parts, NotStored::TooLarge));
+    }
+    let bytes = body.into_bytes().unwrap_or_default();
+    let response_vary = vary(&parts.headers);
+    let store = {
         let mut nominated = HeaderMap::new();
         if let Vary::Fields(fields) = &response_vary {
             for name in fields {
@@ -181,7 +190,7 @@ where
             stale_while_revalidate: swr,
             stale_if_error: sie,
         })
-    });
+    };
     Ok(Arc::new(Fetched {
         status,
         response: Fetch::Complete {
@@ -191,8 +200,8 @@ where
         },
         request_headers,
         extra,
-        not_stored: store.is_none().then_some(NotStored::NoFreshness),
-        store,
+        not_stored: None,
+        store: Some(store),
         evict: None,
         revalidated: false,
         from_tier: false,
