@@ -291,31 +291,52 @@ impl http_body::Body for Fed {
     }
 }
 
-/// An app whose `/events` answers its one request with `headers` and a body the
-/// returned sender feeds.
-fn event_app(
+type Feeds = tokio::sync::mpsc::UnboundedReceiver<tokio::sync::mpsc::Sender<Bytes>>;
+
+/// An upstream that answers every request with `headers` and a body the test feeds: each
+/// request hands the test, through the returned receiver, the sender of its body.
+fn fed_upstream(
     headers: &'static [(&'static str, &'static str)],
-) -> (Router, tokio::sync::mpsc::Sender<Bytes>) {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let rx = std::sync::Arc::new(std::sync::Mutex::new(Some(rx)));
-    let app = Router::new().route(
-        "/events",
-        get(move || {
-            let rx = rx.lock().unwrap().take().expect("one request for /events");
-            let mut response = Response::builder();
-            for (name, value) in headers {
-                response = response.header(*name, *value);
-            }
-            std::future::ready(response.body(Body::new(Fed(rx))).unwrap())
-        }),
-    );
-    (app, tx)
+) -> (
+    impl tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    Feeds,
+) {
+    let (feeds, fed) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = tower::service_fn(move |_req: Request<Body>| {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        feeds.send(tx).unwrap();
+        let mut response = Response::builder();
+        for (name, value) in headers {
+            response = response.header(*name, *value);
+        }
+        std::future::ready(Ok(response.body(Body::new(Fed(rx))).unwrap()))
+    });
+    (upstream, fed)
 }
 
-/// Sends events one at a time and checks that each reaches the client before the next
-/// is sent: the stream does not end until the sender is dropped.
-async fn events_arrive_one_by_one(app: Router, tx: tokio::sync::mpsc::Sender<Bytes>) {
-    let addr = serve(app).await;
+/// An app whose `/events` answers with `headers` and a body the test feeds.
+fn event_app(headers: &'static [(&'static str, &'static str)]) -> (Router, Feeds) {
+    let (upstream, feeds) = fed_upstream(headers);
+    let app = Router::new().route_service("/events", upstream);
+    (app, feeds)
+}
+
+/// Sends `events` one at a time and checks that each reaches the client before the next
+/// is sent (the body does not end until its sender is dropped); returns the response's
+/// `Cache-Status`.
+async fn events_arrive_one_by_one(
+    addr: std::net::SocketAddr,
+    feeds: &mut Feeds,
+    events: &[Bytes],
+) -> String {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let run = async move {
         let response = client
@@ -323,44 +344,233 @@ async fn events_arrive_one_by_one(app: Router, tx: tokio::sync::mpsc::Sender<Byt
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
+        let cache_status = response.headers()[&CACHE_STATUS]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let tx = feeds.recv().await.unwrap();
         let mut body = response.into_body();
-        for n in 0..3 {
-            let event = format!("data: {n}\n\n");
-            tx.send(Bytes::from(event.clone())).await.unwrap();
-            let frame = body.frame().await.unwrap().unwrap();
-            assert_eq!(frame.into_data().unwrap(), event.as_bytes());
+        for event in events {
+            tx.send(event.clone()).await.unwrap();
+            let mut got = Vec::new();
+            while got.len() < event.len() {
+                let frame = body.frame().await.unwrap().unwrap();
+                got.extend_from_slice(&frame.into_data().unwrap());
+            }
+            assert_eq!(got, event[..]);
         }
         drop(tx);
         assert!(
             body.frame().await.is_none(),
             "the stream ends with its sender"
         );
+        cache_status
     };
     // Only a guard against a hang: each step above waits on the one before.
     tokio::time::timeout(std::time::Duration::from_secs(60), run)
         .await
-        .expect("the events reach the client as they are sent");
+        .expect("the events reach the client as they are sent")
+}
+
+fn ticks(n: usize) -> Vec<Bytes> {
+    (0..n)
+        .map(|i| Bytes::from(format!("data: {i}\n\n")))
+        .collect()
+}
+
+fn http_stack() -> towerguard::stack::HttpStack<Body> {
+    StackBuilder::new()
+        .http_cache(HttpCacheLayer::builder().max_body_bytes(BOUND).build())
+        .build_http::<Body>()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_stream_without_cache_fields_passes_the_http_stack_as_it_is_sent() {
-    let stack = StackBuilder::new()
-        .http_cache(HttpCacheLayer::builder().max_body_bytes(BOUND).build())
-        .build_http::<Body>()
-        .unwrap();
-    let (app, tx) = event_app(&[("content-type", "text/event-stream")]);
-    events_arrive_one_by_one(app.layer(stack), tx).await;
+    let (app, mut feeds) = event_app(&[("content-type", "text/event-stream")]);
+    let addr = serve(app.layer(http_stack())).await;
+    events_arrive_one_by_one(addr, &mut feeds, &ticks(3)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_stream_marked_no_cache_passes_the_http_stack_as_it_is_sent() {
-    let stack = StackBuilder::new()
-        .http_cache(HttpCacheLayer::builder().max_body_bytes(BOUND).build())
-        .build_http::<Body>()
-        .unwrap();
-    let (app, tx) = event_app(&[
+    let (app, mut feeds) = event_app(&[
         ("content-type", "text/event-stream"),
         ("cache-control", "no-cache"),
     ]);
-    events_arrive_one_by_one(app.layer(stack), tx).await;
+    let addr = serve(app.layer(http_stack())).await;
+    events_arrive_one_by_one(addr, &mut feeds, &ticks(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storable_body_that_stalls_reaches_its_client_as_it_arrives_and_is_stored() {
+    let (app, mut feeds) = event_app(&[("cache-control", "max-age=60")]);
+    let addr = serve(app.layer(http_stack())).await;
+    let events = ticks(3);
+    let cache_status = events_arrive_one_by_one(addr, &mut feeds, &events).await;
+    assert!(cache_status.contains("detail=streamed"), "{cache_status}");
+    // Stored once it ended within the bound: the next request is a hit, whole.
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let response = client
+        .get(format!("http://{addr}/events").parse().unwrap())
+        .await
+        .unwrap();
+    let cache_status = response.headers()[&CACHE_STATUS]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cache_status.contains("hit"), "{cache_status}");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, events.concat());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storable_body_that_outgrows_the_bound_as_it_streams_arrives_whole_and_is_not_stored() {
+    let (app, mut feeds) = event_app(&[("cache-control", "max-age=60")]);
+    let addr = serve(app.layer(http_stack())).await;
+    // Three chunks, each 40% of the bound, each after the one before has arrived.
+    let events: Vec<Bytes> = (0..3)
+        .map(|i| {
+            (0..BOUND * 2 / 5)
+                .map(|j| byte(i * BOUND + j))
+                .collect::<Bytes>()
+        })
+        .collect();
+    events_arrive_one_by_one(addr, &mut feeds, &events).await;
+    // Not stored: the next request goes to the origin again.
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let response = client
+        .get(format!("http://{addr}/events").parse().unwrap())
+        .await
+        .unwrap();
+    let cache_status = response.headers()[&CACHE_STATUS]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(!cache_status.contains("hit"), "{cache_status}");
+    feeds.try_recv().expect("the origin was asked again");
+}
+
+/// The HTTP cache alone over a fed upstream, and a GET for one URI.
+fn fed_cache(
+    headers: &'static [(&'static str, &'static str)],
+) -> (
+    impl tower::Service<
+            Request<Body>,
+            Response = Response<towerguard::http::BufferedBody<Body>>,
+            Error = towerguard::Error,
+            Future = impl Send,
+        > + Clone,
+    Feeds,
+) {
+    use tower::Layer;
+    let (upstream, feeds) = fed_upstream(headers);
+    let cache = HttpCacheLayer::builder().max_body_bytes(BOUND).build();
+    (cache.layer(upstream), feeds)
+}
+
+fn get_a() -> Request<Body> {
+    Request::get("http://example.test/a")
+        .body(Body::empty())
+        .unwrap()
+}
+
+fn status_of<T>(response: &Response<T>) -> String {
+    response.headers()[&CACHE_STATUS]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Runs `test` on paused time with a guard: a step that waits for something that never
+/// comes fails the test at once instead of hanging it.
+async fn no_hang(test: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(std::time::Duration::from_secs(3600), test)
+        .await
+        .expect("every step is reached");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_reads_nothing_holds_back_no_one_waiting_for_the_same_response() {
+    use tower::ServiceExt;
+    no_hang(async {
+        let (svc, mut feeds) = fed_cache(&[("cache-control", "max-age=60")]);
+        // The first client has the head as soon as the body stalls.
+        let first = svc.clone().oneshot(get_a()).await.unwrap();
+        assert!(
+            status_of(&first).contains("detail=streamed"),
+            "{}",
+            status_of(&first)
+        );
+        let tx = feeds.recv().await.unwrap();
+        // A second client joins the same origin request.
+        let mut second = tokio_test::task::spawn(svc.clone().oneshot(get_a()));
+        assert!(second.poll().is_pending());
+        // The origin sends the whole body; the first client reads none of it.
+        tx.send(Bytes::from_static(b"hello ")).await.unwrap();
+        tx.send(Bytes::from_static(b"world")).await.unwrap();
+        drop(tx);
+        let second = second.await.unwrap();
+        assert!(
+            status_of(&second).contains("collapsed"),
+            "{}",
+            status_of(&second)
+        );
+        let body = second.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"hello world");
+        assert!(feeds.try_recv().is_err(), "one origin request");
+        // The first client reads it all afterwards.
+        let body = first.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"hello world");
+        let hit = svc.clone().oneshot(get_a()).await.unwrap();
+        assert!(status_of(&hit).contains("hit"), "{}", status_of(&hit));
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_client_leaving_a_streamed_response_alone_ends_its_origin_request() {
+    use tower::ServiceExt;
+    no_hang(async {
+        let (svc, mut feeds) = fed_cache(&[("cache-control", "max-age=60")]);
+        let first = svc.clone().oneshot(get_a()).await.unwrap();
+        let tx = feeds.recv().await.unwrap();
+        tx.send(Bytes::from_static(b"part")).await.unwrap();
+        let mut body = first.into_body();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(&frame.into_data().unwrap()[..], b"part");
+        // The client leaves; nobody else waits: the origin's body is dropped.
+        drop(body);
+        tx.closed().await;
+        // Nothing was stored: the next request goes to the origin.
+        let next = svc.clone().oneshot(get_a()).await.unwrap();
+        assert!(
+            status_of(&next).contains("fwd=uri-miss"),
+            "{}",
+            status_of(&next)
+        );
+        assert!(feeds.try_recv().is_ok(), "the origin is asked again");
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_gets_the_whole_response_after_the_first_client_leaves_it_mid_stream() {
+    use tower::ServiceExt;
+    no_hang(async {
+        let (svc, mut feeds) = fed_cache(&[("cache-control", "max-age=60")]);
+        let first = svc.clone().oneshot(get_a()).await.unwrap();
+        let tx = feeds.recv().await.unwrap();
+        let mut second = tokio_test::task::spawn(svc.clone().oneshot(get_a()));
+        assert!(second.poll().is_pending());
+        tx.send(Bytes::from_static(b"one ")).await.unwrap();
+        drop(first);
+        tx.send(Bytes::from_static(b"two")).await.unwrap();
+        drop(tx);
+        let second = second.await.unwrap();
+        let body = second.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"one two");
+        assert!(feeds.try_recv().is_err(), "one origin request");
+    })
+    .await;
 }

@@ -11,6 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::error::BoxError;
 use crate::error::Error;
+use crate::http::tee::TeeBody;
 
 /// A body read ahead up to a bound: either complete (held whole, cheap to clone, so a
 /// request can be replayed or a response shared and stored), or what was read ahead
@@ -25,6 +26,8 @@ enum BodyState<B> {
         read_ahead: VecDeque<Frame<Bytes>>,
         rest: Option<B>,
     },
+    /// Passed on while the cache still reads it (see [`TeeBody`]).
+    Tee(Box<TeeBody<B>>),
 }
 
 impl<B> BufferedBody<B> {
@@ -32,6 +35,13 @@ impl<B> BufferedBody<B> {
     pub fn streaming(read_ahead: VecDeque<Frame<Bytes>>, rest: Option<B>) -> Self {
         BufferedBody {
             state: BodyState::Streaming { read_ahead, rest },
+        }
+    }
+
+    /// A body the cache passes on while it still reads it.
+    pub(crate) fn tee(body: TeeBody<B>) -> Self {
+        BufferedBody {
+            state: BodyState::Tee(Box::new(body)),
         }
     }
 
@@ -86,7 +96,7 @@ impl<B> BufferedBody<B> {
     pub fn into_bytes(self) -> Option<Bytes> {
         match self.state {
             BodyState::Complete(data) => Some(data.unwrap_or_default()),
-            BodyState::Streaming { .. } => None,
+            BodyState::Streaming { .. } | BodyState::Tee(_) => None,
         }
     }
 
@@ -96,7 +106,7 @@ impl<B> BufferedBody<B> {
             BodyState::Complete(data) => Some(BufferedBody {
                 state: BodyState::Complete(data.clone()),
             }),
-            BodyState::Streaming { .. } => None,
+            BodyState::Streaming { .. } | BodyState::Tee(_) => None,
         }
     }
 }
@@ -118,6 +128,7 @@ impl<B> fmt::Debug for BufferedBody<B> {
                 .debug_struct("BufferedBody")
                 .field("streaming_after", &read_ahead.len())
                 .finish(),
+            BodyState::Tee(body) => f.debug_tuple("BufferedBody").field(body).finish(),
         }
     }
 }
@@ -149,6 +160,7 @@ where
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
+            BodyState::Tee(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -158,6 +170,7 @@ where
             BodyState::Streaming { read_ahead, rest } => {
                 read_ahead.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
             }
+            BodyState::Tee(_) => false,
         }
     }
 
@@ -182,6 +195,7 @@ where
                 hint.set_lower(rest.lower().saturating_add(ahead));
                 hint
             }
+            BodyState::Tee(_) => SizeHint::new(),
         }
     }
 }

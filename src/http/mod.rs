@@ -51,6 +51,9 @@ mod limit;
 pub mod range;
 #[cfg(feature = "retry")]
 mod retry;
+// Fed only by the HTTP cache.
+#[cfg_attr(not(feature = "cache"), allow(dead_code))]
+mod tee;
 #[cfg(feature = "timeout")]
 mod timeout;
 

@@ -2,10 +2,12 @@
 //! own for one that cannot share, and the background refresh of stale-while-revalidate.
 
 use std::any::Any;
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, RANGE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -19,11 +21,12 @@ use super::respond::with_status;
 use super::stored::{compact, Fetch, Fetched, FlightKey, Stored};
 use crate::cache::flight::{Joined, Owner, Upstream};
 use crate::error::{BoxError, Error};
-use crate::http::body::{read_ahead, BufferedBody};
+use crate::http::body::{poll_read_ahead, BufferedBody};
 use crate::http::cache_policy::{
     conditional_headers, has_validator, is_stale_on_error_status, vary, AgeInputs, CacheStatus,
     NotStored, Vary,
 };
+use crate::http::tee::{Head, Tee, TeeWriter};
 use crate::http::timeout::HttpExtensions;
 use crate::timeout::{Carrier, Deadline, TimeoutContext};
 
@@ -41,6 +44,10 @@ pub(super) enum Conditionals {
 /// Sends `req` to the origin and reads its response ahead, deciding whether it may be
 /// stored. `revalidate` is the stale entry whose validators the request carries. The
 /// request asks for the whole representation (a `Range` is answered from it).
+///
+/// With `tee`, a body the cache reads ahead that stalls before it ends is published there
+/// (its head, the frames so far, then each frame as it comes), for the client that asked
+/// for it to have at once; it is still stored when it ends within the bound.
 pub(super) async fn fetch<S, B, RB>(
     core: Arc<Core>,
     inner: S,
@@ -48,6 +55,7 @@ pub(super) async fn fetch<S, B, RB>(
     revalidate: Option<Arc<Stored>>,
     extra: Option<String>,
     conditionals: Conditionals,
+    tee: Option<Arc<Tee<RB>>>,
 ) -> Result<Arc<Fetched>, Error>
 where
     S: Service<Request<B>, Response = Response<RB>>,
@@ -159,11 +167,74 @@ where
             NotStored::NoFreshness,
         ));
     }
-    let body = read_ahead(body, core.max_body).await?;
-    if !body.is_replayable() {
-        return Ok(streaming(body, parts, NotStored::TooLarge));
+    if body.size_hint().lower() > core.max_body as u64 {
+        // Declared longer than the bound: not read ahead at all.
+        return Ok(streaming(
+            BufferedBody::streaming(Default::default(), Some(body)),
+            parts,
+            NotStored::TooLarge,
+        ));
     }
-    let bytes = body.into_bytes().unwrap_or_default();
+    // An error response that stale-on-error may answer instead is read whole first.
+    let tee = tee
+        .filter(|_| !is_stale_on_error_status(status))
+        .map(TeeWriter);
+    let mut body = body;
+    let (mut frames, mut data) = (VecDeque::new(), BytesMut::new());
+    let read = std::future::poll_fn(|cx| {
+        let polled = poll_read_ahead(
+            Pin::new(&mut body),
+            &mut frames,
+            &mut data,
+            core.max_body,
+            cx,
+        );
+        if let Some(TeeWriter(tee)) = &tee {
+            if tee.is_published() {
+                tee.push(&mut frames);
+            } else if polled.is_pending() {
+                let head = Head {
+                    status,
+                    headers: parts.headers.clone(),
+                };
+                tee.publish(head, &mut frames);
+            }
+        }
+        polled
+    })
+    .await;
+    let published = tee.as_ref().filter(|TeeWriter(tee)| tee.is_published());
+    let complete = match (read, published) {
+        (Ok(complete), _) => complete,
+        (Err(error), Some(TeeWriter(tee))) => {
+            tee.fail(error.clone());
+            return Err(error);
+        }
+        (Err(error), None) => return Err(error),
+    };
+    if !complete {
+        let Some(TeeWriter(tee)) = published else {
+            let body = BufferedBody::streaming(frames, Some(body));
+            return Ok(streaming(body, parts, NotStored::TooLarge));
+        };
+        // Its client has the frames so far and reads the rest itself.
+        tee.rest(body);
+        return Ok(Arc::new(Fetched {
+            status,
+            response: Fetch::Streaming(Mutex::new(None)),
+            request_headers,
+            extra,
+            store: None,
+            not_stored: Some(NotStored::TooLarge),
+            evict: None,
+            revalidated: false,
+            from_tier: false,
+        }));
+    }
+    if let Some(TeeWriter(tee)) = published {
+        tee.complete();
+    }
+    let bytes = data.freeze();
     let response_vary = vary(&parts.headers);
     let store = {
         let mut nominated = HeaderMap::new();
@@ -215,6 +286,7 @@ pub(super) fn flight_origin<S, B, RB>(
     inner: S,
     revalidate: Option<Arc<Stored>>,
     extra: Option<String>,
+    tee: Option<Arc<Tee<RB>>>,
 ) -> impl FnOnce(Request<B>) -> Upstream<Arc<Fetched>> + Send + 'static
 where
     S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
@@ -232,6 +304,7 @@ where
             revalidate,
             extra,
             Conditionals::Ours,
+            tee,
         ))
     }
 }
@@ -337,7 +410,7 @@ pub(super) fn revalidate_in_background<S, B, RB>(
     let validators = has_validator(&stale.headers).then_some(stale);
     let (fetch_core, fetch_inner) = (core.clone(), inner.clone());
     let start = move || -> Upstream<Arc<Fetched>> {
-        let origin = flight_origin(fetch_core.clone(), fetch_inner, validators, extra);
+        let origin = flight_origin(fetch_core.clone(), fetch_inner, validators, extra, None);
         through_tiers(&fetch_core, tiered, false, req, origin)
     };
     if let Joined::Started(waiter) =

@@ -19,8 +19,14 @@ use crate::metrics::CacheMetrics;
 /// - **Stored** only what a shared cache may store (section 3): GET responses with a final
 ///   status, no `no-store`, no `private`, no `Set-Cookie` (configurable), `Authorization`
 ///   only with `public`, `s-maxage` or `must-revalidate`, and explicit or heuristic
-///   freshness. Bodies are read ahead up to a bound; a larger response is passed through
-///   whole and not stored.
+///   freshness. A body that may be stored is read ahead up to a bound and stored when it
+///   ends within it; a larger one (declared so, or found so) is passed through whole and
+///   not stored. A body that stalls while it is read ahead is not held back: its client
+///   gets the head and then each part as it arrives (`Cache-Status: detail=streamed`),
+///   while the cache goes on reading it in a task of its own (so a slow reader holds
+///   back neither the store nor the requests waiting for the same response). A response
+///   that could answer no later request (no freshness, no validator, no stale window,
+///   such as a server-sent event stream) is never read ahead.
 /// - **Served** while fresh (section 4.2, `s-maxage` first), with `Age`, as far as the
 ///   request's own directives allow (`max-age`, `min-fresh`, `max-stale`, `no-cache`,
 ///   section 5.2.1; a fresh `immutable` response survives a reload, RFC 8246), unless
@@ -253,7 +259,8 @@ impl HttpCacheBuilder {
         self
     }
 
-    /// The largest body stored; larger responses pass through whole, unstored.
+    /// The largest body stored; larger responses pass through whole, unstored. This is
+    /// also the most the cache reads ahead of one response's client.
     pub fn max_body_bytes(mut self, bytes: usize) -> Self {
         self.max_body = bytes;
         self

@@ -30,6 +30,7 @@ use crate::http::cache_policy::{
     primary_key, vary_matches, CacheStatus, NotStored, Reuse,
 };
 use crate::http::range::{has_range, several_ranges};
+use crate::http::tee::{Head, Tee, TeeBody};
 
 /// An RFC 9111 shared cache in front of `S`. Made by [`HttpCacheLayer`](super::HttpCacheLayer).
 ///
@@ -247,6 +248,8 @@ where
     #[cfg(feature = "redis")]
     let primary = key.clone();
     let flight_key = core.flight_key(key, &request.1, &extra);
+    let tee = tee_for(&req);
+    let start_tee = tee.clone();
     let mut request_slot = Some(req);
     let owner: Arc<dyn Owner<FlightKey, Arc<Fetched>>> = core.clone();
     let joined = {
@@ -265,8 +268,13 @@ where
         let start = move || -> Upstream<Arc<Fetched>> {
             match slot.take() {
                 Some(req) => {
-                    let origin =
-                        flight_origin(start_core.clone(), start_inner, revalidate, start_extra);
+                    let origin = flight_origin(
+                        start_core.clone(),
+                        start_inner,
+                        revalidate,
+                        start_extra,
+                        start_tee,
+                    );
                     through_tiers(&start_core, tiered, read_first, req, origin)
                 }
                 None => unreachable!("a flight starts once"),
@@ -305,7 +313,22 @@ where
     };
 
     let request_ref = (&request.0, &request.1);
-    let fetched = match waiter.await {
+    let outcome = match tee.filter(|_| originator) {
+        Some(tee) => match head_or_outcome(waiter, &tee).await {
+            First::Outcome(outcome) => outcome,
+            First::Head(head, waiter) => {
+                // The flight goes on in a task of its own, its waiter there.
+                let driver = async move {
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.await;
+                    }
+                };
+                return Ok(as_it_arrives(head, tee, driver, reason));
+            }
+        },
+        None => waiter.await,
+    };
+    let fetched = match outcome {
         Ok(fetched) => fetched,
         Err(error) => {
             // Serve stale on error: an expired entry inside its window answers instead.
@@ -436,34 +459,58 @@ async fn miss_alone<S, B, RB>(
     tell_tier: bool,
 ) -> Result<Response<BufferedBody<RB>>, Error>
 where
-    S: Service<Request<B>, Response = Response<RB>>,
+    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
+    S::Future: Send + 'static,
     S::Error: Into<BoxError>,
+    B: Send + 'static,
     RB: Body<Data = Bytes> + Unpin + Send + 'static,
     RB::Error: Into<BoxError>,
 {
     let request = (req.method().clone(), req.headers().clone());
-    let fetched = fetch(
-        core.clone(),
-        inner,
-        req,
-        None,
-        extra.clone(),
-        Conditionals::Clients,
-    )
-    .await
-    .map_err(|error| failed(error, reason))?;
-    #[cfg(feature = "redis")]
-    if let Some(tier) = core.second.as_ref().filter(|_| tell_tier) {
-        let outcome = Ok(fetched.clone());
-        core.after_origin(tier, &key, &outcome, super::tiered::Origin::marked())
-            .await;
-    }
-    #[cfg(not(feature = "redis"))]
-    let _ = tell_tier;
-    if let Some(stored) = &fetched.store {
-        core.insert(&key, stored.clone());
-    }
-    core.note_uncacheable(&key, &fetched);
+    let tee = tee_for(&req);
+    let work = {
+        let (core, extra, tee) = (core.clone(), extra.clone(), tee.clone());
+        async move {
+            let fetched = fetch(
+                core.clone(),
+                inner,
+                req,
+                None,
+                extra,
+                Conditionals::Clients,
+                tee,
+            )
+            .await
+            .map_err(|error| failed(error, reason))?;
+            #[cfg(feature = "redis")]
+            if let Some(tier) = core.second.as_ref().filter(|_| tell_tier) {
+                let outcome = Ok(fetched.clone());
+                core.after_origin(tier, &key, &outcome, super::tiered::Origin::marked())
+                    .await;
+            }
+            #[cfg(not(feature = "redis"))]
+            let _ = tell_tier;
+            if let Some(stored) = &fetched.store {
+                core.insert(&key, stored.clone());
+            }
+            core.note_uncacheable(&key, &fetched);
+            Ok::<_, Error>(fetched)
+        }
+    };
+    let fetched = match tee {
+        Some(tee) => match head_or_outcome(Box::pin(work), &tee).await {
+            First::Outcome(outcome) => outcome?,
+            First::Head(head, work) => {
+                let driver = async move {
+                    if let Some(work) = work {
+                        let _ = work.await;
+                    }
+                };
+                return Ok(as_it_arrives(head, tee, driver, reason));
+            }
+        },
+        None => work.await?,
+    };
     let answering = Answering {
         core,
         fetched: &fetched,
@@ -476,6 +523,67 @@ where
         Answer::Response(response) => Ok(response),
         Answer::Alone(_) => unreachable!("the originator is always answered"),
     }
+}
+
+/// A [`Tee`] for the origin request made for `req`, when its client may have the origin's
+/// response as it arrives: a GET for the whole representation, without validators of its
+/// own (those are answered from the complete response), inside a runtime.
+fn tee_for<B, RB>(req: &Request<B>) -> Option<Arc<Tee<RB>>> {
+    let whole =
+        req.method() == Method::GET && !has_range(req.headers()) && !has_conditional(req.headers());
+    (whole && tokio::runtime::Handle::try_current().is_ok()).then(Tee::new)
+}
+
+/// What came first for the client that started an origin request: its outcome, or the
+/// head of a response whose body stalled while the cache read it (with the work, unless
+/// it has finished meanwhile).
+enum First<F> {
+    Outcome(Result<Arc<Fetched>, Error>),
+    Head(Head, Option<F>),
+}
+
+/// Waits for `work`'s outcome or for the head `tee` publishes. A published head comes
+/// first even when the work has finished too: its body's frames, and the rest of a body
+/// past the bound, are in `tee` then, not in the outcome.
+async fn head_or_outcome<F, RB>(work: F, tee: &Tee<RB>) -> First<F>
+where
+    F: Future<Output = Result<Arc<Fetched>, Error>> + Unpin,
+{
+    let mut work = Some(work);
+    std::future::poll_fn(|cx| {
+        let Some(running) = work.as_mut() else {
+            unreachable!("not polled after it is ready");
+        };
+        let polled = Pin::new(running).poll(cx);
+        if let Some(head) = tee.poll_head(cx) {
+            let unfinished = if polled.is_ready() { None } else { work.take() };
+            return Poll::Ready(First::Head(head, unfinished));
+        }
+        polled.map(First::Outcome)
+    })
+    .await
+}
+
+/// The response whose head `tee` published, its body passed on as it arrives while
+/// `driver` (the work reading it, which may store it) runs in a task of its own.
+fn as_it_arrives<RB>(
+    head: Head,
+    tee: Arc<Tee<RB>>,
+    driver: impl Future<Output = ()> + Send + 'static,
+    reason: &'static str,
+) -> Response<BufferedBody<RB>> {
+    let status = head.status;
+    let mut response = Response::new(BufferedBody::tee(TeeBody::new(tee, driver)));
+    *response.status_mut() = status;
+    *response.headers_mut() = head.headers;
+    let cache_status = CacheStatus::Forward {
+        reason,
+        status: status.as_u16(),
+        stored: false,
+        collapsed: false,
+        detail: Some("streamed"),
+    };
+    with_status(response, &cache_status)
 }
 
 /// A HEAD for a stored response that is stale or that the request wants validated: sent
