@@ -3,7 +3,8 @@
 # the client used, so two sites an origin tells apart by X-Forwarded-Host stay apart;
 # the upstream's redirects come back in the client's URL space, with and without a path
 # prefix (`--upstream http://ORIGIN/base`); and a body sent without a length (chunked)
-# up to --max-body-kb reaches an origin that reads only Content-Length whole.
+# up to --max-body-kb reaches an origin that reads only Content-Length whole; a body
+# that stalls reaches the client as it arrives and is stored; a WebSocket goes through.
 #
 #   bash benches/proxy_requests.sh     (builds the release example when missing)
 set -euo pipefail
@@ -77,4 +78,60 @@ echo "the origin read: 5,000 bytes with a length: $with_length; chunked: $chunke
 [ "$with_length" = "length 5000" ] || fail "a body with a length arrived as '$with_length'"
 [ "$chunked" = "length 5000" ] || fail "a chunked body arrived as '$chunked'"
 [ "$empty" = "length 0" ] || fail "an empty chunked body arrived as '$empty'"
+
+# A body that stalls on the way (its second half waits for GET /release): the client has
+# the first half before the origin sends the second, and the whole is stored.
+curl -s -o "$work/trickle" "http://127.0.0.1:$plain/trickle/t1" & trickle=$!
+half_arrived() { [ "$(stat -c %s "$work/trickle" 2>/dev/null || echo 0)" -ge 8192 ]; }
+until_true 10 half_arrived || fail "the first half did not reach the client before the rest was sent"
+curl -s -o /dev/null "http://$origin/release/t1"
+wait "$trickle"
+size=$(stat -c %s "$work/trickle")
+curl -s -o /dev/null "http://127.0.0.1:$plain/trickle/t1"
+count=$(curl -s "http://$origin/count/t1")
+echo "a stalling body: the first half arrived before the rest was sent; $size bytes; origin requests after a second GET: $count"
+[ "$size" = 16384 ] || fail "the stalling body arrived with $size bytes"
+[ "$count" = 1 ] || fail "the stalling body was not stored ($count origin requests)"
+
+# A WebSocket through the proxy: the handshake reaches the origin, its 101 comes back
+# with the right Sec-WebSocket-Accept, and messages go both ways.
+ws=$(python3 - "$plain" <<'PY'
+import base64, hashlib, os, socket, sys
+port = int(sys.argv[1])
+conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+key = base64.b64encode(os.urandom(16)).decode()
+conn.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+              f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+              "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+def exactly(n):
+    data = b""
+    while len(data) < n:
+        more = conn.recv(n - len(data))
+        if not more:
+            sys.exit("closed")
+        data += more
+    return data
+head = b""
+while not head.endswith(b"\r\n\r\n"):
+    head += exactly(1)
+status = head.split(b"\r\n")[0].decode().split(" ", 1)[1]
+accept = base64.b64encode(hashlib.sha1(key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+fields = {}
+for line in head.split(b"\r\n")[1:]:
+    name, _, value = line.partition(b":")
+    fields[name.strip().lower()] = value.strip()
+if fields.get(b"sec-websocket-accept") != accept:
+    sys.exit(f"no matching Sec-WebSocket-Accept: {status}")
+got = []
+for word in ("hello", "again"):
+    mask = os.urandom(4)
+    data = word.encode()
+    conn.sendall(bytes([0x81, 0x80 | len(data)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+    first = exactly(2)
+    got.append(exactly(first[1] & 0x7F).decode())
+print(f"{status}: {' '.join(got)}")
+PY
+) || fail "the WebSocket client failed: $ws"
+echo "a WebSocket through the proxy: $ws"
+[ "$ws" = "101 Switching Protocols: hello again" ] || fail "the WebSocket gave '$ws'"
 echo "ok"

@@ -18,7 +18,10 @@
 //! (`Connection` and every field it lists, `Keep-Alive`, `Proxy-Connection`, `TE`,
 //! `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-Authenticate`,
 //! `Proxy-Authorization`), adds itself to `Via` both ways, and appends the client's
-//! address to `X-Forwarded-For`. A request body that comes without a length (chunked, or
+//! address to `X-Forwarded-For`. An HTTP/1.1 request to switch protocols (`Upgrade` listed
+//! in `Connection`: a WebSocket handshake) goes to the upstream with those two fields, past
+//! the cache and the resilience layers; when the upstream answers 101, the proxy copies
+//! bytes both ways until either side closes (see `Tunnel`). A request body that comes without a length (chunked, or
 //! HTTP/2 without `content-length`) is read whole before it is forwarded, up to
 //! `--max-body-kb`, and sent with a `Content-Length`, as nginx does: origins that read
 //! only `Content-Length` get it, and a slow upload holds no `--limit` slot while it
@@ -61,10 +64,10 @@ use bytes::Bytes;
 use clap::Parser;
 use http::header::{
     HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_LOCATION, HOST,
-    LOCATION, TRANSFER_ENCODING, VIA, WWW_AUTHENTICATE,
+    LOCATION, TRANSFER_ENCODING, UPGRADE, VIA, WWW_AUTHENTICATE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Request, Response, Uri, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -468,6 +471,101 @@ where
     }
 }
 
+/// True when `req` asks to switch protocols (a WebSocket handshake, say): an HTTP/1.1
+/// request with `Upgrade` that `Connection` lists.
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && req
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Carries an upgrade (a WebSocket, say) to the upstream and, when it switches protocols,
+/// copies bytes both ways until either side closes, as nginx does with `proxy_pass` and
+/// `Upgrade` passed on. A tunnel bypasses the cache and the resilience layers: it is not
+/// stored, retried, hedged or timed, and it holds no `--limit` slot.
+#[derive(Clone)]
+struct Tunnel {
+    client: Client<HttpConnector, ClientBody>,
+    upstream: Arc<Upstream>,
+    upstream_host: Option<HeaderValue>,
+}
+
+impl Tunnel {
+    async fn open(self, mut req: Request<Incoming>) -> Response<BufferedBody<UpstreamBody>> {
+        let from_client = hyper::upgrade::on(&mut req);
+        let protocol = req.headers().get(UPGRADE).cloned();
+        if let Some(target) = self.upstream.target(req.uri()) {
+            *req.uri_mut() = target;
+        }
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        add_via(headers, Version::HTTP_11);
+        if let Some(host) = &self.upstream_host {
+            headers.insert(HOST, host.clone());
+        }
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(protocol) = protocol {
+            headers.insert(UPGRADE, protocol);
+        }
+        let req = req.map(|body| BufferedBody::streaming(VecDeque::new(), Some(body)));
+        let mut response = match self.client.request(req).await {
+            Ok(response) => response,
+            Err(err) => {
+                tracing::warn!(error = %err, "upgrade: the upstream cannot be reached");
+                return text(StatusCode::BAD_GATEWAY, "the upstream cannot be reached\n");
+            }
+        };
+        let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        // The upstream's own answer (it refused the upgrade): passed on as any other.
+        let mut head = Response::new(BufferedBody::empty());
+        *head.status_mut() = response.status();
+        *head.headers_mut() = response.headers().clone();
+        let headers = head.headers_mut();
+        if switched {
+            // `Connection: upgrade` and `Upgrade` are this hop's to pass on now.
+            let protocol = headers.get(UPGRADE).cloned();
+            strip_hop_by_hop(headers);
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(protocol) = protocol {
+                headers.insert(UPGRADE, protocol);
+            }
+        } else {
+            strip_hop_by_hop(headers);
+        }
+        add_via(headers, Version::HTTP_11);
+        self.upstream.relocate(headers);
+        if !switched {
+            let body = response.into_body();
+            let body =
+                BufferedBody::streaming(VecDeque::new(), Some(PermitBody::without_permit(body)));
+            return head.map(|_| body);
+        }
+        let from_upstream = hyper::upgrade::on(&mut response);
+        // Open tunnels end with the process; they do not hold up a graceful shutdown.
+        tokio::spawn(async move {
+            let (client, upstream) = match tokio::join!(from_client, from_upstream) {
+                (Ok(client), Ok(upstream)) => (client, upstream),
+                (Err(err), _) | (_, Err(err)) => {
+                    tracing::debug!(error = %err, "upgrade: a side went away before switching");
+                    return;
+                }
+            };
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((up, down)) => tracing::debug!(up, down, "upgrade: tunnel closed"),
+                Err(err) => tracing::debug!(error = %err, "upgrade: tunnel ended with an error"),
+            }
+        });
+        head
+    }
+}
+
 /// The upstream's response body, holding the `--limit` slot until it ends.
 type UpstreamBody = PermitBody<Incoming>;
 
@@ -546,6 +644,7 @@ async fn read_body(
 /// What a request goes on to: the proxy at once, or after its body is read ahead.
 enum Call {
     Now(<Proxy as Service<Request<ClientBody>>>::Future),
+    Upgrade(Box<Request<Incoming>>),
     AfterBody {
         proxy: Proxy,
         // Boxed: the path is rare, and the future every request carries stays small.
@@ -673,6 +772,7 @@ fn text(status: http::StatusCode, body: &str) -> Response<BufferedBody<UpstreamB
 struct ConnectionService {
     proxy: Proxy,
     purger: Option<Purger>,
+    tunnel: Tunnel,
     /// How a request body without a length is read ahead (`--max-body-kb`,
     /// `--timeout-ms`).
     read_ahead: ReadAhead,
@@ -688,6 +788,7 @@ impl ConnectionService {
     fn new(
         proxy: Proxy,
         purger: Option<Purger>,
+        tunnel: Tunnel,
         read_ahead: ReadAhead,
         peer: SocketAddr,
         access_log: bool,
@@ -697,6 +798,7 @@ impl ConnectionService {
         ConnectionService {
             proxy,
             purger,
+            tunnel,
             read_ahead,
             peer,
             peer_value,
@@ -741,7 +843,9 @@ impl Service<Request<Incoming>> for ConnectionService {
                 req.version(),
             )
         });
-        let call = if has_unknown_length(&req) {
+        let call = if wants_upgrade(&req) {
+            Call::Upgrade(Box::new(req))
+        } else if has_unknown_length(&req) {
             // The readied proxy goes into the future; this connection keeps a clone.
             let clone = self.proxy.clone();
             let proxy = std::mem::replace(&mut self.proxy, clone);
@@ -755,10 +859,12 @@ impl Service<Request<Incoming>> for ConnectionService {
             Call::Now(self.proxy.call(req))
         };
         let peer = self.peer;
+        let tunnel = self.tunnel.clone();
         Box::pin(async move {
             let start = Instant::now();
             let response = match call {
                 Call::Now(call) => call.await?,
+                Call::Upgrade(req) => tunnel.open(*req).await,
                 Call::AfterBody {
                     mut proxy,
                     req,
@@ -791,7 +897,7 @@ impl Service<Request<Incoming>> for ConnectionService {
 }
 
 /// The proxy, and the purger when `--purge-token` asks for one.
-fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>), String> {
+fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>, Tunnel), String> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(args.connect_timeout_ms)));
     connector.set_nodelay(true);
@@ -799,10 +905,18 @@ fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>), String> {
     let forward = Forward {
         client: Client::builder(TokioExecutor::new())
             .http1_max_buf_size(max_header_bytes.max(8192))
-            .build(connector),
+            .build(connector.clone()),
         upstream: Arc::new(args.upstream.clone()),
         upstream_host: args.upstream.host(),
         max_header_bytes,
+    };
+    let tunnel = Tunnel {
+        // A client of its own: an upgraded connection leaves the pool anyway.
+        client: Client::builder(TokioExecutor::new())
+            .http1_max_buf_size(max_header_bytes.max(8192))
+            .build(connector.clone()),
+        upstream: forward.upstream.clone(),
+        upstream_host: forward.upstream_host.clone(),
     };
     let mut builder = StackBuilder::new()
         .name("proxy")
@@ -854,7 +968,7 @@ fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>), String> {
                 .map_err(towerguard::Error::inner),
         ),
     };
-    Ok((stack.layer(upstream), purger))
+    Ok((stack.layer(upstream), purger, tunnel))
 }
 
 /// The `--limit` on requests at the upstream, if any.
@@ -943,7 +1057,7 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(addr) = args.metrics {
         serve_metrics(addr).await?;
     }
-    let (proxy, purger) = build_proxy(&args)?;
+    let (proxy, purger, tunnel) = build_proxy(&args)?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|err| match err.kind() {
@@ -987,6 +1101,7 @@ async fn run(args: Args) -> Result<(), String> {
         let service = TowerToHyperService::new(ConnectionService::new(
             proxy.clone(),
             purger.clone(),
+            tunnel.clone(),
             ReadAhead {
                 max: args.max_body_kb * 1024,
                 within: args.timeout_ms.map(Duration::from_millis),
@@ -997,7 +1112,7 @@ async fn run(args: Args) -> Result<(), String> {
         let server = server.clone();
         let stopping = stopping.clone();
         connections.spawn(async move {
-            let connection = server.serve_connection(TokioIo::new(stream), service);
+            let connection = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,

@@ -12,11 +12,17 @@ GET /site              `site HOST` from X-Forwarded-Host (as a multi-site applic
                        behind a load balancer tells sites apart), public, max-age=3600
 /base/...              every route again, as an application mounted under /base sees it
                        (its redirects go to /base/obj/NAME)
+GET /trickle/NAME      16 KiB (public, max-age=3600, with Content-Length): the first half at
+                       once, the second once GET /release/NAME arrives (204)
+GET /ws                a WebSocket that sends back every text or binary message
 POST /obj/NAME         a new version of NAME (204); its GETs say `NAME version N`
 POST /echo             `length N`: the body's length as its Content-Length gives it (a
                        chunked body, which this server does not read, is length 0)
 Every response is HTTP/1.1 with Content-Length; connections are kept alive.
 """
+import base64
+import hashlib
+import struct
 import sys
 import threading
 import time
@@ -25,8 +31,15 @@ from urllib.parse import parse_qs, urlsplit
 
 COUNTS = {}
 VERSIONS = {}
+RELEASES = {}
 LOCK = threading.Lock()
 BODY = b"x" * 1024
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def release(name):
+    with LOCK:
+        return RELEASES.setdefault(name, threading.Event())
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -69,6 +82,30 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if kind == "release":
+            release(name).set()
+            self.send_response(204)
+            self.end_headers()
+            return
+        if kind == "trickle":
+            with LOCK:
+                COUNTS[name] = COUNTS.get(name, 0) + 1
+            half = 8 * 1024
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(2 * half))
+            self.send_header("Cache-Control", "public, max-age=3600")
+            self.end_headers()
+            if head:
+                return
+            self.wfile.write(b"a" * half)
+            self.wfile.flush()
+            release(name).wait(60)
+            self.wfile.write(b"b" * half)
+            return
+        if kind == "ws":
+            self.websocket()
+            return
         if kind not in ("obj", "slow"):
             self.send_error(404)
             return
@@ -82,6 +119,42 @@ class Handler(BaseHTTPRequestHandler):
         body = BODY if version is None else f"{name} version {version}".encode()
         cache_control = query.get("cc", ["public, max-age=3600"])[0]
         self.answer(body, cache_control=cache_control, head=head, tag=name)
+
+    def websocket(self):
+        """The handshake (RFC 6455 section 4.2), then every data frame sent back."""
+        key = self.headers.get("Sec-WebSocket-Key", "").encode()
+        if self.headers.get("Upgrade", "").lower() != "websocket" or not key:
+            self.send_error(400)
+            return
+        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        while True:
+            first = self.rfile.read(2)
+            if len(first) < 2:
+                break
+            opcode, length = first[0] & 0x0F, first[1] & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", self.rfile.read(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", self.rfile.read(8))[0]
+            mask = self.rfile.read(4) if first[1] & 0x80 else b"\0\0\0\0"
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(length)))
+            if opcode == 8:
+                self.wfile.write(b"\x88\x00")
+                break
+            if opcode in (1, 2):
+                if len(payload) < 126:
+                    header = bytes([0x80 | opcode, len(payload)])
+                else:
+                    header = bytes([0x80 | opcode, 126]) + struct.pack(">H", len(payload))
+                self.wfile.write(header + payload)
+                self.wfile.flush()
+        self.close_connection = True
 
     def do_GET(self):
         self.handle_one(head=False)
