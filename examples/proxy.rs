@@ -27,7 +27,10 @@
 //! only `Content-Length` get it, and a slow upload holds no `--limit` slot while it
 //! arrives (with `--timeout-ms`, one still arriving after it gets 408). Request headers
 //! are bounded (`--max-header-kb`; larger ones get 431), upstream connections time out
-//! (`--connect-timeout-ms`), and each request is logged through `tracing` (method, path,
+//! (`--connect-timeout-ms`), client connections are capped (`--max-connections`; past it,
+//! new ones wait to be accepted) and closed when idle (`--idle-timeout-secs`: one that
+//! sends nothing, trickles its head, or sits between HTTP/1.1 requests), and each
+//! request is logged through `tracing` (method, path,
 //! status, cache status, duration; `RUST_LOG` filters, `--no-access-log` turns it off).
 //!
 //! With `--redis URL` (built with `--features redis`) several proxies share one cache: a
@@ -71,7 +74,7 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -172,6 +175,17 @@ struct Args {
     /// How long requests under way may take to finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     shutdown_grace_secs: u64,
+
+    /// How long a client connection may sit idle, between requests or before its request
+    /// head has arrived whole (HTTP/1.1), before it is closed, in seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_secs: u64,
+
+    /// Client connections open at once; past it, new ones wait in the listen backlog until
+    /// one closes. It bounds what clients can make the proxy hold (each connection may
+    /// have a request body of up to `--max-body-kb` read ahead).
+    #[arg(long, default_value_t = 10_000, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
 
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "HOST:PORT")]
@@ -1075,7 +1089,12 @@ async fn run(args: Args) -> Result<(), String> {
     let mut server = auto::Builder::new(TokioExecutor::new());
     let header_bytes = args.max_header_kb.max(1) * 1024;
     // hyper's HTTP/1 read buffer bounds the request head; it cannot be set below 8 KiB.
-    server.http1().max_buf_size(header_bytes.max(8192));
+    server
+        .http1()
+        .max_buf_size(header_bytes.max(8192))
+        // An idle connection (or one trickling its head) gives its slot back.
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(args.idle_timeout_secs));
     server
         .http2()
         .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
@@ -1084,13 +1103,24 @@ async fn run(args: Args) -> Result<(), String> {
     let connections = TaskTracker::new();
     let signal = shutdown_signal();
     tokio::pin!(signal);
+    let slots = Arc::new(tokio::sync::Semaphore::new(args.max_connections as usize));
     loop {
+        // A slot first: at the cap, connections wait in the backlog, not in memory.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut signal => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
-                    // Out of descriptors and the like: keep serving the connections we have.
+                    // Out of descriptors and the like: keep serving the connections we
+                    // have, and try again shortly rather than at once (which would spin).
                     tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -1111,7 +1141,18 @@ async fn run(args: Args) -> Result<(), String> {
         ));
         let server = server.clone();
         let stopping = stopping.clone();
+        let idle = Duration::from_secs(args.idle_timeout_secs);
         connections.spawn(async move {
+            let _slot = slot;
+            // hyper times an idle HTTP/1.1 connection from its first byte on; a client that
+            // connects and sends nothing is timed here.
+            let mut first = [0u8; 1];
+            if !matches!(
+                tokio::time::timeout(idle, stream.peek(&mut first)).await,
+                Ok(Ok(1))
+            ) {
+                return;
+            }
             let connection = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(connection);
             let result = tokio::select! {
