@@ -29,7 +29,8 @@
 //! are bounded (`--max-header-kb`; larger ones get 431), upstream connections time out
 //! (`--connect-timeout-ms`), client connections are capped (`--max-connections`; past it,
 //! new ones wait to be accepted) and closed when idle (`--idle-timeout-secs`: one that
-//! sends nothing, trickles its head, or sits between HTTP/1.1 requests), and each
+//! sends nothing, trickles its head, or has no request under way, HTTP/2 included), and
+//! each
 //! request is logged through `tracing` (method, path,
 //! status, cache status, duration; `RUST_LOG` filters, `--no-access-log` turns it off).
 //!
@@ -59,7 +60,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -780,6 +782,56 @@ fn text(status: http::StatusCode, body: &str) -> Response<BufferedBody<UpstreamB
     response
 }
 
+/// What a connection's idle watchdog reads: the requests under way on it, and when the
+/// last one ended (or the connection opened).
+struct Activity {
+    under_way: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+/// A request under way on a connection, until it is dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Activity {
+            under_way: AtomicUsize::new(0),
+            last: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn start(self: &Arc<Self>) -> Busy {
+        self.under_way.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    /// How long the connection has been idle; `None` while a request is under way.
+    fn idle_for(&self) -> Option<Duration> {
+        let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+        (self.under_way.load(Ordering::SeqCst) == 0).then(|| last.elapsed())
+    }
+
+    /// Resolves once the connection has been idle for `idle`.
+    async fn idle(&self, idle: Duration) {
+        loop {
+            let wait = match self.idle_for() {
+                Some(idle_for) if idle_for >= idle => return,
+                Some(idle_for) => idle - idle_for,
+                None => idle,
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        // The time first: the watchdog never sees no request under way with an old time.
+        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.under_way.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Per connection: `X-Forwarded-For`, a body without a length read ahead, then the proxy,
 /// then the access log line.
 #[derive(Clone)]
@@ -794,6 +846,7 @@ struct ConnectionService {
     /// The peer's address as a field value, made once per connection.
     peer_value: HeaderValue,
     access_log: bool,
+    activity: Arc<Activity>,
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -810,6 +863,7 @@ impl ConnectionService {
         let peer_value = HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ConnectionService {
+            activity: Activity::new(),
             proxy,
             purger,
             tunnel,
@@ -831,9 +885,13 @@ impl Service<Request<Incoming>> for ConnectionService {
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let busy = self.activity.start();
         if Purger::is_purge(&req) {
             if let Some(purger) = self.purger.clone() {
-                return Box::pin(async move { Ok(purger.purge(req).await) });
+                return Box::pin(async move {
+                    let _busy = busy;
+                    Ok(purger.purge(req).await)
+                });
             }
         }
         let headers = req.headers_mut();
@@ -875,6 +933,7 @@ impl Service<Request<Incoming>> for ConnectionService {
         let peer = self.peer;
         let tunnel = self.tunnel.clone();
         Box::pin(async move {
+            let _busy = busy;
             let start = Instant::now();
             let response = match call {
                 Call::Now(call) => call.await?,
@@ -1128,7 +1187,7 @@ async fn run(args: Args) -> Result<(), String> {
         };
         // Answers go out at once, as nginx's tcp_nodelay does.
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(ConnectionService::new(
+        let connection_service = ConnectionService::new(
             proxy.clone(),
             purger.clone(),
             tunnel.clone(),
@@ -1138,14 +1197,16 @@ async fn run(args: Args) -> Result<(), String> {
             },
             peer,
             !args.no_access_log,
-        ));
+        );
+        let activity = connection_service.activity.clone();
+        let service = TowerToHyperService::new(connection_service);
         let server = server.clone();
         let stopping = stopping.clone();
         let idle = Duration::from_secs(args.idle_timeout_secs);
         connections.spawn(async move {
             let _slot = slot;
-            // hyper times an idle HTTP/1.1 connection from its first byte on; a client that
-            // connects and sends nothing is timed here.
+            // hyper times an HTTP/1.1 request head from the connection's first byte on, and
+            // the watchdog below every idle connection; one that sends nothing is timed here.
             let mut first = [0u8; 1];
             if !matches!(
                 tokio::time::timeout(idle, stream.peek(&mut first)).await,
@@ -1161,6 +1222,12 @@ async fn run(args: Args) -> Result<(), String> {
                     // Finish the requests under way, accept no more on this connection.
                     connection.as_mut().graceful_shutdown();
                     connection.await
+                }
+                () = activity.idle(idle) => {
+                    // Idle (HTTP/2 too, which hyper does not time): closed as on shutdown,
+                    // and dropped if the client does not take part in a graceful close.
+                    connection.as_mut().graceful_shutdown();
+                    tokio::time::timeout(idle, connection).await.unwrap_or(Ok(()))
                 }
             };
             if let Err(err) = result {
