@@ -15,7 +15,10 @@ use crate::http::tee::TeeBody;
 
 /// A body read ahead up to a bound: either complete (held whole, cheap to clone, so a
 /// request can be replayed or a response shared and stored), or what was read ahead
-/// followed by the rest of the original body, passed on intact.
+/// followed by the rest of the original body, passed on intact. A response from the HTTP
+/// cache may also be a body passed on as it arrives while the cache still reads it (see
+/// [`HttpCacheLayer`](crate::http::HttpCacheLayer)); like a streaming one, it is neither
+/// replayable nor cloned.
 pub struct BufferedBody<B> {
     state: BodyState<B>,
 }
@@ -27,6 +30,7 @@ enum BodyState<B> {
         rest: Option<B>,
     },
     /// Passed on while the cache still reads it (see [`TeeBody`]).
+    #[cfg_attr(not(feature = "cache"), allow(dead_code))]
     Tee(Box<TeeBody<B>>),
 }
 
@@ -39,6 +43,7 @@ impl<B> BufferedBody<B> {
     }
 
     /// A body the cache passes on while it still reads it.
+    #[cfg_attr(not(feature = "cache"), allow(dead_code))]
     pub(crate) fn tee(body: TeeBody<B>) -> Self {
         BufferedBody {
             state: BodyState::Tee(Box::new(body)),

@@ -36,7 +36,6 @@ pub(crate) struct Tee<B> {
 struct State<B> {
     /// Published and not yet taken by the client's side.
     head: Option<Head>,
-    published: bool,
     frames: VecDeque<Frame<Bytes>>,
     end: End<B>,
     /// The client's side, waiting for the head or a frame.
@@ -60,7 +59,6 @@ impl<B> Tee<B> {
         Arc::new(Tee {
             state: Mutex::new(State {
                 head: None,
-                published: false,
                 frames: VecDeque::new(),
                 end: End::Open,
                 waker: None,
@@ -84,16 +82,10 @@ impl<B> Tee<B> {
         }
     }
 
-    /// Whether the head was published: from then on the client reads the frames here.
-    pub(crate) fn is_published(&self) -> bool {
-        self.lock().published
-    }
-
     /// Publishes the head and the frames read so far (taken out of `frames`).
     pub(crate) fn publish(&self, head: Head, frames: &mut VecDeque<Frame<Bytes>>) {
         self.update(|state| {
             state.head = Some(head);
-            state.published = true;
             state.frames.append(frames);
         });
     }

@@ -181,6 +181,7 @@ where
         .map(TeeWriter);
     let mut body = body;
     let (mut frames, mut data) = (VecDeque::new(), BytesMut::new());
+    let mut is_published = false;
     let read = std::future::poll_fn(|cx| {
         let polled = poll_read_ahead(
             Pin::new(&mut body),
@@ -190,7 +191,7 @@ where
             cx,
         );
         if let Some(TeeWriter(tee)) = &tee {
-            if tee.is_published() {
+            if is_published {
                 tee.push(&mut frames);
             } else if polled.is_pending() {
                 let head = Head {
@@ -198,12 +199,13 @@ where
                     headers: parts.headers.clone(),
                 };
                 tee.publish(head, &mut frames);
+                is_published = true;
             }
         }
         polled
     })
     .await;
-    let published = tee.as_ref().filter(|TeeWriter(tee)| tee.is_published());
+    let published = tee.as_ref().filter(|_| is_published);
     let complete = match (read, published) {
         (Ok(complete), _) => complete,
         (Err(error), Some(TeeWriter(tee))) => {
