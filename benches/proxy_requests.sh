@@ -4,7 +4,8 @@
 # the upstream's redirects come back in the client's URL space, with and without a path
 # prefix (`--upstream http://ORIGIN/base`); and a body sent without a length (chunked)
 # up to --max-body-kb reaches an origin that reads only Content-Length whole; a body
-# that stalls reaches the client as it arrives and is stored; a WebSocket goes through.
+# that stalls reaches the client as it arrives and is stored; a WebSocket goes through;
+# an idle connection is closed, and the connection cap holds.
 #
 #   bash benches/proxy_requests.sh     (builds the release example when missing)
 set -euo pipefail
@@ -134,4 +135,39 @@ PY
 ) || fail "the WebSocket client failed: $ws"
 echo "a WebSocket through the proxy: $ws"
 [ "$ws" = "101 Switching Protocols: hello again" ] || fail "the WebSocket gave '$ws'"
+
+# Connections: with one allowed at a time and a 1 s idle timeout, a client that connects
+# and sends nothing is closed, and a request that came after it is answered only then.
+capped=$(free_port)
+"$proxy" --listen "127.0.0.1:$capped" --upstream "http://$origin" --max-connections 1 \
+  --idle-timeout-secs 1 --no-access-log >"$work/capped.log" 2>&1 & pids+=($!)
+until_true 10 grep -q "listening on" "$work/capped.log"
+capped_result=$(python3 - "$capped" <<'PY'
+import select, socket, sys
+port = int(sys.argv[1])
+idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+second = socket.create_connection(("127.0.0.1", port), timeout=10)
+second.sendall(b"GET /obj/capped HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+events, waiting = [], [idle, second]
+while waiting:
+    ready, _, _ = select.select(waiting, [], [], 10)
+    if not ready:
+        sys.exit(f"nothing happened after {events}")
+    # Both at once cannot tell the order; the idle one first then (a request answered
+    # while the idle connection held the only slot would come a second earlier).
+    for conn in sorted(ready, key=lambda c: c is not idle):
+        data = conn.recv(65536)
+        if conn is idle:
+            events.append("the idle one closed" if not data else "the idle one got data")
+            waiting.remove(idle)
+        elif data.startswith(b"HTTP/1.1 "):
+            events.append("the request answered " + data.split(b" ")[1].decode())
+        elif not data:
+            waiting.remove(second)
+print(", then ".join(events))
+PY
+) || fail "the connection check failed: $capped_result"
+echo "one connection allowed, an idle one open, a request sent: $capped_result"
+[ "$capped_result" = "the idle one closed, then the request answered 200" ] \
+  || fail "with one connection allowed and an idle one open: $capped_result"
 echo "ok"
