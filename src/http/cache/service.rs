@@ -316,15 +316,8 @@ where
     let outcome = match tee.filter(|_| originator) {
         Some(tee) => match head_or_outcome(waiter, &tee).await {
             First::Outcome(outcome) => outcome,
-            First::Head(head, waiter) => {
-                // The flight goes on in a task of its own, its waiter there.
-                let driver = async move {
-                    if let Some(waiter) = waiter {
-                        let _ = waiter.await;
-                    }
-                };
-                return Ok(as_it_arrives(head, tee, driver, reason));
-            }
+            // The flight goes on in a task of its own, its waiter there.
+            First::Head(head, waiter) => return Ok(as_it_arrives(head, tee, waiter, reason)),
         },
         None => waiter.await,
     };
@@ -500,14 +493,7 @@ where
     let fetched = match tee {
         Some(tee) => match head_or_outcome(Box::pin(work), &tee).await {
             First::Outcome(outcome) => outcome?,
-            First::Head(head, work) => {
-                let driver = async move {
-                    if let Some(work) = work {
-                        let _ = work.await;
-                    }
-                };
-                return Ok(as_it_arrives(head, tee, driver, reason));
-            }
+            First::Head(head, work) => return Ok(as_it_arrives(head, tee, work, reason)),
         },
         None => work.await?,
     };
@@ -565,13 +551,22 @@ where
 }
 
 /// The response whose head `tee` published, its body passed on as it arrives while
-/// `driver` (the work reading it, which may store it) runs in a task of its own.
-fn as_it_arrives<RB>(
+/// `work` (reading it, and storing it if it may), unless it has finished, runs in a task
+/// of its own.
+fn as_it_arrives<RB, F>(
     head: Head,
     tee: Arc<Tee<RB>>,
-    driver: impl Future<Output = ()> + Send + 'static,
+    work: Option<F>,
     reason: &'static str,
-) -> Response<BufferedBody<RB>> {
+) -> Response<BufferedBody<RB>>
+where
+    F: Future + Send + 'static,
+{
+    let driver = async move {
+        if let Some(work) = work {
+            let _ = work.await;
+        }
+    };
     let status = head.status;
     let mut response = Response::new(BufferedBody::tee(TeeBody::new(tee, driver)));
     *response.status_mut() = status;
