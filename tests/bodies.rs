@@ -574,3 +574,12 @@ async fn a_waiter_gets_the_whole_response_after_the_first_client_leaves_it_mid_s
     })
     .await;
 }
+
+#[test]
+fn buffered_bodies_are_send_and_sync_when_their_bodies_are() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<towerguard::http::BufferedBody<hyper::body::Incoming>>();
+    send_sync::<towerguard::http::BufferedBody<http_body_util::Full<Bytes>>>();
+    send::<towerguard::http::BufferedBody<Body>>();
+}
