@@ -6,7 +6,10 @@
 #   proxy per round, $ROUNDS rounds interleaved; the table gives each proxy's median
 #   requests per second over the rounds, and p50/p99 latency of that median round;
 # - a cold burst: 1,000 concurrent requests, one connection each, for one URL nobody has
-#   stored, whose origin answer takes 500 ms; the table gives how many reached the origin.
+#   stored, whose origin answer takes 500 ms; the table gives how many reached the origin;
+# - a stalling body: 16 KiB whose second half the origin sends 1 s after the first
+#   (benches/peers/stall.py); the table gives when its first byte and the whole of it
+#   reached the client, and how many origin requests a second GET made (0: it was stored).
 #
 #   bash benches/peers/run.sh             (installs nginx, varnish and wrk with apt-get
 #                                         when missing; builds the release proxy example)
@@ -149,6 +152,16 @@ for i in 0 1 2; do
   echo "cold burst ${names[$i]}: ${statuses[${names[$i]}]}, origin requests ${cold[${names[$i]}]}" >&2
 done
 
+declare -A stall stall_again
+for i in 0 1 2; do
+  name="stall-${names[$i]}"
+  stall[${names[$i]}]=$(python3 benches/peers/stall.py 127.0.0.1 "${ports[$i]}" "$origin" "$name")
+  before=$(curl -s "http://127.0.0.1:$origin/count/$name")
+  curl -s -o /dev/null "http://127.0.0.1:${ports[$i]}/trickle/$name"
+  stall_again[${names[$i]}]=$(($(curl -s "http://127.0.0.1:$origin/count/$name") - before))
+  echo "stalling body ${names[$i]}: ${stall[${names[$i]}]}, origin requests for a second GET: ${stall_again[${names[$i]}]}" >&2
+done
+
 median_round() { # name -> the round whose rps is the median
   local name=$1
   for round in $(seq 1 "$rounds"); do echo "${rps[$name,$round]} $round"; done |
@@ -159,10 +172,10 @@ echo
 echo "$(date -u +%Y-%m-%d), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
 echo "$(nginx -v 2>&1 | sed 's/.*: //'), $(varnishd -V 2>&1 | head -1 | grep -o 'varnish-[0-9.]*'), wrk -t2 -c64 -d${duration}s, $rounds rounds"
 echo
-echo "| proxy | hits/s (median) | hits/s (all rounds) | p50 ms | p99 ms | origin requests, $burst cold concurrent | answers |"
-echo "|---|---:|---|---:|---:|---:|---|"
+echo "| proxy | hits/s (median) | hits/s (all rounds) | p50 ms | p99 ms | origin requests, $burst cold concurrent | answers | stalling body (second half after 1 s) | a second GET's origin requests |"
+echo "|---|---:|---|---:|---:|---:|---|---|---:|"
 for name in "${names[@]}"; do
   m=$(median_round "$name")
   all=$(for round in $(seq 1 "$rounds"); do printf '%s ' "${rps[$name,$round]}"; done)
-  echo "| $name | ${rps[$name,$m]} | ${all% } | ${p50[$name,$m]} | ${p99[$name,$m]} | ${cold[$name]} | ${statuses[$name]} |"
+  echo "| $name | ${rps[$name,$m]} | ${all% } | ${p50[$name,$m]} | ${p99[$name,$m]} | ${cold[$name]} | ${statuses[$name]} | ${stall[$name]} | ${stall_again[$name]} |"
 done
