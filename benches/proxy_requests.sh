@@ -170,4 +170,11 @@ PY
 echo "one connection allowed, an idle one open, a request sent: $capped_result"
 [ "$capped_result" = "the idle one closed, then the request answered 200" ] \
   || fail "with one connection allowed and an idle one open: $capped_result"
+
+# A response still being sent is not idle: a body whose second half comes 2.5 s after
+# the first (over twice the 1 s idle timeout) arrives whole.
+(sleep 2.5; curl -s -o /dev/null "http://$origin/release/t2") &
+long=$(curl -s -o /dev/null -w '%{size_download}' "http://127.0.0.1:$capped/trickle/t2" || true)
+echo "a body sent over 2.5 s through a proxy with a 1 s idle timeout: $long bytes"
+[ "$long" = 16384 ] || fail "the body sent over 2.5 s arrived with $long bytes"
 echo "ok"

@@ -789,7 +789,7 @@ struct Activity {
     last: Mutex<Instant>,
 }
 
-/// A request under way on a connection, until it is dropped.
+/// A request under way on a connection, until it is dropped (with its response's body).
 struct Busy(Arc<Activity>);
 
 impl Activity {
@@ -829,6 +829,33 @@ impl Drop for Busy {
         // The time first: the watchdog never sees no request under way with an old time.
         *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         self.0.under_way.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted as under way on its connection until
+/// it ends or is dropped: a download still being sent is not idle.
+struct Tracked<B> {
+    body: B,
+    _busy: Busy,
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -876,7 +903,7 @@ impl ConnectionService {
 }
 
 impl Service<Request<Incoming>> for ConnectionService {
-    type Response = Response<BufferedBody<UpstreamBody>>;
+    type Response = Response<Tracked<BufferedBody<UpstreamBody>>>;
     type Error = Infallible;
     type Future = BoxFuture<Result<Self::Response, Infallible>>;
 
@@ -889,8 +916,8 @@ impl Service<Request<Incoming>> for ConnectionService {
         if Purger::is_purge(&req) {
             if let Some(purger) = self.purger.clone() {
                 return Box::pin(async move {
-                    let _busy = busy;
-                    Ok(purger.purge(req).await)
+                    let response = purger.purge(req).await;
+                    Ok(response.map(|body| Tracked { body, _busy: busy }))
                 });
             }
         }
@@ -933,7 +960,6 @@ impl Service<Request<Incoming>> for ConnectionService {
         let peer = self.peer;
         let tunnel = self.tunnel.clone();
         Box::pin(async move {
-            let _busy = busy;
             let start = Instant::now();
             let response = match call {
                 Call::Now(call) => call.await?,
@@ -964,7 +990,7 @@ impl Service<Request<Incoming>> for ConnectionService {
                     ms = format_args!("{:.3}", start.elapsed().as_secs_f64() * 1000.0),
                 );
             }
-            Ok(response)
+            Ok(response.map(|body| Tracked { body, _busy: busy }))
         })
     }
 }
