@@ -504,7 +504,8 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
 /// Carries an upgrade (a WebSocket, say) to the upstream and, when it switches protocols,
 /// copies bytes both ways until either side closes, as nginx does with `proxy_pass` and
 /// `Upgrade` passed on. A tunnel bypasses the cache and the resilience layers: it is not
-/// stored, retried, hedged or timed, and it holds no `--limit` slot.
+/// stored, retried, hedged or timed, and it holds no `--limit` slot. It keeps its client
+/// connection's `--max-connections` slot until it closes; a shutdown closes it.
 #[derive(Clone)]
 struct Tunnel {
     client: Client<HttpConnector, ClientBody>,
@@ -513,7 +514,13 @@ struct Tunnel {
 }
 
 impl Tunnel {
-    async fn open(self, mut req: Request<Incoming>) -> Response<BufferedBody<UpstreamBody>> {
+    /// Opens the tunnel for `req`; its copying runs in a task whose handle goes to the
+    /// connection's `activity`, so the connection's slot is held until it ends.
+    async fn open(
+        self,
+        mut req: Request<Incoming>,
+        activity: Arc<Activity>,
+    ) -> Response<BufferedBody<UpstreamBody>> {
         let from_client = hyper::upgrade::on(&mut req);
         let protocol = req.headers().get(UPGRADE).cloned();
         if let Some(target) = self.upstream.target(req.uri()) {
@@ -563,8 +570,7 @@ impl Tunnel {
             return head.map(|_| body);
         }
         let from_upstream = hyper::upgrade::on(&mut response);
-        // Open tunnels end with the process; they do not hold up a graceful shutdown.
-        tokio::spawn(async move {
+        let copying = tokio::spawn(async move {
             let (client, upstream) = match tokio::join!(from_client, from_upstream) {
                 (Ok(client), Ok(upstream)) => (client, upstream),
                 (Err(err), _) | (_, Err(err)) => {
@@ -578,6 +584,7 @@ impl Tunnel {
                 Err(err) => tracing::debug!(error = %err, "upgrade: tunnel ended with an error"),
             }
         });
+        *activity.tunnel.lock().unwrap_or_else(|p| p.into_inner()) = Some(copying);
         head
     }
 }
@@ -787,6 +794,8 @@ fn text(status: http::StatusCode, body: &str) -> Response<BufferedBody<UpstreamB
 struct Activity {
     under_way: AtomicUsize,
     last: Mutex<Instant>,
+    /// The tunnel an upgrade opened, which outlives the HTTP connection.
+    tunnel: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// A request under way on a connection, until it is dropped (with its response's body).
@@ -797,6 +806,7 @@ impl Activity {
         Arc::new(Activity {
             under_way: AtomicUsize::new(0),
             last: Mutex::new(Instant::now()),
+            tunnel: Mutex::new(None),
         })
     }
 
@@ -959,11 +969,12 @@ impl Service<Request<Incoming>> for ConnectionService {
         };
         let peer = self.peer;
         let tunnel = self.tunnel.clone();
+        let activity = self.activity.clone();
         Box::pin(async move {
             let start = Instant::now();
             let response = match call {
                 Call::Now(call) => call.await?,
-                Call::Upgrade(req) => tunnel.open(*req).await,
+                Call::Upgrade(req) => tunnel.open(*req, activity).await,
                 Call::AfterBody {
                     mut proxy,
                     req,
@@ -1258,6 +1269,19 @@ async fn run(args: Args) -> Result<(), String> {
             };
             if let Err(err) = result {
                 tracing::debug!(error = %err, "connection ended with an error");
+            }
+            // An upgraded connection lives on as a tunnel, and keeps its slot; a shutdown
+            // closes it.
+            let tunnel = activity
+                .tunnel
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(mut tunnel) = tunnel {
+                tokio::select! {
+                    _ = &mut tunnel => {}
+                    () = stopping.cancelled() => tunnel.abort(),
+                }
             }
         });
     }
