@@ -350,14 +350,20 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// Removes the hop-by-hop fields: the fixed ones and every field `Connection` lists.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
+/// The options `Connection` lists (names of fields, or `close`, `upgrade`, ...).
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+}
+
+/// Removes the hop-by-hop fields: the fixed ones and every field `Connection` lists.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = connection_options(headers)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in listed {
         headers.remove(name);
@@ -381,10 +387,44 @@ fn add_via(headers: &mut HeaderMap, version: Version) {
     }
 }
 
-/// Sends requests to the upstream: rewrites the target ([`Upstream::target`]) and `Host`,
-/// strips hop-by-hop fields, adds `Via`, and refuses a response whose header section is
-/// larger than `max_header_bytes` (the client's read buffer alone lets a head of several
-/// times its size through when it arrives in one read).
+/// What the proxy changes in a message between the client and the upstream (RFC 9110
+/// section 7.6): toward the upstream the target ([`Upstream::target`]), `Host` and the
+/// version (HTTP/1.1); both ways, hop-by-hop fields removed and `Via` added; back from it,
+/// `Location` and `Content-Location` mapped to the client's paths.
+#[derive(Clone)]
+struct Rewrite {
+    upstream: Arc<Upstream>,
+    /// The upstream's authority as the `Host` every forwarded request carries.
+    host: Option<HeaderValue>,
+}
+
+impl Rewrite {
+    fn request<B>(&self, req: &mut Request<B>) {
+        if let Some(target) = self.upstream.target(req.uri()) {
+            *req.uri_mut() = target;
+        }
+        let version = req.version();
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        add_via(headers, version);
+        if let Some(host) = &self.host {
+            headers.insert(HOST, host.clone());
+        }
+        // The upstream connection is HTTP/1.1 whatever the client spoke.
+        *req.version_mut() = Version::HTTP_11;
+    }
+
+    /// The headers of a response that came in `version`.
+    fn response(&self, headers: &mut HeaderMap, version: Version) {
+        strip_hop_by_hop(headers);
+        add_via(headers, version);
+        self.upstream.relocate(headers);
+    }
+}
+
+/// Sends requests to the upstream, rewritten ([`Rewrite`]), and refuses a response whose
+/// header section is larger than `max_header_bytes` (the client's read buffer alone lets
+/// a head of several times its size through when it arrives in one read).
 ///
 /// It rewrites them here, under the cache, so the cache keys on the URL as the client
 /// named it, `Host` included, as Varnish does: an origin that tells sites apart by a
@@ -393,9 +433,7 @@ fn add_via(headers: &mut HeaderMap, version: Version) {
 /// of a fleet sees the same `Host` and shares the entries.
 struct Forward<B> {
     client: Client<HttpConnector, B>,
-    upstream: Arc<Upstream>,
-    /// The upstream's authority as the `Host` every forwarded request carries.
-    upstream_host: Option<HeaderValue>,
+    rewrite: Rewrite,
     max_header_bytes: usize,
 }
 
@@ -403,8 +441,7 @@ impl<B> Clone for Forward<B> {
     fn clone(&self) -> Self {
         Forward {
             client: self.client.clone(),
-            upstream: self.upstream.clone(),
-            upstream_host: self.upstream_host.clone(),
+            rewrite: self.rewrite.clone(),
             max_header_bytes: self.max_header_bytes,
         }
     }
@@ -455,21 +492,10 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if let Some(target) = self.upstream.target(req.uri()) {
-            *req.uri_mut() = target;
-        }
-        let version = req.version();
-        let headers = req.headers_mut();
-        strip_hop_by_hop(headers);
-        add_via(headers, version);
-        if let Some(host) = &self.upstream_host {
-            headers.insert(HOST, host.clone());
-        }
-        // The upstream connection is HTTP/1.1 whatever the client spoke.
-        *req.version_mut() = Version::HTTP_11;
+        self.rewrite.request(&mut req);
         let call = self.client.request(req);
         let max = self.max_header_bytes;
-        let upstream = self.upstream.clone();
+        let rewrite = self.rewrite.clone();
         Box::pin(async move {
             let mut response = call.await?;
             let bytes = header_section_bytes(response.headers());
@@ -477,9 +503,7 @@ where
                 return Err(ResponseHeadTooLarge { bytes, max }.into());
             }
             let version = response.version();
-            strip_hop_by_hop(response.headers_mut());
-            add_via(response.headers_mut(), version);
-            upstream.relocate(response.headers_mut());
+            rewrite.response(response.headers_mut(), version);
             // Answered in HTTP/1.1 (or the client's HTTP/2), whatever the upstream spoke.
             *response.version_mut() = Version::HTTP_11;
             Ok(response)
@@ -492,13 +516,7 @@ where
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(UPGRADE)
-        && req
-            .headers()
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+        && connection_options(req.headers()).any(|option| option.eq_ignore_ascii_case("upgrade"))
 }
 
 /// Carries an upgrade (a WebSocket, say) to the upstream and, when it switches protocols,
@@ -509,8 +527,15 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
 #[derive(Clone)]
 struct Tunnel {
     client: Client<HttpConnector, ClientBody>,
-    upstream: Arc<Upstream>,
-    upstream_host: Option<HeaderValue>,
+    rewrite: Rewrite,
+}
+
+/// Puts back the two fields that carry an upgrade, which [`Rewrite`] removes as hop-by-hop.
+fn keep_upgrade(headers: &mut HeaderMap, protocol: Option<HeaderValue>) {
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(protocol) = protocol {
+        headers.insert(UPGRADE, protocol);
+    }
 }
 
 impl Tunnel {
@@ -523,19 +548,8 @@ impl Tunnel {
     ) -> Response<BufferedBody<UpstreamBody>> {
         let from_client = hyper::upgrade::on(&mut req);
         let protocol = req.headers().get(UPGRADE).cloned();
-        if let Some(target) = self.upstream.target(req.uri()) {
-            *req.uri_mut() = target;
-        }
-        let headers = req.headers_mut();
-        strip_hop_by_hop(headers);
-        add_via(headers, Version::HTTP_11);
-        if let Some(host) = &self.upstream_host {
-            headers.insert(HOST, host.clone());
-        }
-        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(protocol) = protocol {
-            headers.insert(UPGRADE, protocol);
-        }
+        self.rewrite.request(&mut req);
+        keep_upgrade(req.headers_mut(), protocol);
         let req = req.map(|body| BufferedBody::streaming(VecDeque::new(), Some(body)));
         let mut response = match self.client.request(req).await {
             Ok(response) => response,
@@ -550,19 +564,12 @@ impl Tunnel {
         *head.status_mut() = response.status();
         *head.headers_mut() = response.headers().clone();
         let headers = head.headers_mut();
+        let protocol = headers.get(UPGRADE).cloned();
+        self.rewrite.response(headers, response.version());
         if switched {
             // `Connection: upgrade` and `Upgrade` are this hop's to pass on now.
-            let protocol = headers.get(UPGRADE).cloned();
-            strip_hop_by_hop(headers);
-            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-            if let Some(protocol) = protocol {
-                headers.insert(UPGRADE, protocol);
-            }
-        } else {
-            strip_hop_by_hop(headers);
+            keep_upgrade(headers, protocol);
         }
-        add_via(headers, Version::HTTP_11);
-        self.upstream.relocate(headers);
         if !switched {
             let body = response.into_body();
             let body =
@@ -1016,8 +1023,10 @@ fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>, Tunnel), String> {
         client: Client::builder(TokioExecutor::new())
             .http1_max_buf_size(max_header_bytes.max(8192))
             .build(connector.clone()),
-        upstream: Arc::new(args.upstream.clone()),
-        upstream_host: args.upstream.host(),
+        rewrite: Rewrite {
+            upstream: Arc::new(args.upstream.clone()),
+            host: args.upstream.host(),
+        },
         max_header_bytes,
     };
     let tunnel = Tunnel {
@@ -1025,8 +1034,7 @@ fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>, Tunnel), String> {
         client: Client::builder(TokioExecutor::new())
             .http1_max_buf_size(max_header_bytes.max(8192))
             .build(connector.clone()),
-        upstream: forward.upstream.clone(),
-        upstream_host: forward.upstream_host.clone(),
+        rewrite: forward.rewrite.clone(),
     };
     let mut builder = StackBuilder::new()
         .name("proxy")

@@ -142,13 +142,6 @@ where
             from_tier: false,
         })
     };
-    if let Err(reason) = decision {
-        return Ok(streaming(
-            BufferedBody::streaming(Default::default(), Some(body)),
-            parts,
-            reason,
-        ));
-    }
     let freshness = policy.freshness(status, &parts.headers);
     let (swr, sie) = policy.stale_windows(&parts.headers);
     // Worth storing when it can answer a later request; an error that is stale at once
@@ -158,22 +151,19 @@ where
     } else {
         !freshness.is_zero() || has_validator(&parts.headers) || !swr.is_zero() || !sie.is_zero()
     };
-    if !useful {
-        // Decided from the headers alone: the body goes on as it arrives, so a response
-        // that never ends (an event stream) or ends late reaches its client at once.
-        return Ok(streaming(
-            BufferedBody::streaming(Default::default(), Some(body)),
-            parts,
-            NotStored::NoFreshness,
-        ));
-    }
-    if body.size_hint().lower() > core.max_body as u64 {
-        // Declared longer than the bound: not read ahead at all.
-        return Ok(streaming(
-            BufferedBody::streaming(Default::default(), Some(body)),
-            parts,
-            NotStored::TooLarge,
-        ));
+    // Decided from the headers alone, before any of the body is read: a response that may
+    // not be stored, one that could answer no later request (so one that never ends, an
+    // event stream, reaches its client at once) and one declared longer than the bound
+    // go on as they arrive.
+    let unread = match decision {
+        Err(reason) => Some(reason),
+        Ok(()) if !useful => Some(NotStored::NoFreshness),
+        Ok(()) if body.size_hint().lower() > core.max_body as u64 => Some(NotStored::TooLarge),
+        Ok(()) => None,
+    };
+    if let Some(reason) = unread {
+        let body = BufferedBody::streaming(Default::default(), Some(body));
+        return Ok(streaming(body, parts, reason));
     }
     // An error response that stale-on-error may answer instead is read whole first.
     let tee = tee

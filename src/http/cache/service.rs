@@ -248,8 +248,8 @@ where
     #[cfg(feature = "redis")]
     let primary = key.clone();
     let flight_key = core.flight_key(key, &request.1, &extra);
-    let tee = tee_for(&req);
-    let start_tee = tee.clone();
+    // Made only by the request that starts the flight: its waiters never read it.
+    let mut started_tee: Option<Arc<Tee<RB>>> = None;
     let mut request_slot = Some(req);
     let owner: Arc<dyn Owner<FlightKey, Arc<Fetched>>> = core.clone();
     let joined = {
@@ -262,18 +262,20 @@ where
             })
         };
         let slot = &mut request_slot;
+        let tee_slot = &mut started_tee;
         let start_inner = inner.clone();
         let start_core = core.clone();
         let start_extra = extra.clone();
         let start = move || -> Upstream<Arc<Fetched>> {
             match slot.take() {
                 Some(req) => {
+                    *tee_slot = tee_for(&req);
                     let origin = flight_origin(
                         start_core.clone(),
                         start_inner,
                         revalidate,
                         start_extra,
-                        start_tee,
+                        tee_slot.clone(),
                     );
                     through_tiers(&start_core, tiered, read_first, req, origin)
                 }
@@ -313,7 +315,7 @@ where
     };
 
     let request_ref = (&request.0, &request.1);
-    let outcome = match tee.filter(|_| originator) {
+    let outcome = match started_tee.filter(|_| originator) {
         Some(tee) => match head_or_outcome(waiter, &tee).await {
             First::Outcome(outcome) => outcome,
             // The flight goes on in a task of its own, its waiter there.
