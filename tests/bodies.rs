@@ -4,6 +4,8 @@
 //! And clients that stop reading a large body: they hold no permit of the stack's limit,
 //! and under `until_body_end` they hold theirs only until they leave (or `max_body_hold`).
 
+mod support;
+
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -21,6 +23,8 @@ use hyper_util::rt::TokioExecutor;
 use tower::ServiceBuilder;
 use towerguard::http::{ErrorResponseLayer, HttpCacheLayer, CACHE_STATUS};
 use towerguard::stack::StackBuilder;
+
+use support::ChannelBody;
 
 const BOUND: usize = 64 * 1024;
 
@@ -273,24 +277,6 @@ fn the_sizes_straddle_the_bound() {
     let _: Response<()> = Response::new(());
 }
 
-/// A body fed by the test, one chunk per message, that ends when the sender is dropped:
-/// an event stream whose events the test sends one at a time.
-struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl http_body::Body for Fed {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|chunk| Ok(Frame::data(chunk))))
-    }
-}
-
 type Feeds = tokio::sync::mpsc::UnboundedReceiver<tokio::sync::mpsc::Sender<Bytes>>;
 
 /// An upstream that answers every request with `headers` and a body the test feeds: each
@@ -317,7 +303,7 @@ fn fed_upstream(
         for (name, value) in headers {
             response = response.header(*name, *value);
         }
-        std::future::ready(Ok(response.body(Body::new(Fed(rx))).unwrap()))
+        std::future::ready(Ok(response.body(Body::new(ChannelBody(rx))).unwrap()))
     });
     (upstream, fed)
 }
@@ -451,10 +437,9 @@ async fn a_storable_body_that_outgrows_the_bound_as_it_streams_arrives_whole_and
     feeds.try_recv().expect("the origin was asked again");
 }
 
-/// The HTTP cache alone over a fed upstream, and a GET for one URI.
-fn fed_cache(
-    headers: &'static [(&'static str, &'static str)],
-) -> (
+/// The HTTP cache alone over a fed upstream with a storable response, a first GET for
+/// `/a` answered with its head once the body stalls, and the sender of that body.
+async fn streamed_to_a_first_client() -> (
     impl tower::Service<
             Request<Body>,
             Response = Response<towerguard::http::BufferedBody<Body>>,
@@ -462,11 +447,18 @@ fn fed_cache(
             Future = impl Send,
         > + Clone,
     Feeds,
+    Response<towerguard::http::BufferedBody<Body>>,
+    tokio::sync::mpsc::Sender<Bytes>,
 ) {
-    use tower::Layer;
-    let (upstream, feeds) = fed_upstream(headers);
-    let cache = HttpCacheLayer::builder().max_body_bytes(BOUND).build();
-    (cache.layer(upstream), feeds)
+    use tower::{Layer, ServiceExt};
+    let (upstream, mut feeds) = fed_upstream(&[("cache-control", "max-age=60")]);
+    let svc = HttpCacheLayer::builder()
+        .max_body_bytes(BOUND)
+        .build()
+        .layer(upstream);
+    let first = svc.clone().oneshot(get_a()).await.unwrap();
+    let tx = feeds.recv().await.unwrap();
+    (svc, feeds, first, tx)
 }
 
 fn get_a() -> Request<Body> {
@@ -494,15 +486,13 @@ async fn no_hang(test: impl std::future::Future<Output = ()>) {
 async fn a_client_that_reads_nothing_holds_back_no_one_waiting_for_the_same_response() {
     use tower::ServiceExt;
     no_hang(async {
-        let (svc, mut feeds) = fed_cache(&[("cache-control", "max-age=60")]);
         // The first client has the head as soon as the body stalls.
-        let first = svc.clone().oneshot(get_a()).await.unwrap();
+        let (svc, mut feeds, first, tx) = streamed_to_a_first_client().await;
         assert!(
             status_of(&first).contains("detail=streamed"),
             "{}",
             status_of(&first)
         );
-        let tx = feeds.recv().await.unwrap();
         // A second client joins the same origin request.
         let mut second = tokio_test::task::spawn(svc.clone().oneshot(get_a()));
         assert!(second.poll().is_pending());
@@ -532,9 +522,7 @@ async fn a_client_that_reads_nothing_holds_back_no_one_waiting_for_the_same_resp
 async fn the_first_client_leaving_a_streamed_response_alone_ends_its_origin_request() {
     use tower::ServiceExt;
     no_hang(async {
-        let (svc, mut feeds) = fed_cache(&[("cache-control", "max-age=60")]);
-        let first = svc.clone().oneshot(get_a()).await.unwrap();
-        let tx = feeds.recv().await.unwrap();
+        let (svc, mut feeds, first, tx) = streamed_to_a_first_client().await;
         tx.send(Bytes::from_static(b"part")).await.unwrap();
         let mut body = first.into_body();
         let frame = body.frame().await.unwrap().unwrap();
@@ -558,9 +546,7 @@ async fn the_first_client_leaving_a_streamed_response_alone_ends_its_origin_requ
 async fn a_waiter_gets_the_whole_response_after_the_first_client_leaves_it_mid_stream() {
     use tower::ServiceExt;
     no_hang(async {
-        let (svc, mut feeds) = fed_cache(&[("cache-control", "max-age=60")]);
-        let first = svc.clone().oneshot(get_a()).await.unwrap();
-        let tx = feeds.recv().await.unwrap();
+        let (svc, mut feeds, first, tx) = streamed_to_a_first_client().await;
         let mut second = tokio_test::task::spawn(svc.clone().oneshot(get_a()));
         assert!(second.poll().is_pending());
         tx.send(Bytes::from_static(b"one ")).await.unwrap();

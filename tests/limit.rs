@@ -4,10 +4,9 @@ mod support;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -16,7 +15,6 @@ use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -32,7 +30,7 @@ use towerguard::limit::{
 use towerguard::timeout::TimeoutLayer;
 use towerguard::ErrorKind;
 
-use support::{Outcome, Probe, Upstream};
+use support::{ChannelBody, Outcome, Probe, Upstream};
 
 /// Counts requests inside a handler, records the peak, and holds them until opened.
 struct Gauge {
@@ -357,23 +355,6 @@ async fn http_rejection_is_503_with_retry_after() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()["retry-after"], "1");
-}
-
-/// A body fed chunk by chunk from a channel.
-struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
-    }
 }
 
 #[tokio::test]

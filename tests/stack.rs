@@ -1,6 +1,8 @@
 //! The standard stack: validation, the full HTTP stack in an axum app over TCP, the metric
 //! table, and the auto traits axum and `tokio::spawn` need.
 
+mod support;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,6 +23,8 @@ use towerguard::cache::CacheLayer;
 use towerguard::http::{HttpCacheLayer, CACHE_STATUS};
 use towerguard::limit::ConcurrencyLimitLayer;
 use towerguard::stack::{StackBuilder, StackError};
+
+use support::ChannelBody;
 
 #[test]
 fn each_contradiction_is_refused_with_its_own_error() {
@@ -434,23 +438,6 @@ async fn a_request_body_that_fails_is_the_clients_fault_400_and_the_backend_is_n
     );
 }
 
-/// A response body fed by the test, chunk by chunk: it ends when the sender is dropped.
-struct Fed(tokio::sync::mpsc::Receiver<bytes::Bytes>);
-
-impl http_body::Body for Fed {
-    type Data = bytes::Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|data| Ok(http_body::Frame::data(data))))
-    }
-}
-
 /// What a proxy does: the upstream's slot is busy until its body has been sent, so the
 /// limit goes under the stack, around the client, and holds each permit until the body
 /// ends, through the HTTP cache that streams a body too large to store.
@@ -484,7 +471,7 @@ async fn a_limit_under_the_stack_holds_its_permit_until_a_streamed_body_ends() {
             Ok::<_, Infallible>(
                 http::Response::builder()
                     .header("cache-control", cache_control)
-                    .body(Fed(receive))
+                    .body(ChannelBody(receive))
                     .unwrap(),
             )
         }
