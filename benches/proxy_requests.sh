@@ -5,7 +5,8 @@
 # prefix (`--upstream http://ORIGIN/base`); and a body sent without a length (chunked)
 # up to --max-body-kb reaches an origin that reads only Content-Length whole; a body
 # that stalls reaches the client as it arrives and is stored; a WebSocket goes through;
-# an idle connection is closed, and the connection cap holds.
+# an idle connection is closed, and so is one whose client stopped reading, and the
+# connection cap holds.
 #
 #   bash benches/proxy_requests.sh     (builds the release example when missing)
 set -euo pipefail
@@ -177,4 +178,37 @@ echo "one connection allowed, an idle one open, a request sent: $capped_result"
 long=$(curl -s -o /dev/null -w '%{size_download}' "http://127.0.0.1:$capped/trickle/t2" || true)
 echo "a body sent over 2.5 s through a proxy with a 1 s idle timeout: $long bytes"
 [ "$long" = 16384 ] || fail "the body sent over 2.5 s arrived with $long bytes"
+
+# A client that stops reading a download would hold the only connection slot for ever:
+# it is closed once it has taken nothing for the idle timeout, and a request sent after
+# it is answered then.
+stalled_result=$(python3 - "$capped" <<'PY'
+import select, socket, sys
+port = int(sys.argv[1])
+size = 64 * 1024 * 1024
+stalled = socket.socket()
+stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+stalled.settimeout(10)
+stalled.connect(("127.0.0.1", port))
+stalled.sendall(b"GET /big/stalled?mb=64 HTTP/1.1\r\nHost: x\r\n\r\n")
+got = len(stalled.recv(100))
+second = socket.create_connection(("127.0.0.1", port), timeout=10)
+second.sendall(b"GET /obj/after-stall HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+if not select.select([second], [], [], 15)[0]:
+    sys.exit("the request after the stalled download was not answered")
+answer = "the request answered " + second.recv(65536).split(b" ")[1].decode()
+try:
+    while True:
+        data = stalled.recv(1 << 20)
+        if not data:
+            break
+        got += len(data)
+except ConnectionResetError:
+    pass
+print(answer + (", the stalled download cut short" if got < size else ", the stalled download whole"))
+PY
+) || fail "the stalled-client check failed: $stalled_result"
+echo "one connection allowed, a client that stopped reading, a request sent: $stalled_result"
+[ "$stalled_result" = "the request answered 200, the stalled download cut short" ] \
+  || fail "with one connection allowed and a client that stopped reading: $stalled_result"
 echo "ok"

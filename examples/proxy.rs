@@ -79,6 +79,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -179,7 +180,8 @@ struct Args {
     shutdown_grace_secs: u64,
 
     /// How long a client connection may sit idle, between requests or before its request
-    /// head has arrived whole (HTTP/1.1), before it is closed, in seconds.
+    /// head has arrived whole (HTTP/1.1), or take nothing of a response being sent to it
+    /// (a client that stopped reading), before it is closed, in seconds.
     #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout_secs: u64,
 
@@ -796,10 +798,16 @@ fn text(status: http::StatusCode, body: &str) -> Response<BufferedBody<UpstreamB
     response
 }
 
-/// What a connection's idle watchdog reads: the requests under way on it, and when the
-/// last one ended (or the connection opened).
+/// What a connection's idle watchdog reads: the requests under way on it, the response
+/// bodies waiting for their client to take what they handed on, and when anything last
+/// happened.
 struct Activity {
     under_way: AtomicUsize,
+    /// Response bodies that handed hyper a frame and have not been asked for the next one
+    /// since: hyper asks again once the client has taken enough of what it was sent.
+    unread: AtomicUsize,
+    /// When a request started or ended, or a response body was asked for a frame (or the
+    /// connection opened).
     last: Mutex<Instant>,
     /// The tunnel an upgrade opened, which outlives the HTTP connection.
     tunnel: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -808,33 +816,57 @@ struct Activity {
 /// A request under way on a connection, until it is dropped (with its response's body).
 struct Busy(Arc<Activity>);
 
+/// Why the watchdog closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quiet {
+    /// No request under way.
+    Idle,
+    /// A response is ready to go on but the client takes none of it (it stopped
+    /// reading), as nginx's `send_timeout` finds.
+    Stalled,
+}
+
 impl Activity {
     fn new() -> Arc<Self> {
         Arc::new(Activity {
             under_way: AtomicUsize::new(0),
+            unread: AtomicUsize::new(0),
             last: Mutex::new(Instant::now()),
             tunnel: Mutex::new(None),
         })
     }
 
     fn start(self: &Arc<Self>) -> Busy {
+        self.touch();
         self.under_way.fetch_add(1, Ordering::SeqCst);
         Busy(self.clone())
     }
 
-    /// How long the connection has been idle; `None` while a request is under way.
-    fn idle_for(&self) -> Option<Duration> {
-        let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
-        (self.under_way.load(Ordering::SeqCst) == 0).then(|| last.elapsed())
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 
-    /// Resolves once the connection has been idle for `idle`.
-    async fn idle(&self, idle: Duration) {
+    /// How long the connection has been quiet, and in which way; `None` while it is
+    /// waiting for the upstream (bounded by `--timeout-ms`) or sending.
+    fn quiet_for(&self) -> Option<(Quiet, Duration)> {
+        let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if self.under_way.load(Ordering::SeqCst) == 0 {
+            Some((Quiet::Idle, last.elapsed()))
+        } else if self.unread.load(Ordering::SeqCst) > 0 {
+            Some((Quiet::Stalled, last.elapsed()))
+        } else {
+            None
+        }
+    }
+
+    /// Resolves once the connection has been idle, or its client has taken nothing of a
+    /// response ready for it, for `limit`.
+    async fn quiet(&self, limit: Duration) -> Quiet {
         loop {
-            let wait = match self.idle_for() {
-                Some(idle_for) if idle_for >= idle => return,
-                Some(idle_for) => idle - idle_for,
-                None => idle,
+            let wait = match self.quiet_for() {
+                Some((quiet, since)) if since >= limit => return quiet,
+                Some((_, since)) => limit - since,
+                None => limit,
             };
             tokio::time::sleep(wait).await;
         }
@@ -844,16 +876,35 @@ impl Activity {
 impl Drop for Busy {
     fn drop(&mut self) {
         // The time first: the watchdog never sees no request under way with an old time.
-        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.touch();
         self.0.under_way.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// A response body that keeps its request counted as under way on its connection until
-/// it ends or is dropped: a download still being sent is not idle.
+/// it ends or is dropped (a download still being sent is not idle), and tells the
+/// watchdog while the frame it handed on waits for the client.
 struct Tracked<B> {
     body: B,
-    _busy: Busy,
+    busy: Busy,
+    /// Counted in [`Activity::unread`].
+    unread: bool,
+}
+
+impl<B> Tracked<B> {
+    fn new(body: B, busy: Busy) -> Self {
+        Tracked {
+            body,
+            busy,
+            unread: false,
+        }
+    }
+
+    fn taken(&mut self) {
+        if std::mem::take(&mut self.unread) {
+            self.busy.0.unread.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl<B: Body + Unpin> Body for Tracked<B> {
@@ -864,7 +915,15 @@ impl<B: Body + Unpin> Body for Tracked<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        // Asked again: the client took what came before.
+        self.taken();
+        self.busy.0.touch();
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = polled {
+            self.unread = true;
+            self.busy.0.unread.fetch_add(1, Ordering::SeqCst);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -873,6 +932,72 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        self.taken();
+    }
+}
+
+/// A client connection's socket that tells its watchdog each time bytes go out: a client
+/// that reads slowly still takes some, as nginx's `send_timeout` counts it.
+struct Watched<T> {
+    io: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Watched<T> {
+    fn wrote(&self, written: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = written {
+            if n > 0 {
+                self.activity.touch();
+            }
+        }
+        written
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.wrote(written)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(written)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -934,7 +1059,7 @@ impl Service<Request<Incoming>> for ConnectionService {
             if let Some(purger) = self.purger.clone() {
                 return Box::pin(async move {
                     let response = purger.purge(req).await;
-                    Ok(response.map(|body| Tracked { body, _busy: busy }))
+                    Ok(response.map(|body| Tracked::new(body, busy)))
                 });
             }
         }
@@ -1008,7 +1133,7 @@ impl Service<Request<Incoming>> for ConnectionService {
                     ms = format_args!("{:.3}", start.elapsed().as_secs_f64() * 1000.0),
                 );
             }
-            Ok(response.map(|body| Tracked { body, _busy: busy }))
+            Ok(response.map(|body| Tracked::new(body, busy)))
         })
     }
 }
@@ -1259,7 +1384,13 @@ async fn run(args: Args) -> Result<(), String> {
             ) {
                 return;
             }
-            let connection = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let connection = server.serve_connection_with_upgrades(
+                TokioIo::new(Watched {
+                    io: stream,
+                    activity: activity.clone(),
+                }),
+                service,
+            );
             tokio::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
@@ -1268,12 +1399,21 @@ async fn run(args: Args) -> Result<(), String> {
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
-                () = activity.idle(idle) => {
+                quiet = activity.quiet(idle) => match quiet {
                     // Idle (HTTP/2 too, which hyper does not time): closed as on shutdown,
                     // and dropped if the client does not take part in a graceful close.
-                    connection.as_mut().graceful_shutdown();
-                    tokio::time::timeout(idle, connection).await.unwrap_or(Ok(()))
-                }
+                    Quiet::Idle => {
+                        connection.as_mut().graceful_shutdown();
+                        tokio::time::timeout(idle, connection).await.unwrap_or(Ok(()))
+                    }
+                    // A client that stopped reading would hold the connection's slot, and
+                    // the upstream's, for ever: the response cannot finish, so neither
+                    // can a graceful close.
+                    Quiet::Stalled => {
+                        tracing::debug!(%peer, "closing a connection whose client took no data for the idle timeout");
+                        Ok(())
+                    }
+                },
             };
             if let Err(err) = result {
                 tracing::debug!(error = %err, "connection ended with an error");

@@ -103,6 +103,23 @@ class Handler(BaseHTTPRequestHandler):
             release(name).wait(60)
             self.wfile.write(b"b" * half)
             return
+        if kind == "big":
+            # `/big/NAME?mb=N`: N MiB, not to be stored, written as fast as it is taken.
+            size = int(parse_qs(url.query).get("mb", ["32"])[0]) * 1024 * 1024
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            if head:
+                return
+            chunk = b"c" * 65536
+            try:
+                for _ in range(size // len(chunk)):
+                    self.wfile.write(chunk)
+            except OSError:
+                pass
+            return
         if kind == "ws":
             self.websocket()
             return
