@@ -5,8 +5,8 @@
 # prefix (`--upstream http://ORIGIN/base`); and a body sent without a length (chunked)
 # up to --max-body-kb reaches an origin that reads only Content-Length whole; a body
 # that stalls reaches the client as it arrives and is stored; a WebSocket goes through;
-# an idle connection is closed, and so is one whose client stopped reading, and the
-# connection cap holds.
+# an idle connection is closed, and so are one whose client stopped reading and a quiet
+# WebSocket tunnel, and the connection cap holds.
 #
 #   bash benches/proxy_requests.sh     (builds the release example when missing)
 set -euo pipefail
@@ -97,9 +97,12 @@ echo "a stalling body: the first half arrived before the rest was sent; $size by
 
 # A WebSocket through the proxy: the handshake reaches the origin, its 101 comes back
 # with the right Sec-WebSocket-Accept, and messages go both ways.
-ws=$(python3 - "$plain" <<'PY'
-import base64, hashlib, os, socket, sys
-port = int(sys.argv[1])
+cat >"$work/ws.py" <<'PY'
+# usage: ws.py PORT GAP_SECONDS [--until-closed] WORD...
+import base64, hashlib, os, select, socket, sys, time
+port, gap = int(sys.argv[1]), float(sys.argv[2])
+until_closed = sys.argv[3] == "--until-closed"
+words = sys.argv[4:] if until_closed else sys.argv[3:]
 conn = socket.create_connection(("127.0.0.1", port), timeout=10)
 key = base64.b64encode(os.urandom(16)).decode()
 conn.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
@@ -125,15 +128,22 @@ for line in head.split(b"\r\n")[1:]:
 if fields.get(b"sec-websocket-accept") != accept:
     sys.exit(f"no matching Sec-WebSocket-Accept: {status}")
 got = []
-for word in ("hello", "again"):
+for i, word in enumerate(words):
+    if i:
+        time.sleep(gap)
     mask = os.urandom(4)
     data = word.encode()
     conn.sendall(bytes([0x81, 0x80 | len(data)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
     first = exactly(2)
     got.append(exactly(first[1] & 0x7F).decode())
-print(f"{status}: {' '.join(got)}")
+end = ""
+if until_closed:
+    if not select.select([conn], [], [], 15)[0]:
+        sys.exit(f"{status}: {' '.join(got)}, and still open when quiet")
+    end = ", then closed when quiet" if not conn.recv(1) else ", then data"
+print(f"{status}: {' '.join(got)}{end}")
 PY
-) || fail "the WebSocket client failed: $ws"
+ws=$(python3 "$work/ws.py" "$plain" 0 hello again) || fail "the WebSocket client failed: $ws"
 echo "a WebSocket through the proxy: $ws"
 [ "$ws" = "101 Switching Protocols: hello again" ] || fail "the WebSocket gave '$ws'"
 
@@ -178,6 +188,14 @@ echo "one connection allowed, an idle one open, a request sent: $capped_result"
 long=$(curl -s -o /dev/null -w '%{size_download}' "http://127.0.0.1:$capped/trickle/t2" || true)
 echo "a body sent over 2.5 s through a proxy with a 1 s idle timeout: $long bytes"
 [ "$long" = 16384 ] || fail "the body sent over 2.5 s arrived with $long bytes"
+
+# A WebSocket tunnel through a proxy with a 1 s idle timeout stays open while messages
+# go every 0.3 s (2.1 s in all), and is closed once it has been quiet for the timeout.
+quiet_ws=$(python3 "$work/ws.py" "$capped" 0.3 --until-closed a b c d e f g h) \
+  || fail "the quiet WebSocket check failed: $quiet_ws"
+echo "a WebSocket through a proxy with a 1 s idle timeout: $quiet_ws"
+[ "$quiet_ws" = "101 Switching Protocols: a b c d e f g h, then closed when quiet" ] \
+  || fail "the WebSocket through a 1 s idle timeout gave '$quiet_ws'"
 
 # A client that stops reading a download would hold the only connection slot for ever:
 # it is closed once it has taken nothing for the idle timeout, and a request sent after

@@ -181,7 +181,8 @@ struct Args {
 
     /// How long a client connection may sit idle, between requests or before its request
     /// head has arrived whole (HTTP/1.1), or take nothing of a response being sent to it
-    /// (a client that stopped reading), before it is closed, in seconds.
+    /// (a client that stopped reading), before it is closed, in seconds. A WebSocket
+    /// tunnel with no bytes either way for this long is closed too.
     #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout_secs: u64,
 
@@ -530,6 +531,8 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
 struct Tunnel {
     client: Client<HttpConnector, ClientBody>,
     rewrite: Rewrite,
+    /// A tunnel with no byte either way for this long is closed (`--idle-timeout-secs`).
+    idle: Duration,
 }
 
 /// Puts back the two fields that carry an upgrade, which [`Rewrite`] removes as hop-by-hop.
@@ -579,6 +582,7 @@ impl Tunnel {
             return head.map(|_| body);
         }
         let from_upstream = hyper::upgrade::on(&mut response);
+        let idle = self.idle;
         let copying = tokio::spawn(async move {
             let (client, upstream) = match tokio::join!(from_client, from_upstream) {
                 (Ok(client), Ok(upstream)) => (client, upstream),
@@ -587,10 +591,18 @@ impl Tunnel {
                     return;
                 }
             };
-            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                Ok((up, down)) => tracing::debug!(up, down, "upgrade: tunnel closed"),
-                Err(err) => tracing::debug!(error = %err, "upgrade: tunnel ended with an error"),
+            // Bytes either way keep it open; a peer gone without a word (a half-open
+            // connection) or a quiet one closes it after the idle timeout, as nginx's
+            // `proxy_read_timeout` does.
+            let seen = Activity::new();
+            let mut client = Watched::both_ways(TokioIo::new(client), seen.clone());
+            let mut upstream = Watched::both_ways(TokioIo::new(upstream), seen.clone());
+            tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+                    Ok((up, down)) => tracing::debug!(up, down, "upgrade: tunnel closed"),
+                    Err(err) => tracing::debug!(error = %err, "upgrade: tunnel ended with an error"),
+                },
+                _ = seen.quiet(idle) => tracing::debug!("upgrade: tunnel closed, idle"),
             }
         });
         *activity.tunnel.lock().unwrap_or_else(|p| p.into_inner()) = Some(copying);
@@ -941,11 +953,31 @@ impl<B> Drop for Tracked<B> {
     }
 }
 
-/// A client connection's socket that tells its watchdog each time bytes go out: a client
-/// that reads slowly still takes some, as nginx's `send_timeout` counts it.
+/// A socket that tells a watchdog each time bytes go out (a client connection: a client
+/// that reads slowly still takes some, as nginx's `send_timeout` counts it), or either way
+/// (a tunnel).
 struct Watched<T> {
     io: T,
     activity: Arc<Activity>,
+    reads: bool,
+}
+
+impl<T> Watched<T> {
+    fn writes(io: T, activity: Arc<Activity>) -> Self {
+        Watched {
+            io,
+            activity,
+            reads: false,
+        }
+    }
+
+    fn both_ways(io: T, activity: Arc<Activity>) -> Self {
+        Watched {
+            io,
+            activity,
+            reads: true,
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
@@ -954,7 +986,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if self.reads && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        read
     }
 }
 
@@ -1160,6 +1197,7 @@ fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>, Tunnel), String> {
             .http1_max_buf_size(max_header_bytes.max(8192))
             .build(connector.clone()),
         rewrite: forward.rewrite.clone(),
+        idle: Duration::from_secs(args.idle_timeout_secs),
     };
     let mut builder = StackBuilder::new()
         .name("proxy")
@@ -1385,10 +1423,7 @@ async fn run(args: Args) -> Result<(), String> {
                 return;
             }
             let connection = server.serve_connection_with_upgrades(
-                TokioIo::new(Watched {
-                    io: stream,
-                    activity: activity.clone(),
-                }),
+                TokioIo::new(Watched::writes(stream, activity.clone())),
                 service,
             );
             tokio::pin!(connection);
