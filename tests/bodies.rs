@@ -569,3 +569,81 @@ fn buffered_bodies_are_send_and_sync_when_their_bodies_are() {
     send_sync::<towerguard::http::BufferedBody<http_body_util::Full<Bytes>>>();
     send::<towerguard::http::BufferedBody<Body>>();
 }
+
+/// A body that logs each frame it yields, as an app's streaming handler might.
+struct Logged(ChannelBody);
+
+impl http_body::Body for Logged {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let polled = Pin::new(&mut self.0).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            tracing::info!("origin frame");
+        }
+        polled
+    }
+}
+
+/// Keeps the name of the span each event was recorded in.
+#[derive(Clone, Default)]
+struct SpansOfEvents(std::sync::Arc<std::sync::Mutex<Vec<Option<&'static str>>>>);
+
+impl<S> tracing_subscriber::Layer<S> for SpansOfEvents
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let span = ctx.event_span(event).map(|span| span.name());
+        self.0.lock().unwrap().push(span);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_a_streamed_body_logs_stays_in_the_span_of_the_request_that_started_it() {
+    use tower::{Layer, ServiceExt};
+    use tracing::Instrument;
+    use tracing_subscriber::layer::SubscriberExt;
+    let spans = SpansOfEvents::default();
+    let _subscriber =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    no_hang(async {
+        let (feeds, mut fed) = tokio::sync::mpsc::unbounded_channel();
+        let upstream = tower::service_fn(move |_req: Request<Body>| {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+            feeds.send(tx).unwrap();
+            let response = Response::builder()
+                .header("cache-control", "max-age=60")
+                .body(Body::new(Logged(ChannelBody(rx))))
+                .unwrap();
+            std::future::ready(Ok::<_, Infallible>(response))
+        });
+        let svc = HttpCacheLayer::builder()
+            .max_body_bytes(BOUND)
+            .build()
+            .layer(upstream);
+        let first = svc
+            .oneshot(get_a())
+            .instrument(tracing::info_span!("request"))
+            .await
+            .unwrap();
+        assert!(status_of(&first).contains("detail=streamed"));
+        let tx = fed.recv().await.unwrap();
+        tx.send(Bytes::from_static(b"one")).await.unwrap();
+        drop(tx);
+        // Read outside the request's span, as a server writes a response body out.
+        let body = first.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"one");
+    })
+    .await;
+    let spans = spans.0.lock().unwrap().clone();
+    assert!(!spans.is_empty(), "the origin's body logged");
+    assert!(
+        spans.iter().all(|span| *span == Some("request")),
+        "events and their spans: {spans:?}"
+    );
+}

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::error::{BoxError, Error, ErrorKind};
 
@@ -158,12 +159,13 @@ pub(crate) struct TeeBody<B> {
 
 impl<B> TeeBody<B> {
     /// Runs `driver` (the work reading the origin's body into `tee`) in a task of its
-    /// own, and reads what it publishes.
+    /// own, in the current span (the request's: what the origin's body logs while it is
+    /// read stays with the request), and reads what it publishes.
     pub(crate) fn new(tee: Arc<Tee<B>>, driver: impl Future<Output = ()> + Send + 'static) -> Self {
         TeeBody {
             tee,
             rest: None,
-            driver: Some(tokio::spawn(driver)),
+            driver: Some(tokio::spawn(driver.in_current_span())),
         }
     }
 
