@@ -6,7 +6,8 @@
 # up to --max-body-kb reaches an origin that reads only Content-Length whole; a body
 # that stalls reaches the client as it arrives and is stored; a WebSocket goes through;
 # an idle connection is closed, and so are one whose client stopped reading and a quiet
-# WebSocket tunnel, and the connection cap holds.
+# WebSocket tunnel, and the connection cap holds, lowered to what the limit on open
+# files allows.
 #
 #   bash benches/proxy_requests.sh     (builds the release example when missing)
 set -euo pipefail
@@ -229,4 +230,37 @@ PY
 echo "one connection allowed, a client that stopped reading, a request sent: $stalled_result"
 [ "$stalled_result" = "the request answered 200, the stalled download cut short" ] \
   || fail "with one connection allowed and a client that stopped reading: $stalled_result"
+# Under a limit of 200 open files and with no --max-connections, the proxy caps its
+# connections where descriptors do not run out: 300 clients at once each wait their turn
+# and get their slow (300 ms) page, none a 502 for want of a descriptor.
+few_files=$(free_port)
+(ulimit -n 200; exec "$proxy" --listen "127.0.0.1:$few_files" --upstream "http://$origin" \
+  --no-access-log) >"$work/few_files.log" 2>&1 & pids+=($!)
+until_true 10 grep -q "listening on" "$work/few_files.log"
+crowd=$(python3 - "$few_files" 300 <<'PY'
+import socket, sys, threading
+port, n = int(sys.argv[1]), int(sys.argv[2])
+statuses, lock = [], threading.Lock()
+def one(i):
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(f"GET /slow/crowd{i}?ms=300 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while more := s.recv(65536):
+            data += more
+        status = data.split(b" ")[1].decode() if data else "closed"
+    except OSError as e:
+        status = type(e).__name__
+    with lock:
+        statuses.append(status)
+threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(" ".join(f"{statuses.count(k)} x {k}" for k in sorted(set(statuses))))
+PY
+)
+echo "300 clients at once through a proxy allowed 200 open files: $crowd ($(grep -o 'at most [0-9]* client connections' "$work/few_files.log"))"
+[ "$crowd" = "300 x 200" ] || fail "300 clients through a proxy allowed 200 open files got: $crowd"
 echo "ok"

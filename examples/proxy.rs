@@ -27,10 +27,11 @@
 //! only `Content-Length` get it, and a slow upload holds no `--limit` slot while it
 //! arrives (with `--timeout-ms`, one still arriving after it gets 408). Request headers
 //! are bounded (`--max-header-kb`; larger ones get 431), upstream connections time out
-//! (`--connect-timeout-ms`), client connections are capped (`--max-connections`; past it,
-//! new ones wait to be accepted) and closed when idle (`--idle-timeout-secs`: one that
-//! sends nothing, trickles its head, or has no request under way, HTTP/2 included), and
-//! each
+//! (`--connect-timeout-ms`), client connections are capped (`--max-connections`, lowered
+//! by default to what the limit on open files allows; past it, new ones wait to be
+//! accepted) and closed when idle (`--idle-timeout-secs`: one that sends nothing,
+//! trickles its head, has no request under way, HTTP/2 included, or takes nothing of a
+//! response being sent to it), a WebSocket tunnel with no bytes either way too, and each
 //! request is logged through `tracing` (method, path,
 //! status, cache status, duration; `RUST_LOG` filters, `--no-access-log` turns it off).
 //!
@@ -188,9 +189,12 @@ struct Args {
 
     /// Client connections open at once; past it, new ones wait in the listen backlog until
     /// one closes. It bounds what clients can make the proxy hold (each connection may
-    /// have a request body of up to `--max-body-kb` read ahead).
-    #[arg(long, default_value_t = 10_000, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    max_connections: u32,
+    /// have a request body of up to `--max-body-kb` read ahead). By default 10,000, or
+    /// fewer when the limit on open files (`ulimit -n`) would not allow that many: two
+    /// descriptors per connection (the client's and its upstream connection), 64 kept for
+    /// the rest.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
 
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "HOST:PORT")]
@@ -1352,6 +1356,7 @@ async fn run(args: Args) -> Result<(), String> {
         "listening on {}",
         listener.local_addr().map_err(|e| e.to_string())?
     );
+    let max_connections = connection_cap(args.max_connections, open_files_limit());
 
     let mut server = auto::Builder::new(TokioExecutor::new());
     let header_bytes = args.max_header_kb.max(1) * 1024;
@@ -1370,7 +1375,7 @@ async fn run(args: Args) -> Result<(), String> {
     let connections = TaskTracker::new();
     let signal = shutdown_signal();
     tokio::pin!(signal);
-    let slots = Arc::new(tokio::sync::Semaphore::new(args.max_connections as usize));
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections as usize));
     loop {
         // A slot first: at the cap, connections wait in the backlog, not in memory.
         let slot = tokio::select! {
@@ -1489,6 +1494,56 @@ async fn run(args: Args) -> Result<(), String> {
     }
     println!("stopped");
     Ok(())
+}
+
+/// Descriptors kept for everything but client connections and their upstream ones: the
+/// listener, the metrics endpoint, Redis, the runtime, standard streams.
+const RESERVED_FILES: u64 = 64;
+
+/// The default of `--max-connections`.
+const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+
+/// This process's limit on open files (the soft one, which `ulimit -n` shows); `None`
+/// when unlimited or unknown (not Linux).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The connection cap: the one given, or the default lowered to what `open_files`
+/// allows, so that the cap is reached before accepts and upstream connects fail for
+/// want of descriptors. A cap given above that gets a warning, as nginx gives for
+/// `worker_connections`.
+fn connection_cap(given: Option<u32>, open_files: Option<u64>) -> u32 {
+    let allowed = open_files.map(|files| (files.saturating_sub(RESERVED_FILES) / 2).max(1));
+    match (given, allowed) {
+        (Some(given), Some(allowed)) if u64::from(given) > allowed => {
+            eprintln!(
+                "warning: --max-connections {given} may need {} open files, and this process \
+                 may open {} (ulimit -n): past about {allowed} connections, accepts and \
+                 upstream connections will fail",
+                u64::from(given) * 2 + RESERVED_FILES,
+                open_files.unwrap_or_default(),
+            );
+            given
+        }
+        (Some(given), _) => given,
+        (None, Some(allowed)) if allowed < u64::from(DEFAULT_MAX_CONNECTIONS) => {
+            let cap = u32::try_from(allowed).unwrap_or(DEFAULT_MAX_CONNECTIONS);
+            eprintln!(
+                "at most {cap} client connections: the limit on open files is {} (ulimit -n; \
+                 raise it for more, or set --max-connections)",
+                open_files.unwrap_or_default(),
+            );
+            cap
+        }
+        (None, _) => DEFAULT_MAX_CONNECTIONS,
+    }
 }
 
 #[tokio::main]
