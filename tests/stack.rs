@@ -544,3 +544,95 @@ async fn a_limit_under_the_stack_holds_its_permit_until_a_streamed_body_ends() {
         "the small body was stored"
     );
 }
+
+/// A body made of the frames given: data, then trailers, as a gRPC response ends.
+struct Frames(std::collections::VecDeque<http_body::Frame<bytes::Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+fn with_trailers(data: &'static [u8]) -> Frames {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    trailers.insert("grpc-message", "done".parse().unwrap());
+    Frames(
+        [
+            http_body::Frame::data(bytes::Bytes::from_static(data)),
+            http_body::Frame::trailers(trailers),
+        ]
+        .into(),
+    )
+}
+
+#[tokio::test]
+async fn trailers_of_a_grpc_style_call_come_through_the_http_stack_over_http2() {
+    // gRPC: a POST over HTTP/2 whose status is in the response's trailers, and whose
+    // request may end with trailers too. The stack (cache, timeouts, limit held until
+    // the body ends, retry, hedge) must pass both on.
+    let seen_request_trailers = Arc::new(std::sync::Mutex::new(None));
+    let seen = seen_request_trailers.clone();
+    let grpc = service_fn(move |req: Request<Body>| {
+        let seen = seen.clone();
+        async move {
+            let collected = req.into_body().collect().await.unwrap();
+            *seen.lock().unwrap() = collected.trailers().cloned();
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(Body::new(with_trailers(b"reply")))
+                    .unwrap(),
+            )
+        }
+    });
+    let stack = StackBuilder::new()
+        .name("grpc_test")
+        .total_timeout(Duration::from_secs(5))
+        .static_limit(4)
+        .http_cache(HttpCacheLayer::builder().name("grpc_test").build())
+        .build_http::<Body>()
+        .unwrap();
+    let app = Router::new()
+        .route_service("/pkg.Service/Call", grpc)
+        .layer(stack);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Frames>();
+    // POST goes as it is; PUT, idempotent, is read ahead to be replayed by the retry.
+    for method in [http::Method::POST, http::Method::PUT] {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}/pkg.Service/Call"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(with_trailers(b"ask"))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        let collected = response.into_body().collect().await.unwrap();
+        let trailers = collected
+            .trailers()
+            .cloned()
+            .expect("the response's trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(trailers["grpc-message"], "done");
+        assert_eq!(&collected.to_bytes()[..], b"reply");
+        let request_trailers = seen_request_trailers.lock().unwrap().take();
+        assert_eq!(
+            request_trailers.expect("the request's trailers")["grpc-status"],
+            "0"
+        );
+    }
+}
