@@ -206,7 +206,10 @@ struct Args {
 
     /// Share the cache with every proxy given the same Redis (or Valkey): a second tier,
     /// one origin request per URL for the whole fleet, and invalidations (a POST, say)
-    /// reaching every proxy. Needs the `redis` feature (`--features redis`).
+    /// reaching every proxy. Needs the `redis` feature (`--features redis`). The URL is
+    /// `redis://[:PASSWORD@]HOST:PORT[/DB]` (TLS, `rediss://`, is not built in). It is
+    /// tried at start: a refused password stops the proxy; a Redis not reachable yet only
+    /// gets a warning.
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
 
@@ -1284,8 +1287,44 @@ fn with_redis(
         .lease(Duration::from_millis(args.redis_lease_ms))
         .lease_wait(Duration::from_millis(args.redis_lease_wait_ms))
         .build()
-        .map_err(|err| format!("--redis {url}: {err}"))?;
+        .map_err(|err| format!("--redis {url}: {}", err.chain()))?;
     Ok(cache.second_tier(tier))
+}
+
+/// Tries `--redis` once at start. A refused password stops the proxy, as any wrong
+/// option does; a Redis that cannot be reached now only gets a warning: the proxy runs on
+/// its own cache until Redis answers, as it does when Redis goes away later.
+#[cfg(feature = "redis")]
+async fn check_redis(args: &Args) -> Result<(), String> {
+    let Some(url) = &args.redis else {
+        return Ok(());
+    };
+    let tier = towerguard::tier::RedisTier::builder(url.as_str())
+        .build()
+        .map_err(|err| format!("--redis {url}: {}", err.chain()))?;
+    let Err(err) = tier.check(Duration::from_secs(2)).await else {
+        eprintln!("second tier: Redis at {url} answers");
+        return Ok(());
+    };
+    let refused = std::error::Error::source(&err)
+        .and_then(|source| source.downcast_ref::<redis::RedisError>())
+        .is_some_and(|err| {
+            err.kind() == redis::ErrorKind::AuthenticationFailed
+                || matches!(err.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+        });
+    if refused {
+        return Err(format!("--redis {url}: {}", err.chain()));
+    }
+    eprintln!(
+        "warning: --redis {url} cannot be used now ({}); running on this proxy's own cache until it answers",
+        err.chain()
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "redis"))]
+async fn check_redis(_args: &Args) -> Result<(), String> {
+    Ok(())
 }
 
 #[cfg(not(feature = "redis"))]
@@ -1342,6 +1381,7 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(addr) = args.metrics {
         serve_metrics(addr).await?;
     }
+    check_redis(&args).await?;
     let (proxy, purger, tunnel) = build_proxy(&args)?;
     let listener = TcpListener::bind(&args.listen)
         .await

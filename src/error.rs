@@ -192,6 +192,20 @@ impl Error {
         self.inner.kind
     }
 
+    /// This error and each of its sources, joined with `: `, for a log line or a message
+    /// to an operator: the error itself says only its kind, and the cause is in its
+    /// source. A source whose text its parent already shows is left out.
+    ///
+    /// ```
+    /// use towerguard::Error;
+    ///
+    /// let err = Error::inner(std::io::Error::other("connection reset"));
+    /// assert_eq!(err.chain(), "inner service error: connection reset");
+    /// ```
+    pub fn chain(&self) -> String {
+        chain(self)
+    }
+
     /// True if the error is of `kind`.
     pub fn is(&self, kind: ErrorKind) -> bool {
         self.inner.kind == kind
@@ -261,6 +275,24 @@ impl fmt::Display for Error {
     }
 }
 
+/// `error` and each of its sources, joined with `: `, leaving out a source whose text
+/// the one before it already contains (some errors print their source themselves).
+pub(crate) fn chain(error: &(dyn StdError + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut last = out.clone();
+    let mut source = error.source();
+    while let Some(next) = source {
+        let text = next.to_string();
+        if !last.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
+        source = next.source();
+    }
+    out
+}
+
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         self.inner
@@ -303,6 +335,25 @@ mod tests {
         let again = Error::inner(original.clone());
         assert_eq!(again.kind(), ErrorKind::Overloaded);
         assert!(Arc::ptr_eq(&original.inner, &again.inner));
+    }
+
+    #[test]
+    fn the_chain_leaves_out_a_source_its_parent_already_prints() {
+        #[derive(Debug)]
+        struct Wrapping(std::io::Error);
+        impl fmt::Display for Wrapping {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "cannot connect: {}", self.0)
+            }
+        }
+        impl StdError for Wrapping {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let err = Error::inner(Wrapping(std::io::Error::other("refused")));
+        assert_eq!(err.chain(), "inner service error: cannot connect: refused");
+        assert_eq!(Error::new(ErrorKind::TimedOut).chain(), "timed out");
     }
 
     #[test]

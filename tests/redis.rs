@@ -255,6 +255,52 @@ async fn after_failures_the_breaker_keeps_requests_off_redis() {
     assert!(tier.is_open());
 }
 
+/// Sends one command to `server` over a plain socket and returns its first reply line.
+fn command(server: &RedisServer, line: &str) -> String {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    socket.write_all(format!("{line}\r\n").as_bytes()).unwrap();
+    let mut reply = [0u8; 256];
+    let n = socket.read(&mut reply).unwrap();
+    String::from_utf8_lossy(&reply[..n]).trim_end().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_at_start_tells_a_refused_password_and_a_stopped_server_from_one_that_answers() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let within = Duration::from_secs(5);
+    let open = RedisTier::builder(server.url()).build().unwrap();
+    open.check(within)
+        .await
+        .expect("a Redis without a password answers");
+
+    assert_eq!(command(&server, "CONFIG SET requirepass s3cret"), "+OK");
+    let without = RedisTier::builder(server.url()).build().unwrap();
+    let err = without.check(within).await.unwrap_err();
+    assert_eq!(err.kind(), towerguard::ErrorKind::Inner);
+    assert!(err.chain().contains("NOAUTH"), "{}", err.chain());
+    let port = server.port;
+    let wrong = RedisTier::builder(format!("redis://:wrong@127.0.0.1:{port}/"))
+        .build()
+        .unwrap();
+    let err = wrong.check(within).await.unwrap_err();
+    assert!(
+        err.chain().to_lowercase().contains("authentication"),
+        "{}",
+        err.chain()
+    );
+    let right = RedisTier::builder(format!("redis://:s3cret@127.0.0.1:{port}/"))
+        .build()
+        .unwrap();
+    right.check(within).await.expect("the right password");
+
+    server.stop();
+    let err = right.check(within).await.unwrap_err();
+    assert!(err.chain().contains("refused"), "{}", err.chain());
+}
+
 #[test]
 fn the_readme_lists_the_second_tier_metrics() {
     let readme = include_str!("../README.md");

@@ -255,6 +255,9 @@ fn next<S: futures_core::Stream + Unpin>(
 async fn subscribe(shared: Weak<Shared>, channel: String) {
     let mut delay = Duration::from_millis(50);
     let mut lost = false;
+    // The first failed attempt of a run is a warning (a wrong address or password shows
+    // there); the attempts after it are debug lines.
+    let mut warned = false;
     loop {
         let Some(client) = shared
             .upgrade()
@@ -273,6 +276,7 @@ async fn subscribe(shared: Weak<Shared>, channel: String) {
         match tokio::time::timeout(bound, connect).await {
             Ok(Ok(pubsub)) => {
                 delay = Duration::from_millis(50);
+                warned = false;
                 let Some(tier) = shared.upgrade() else {
                     return;
                 };
@@ -297,11 +301,22 @@ async fn subscribe(shared: Weak<Shared>, channel: String) {
                 lost = true;
             }
             Ok(Err(error)) => {
-                tracing::debug!(%error, "second tier: cannot subscribe to the backplane");
+                if std::mem::replace(&mut warned, true) {
+                    tracing::debug!(%error, "second tier: cannot subscribe to the backplane");
+                } else {
+                    tracing::warn!(%error, "second tier: cannot subscribe to the backplane, trying again");
+                }
                 lost = true;
             }
             Err(_) => {
-                tracing::debug!("second tier: subscribing to the backplane timed out");
+                if std::mem::replace(&mut warned, true) {
+                    tracing::debug!("second tier: subscribing to the backplane timed out");
+                } else {
+                    tracing::warn!(
+                        bound_ms = bound.as_millis() as u64,
+                        "second tier: subscribing to the backplane timed out, trying again"
+                    );
+                }
                 lost = true;
             }
         }

@@ -82,7 +82,7 @@ use metrics::{Counter, Gauge, Histogram};
 use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
 
-use crate::error::{Error, ErrorKind};
+use crate::error::{chain, Error, ErrorKind};
 
 /// A Redis connection used as a second tier; cheap to clone, shared by every cache built
 /// with it. Made by [`RedisTier::builder`].
@@ -184,6 +184,40 @@ impl RedisTier {
                 lease_poll: Duration::from_millis(50),
                 max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             },
+        }
+    }
+
+    /// Connects to Redis and sends `PING`, all within `within`: a check to run at start.
+    /// The tier never fails a request for Redis's sake (it runs on the first tier and
+    /// logs when its breaker opens), so a wrong address or password would otherwise show
+    /// only as a cache that is not shared. The error keeps Redis's own as its source (a
+    /// refused connection, a refused password, ...).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use towerguard::tier::RedisTier;
+    ///
+    /// # async fn f() -> Result<(), towerguard::Error> {
+    /// let tier = RedisTier::builder("redis://:secret@127.0.0.1:6379/").build()?;
+    /// if let Err(err) = tier.check(Duration::from_secs(2)).await {
+    ///     eprintln!("Redis is not usable now; the cache runs unshared until it is: {:?}",
+    ///         std::error::Error::source(&err));
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn check(&self, within: Duration) -> Result<(), Error> {
+        let client = &self.shared.client;
+        let ping = async {
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+        };
+        match tokio::time::timeout(within, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(Error::with_source(ErrorKind::Inner, error)),
+            Err(_) => Err(Error::new(ErrorKind::TimedOut)),
         }
     }
 
@@ -533,8 +567,8 @@ impl RedisTier {
             }
             Err(error) => {
                 metrics.errors.increment(1);
-                tracing::debug!(error = %error, "second tier: operation failed");
-                shared.failed(Instant::now(), metrics);
+                tracing::debug!(error = %chain(&error), "second tier: operation failed");
+                shared.failed(Instant::now(), metrics, &error);
                 None
             }
         }
@@ -596,7 +630,7 @@ impl Shared {
         self.ticks(now) < self.open_until.load(Ordering::Relaxed)
     }
 
-    fn failed(&self, now: Instant, metrics: &TierMetrics) {
+    fn failed(&self, now: Instant, metrics: &TierMetrics, error: &Error) {
         // The connection may be broken: the next operation makes a new one.
         *lock(&self.connection) = None;
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -609,6 +643,7 @@ impl Shared {
             metrics.breaker_open.set(1.0);
             tracing::warn!(
                 backoff_ms = self.config.backoff.as_millis() as u64,
+                error = %chain(error),
                 "second tier: Redis failing, running on the first tier"
             );
         }

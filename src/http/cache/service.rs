@@ -414,25 +414,13 @@ fn failed(error: Error, reason: &'static str) -> Error {
         _ => "origin-unreachable",
     };
     tracing::warn!(
-        error = %chain(&error),
+        error = %crate::error::chain(&error),
         reason,
         detail,
         "http cache: origin request failed"
     );
     let status = CacheStatus::Failed { reason, detail };
     error.with_cache_status(status.to_string())
-}
-
-/// `error` and each of its sources, joined with `: ` (for logs).
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(next) = source {
-        out.push_str(": ");
-        out.push_str(&next.to_string());
-        source = next.source();
-    }
-    out
 }
 
 /// True when the request carries its own validators.
