@@ -647,3 +647,46 @@ async fn what_a_streamed_body_logs_stays_in_the_span_of_the_request_that_started
         "events and their spans: {spans:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_takes_the_declared_length_and_leaves_does_not_undo_the_store() {
+    use tower::{Layer, ServiceExt};
+    // A server drops a body once it has sent the bytes its Content-Length declared,
+    // without asking for its end: that is no client leaving early.
+    no_hang(async {
+        let (upstream, mut feeds) =
+            fed_upstream(&[("cache-control", "max-age=60"), ("content-length", "10")]);
+        let svc = HttpCacheLayer::builder()
+            .max_body_bytes(BOUND)
+            .build()
+            .layer(upstream);
+        let first = svc.clone().oneshot(get_a()).await.unwrap();
+        assert!(status_of(&first).contains("detail=streamed"));
+        let tx = feeds.recv().await.unwrap();
+        let mut body = first.into_body();
+        let mut got = Vec::new();
+        for part in [&b"hello"[..], &b"world"[..]] {
+            tx.send(Bytes::from_static(part)).await.unwrap();
+            let frame = body.frame().await.unwrap().unwrap();
+            got.extend_from_slice(frame.data_ref().unwrap());
+        }
+        assert_eq!(&got[..], b"helloworld");
+        // Every declared byte arrived; the origin's body has not ended yet.
+        drop(body);
+        drop(tx);
+        // The store finishes in its own task; give it turns, a bounded number.
+        let mut hit = None;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            let next = svc.clone().oneshot(get_a()).await.unwrap();
+            if status_of(&next).contains("hit") {
+                hit = Some(next);
+                break;
+            }
+        }
+        let hit = hit.expect("the response was stored");
+        let body = hit.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"helloworld");
+    })
+    .await;
+}

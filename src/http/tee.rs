@@ -155,17 +155,33 @@ pub(crate) struct TeeBody<B> {
     tee: Arc<Tee<B>>,
     rest: Option<B>,
     driver: Option<JoinHandle<()>>,
+    /// The length the response declared (`Content-Length`), and the bytes handed on.
+    declared: Option<u64>,
+    delivered: u64,
 }
 
 impl<B> TeeBody<B> {
     /// Runs `driver` (the work reading the origin's body into `tee`) in a task of its
     /// own, in the current span (the request's: what the origin's body logs while it is
-    /// read stays with the request), and reads what it publishes.
-    pub(crate) fn new(tee: Arc<Tee<B>>, driver: impl Future<Output = ()> + Send + 'static) -> Self {
+    /// read stays with the request), and reads what it publishes. `declared` is the
+    /// response's `Content-Length`, if it has one.
+    pub(crate) fn new(
+        tee: Arc<Tee<B>>,
+        driver: impl Future<Output = ()> + Send + 'static,
+        declared: Option<u64>,
+    ) -> Self {
         TeeBody {
             tee,
             rest: None,
             driver: Some(tokio::spawn(driver.in_current_span())),
+            declared,
+            delivered: 0,
+        }
+    }
+
+    fn delivered(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.delivered = self.delivered.saturating_add(data.len() as u64);
         }
     }
 
@@ -181,7 +197,15 @@ impl<B> TeeBody<B> {
 
 impl<B> Drop for TeeBody<B> {
     fn drop(&mut self) {
-        if let Some(driver) = &self.driver {
+        let Some(driver) = &self.driver else {
+            return;
+        };
+        // Left before the end: the origin request is cancelled unless others wait for it.
+        // Not so once the client has every byte the response declared (a server drops
+        // such a body without asking for its end) or the origin's body has been read
+        // whole: what is left is storing it, in both tiers, which nobody asked to undo.
+        let whole = self.declared.is_some_and(|len| self.delivered >= len);
+        if !whole && matches!(self.tee.lock().end, End::Open) {
             driver.abort();
         }
     }
@@ -203,7 +227,12 @@ where
         loop {
             if let Some(rest) = &mut this.rest {
                 match ready!(Pin::new(rest).poll_frame(cx)) {
-                    Some(frame) => return Poll::Ready(Some(frame.map_err(Into::into))),
+                    Some(frame) => {
+                        if let Ok(frame) = &frame {
+                            this.delivered(frame);
+                        }
+                        return Poll::Ready(Some(frame.map_err(Into::into)));
+                    }
                     None => this.rest = None,
                 }
                 ready!(this.poll_driver(cx));
@@ -211,6 +240,8 @@ where
             }
             let mut state = this.tee.lock();
             if let Some(frame) = state.frames.pop_front() {
+                drop(state);
+                this.delivered(&frame);
                 return Poll::Ready(Some(Ok(frame)));
             }
             match std::mem::replace(&mut state.end, End::Taken) {

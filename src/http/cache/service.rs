@@ -558,7 +558,12 @@ where
         }
     };
     let status = head.status;
-    let mut response = Response::new(BufferedBody::tee(TeeBody::new(tee, driver)));
+    let declared = head
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let mut response = Response::new(BufferedBody::tee(TeeBody::new(tee, driver, declared)));
     *response.status_mut() = status;
     *response.headers_mut() = head.headers;
     let cache_status = CacheStatus::Forward {
