@@ -98,6 +98,9 @@ struct Shared {
     failures: AtomicU32,
     /// While the breaker is open: nanoseconds from `epoch` until it closes again.
     open_until: AtomicU64,
+    /// Nanoseconds from `epoch` to the last failure logged as a warning, plus one (0:
+    /// none yet).
+    warned_at: AtomicU64,
     epoch: Instant,
     bus: bus::Bus,
     /// Deletions Redis did not take (it was down or slow), done again when the backplane
@@ -116,6 +119,10 @@ struct Pending {
 }
 
 const MAX_PENDING: usize = 10_000;
+
+/// The least time between two warnings of failed operations that did not open the
+/// breaker.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl Drop for Shared {
     fn drop(&mut self) {
@@ -641,12 +648,32 @@ impl Shared {
             self.open_until.store(until, Ordering::Relaxed);
             self.failures.store(0, Ordering::Relaxed);
             metrics.breaker_open.set(1.0);
+            self.warned_at.store(self.ticks(now) + 1, Ordering::Relaxed);
             tracing::warn!(
                 backoff_ms = self.config.backoff.as_millis() as u64,
                 error = %chain(error),
                 "second tier: Redis failing, running on the first tier"
             );
+        } else if self.may_warn(now) {
+            // Failures that never come three in a row (Redis refusing writes when full,
+            // a read-only replica) never open the breaker; one line in a while names them.
+            tracing::warn!(
+                error = %chain(error),
+                "second tier: a Redis operation failed (one warning every 10 s at most)"
+            );
         }
+    }
+
+    /// True at most once every [`WARN_EVERY`]: claims the warning for this call.
+    fn may_warn(&self, now: Instant) -> bool {
+        let now = self.ticks(now) + 1;
+        let every = u64::try_from(WARN_EVERY.as_nanos()).unwrap_or(u64::MAX);
+        let last = self.warned_at.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= every)
+            && self
+                .warned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, Error> {
@@ -767,6 +794,7 @@ impl RedisTierBuilder {
                 connection: Mutex::new(None),
                 failures: AtomicU32::new(0),
                 open_until: AtomicU64::new(0),
+                warned_at: AtomicU64::new(0),
                 epoch: Instant::now(),
                 bus: bus::Bus::new(),
                 pending: Mutex::new(Pending::default()),
