@@ -1287,7 +1287,7 @@ fn with_redis(
         .lease(Duration::from_millis(args.redis_lease_ms))
         .lease_wait(Duration::from_millis(args.redis_lease_wait_ms))
         .build()
-        .map_err(|err| format!("--redis {url}: {}", err.chain()))?;
+        .map_err(|err| format!("--redis {}: {}", redacted(url), err.chain()))?;
     Ok(cache.second_tier(tier))
 }
 
@@ -1299,11 +1299,12 @@ async fn check_redis(args: &Args) -> Result<(), String> {
     let Some(url) = &args.redis else {
         return Ok(());
     };
+    let shown = redacted(url);
     let tier = towerguard::tier::RedisTier::builder(url.as_str())
         .build()
-        .map_err(|err| format!("--redis {url}: {}", err.chain()))?;
+        .map_err(|err| format!("--redis {shown}: {}", err.chain()))?;
     let Err(err) = tier.check(Duration::from_secs(2)).await else {
-        eprintln!("second tier: Redis at {url} answers");
+        eprintln!("second tier: Redis at {shown} answers");
         return Ok(());
     };
     let refused = std::error::Error::source(&err)
@@ -1313,13 +1314,30 @@ async fn check_redis(args: &Args) -> Result<(), String> {
                 || matches!(err.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
         });
     if refused {
-        return Err(format!("--redis {url}: {}", err.chain()));
+        return Err(format!("--redis {shown}: {}", err.chain()));
     }
     eprintln!(
-        "warning: --redis {url} cannot be used now ({}); running on this proxy's own cache until it answers",
+        "warning: --redis {shown} cannot be used now ({}); running on this proxy's own cache until it answers",
         err.chain()
     );
     Ok(())
+}
+
+/// `url` with its password, if it has one, replaced by `***`, for messages and logs.
+#[cfg(feature = "redis")]
+fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{}", &rest[authority_end..])
+        }
+        None => url.to_owned(),
+    }
 }
 
 #[cfg(not(feature = "redis"))]
