@@ -825,8 +825,8 @@ struct Activity {
     /// Response bodies that handed hyper a frame and have not been asked for the next one
     /// since: hyper asks again once the client has taken enough of what it was sent.
     unread: AtomicUsize,
-    /// When a request started or ended, or a response body was asked for a frame (or the
-    /// connection opened).
+    /// When a request started or ended, a response body handed on a frame, or bytes went
+    /// out (or the connection opened).
     last: Mutex<Instant>,
     /// The tunnel an upgrade opened, which outlives the HTTP connection.
     tunnel: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -936,9 +936,10 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
         // Asked again: the client took what came before.
         self.taken();
-        self.busy.0.touch();
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         if let Poll::Ready(Some(Ok(_))) = polled {
+            // The client's time to take it starts now, however long the upstream took.
+            self.busy.0.touch();
             self.unread = true;
             self.busy.0.unread.fetch_add(1, Ordering::SeqCst);
         }

@@ -396,15 +396,8 @@ async fn a_storable_body_that_stalls_reaches_its_client_as_it_arrives_and_is_sto
     let cache_status = events_arrive_one_by_one(addr, &mut feeds, &events).await;
     assert!(cache_status.contains("detail=streamed"), "{cache_status}");
     // Stored once it ended within the bound: the next request is a hit, whole.
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let response = client
-        .get(format!("http://{addr}/events").parse().unwrap())
-        .await
-        .unwrap();
-    let cache_status = response.headers()[&CACHE_STATUS]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let response = get_events(addr).await;
+    let cache_status = status_of(&response);
     assert!(cache_status.contains("hit"), "{cache_status}");
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, events.concat());
@@ -424,17 +417,18 @@ async fn a_storable_body_that_outgrows_the_bound_as_it_streams_arrives_whole_and
         .collect();
     events_arrive_one_by_one(addr, &mut feeds, &events).await;
     // Not stored: the next request goes to the origin again.
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let response = client
-        .get(format!("http://{addr}/events").parse().unwrap())
-        .await
-        .unwrap();
-    let cache_status = response.headers()[&CACHE_STATUS]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let cache_status = status_of(&get_events(addr).await);
     assert!(!cache_status.contains("hit"), "{cache_status}");
     feeds.try_recv().expect("the origin was asked again");
+}
+
+/// A GET for `/events` on a client of its own.
+async fn get_events(addr: std::net::SocketAddr) -> Response<hyper::body::Incoming> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    client
+        .get(format!("http://{addr}/events").parse().unwrap())
+        .await
+        .unwrap()
 }
 
 /// The HTTP cache alone over a fed upstream with a storable response, a first GET for

@@ -300,22 +300,15 @@ async fn subscribe(shared: Weak<Shared>, channel: String) {
                 tier.bus.state.send_modify(|s| s.subscribed = false);
                 lost = true;
             }
-            Ok(Err(error)) => {
+            failed => {
+                let error = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => format!("timed out after {} ms", bound.as_millis()),
+                };
                 if std::mem::replace(&mut warned, true) {
                     tracing::debug!(%error, "second tier: cannot subscribe to the backplane");
                 } else {
                     tracing::warn!(%error, "second tier: cannot subscribe to the backplane, trying again");
-                }
-                lost = true;
-            }
-            Err(_) => {
-                if std::mem::replace(&mut warned, true) {
-                    tracing::debug!("second tier: subscribing to the backplane timed out");
-                } else {
-                    tracing::warn!(
-                        bound_ms = bound.as_millis() as u64,
-                        "second tier: subscribing to the backplane timed out, trying again"
-                    );
                 }
                 lost = true;
             }
