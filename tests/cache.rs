@@ -875,6 +875,25 @@ async fn invalidating_a_tag_removes_exactly_the_entries_that_carry_it() {
     assert_eq!(get(&mut svc, "a2").await.unwrap(), "a2#7");
 }
 
+#[tokio::test]
+async fn a_flight_under_way_when_a_tag_is_invalidated_is_not_stored() {
+    let upstream = Upstream::new();
+    upstream.close();
+    let (mut svc, handle) = with(tagged(), &upstream);
+    let old = start(&mut svc, "a1").await;
+    // The flight's value will carry `a`; what it brings was fetched before the purge.
+    handle.invalidate_tag("a");
+    let new = start(&mut svc, "a1").await;
+    upstream.open();
+    assert_eq!(
+        old.await.unwrap(),
+        "a1#1",
+        "its waiters still get its result"
+    );
+    assert_eq!(new.await.unwrap(), "a1#2", "a new flight after the purge");
+    assert_eq!(get(&mut svc, "a1").await.unwrap(), "a1#2");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn look_ups_go_on_while_a_tag_purge_scans_the_store() {
     // While the purge asks an entry for its tags, another thread looks that very key up

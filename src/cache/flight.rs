@@ -55,6 +55,24 @@ use crate::timeout::deadline::{far_future, Deadline, LazyToken, TimeoutContext};
 /// The upstream call of one flight.
 pub(crate) type Upstream<V> = Pin<Box<dyn Future<Output = Result<V, Error>> + Send>>;
 
+/// Whether a flight's outcome may still be stored: closed by an invalidation of its key
+/// (a detach) or by the second tier refusing its write, before the outcome is stored. The
+/// flight's upstream holds it too, so the second tier's write can see it and close it.
+#[derive(Debug, Default)]
+pub(crate) struct Gate(std::sync::atomic::AtomicBool);
+
+impl Gate {
+    /// Keeps the outcome out of every store.
+    pub(crate) fn close(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether the outcome must not be stored.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// The tags a stored value carries.
 pub(crate) type TagsFn<K, V> = Arc<dyn Fn(&K, &V) -> Vec<String> + Send + Sync>;
 
@@ -90,9 +108,13 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    /// Removes from this instance's store every value whose tags include `tag`.
+    /// Removes from this instance's store every value whose tags include `tag`. Every
+    /// flight under way is detached first: the tags of what it will bring are not known
+    /// yet, so none of it is stored (its waiters still get it) and later callers start new
+    /// flights.
     pub(crate) fn invalidate_tag_here(&self, tag: &str) {
         if let Some(tags) = &self.tags {
+            self.flights.detach_all();
             self.store
                 .invalidate_where(|key, value| tags(key, value).iter().any(|t| t == tag));
         }
@@ -188,8 +210,8 @@ where
     }
 
     /// Joins the flight for `key` (when `join` is true), or starts one with the upstream
-    /// future `start` makes. Before starting, `recheck` looks for a result a flight stored
-    /// since the caller's own look-up.
+    /// future `start` makes, handing it the flight's [`Gate`]. Before starting, `recheck`
+    /// looks for a result a flight stored since the caller's own look-up.
     pub(crate) fn join_or_start<F, R>(
         &self,
         owner: &Arc<dyn Owner<K, V>>,
@@ -199,7 +221,7 @@ where
         start: F,
     ) -> Joined<K, V, F, R>
     where
-        F: FnOnce() -> Upstream<V>,
+        F: FnOnce(Arc<Gate>) -> Upstream<V>,
     {
         self.map.upsert(key, |key, current| {
             if let Some(current) = current {
@@ -222,7 +244,8 @@ where
                     return (None, Joined::Full(start));
                 }
             }
-            let flight = Flight::new(owner, key.clone(), start());
+            let gate = Arc::new(Gate::default());
+            let flight = Flight::new(owner, key.clone(), start(gate.clone()), gate);
             let waiter = Flight::first_waiter(&flight);
             if vacant {
                 self.len.fetch_add(1, Ordering::Relaxed);
@@ -246,7 +269,7 @@ where
     pub(crate) fn detach(&self, key: &K) {
         if let Some(flight) = self.map.remove(key) {
             self.len.fetch_sub(1, Ordering::Relaxed);
-            flight.lock().no_store = true;
+            flight.detach();
         }
     }
 
@@ -256,7 +279,7 @@ where
             if !matches(key) {
                 return true;
             }
-            flight.lock().no_store = true;
+            flight.detach();
             self.len.fetch_sub(1, Ordering::Relaxed);
             false
         });
@@ -280,6 +303,9 @@ pub(crate) struct Flight<K, V> {
     state: Mutex<State<V>>,
     /// Wakes the driver; handed to the upstream future when it is polled.
     waker: Waker,
+    /// Closed when the outcome must not be stored; closed under `state`'s lock by a
+    /// detach, so [`finish`](Self::finish) sees it or the invalidation sees the store.
+    gate: Arc<Gate>,
     /// The flight's own cancellation token: cancelled when the last waiter leaves.
     token: Arc<LazyToken>,
     started: Instant,
@@ -292,8 +318,6 @@ struct State<V> {
     outcome: Option<Result<V, Error>>,
     /// The last waiter left before the outcome: nobody may join any more.
     abandoned: bool,
-    /// The result must not be stored (the key was invalidated meanwhile).
-    no_store: bool,
     waiters: usize,
     wakers: Slots,
     /// The waiter that polls the upstream future.
@@ -423,7 +447,12 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    fn new(owner: &Arc<dyn Owner<K, V>>, key: K, upstream: Upstream<V>) -> Arc<Self> {
+    fn new(
+        owner: &Arc<dyn Owner<K, V>>,
+        key: K,
+        upstream: Upstream<V>,
+        gate: Arc<Gate>,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|weak| Flight {
             key,
             owner: owner.clone(),
@@ -432,7 +461,6 @@ where
                 polling: false,
                 outcome: None,
                 abandoned: false,
-                no_store: false,
                 waiters: 0,
                 wakers: Slots::default(),
                 driver: None,
@@ -442,9 +470,17 @@ where
             waker: Waker::from(Arc::new(FlightWaker {
                 flight: weak.clone(),
             })),
+            gate,
             token: LazyToken::root(),
             started: Instant::now(),
         })
+    }
+
+    /// Keeps the outcome out of the stores: under the flight's lock, so a `finish` under
+    /// way has stored already (and the invalidation that follows removes it) or sees it.
+    fn detach(&self) {
+        let _state = self.lock();
+        self.gate.close();
     }
 
     fn lock(&self) -> MutexGuard<'_, State<V>> {
@@ -540,7 +576,7 @@ where
             let mut state = self.lock();
             state.polling = false;
             state.outcome = Some(result.clone());
-            let detached = state.no_store;
+            let detached = self.gate.is_closed();
             // Under the flight's lock, so an invalidation either sees what was stored or
             // marks the flight before it is stored. A panic in the owner (a user predicate)
             // must not keep the waiters from their outcome.

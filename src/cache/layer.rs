@@ -379,8 +379,13 @@ where
         self.core.store.invalidate(key);
         #[cfg(feature = "redis")]
         if let Some(tier) = self.tier() {
-            let key = key.clone();
-            spawn(async move { tier.remove(&key).await });
+            let (key, core) = (key.clone(), self.core.clone());
+            // Once more here after Redis: a miss in between may have read the old copy.
+            spawn(async move {
+                tier.remove(&key).await;
+                core.flights.detach(&key);
+                core.store.invalidate(&key);
+            });
         }
     }
 
@@ -397,8 +402,12 @@ where
         self.core.invalidate_tag_here(tag);
         #[cfg(feature = "redis")]
         if let Some(tier) = self.tier() {
-            let tag = tag.to_owned();
-            spawn(async move { tier.remove_tag(&tag).await });
+            let (tag, core) = (tag.to_owned(), self.core.clone());
+            spawn(async move {
+                tier.remove_tag(&tag).await;
+                // On a blocking thread: it scans the store.
+                let _ = tokio::task::spawn_blocking(move || core.invalidate_tag_here(&tag)).await;
+            });
         }
     }
 
@@ -410,7 +419,12 @@ where
         self.core.store.invalidate_all();
         #[cfg(feature = "redis")]
         if let Some(tier) = self.tier() {
-            spawn(async move { tier.remove_all().await });
+            let core = self.core.clone();
+            spawn(async move {
+                tier.remove_all().await;
+                core.flights.detach_all();
+                core.store.invalidate_all();
+            });
         }
     }
 
@@ -419,32 +433,34 @@ where
     /// Feature `redis`.
     #[cfg(feature = "redis")]
     pub async fn purge(&self, key: &K) {
-        self.core.flights.detach(key);
-        self.core.store.invalidate(key);
+        // Redis first: a miss here meanwhile would read its old copy. Then this instance,
+        // where a flight under way is detached; on the others the message does the same.
         if let Some(tier) = self.tier() {
             tier.remove(key).await;
         }
+        self.core.flights.detach(key);
+        self.core.store.invalidate(key);
     }
 
     /// Like [`invalidate_tag`](Self::invalidate_tag), and returns once Redis has deleted
     /// the tagged values and the message is sent. Feature `redis`.
     #[cfg(feature = "redis")]
     pub async fn purge_tag(&self, tag: &str) {
-        self.core.invalidate_tag_here(tag);
         if let Some(tier) = self.tier() {
             tier.remove_tag(tag).await;
         }
+        self.core.invalidate_tag_here(tag);
     }
 
     /// Like [`invalidate_all`](Self::invalidate_all), and returns once Redis has deleted
     /// every value under the prefix and the message is sent. Feature `redis`.
     #[cfg(feature = "redis")]
     pub async fn purge_all(&self) {
-        self.core.flights.detach_all();
-        self.core.store.invalidate_all();
         if let Some(tier) = self.tier() {
             tier.remove_all().await;
         }
+        self.core.flights.detach_all();
+        self.core.store.invalidate_all();
     }
 
     #[cfg(feature = "redis")]

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use tower::util::Oneshot;
 use tower_service::Service;
 
-use super::flight::{Core, Joined, Owner, Upstream};
+use super::flight::{Core, Gate, Joined, Owner, Upstream};
 use super::future::ResponseFuture;
 use super::layer::KeyFn;
 use super::store::Lookup;
@@ -130,7 +130,9 @@ where
                     }
                     Joined::Full(start) | Joined::Busy(start) => {
                         metrics.bypass.increment(1);
-                        ResponseFuture::upstream(start())
+                        // Outside any flight: its own gate, which nothing closes; the second
+                        // tier still refuses its write after an invalidation.
+                        ResponseFuture::upstream(start(Arc::default()))
                     }
                 }
             }
@@ -154,7 +156,7 @@ where
         key: &K,
         inner: S,
         req: Req,
-    ) -> impl FnOnce() -> Upstream<V> + use<S, Req, K, V> {
+    ) -> impl FnOnce(Arc<Gate>) -> Upstream<V> + use<S, Req, K, V> {
         #[cfg(feature = "redis")]
         {
             let tiered = self
@@ -162,15 +164,15 @@ where
                 .second
                 .is_some()
                 .then(|| (self.core.clone(), key.clone()));
-            move || match tiered {
-                Some((core, key)) => core.through_tiers(key, upstream(inner, req)),
+            move |gate| match tiered {
+                Some((core, key)) => core.through_tiers(key, gate, upstream(inner, req)),
                 None => upstream(inner, req),
             }
         }
         #[cfg(not(feature = "redis"))]
         {
             let _ = key;
-            move || upstream(inner, req)
+            move |_gate| upstream(inner, req)
         }
     }
 

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
+use super::flight::Gate;
 use super::flight::{Core, Upstream};
 use super::store::{Lifetime, Storable};
 use crate::tier::{
-    wall_ms, Codec, Envelope, Lease, Listener, Message, Read, RedisTier, Seen, TierMetrics,
-    UNSTORED_TTL,
+    wall_ms, Codec, Envelope, Generation, Lease, Listener, Message, Read, RedisTier, Seen,
+    TierMetrics, Write, UNSTORED_TTL,
 };
 
 /// How a key is named in Redis.
@@ -32,6 +33,10 @@ pub(crate) struct SecondTier<K, V> {
     /// The keys of first-tier entries by their Redis name, so a backplane message can
     /// find them. Pruned of keys the store no longer holds when it outgrows it.
     names: DashMap<String, K>,
+    /// The keys of flights under way through the tier by their Redis name (with how many
+    /// flights each), so a backplane message detaches a flight for a key the first tier
+    /// does not hold.
+    flying: DashMap<String, (K, usize)>,
     /// This cache's id on the backplane.
     id: OnceLock<u64>,
 }
@@ -58,6 +63,7 @@ where
             metrics,
             lives: DashMap::new(),
             names: DashMap::new(),
+            flying: DashMap::new(),
             id: OnceLock::new(),
         }
     }
@@ -81,32 +87,35 @@ where
     pub(crate) async fn read(&self, key: &K, name: &str, count_miss: bool) -> Seen<V> {
         self.read_or_unavailable(key, name, count_miss)
             .await
-            .unwrap_or(Seen::Nothing)
+            .map_or(Seen::Nothing, |(seen, _)| seen)
     }
 
-    /// As [`read`](Self::read), with `Err` when Redis did not answer.
+    /// As [`read`](Self::read), with `Err` when Redis did not answer, and what a write
+    /// must find unchanged.
     pub(crate) async fn read_or_unavailable(
         &self,
         key: &K,
         name: &str,
         count_miss: bool,
-    ) -> Result<Seen<V>, ()> {
+    ) -> Result<(Seen<V>, Generation), ()> {
         self.tier.start_bus();
         // A life left by a flight that was dropped after its read must not outlive it.
         self.lives.remove(key);
-        let bytes = match self.tier.get(name, &self.metrics).await {
-            Read::Found(bytes) => bytes,
-            Read::Unstored => return Ok(Seen::Unstored),
-            missing => {
+        let (read, generation) = self.tier.get(name, &self.metrics).await;
+        let bytes = match (read, generation) {
+            (Read::Found(bytes), Some(generation)) => (bytes, generation),
+            (Read::Unstored, Some(generation)) => return Ok((Seen::Unstored, generation)),
+            (missing, generation) => {
                 if count_miss {
                     self.metrics.miss.increment(1);
                 }
-                return match missing {
-                    Read::Unavailable => Err(()),
-                    _ => Ok(Seen::Nothing),
+                return match (missing, generation) {
+                    (Read::Missing, Some(generation)) => Ok((Seen::Nothing, generation)),
+                    _ => Err(()),
                 };
             }
         };
+        let (bytes, generation) = bytes;
         let found = Envelope::unwrap(&bytes).and_then(|(envelope, payload)| {
             let now = wall_ms();
             let life = match envelope.fresh_until_ms {
@@ -125,11 +134,11 @@ where
             if count_miss {
                 self.metrics.miss.increment(1);
             }
-            return Ok(Seen::Nothing);
+            return Ok((Seen::Nothing, generation));
         };
         self.metrics.hit.increment(1);
         self.lives.insert(key.clone(), life);
-        Ok(Seen::Value(value))
+        Ok((Seen::Value(value), generation))
     }
 
     /// Marks `name` as a key whose result the tier does not hold.
@@ -151,17 +160,18 @@ where
             .await
     }
 
-    /// Writes `value` under `name` with `life` and `tags`; Redis expires it after its
-    /// fresh and stale windows. The other instances drop their copies.
+    /// Writes `value` under `name` with `life` and `tags`, unless `name` was invalidated
+    /// since `generation` was read; Redis expires it after its fresh and stale windows.
+    /// The other instances drop their copies.
     pub(crate) async fn write(
         &self,
         name: &str,
         value: &V,
-        life: Lifetime,
-        tags: &[String],
-    ) -> bool {
+        (life, tags): (Lifetime, &[String]),
+        generation: &Generation,
+    ) -> Write {
         let Some(payload) = self.codec.encode(value) else {
-            return false;
+            return Write::NotWritten;
         };
         let envelope = Envelope {
             fresh_until_ms: life
@@ -176,9 +186,27 @@ where
                 envelope.wrap(&payload),
                 life.usable_for(),
                 tags,
+                generation,
                 self.sender(),
             )
             .await
+    }
+
+    /// Counts a flight for `key` under way through the tier, until the guard drops.
+    fn flying(&self, key: &K, name: &str) -> Flying<'_, K, V> {
+        self.flying
+            .entry(name.to_owned())
+            .or_insert_with(|| (key.clone(), 0))
+            .1 += 1;
+        Flying {
+            tier: self,
+            name: name.to_owned(),
+        }
+    }
+
+    /// The key of a flight under way named `name`, if any.
+    fn flying_key(&self, name: &str) -> Option<K> {
+        self.flying.get(name).map(|entry| entry.0.clone())
     }
 
     /// Deletes `key` from the second tier and tells the other instances.
@@ -225,6 +253,25 @@ where
     }
 }
 
+/// One flight under way through the tier, counted in [`SecondTier::flying`].
+struct Flying<'a, K: Hash + Eq, V> {
+    tier: &'a SecondTier<K, V>,
+    name: String,
+}
+
+impl<K: Hash + Eq, V> Drop for Flying<'_, K, V> {
+    fn drop(&mut self) {
+        if let dashmap::mapref::entry::Entry::Occupied(mut entry) =
+            self.tier.flying.entry(std::mem::take(&mut self.name))
+        {
+            entry.get_mut().1 -= 1;
+            if entry.get().1 == 0 {
+                entry.remove();
+            }
+        }
+    }
+}
+
 impl<K, V> Core<K, V>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -233,22 +280,30 @@ where
     /// The upstream of a flight for `key`: through the second tier when there is one. It
     /// reads Redis first; on a miss it takes the key's lease (or waits for the instance
     /// holding it), calls `upstream`, and writes what may be stored to Redis.
-    pub(crate) fn through_tiers(self: &Arc<Self>, key: K, upstream: Upstream<V>) -> Upstream<V> {
+    pub(crate) fn through_tiers(
+        self: &Arc<Self>,
+        key: K,
+        gate: Arc<Gate>,
+        upstream: Upstream<V>,
+    ) -> Upstream<V> {
         let Some(tier) = self.second.clone() else {
             return upstream;
         };
         let core = self.clone();
         Box::pin(async move {
             let name = tier.name(&key);
-            let (reachable, lease) = match tier.read_or_unavailable(&key, &name, true).await {
-                Ok(Seen::Value(value)) => return Ok(value),
-                Ok(Seen::Nothing) => (true, true),
+            // Registered before Redis is read: an invalidation message from here on
+            // detaches this flight, whether or not the first tier holds the key.
+            let _flying = tier.flying(&key, &name);
+            let (generation, lease) = match tier.read_or_unavailable(&key, &name, true).await {
+                Ok((Seen::Value(value), _)) => return Ok(value),
+                Ok((Seen::Nothing, generation)) => (Some(generation), true),
                 // Marked: another instance's result for it was not stored, so nobody's
                 // lease would bring one; go straight to the upstream.
-                Ok(Seen::Unstored) => (true, false),
+                Ok((Seen::Unstored, generation)) => (Some(generation), false),
                 // Redis did not answer: the flight goes on without it, so a request waits
                 // out at most one timeout.
-                Err(()) => (false, false),
+                Err(()) => (None, false),
             };
             let guard = match lease {
                 true => match tier.lease(&key, &name).await {
@@ -266,25 +321,36 @@ where
                 Storable::Default => Some(core.store.default_life()),
                 Storable::For(life) => Some(life),
             };
-            match (reachable, life, guard) {
-                (true, Some(life), guard) => {
+            match (generation, life, guard) {
+                // Invalidated here since the flight began: nothing to write.
+                (Some(_), Some(_), guard) if gate.is_closed() => {
+                    if let Some(guard) = guard {
+                        guard.release(false).await;
+                    }
+                }
+                (Some(generation), Some(life), guard) => {
                     let tags = core
                         .tags
                         .as_ref()
                         .map(|f| f(&key, &value))
                         .unwrap_or_default();
-                    let written = tier.write(&name, &value, life, &tags).await;
+                    let written = tier.write(&name, &value, (life, &tags), &generation).await;
+                    if written == Write::Refused {
+                        // Invalidated on some instance since the flight read Redis: kept
+                        // out of this instance's store too.
+                        gate.close();
+                    }
                     if let Some(guard) = guard {
-                        guard.release(written).await;
+                        guard.release(written == Write::Written).await;
                     }
                 }
                 // Not to be stored: mark it, so the instances waiting on the lease (woken
                 // by its release, sent in the same round trip) and the next misses
                 // anywhere call their upstreams at once instead of one after another.
-                (true, None, Some(guard)) => guard.release_marked(UNSTORED_TTL).await,
-                (true, None, None) => tier.mark_unstored(&name).await,
-                (false, _, Some(guard)) => guard.release(false).await,
-                (false, _, None) => {}
+                (Some(_), None, Some(guard)) => guard.release_marked(UNSTORED_TTL).await,
+                (Some(_), None, None) => tier.mark_unstored(&name).await,
+                (None, _, Some(guard)) => guard.release(false).await,
+                (None, _, None) => {}
             }
             Ok(value)
         })
@@ -309,6 +375,11 @@ where
                 }
             }
             Message::Invalidated(name) => {
+                // A flight under way for the key is detached even when the first tier
+                // does not hold it: its result was fetched before the invalidation.
+                if let Some(key) = tier.flying_key(name) {
+                    self.flights.detach(&key);
+                }
                 if let Some(key) = tier.forget(name) {
                     self.flights.detach(&key);
                     self.store.invalidate(&key);

@@ -177,9 +177,7 @@ impl RedisTier {
 
     /// The lease's length in whole milliseconds, at least one.
     fn lease_ms(&self) -> u64 {
-        u64::try_from(self.shared.config.lease.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1)
+        super::px(self.shared.config.lease)
     }
 }
 

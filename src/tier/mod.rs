@@ -33,9 +33,21 @@
 //!   reach are done again (and published) at the first operation that succeeds after
 //!   (past 10,000 of them, everything under the prefix is deleted instead).
 //!
+//! - **Invalidations hold.** Every write of a flight's value is conditional on nothing
+//!   having invalidated its key since the flight read Redis (one Lua script checks and
+//!   writes): a purge leaves a tombstone `{prefix}g:{name}` for ten minutes, a tag purge
+//!   raises the tag epoch `{prefix}tgen` and records it in `{prefix}gt:{tag}`, a purge of
+//!   everything (or a restarted Redis) gives the prefix a new epoch `{prefix}gen`. A write
+//!   that finds any of them changed is refused, counted as `result="refused"`, and the
+//!   flight's value is kept out of its own first tier as well; its waiters still get it.
+//!   A flight that read Redis more than five minutes before its write writes nothing. See
+//!   [the cache's guarantee](crate::cache#invalidation-is-never-undone).
+//!
 //! Keys in Redis: `{prefix}v:{name}` holds a value (or the mark `towerguard:unstored`),
-//! `{prefix}l:{name}` its lease, `{prefix}t:{tag}` the names carrying a tag. Give each
-//! cache its own prefix.
+//! `{prefix}l:{name}` its lease, `{prefix}t:{tag}` the names carrying a tag, and the
+//! generation keys above. Give each cache its own prefix. A Redis that evicts keys under
+//! memory pressure may evict a tombstone before it expires, and with it the guarantee for
+//! that key; it holds in full under `maxmemory-policy noeviction`.
 //!
 //! Values cross the wire through a [`Codec`]: bytes out, bytes in ([`Raw`], [`Utf8`], and
 //! `Json` with the `serde` feature).
@@ -64,6 +76,7 @@ mod bus;
 mod codec;
 mod lease;
 
+use self::bus::new_id;
 pub use self::bus::Backplane;
 pub(crate) use self::bus::{Listener, Message};
 #[cfg(feature = "serde")]
@@ -288,41 +301,81 @@ impl RedisTier {
         format!("{}t:{tag}", self.shared.config.prefix)
     }
 
+    fn tombstone_key(&self, name: &str) -> String {
+        format!("{}g:{name}", self.shared.config.prefix)
+    }
+
+    fn tag_tombstone_key(&self, tag: &str) -> String {
+        format!("{}gt:{tag}", self.shared.config.prefix)
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{}gen", self.shared.config.prefix)
+    }
+
+    fn tag_epoch_key(&self) -> String {
+        format!("{}tgen", self.shared.config.prefix)
+    }
+
     fn channel(&self) -> String {
         format!("{}bus", self.shared.config.prefix)
     }
 
-    /// Reads the value stored under `name`.
-    pub(crate) async fn get(&self, name: &str, metrics: &TierMetrics) -> Read {
-        let mut cmd = redis::cmd("GET");
-        cmd.arg(self.value_key(name));
-        match self
-            .run::<Option<Vec<u8>>>(Request::Cmd(cmd), metrics, Op::Get)
+    /// Reads the value stored under `name`, with the key's [`Generation`] read in the
+    /// same step (`None` when Redis did not answer).
+    pub(crate) async fn get(
+        &self,
+        name: &str,
+        metrics: &TierMetrics,
+    ) -> (Read, Option<Generation>) {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(READ_SCRIPT)
+            .arg(4)
+            .arg(self.value_key(name))
+            .arg(self.tombstone_key(name))
+            .arg(self.epoch_key())
+            .arg(self.tag_epoch_key())
+            .arg(format!("{:x}", new_id()));
+        type Answer = (Option<Vec<u8>>, Vec<u8>, Vec<u8>, u64);
+        let Some((value, tombstone, epoch, tag_epoch)) = self
+            .run::<Answer>(Request::Cmd(cmd), metrics, Op::Get)
             .await
-        {
-            Some(Some(bytes)) if bytes == UNSTORED => {
+        else {
+            return (Read::Unavailable, None);
+        };
+        let generation = Generation {
+            tombstone,
+            epoch,
+            tag_epoch,
+            read_at: Instant::now(),
+        };
+        let read = match value {
+            Some(bytes) if bytes == UNSTORED => {
                 metrics.unstored.increment(1);
                 Read::Unstored
             }
-            Some(Some(bytes)) => Read::Found(bytes),
-            Some(None) => Read::Missing,
-            None => Read::Unavailable,
-        }
+            Some(bytes) => Read::Found(bytes),
+            None => Read::Missing,
+        };
+        (read, Some(generation))
     }
 
     /// Writes `bytes` under `name`, expiring after `ttl` (never when `None`), adds `name`
-    /// to each of `tags`, and tells the other instances (`from` is the writer's listener).
-    /// True when the value is in Redis. Bytes above the tier's bound are not written:
-    /// `name` is marked unstored instead, nobody is told, and the answer is false (a
-    /// lease's release then wakes its waiters, who read the mark).
+    /// to each of `tags`, and tells the other instances (`from` is the writer's listener),
+    /// all in one step and only if nothing invalidated `name` since `generation` was read
+    /// (a purge of it, of one of `tags`, or of everything): otherwise the answer is
+    /// [`Write::Refused`] and Redis is left as it is. Bytes above the tier's bound are not
+    /// written: `name` is marked unstored instead, nobody is told, and the answer is
+    /// [`Write::NotWritten`] (a lease's release then wakes its waiters, who read the mark).
     pub(crate) async fn set(
         &self,
         name: &str,
         bytes: Vec<u8>,
         ttl: Option<Duration>,
         tags: &[String],
+        generation: &Generation,
         (from, metrics): (u64, &TierMetrics),
-    ) -> bool {
+    ) -> Write {
         if bytes.len() > self.shared.config.max_value_bytes {
             metrics.too_large.increment(1);
             tracing::debug!(
@@ -331,29 +384,47 @@ impl RedisTier {
             );
             let ttl = ttl.map_or(UNSTORED_TTL, |ttl| ttl.min(UNSTORED_TTL));
             self.mark_unstored(name, ttl, metrics).await;
-            return false;
+            return Write::NotWritten;
         }
-        let mut pipe = redis::pipe();
-        let set = pipe.cmd("SET").arg(self.value_key(name)).arg(bytes);
-        let ms = ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
-        if let Some(ms) = ms {
-            set.arg("PX").arg(ms);
+        if generation.read_at.elapsed() >= TOMBSTONE_TTL / 2 {
+            // Older than a tombstone is sure to last: a purge since could not be told.
+            metrics.refused.increment(1);
+            tracing::debug!("second tier: flight older than the purge horizon, not written");
+            return Write::Refused;
         }
-        set.ignore();
+        let ms = ttl.map_or(0, px);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(WRITE_SCRIPT)
+            .arg(4)
+            .arg(self.value_key(name))
+            .arg(self.tombstone_key(name))
+            .arg(self.epoch_key())
+            .arg(self.tag_epoch_key())
+            .arg(bytes)
+            .arg(ms)
+            .arg(&generation.tombstone)
+            .arg(&generation.epoch)
+            .arg(generation.tag_epoch)
+            .arg(name)
+            .arg(&self.shared.config.prefix)
+            .arg(self.channel())
+            .arg(Message::Written(name).encode(from));
         for tag in tags {
-            // The tag's set lives as long as its longest-lived member.
-            pipe.cmd("EVAL")
-                .arg(TAG_SCRIPT)
-                .arg(1)
-                .arg(self.tag_key(tag))
-                .arg(name)
-                .arg(ms.unwrap_or(0))
-                .ignore();
+            cmd.arg(tag);
         }
-        self.publish_in(&mut pipe, &Message::Written(name), from);
-        metrics.writes.increment(1);
-        let done = self.run::<()>(Request::Pipe(pipe), metrics, Op::Set).await;
-        self.sent(done, metrics)
+        match self.run::<i64>(Request::Cmd(cmd), metrics, Op::Set).await {
+            Some(1) => {
+                metrics.writes.increment(1);
+                metrics.sent.increment(1);
+                Write::Written
+            }
+            Some(_) => {
+                metrics.refused.increment(1);
+                tracing::debug!("second tier: invalidated since the flight began, not written");
+                Write::Refused
+            }
+            None => Write::NotWritten,
+        }
     }
 
     /// Marks `name` as a key whose result the tier does not hold (it may not be stored,
@@ -376,13 +447,21 @@ impl RedisTier {
         cmd.arg(self.value_key(name))
             .arg(UNSTORED)
             .arg("PX")
-            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+            .arg(px(ttl));
         cmd
     }
 
     /// Deletes `name` and tells the other instances.
     pub(crate) async fn del(&self, name: &str, (from, metrics): (u64, &TierMetrics)) -> bool {
+        // The tombstone first: a flight's write that lands between the two is refused by
+        // it, one that landed before is deleted.
         let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.tombstone_key(name))
+            .arg(format!("{:x}", new_id()))
+            .arg("PX")
+            .arg(px(TOMBSTONE_TTL))
+            .ignore();
         pipe.cmd("DEL").arg(self.value_key(name)).ignore();
         self.publish_in(&mut pipe, &Message::Invalidated(name), from);
         let done = self.sent(
@@ -441,9 +520,12 @@ impl RedisTier {
         let mut pipe = redis::pipe();
         pipe.cmd("EVAL")
             .arg(PURGE_TAG_SCRIPT)
-            .arg(1)
+            .arg(3)
             .arg(self.tag_key(tag))
+            .arg(self.tag_epoch_key())
+            .arg(self.tag_tombstone_key(tag))
             .arg(self.value_key(""))
+            .arg(px(TOMBSTONE_TTL))
             .ignore();
         self.publish_in(&mut pipe, &Message::Tag(tag), from);
         let done = self.sent(
@@ -469,7 +551,19 @@ impl RedisTier {
     }
 
     async fn del_all_once(&self, (from, metrics): (u64, &TierMetrics)) -> bool {
-        for kind in ["v:", "t:"] {
+        // A new epoch first: every flight that read the old one has its write refused.
+        // Then the tag sets before the values, so a value written meanwhile either goes
+        // with the values or keeps its tags.
+        let mut epoch = redis::cmd("SET");
+        epoch.arg(self.epoch_key()).arg(format!("{:x}", new_id()));
+        if self
+            .run::<()>(Request::Cmd(epoch), metrics, Op::Purge)
+            .await
+            .is_none()
+        {
+            return false;
+        }
+        for kind in ["t:", "v:"] {
             let pattern = format!("{}{kind}*", glob_escape(&self.shared.config.prefix));
             let mut cursor: u64 = 0;
             loop {
@@ -582,26 +676,68 @@ impl RedisTier {
     }
 }
 
-/// Adds a name to a tag's set and keeps the set alive as long as its longest-lived
-/// member (`ARGV[2]` milliseconds; 0 is forever).
-const TAG_SCRIPT: &str = r"
-local existed = redis.call('EXISTS', KEYS[1])
-redis.call('SADD', KEYS[1], ARGV[1])
-local ms = tonumber(ARGV[2])
-if ms == 0 then
-  redis.call('PERSIST', KEYS[1])
-  return 0
+/// Reads a value (`KEYS[1]`) with its key's generation: its tombstone (`KEYS[2]`), the
+/// prefix's epoch (`KEYS[3]`, set to `ARGV[1]` when Redis has none, as after a restart)
+/// and its tag epoch (`KEYS[4]`).
+const READ_SCRIPT: &str = r"
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  redis.call('SET', KEYS[3], ARGV[1])
+  epoch = ARGV[1]
 end
-local ttl = redis.call('PTTL', KEYS[1])
-if existed == 0 or (ttl >= 0 and ttl < ms) then
-  redis.call('PEXPIRE', KEYS[1], ms)
-end
-return 0
+local value = redis.call('GET', KEYS[1])
+local tombstone = redis.call('GET', KEYS[2]) or ''
+local tags = redis.call('GET', KEYS[4]) or '0'
+return {value, tombstone, epoch, tonumber(tags)}
 ";
 
-/// Deletes every value named in a tag's set (`ARGV[1]` is the values' key prefix), then
-/// the set.
+/// Writes a value only if its generation is still the one its flight read: the same
+/// tombstone (`ARGV[3]`), the same epoch (`ARGV[4]`), and no tag of the value (`ARGV[9]`
+/// on) purged at a tag epoch above the one read (`ARGV[5]`). Then adds the name
+/// (`ARGV[6]`) to each tag's set, which lives as long as its longest-lived member, and
+/// publishes `ARGV[8]` on `ARGV[7]`. `ARGV[2]` is the value's expiry in ms (0: none).
+/// 1 when written, 0 when refused.
+const WRITE_SCRIPT: &str = r"
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[3] then return 0 end
+if (redis.call('GET', KEYS[3]) or '') ~= ARGV[4] then return 0 end
+local seen = tonumber(ARGV[5])
+local prefix = ARGV[7]
+if tonumber(redis.call('GET', KEYS[4]) or '0') > seen then
+  for i = 10, #ARGV do
+    local purged = redis.call('GET', prefix .. 'gt:' .. ARGV[i])
+    if purged and tonumber(purged) > seen then return 0 end
+  end
+end
+local ms = tonumber(ARGV[2])
+if ms > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ms)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+for i = 10, #ARGV do
+  local tag = prefix .. 't:' .. ARGV[i]
+  local existed = redis.call('EXISTS', tag)
+  redis.call('SADD', tag, ARGV[6])
+  if ms == 0 then
+    redis.call('PERSIST', tag)
+  else
+    local ttl = redis.call('PTTL', tag)
+    if existed == 0 or (ttl >= 0 and ttl < ms) then
+      redis.call('PEXPIRE', tag, ms)
+    end
+  end
+end
+redis.call('PUBLISH', ARGV[8], ARGV[9])
+return 1
+";
+
+/// Purges a tag: a new tag epoch (`KEYS[2]`) kept as the tag's tombstone (`KEYS[3]`, for
+/// `ARGV[2]` ms), so the writes of flights that read an older epoch are refused for values
+/// with the tag; then every value named in the tag's set (`KEYS[1]`; `ARGV[1]` is the
+/// values' key prefix), then the set.
 const PURGE_TAG_SCRIPT: &str = r"
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[3], epoch, 'PX', ARGV[2])
 local names = redis.call('SMEMBERS', KEYS[1])
 for _, name in ipairs(names) do
   redis.call('UNLINK', ARGV[1] .. name)
@@ -804,6 +940,47 @@ impl RedisTierBuilder {
     }
 }
 
+/// What a flight read of its key's invalidations, with its value: a write is refused
+/// when any of them changed since (see [`RedisTier::set`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Generation {
+    /// The key's tombstone (empty: none), left by its last purge.
+    tombstone: Vec<u8>,
+    /// The prefix's epoch, new after a purge of everything or a Redis restart.
+    epoch: Vec<u8>,
+    /// The prefix's tag epoch, raised by every tag purge.
+    tag_epoch: u64,
+    /// When it was read.
+    read_at: Instant,
+}
+
+/// What a write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Write {
+    /// The value is in Redis, and the other instances are told.
+    Written,
+    /// The key was invalidated since its flight read it: the value is not written, and
+    /// must not be stored anywhere.
+    Refused,
+    /// Not written: above the bound, or Redis did not answer.
+    NotWritten,
+}
+
+/// How long a purge's tombstone stays in Redis. A flight whose read is older than half of
+/// it writes nothing to Redis, so no flight outlives a tombstone it should have seen.
+pub(crate) const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
+
+/// The longest expiry written to Redis (100 years, in ms): a longer one is clamped, since
+/// Redis refuses an expiry past what its clock can add.
+const MAX_PX: u64 = 100 * 365 * 24 * 3600 * 1000;
+
+/// `ttl` as a `PX` argument: whole milliseconds, at least 1, at most [`MAX_PX`].
+pub(crate) fn px(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_PX)
+}
+
 /// What a read found.
 pub(crate) enum Read {
     Found(Vec<u8>),
@@ -888,6 +1065,7 @@ pub(crate) struct TierMetrics {
     pub(crate) writes: Counter,
     pub(crate) too_large: Counter,
     pub(crate) unstored: Counter,
+    pub(crate) refused: Counter,
     pub(crate) sent: Counter,
     pub(crate) received: Counter,
     pub(crate) resyncs: Counter,
@@ -921,6 +1099,7 @@ impl TierMetrics {
             writes: requests("write"),
             too_large: requests("too_large"),
             unstored: requests("unstored"),
+            refused: requests("refused"),
             sent: backplane("sent"),
             received: backplane("received"),
             resyncs: metrics::counter!(TIER_RESYNCS, "name" => name.clone()),

@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::sync::{watch, Notify};
+
+#[cfg(feature = "redis")]
+pub mod redis_server;
 use tower::Service;
 
 /// What one upstream call does once its gate is open.

@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderName};
 
 use super::stored::{Fetched, FlightKey, KeyExtra, Stored, Variants};
 use super::tag_index::{carries, TagIndex};
-use crate::cache::flight::{FlightMap, Owner};
+use crate::cache::flight::{FlightMap, Gate, Owner};
 use crate::error::{Error, ErrorKind};
 use crate::http::cache_policy::{normalised, vary_matches, HttpCachePolicy, Vary};
 use crate::metrics::CacheMetrics;
@@ -20,6 +20,8 @@ pub(super) struct Core {
     /// The stored URIs by tag; the store's eviction listener takes lists out of it.
     pub(super) tags: Arc<TagIndex>,
     pub(super) flights: FlightMap<FlightKey, Arc<Fetched>>,
+    /// Origin requests made outside any flight whose responses may be stored.
+    pub(super) solos: Solos,
     pub(super) policy: HttpCachePolicy,
     pub(super) max_body: usize,
     pub(super) max_variants: usize,
@@ -225,16 +227,19 @@ impl Core {
     /// Removes `key` here and, with a second tier, from Redis and the other instances,
     /// returning once Redis has it done (or its timeout passed).
     pub(super) async fn invalidate(&self, key: &str) {
-        self.invalidate_here(key);
+        // Redis first: a miss here meanwhile would read its old copy.
         #[cfg(feature = "redis")]
         if let Some(tier) = &self.second {
             tier.remove(key).await;
         }
+        self.invalidate_here(key);
     }
 
-    /// Removes `key` from this instance: its variants and its flights.
+    /// Removes `key` from this instance: its variants, its flights, and what the origin
+    /// requests made outside a flight for it would store.
     pub(super) fn invalidate_here(&self, key: &str) {
         self.flights.detach_where(|flight| flight.primary == key);
+        self.solos.close_where(|solo| solo == key);
         self.store.invalidate(key);
         self.forget_uncacheable(key);
         self.sample();
@@ -243,6 +248,7 @@ impl Core {
     /// Removes everything from this instance: every variant and every flight.
     pub(super) fn invalidate_all_here(&self) {
         self.flights.detach_all();
+        self.solos.close_where(|_| true);
         self.store.invalidate_all();
         if let Some(marks) = &self.uncacheable {
             marks.invalidate_all();
@@ -253,6 +259,10 @@ impl Core {
     /// Removes from this instance every URI with a variant tagged `tag` (`Cache-Tag`,
     /// `Surrogate-Key`): only the URIs the tag index lists, not a scan of the store.
     pub(super) fn invalidate_tag_here(&self, tag: &str) {
+        // What a flight under way will bring is not known yet, nor its tags: none of it
+        // is stored (its waiters still get it), and later requests start new flights.
+        self.flights.detach_all();
+        self.solos.close_where(|_| true);
         for key in self.tags.keys(tag) {
             // The index may still list a list replaced a moment ago by one without the tag.
             if self.store.get(&key).is_some_and(|v| carries(&v, tag)) {
@@ -263,5 +273,77 @@ impl Core {
 
     pub(super) fn sample(&self) {
         self.metrics.sample(&self.store);
+    }
+}
+
+/// Origin requests made outside any flight (a client's own conditional request with
+/// nothing stored) whose responses may be stored: an invalidation of their URI closes
+/// their gates, as it detaches flights, so what they fetched before it is not stored
+/// after it. Bounded by the requests under way.
+#[derive(Default)]
+pub(super) struct Solos {
+    open: std::sync::Mutex<std::collections::HashMap<u64, (String, Arc<Gate>)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Solos {
+    /// Registers a request for `key`; it leaves when the returned guard drops.
+    pub(super) fn enter<'a>(&'a self, key: &str) -> Solo<'a> {
+        let gate = Arc::new(Gate::default());
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().insert(id, (key.to_owned(), gate.clone()));
+        Solo {
+            solos: self,
+            gate,
+            id,
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, (String, Arc<Gate>)>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes the gates of the requests whose URI `matches`.
+    fn close_where(&self, matches: impl Fn(&str) -> bool) {
+        for (key, gate) in self.lock().values() {
+            if matches(key) {
+                gate.close();
+            }
+        }
+    }
+}
+
+/// One origin request outside a flight, registered in [`Solos`].
+pub(super) struct Solo<'a> {
+    solos: &'a Solos,
+    gate: Arc<Gate>,
+    id: u64,
+}
+
+impl Solo<'_> {
+    /// Runs `store` unless the URI was invalidated since the request was registered,
+    /// under the same lock an invalidation closes gates under: either the invalidation
+    /// comes after and removes what was stored, or the store sees its gate closed.
+    pub(super) fn store_unless_invalidated(&self, store: impl FnOnce()) -> bool {
+        let _open = self.solos.lock();
+        if self.gate.is_closed() {
+            return false;
+        }
+        store();
+        true
+    }
+
+    /// The request's gate, closed by an invalidation of its URI.
+    #[cfg(feature = "redis")]
+    pub(super) fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+}
+
+impl Drop for Solo<'_> {
+    fn drop(&mut self) {
+        self.solos.lock().remove(&self.id);
     }
 }

@@ -19,7 +19,7 @@ use tower_service::Service;
 use super::core::Core;
 use super::respond::with_status;
 use super::stored::{compact, Fetch, Fetched, FlightKey, Stored};
-use crate::cache::flight::{Joined, Owner, Upstream};
+use crate::cache::flight::{Gate, Joined, Owner, Upstream};
 use crate::error::{BoxError, Error};
 use crate::http::body::{poll_read_ahead, BufferedBody};
 use crate::http::cache_policy::{
@@ -311,7 +311,7 @@ pub(super) fn through_tiers<B: Send + 'static>(
     core: &Arc<Core>,
     (primary, request, extra): (String, HeaderMap, Option<String>),
     read_first: bool,
-    req: Request<B>,
+    (req, gate): (Request<B>, Arc<Gate>),
     origin: impl FnOnce(Request<B>) -> Upstream<Arc<Fetched>> + Send + 'static,
 ) -> Upstream<Arc<Fetched>> {
     let Some(tier) = core.second.clone() else {
@@ -328,10 +328,13 @@ pub(super) fn through_tiers<B: Send + 'static>(
                 super::tiered::Before::Origin(origin) => origin,
             }
         } else {
-            super::tiered::Origin::unread(true)
+            // Something stale is stored here: no read of the variants, only of what
+            // the write must find unchanged.
+            super::tiered::Origin::unread(tier.generation(&primary).await)
         };
         let outcome = origin(req).await;
-        core.after_origin(&tier, &primary, &outcome, lease).await;
+        core.after_origin(&tier, &primary, &outcome, lease, &gate)
+            .await;
         outcome
     })
 }
@@ -342,7 +345,7 @@ pub(super) fn through_tiers<B>(
     _core: &Arc<Core>,
     _request: (String, HeaderMap, Option<String>),
     _read_first: bool,
-    req: Request<B>,
+    (req, _gate): (Request<B>, Arc<Gate>),
     origin: impl FnOnce(Request<B>) -> Upstream<Arc<Fetched>>,
 ) -> Upstream<Arc<Fetched>> {
     origin(req)
@@ -401,9 +404,9 @@ pub(super) fn revalidate_in_background<S, B, RB>(
     let key = core.flight_key(key, req.headers(), &extra);
     let validators = has_validator(&stale.headers).then_some(stale);
     let (fetch_core, fetch_inner) = (core.clone(), inner.clone());
-    let start = move || -> Upstream<Arc<Fetched>> {
+    let start = move |gate| -> Upstream<Arc<Fetched>> {
         let origin = flight_origin(fetch_core.clone(), fetch_inner, validators, extra, None);
-        through_tiers(&fetch_core, tiered, false, req, origin)
+        through_tiers(&fetch_core, tiered, false, (req, gate), origin)
     };
     if let Joined::Started(waiter) =
         core.flights

@@ -108,13 +108,21 @@ impl HttpCacheLayer {
             self.core.second.clone(),
             tokio::runtime::Handle::try_current(),
         ) {
-            let key = primary_key.to_owned();
-            runtime.spawn(async move { tier.remove(&key).await });
+            let (key, core) = (primary_key.to_owned(), self.core.clone());
+            // Once more here after Redis: a miss in between may have read the old copy.
+            runtime.spawn(async move {
+                tier.remove(&key).await;
+                core.invalidate_here(&key);
+            });
         }
     }
 
     /// Like [`invalidate`](Self::invalidate), and returns once Redis has deleted it and
-    /// the other instances are told (or the tier's timeout passed). Feature `redis`.
+    /// the other instances are told (or the tier's timeout passed). No response fetched
+    /// before it is stored after it, on any instance, and no request that starts here
+    /// afterwards gets one (the same rules as the single-flight cache's:
+    /// [invalidation is never undone](crate::cache#invalidation-is-never-undone)).
+    /// Feature `redis`.
     #[cfg(feature = "redis")]
     pub async fn purge(&self, primary_key: &str) {
         self.core.invalidate(primary_key).await;
@@ -132,8 +140,11 @@ impl HttpCacheLayer {
             self.core.second.clone(),
             tokio::runtime::Handle::try_current(),
         ) {
-            let tag = tag.to_owned();
-            runtime.spawn(async move { tier.remove_tag(&tag).await });
+            let (tag, core) = (tag.to_owned(), self.core.clone());
+            runtime.spawn(async move {
+                tier.remove_tag(&tag).await;
+                core.invalidate_tag_here(&tag);
+            });
         }
     }
 
@@ -141,10 +152,11 @@ impl HttpCacheLayer {
     /// the tagged responses and the other instances are told. Feature `redis`.
     #[cfg(feature = "redis")]
     pub async fn purge_tag(&self, tag: &str) {
-        self.core.invalidate_tag_here(tag);
+        // Redis first: a miss here meanwhile would read its old copy.
         if let Some(tier) = &self.core.second {
             tier.remove_tag(tag).await;
         }
+        self.core.invalidate_tag_here(tag);
     }
 
     /// Removes every stored response and detaches every flight. With a second tier,
@@ -157,7 +169,11 @@ impl HttpCacheLayer {
             self.core.second.clone(),
             tokio::runtime::Handle::try_current(),
         ) {
-            runtime.spawn(async move { tier.remove_all().await });
+            let core = self.core.clone();
+            runtime.spawn(async move {
+                tier.remove_all().await;
+                core.invalidate_all_here();
+            });
         }
     }
 
@@ -165,10 +181,11 @@ impl HttpCacheLayer {
     /// every response under the prefix and the other instances are told. Feature `redis`.
     #[cfg(feature = "redis")]
     pub async fn purge_all(&self) {
-        self.core.invalidate_all_here();
+        // Redis first: a miss here meanwhile would read its old copy.
         if let Some(tier) = &self.core.second {
             tier.remove_all().await;
         }
+        self.core.invalidate_all_here();
     }
 
     /// URIs with stored responses; exact after [`run_pending_tasks`](Self::run_pending_tasks).
@@ -371,6 +388,7 @@ impl HttpCacheBuilder {
             store,
             tags,
             flights: FlightMap::new(self.max_flights),
+            solos: Default::default(),
             policy: self.policy,
             max_body: self.max_body,
             max_variants: self.max_variants,

@@ -266,7 +266,7 @@ where
         let start_inner = inner.clone();
         let start_core = core.clone();
         let start_extra = extra.clone();
-        let start = move || -> Upstream<Arc<Fetched>> {
+        let start = move |gate| -> Upstream<Arc<Fetched>> {
             match slot.take() {
                 Some(req) => {
                     *tee_slot = tee_for(&req);
@@ -277,7 +277,7 @@ where
                         start_extra,
                         tee_slot.clone(),
                     );
-                    through_tiers(&start_core, tiered, read_first, req, origin)
+                    through_tiers(&start_core, tiered, read_first, (req, gate), origin)
                 }
                 None => unreachable!("a flight starts once"),
             }
@@ -454,6 +454,14 @@ where
     let work = {
         let (core, extra, tee) = (core.clone(), extra.clone(), tee.clone());
         async move {
+            // Registered before anything is read: an invalidation from here on keeps what
+            // it fetches out of both tiers.
+            let solo = core.solos.enter(&key);
+            #[cfg(feature = "redis")]
+            let generation = match core.second.as_ref().filter(|_| tell_tier) {
+                Some(tier) => tier.generation(&key).await,
+                None => None,
+            };
             let fetched = fetch(
                 core.clone(),
                 inner,
@@ -468,15 +476,17 @@ where
             #[cfg(feature = "redis")]
             if let Some(tier) = core.second.as_ref().filter(|_| tell_tier) {
                 let outcome = Ok(fetched.clone());
-                core.after_origin(tier, &key, &outcome, super::tiered::Origin::marked())
+                let origin = super::tiered::Origin::marked(generation);
+                core.after_origin(tier, &key, &outcome, origin, solo.gate())
                     .await;
             }
             #[cfg(not(feature = "redis"))]
             let _ = tell_tier;
             if let Some(stored) = &fetched.store {
-                core.insert(&key, stored.clone());
+                solo.store_unless_invalidated(|| core.insert(&key, stored.clone()));
             }
             core.note_uncacheable(&key, &fetched);
+            drop(solo);
             Ok::<_, Error>(fetched)
         }
     };

@@ -11,9 +11,12 @@ use tokio::time::Instant;
 
 use super::core::Core;
 use super::stored::{list_tags, Fetch, Fetched, Stored};
+use crate::cache::flight::Gate;
 use crate::error::Error;
 use crate::http::cache_policy::{vary, vary_matches, AgeInputs, Reuse};
-use crate::tier::{wall_ms, Lease, Listener, Message, Read, RedisTier, Seen, TierMetrics};
+use crate::tier::{
+    wall_ms, Generation, Lease, Listener, Message, Read, RedisTier, Seen, TierMetrics, Write,
+};
 
 pub(super) struct HttpTier {
     pub(super) tier: RedisTier,
@@ -40,32 +43,46 @@ impl HttpTier {
 
     /// The variants stored in Redis for `primary` (an unreadable entry reads as none), or
     /// its mark as a URI whose responses are not stored: `Err` when Redis did not answer.
-    async fn read(&self, primary: &str, count_miss: bool) -> Result<Seen<Vec<Stored>>, ()> {
+    /// With it, what a write must find unchanged ([`Generation`]).
+    async fn read(
+        &self,
+        primary: &str,
+        count_miss: bool,
+    ) -> (Result<Seen<Vec<Stored>>, ()>, Option<Generation>) {
         self.tier.start_bus();
-        let found = match self.tier.get(primary, &self.metrics).await {
+        let (read, generation) = self.tier.get(primary, &self.metrics).await;
+        let found = match read {
             Read::Found(bytes) => decode(&bytes).unwrap_or_default(),
             Read::Missing => Vec::new(),
-            Read::Unstored => return Ok(Seen::Unstored),
+            Read::Unstored => return (Ok(Seen::Unstored), generation),
             Read::Unavailable => {
                 if count_miss {
                     self.metrics.miss.increment(1);
                 }
-                return Err(());
+                return (Err(()), None);
             }
         };
         if found.is_empty() {
             if count_miss {
                 self.metrics.miss.increment(1);
             }
-            return Ok(Seen::Nothing);
+            return (Ok(Seen::Nothing), generation);
         }
         self.metrics.hit.increment(1);
-        Ok(Seen::Value(found))
+        (Ok(Seen::Value(found)), generation)
+    }
+
+    /// What a write for `primary` must find unchanged, read now; `None` when Redis did not
+    /// answer.
+    pub(super) async fn generation(&self, primary: &str) -> Option<Generation> {
+        self.tier.start_bus();
+        self.tier.get(primary, &self.metrics).await.1
     }
 
     /// Writes `list` as the variants of `primary`, expiring when the last is no longer
-    /// usable; the other instances drop their copies.
-    async fn write(&self, primary: &str, list: &[Arc<Stored>]) -> bool {
+    /// usable, unless `primary` was invalidated since `generation` was read; the other
+    /// instances drop their copies.
+    async fn write(&self, primary: &str, list: &[Arc<Stored>], generation: &Generation) -> Write {
         let now = Instant::now();
         let usable = list
             .iter()
@@ -78,7 +95,7 @@ impl HttpTier {
             .max()
             .unwrap_or_default();
         if usable.is_zero() {
-            return false;
+            return Write::NotWritten;
         }
         let tags = list_tags(list);
         self.tier
@@ -87,6 +104,7 @@ impl HttpTier {
                 encode(list, now),
                 Some(usable),
                 &tags,
+                generation,
                 self.sender(),
             )
             .await
@@ -123,29 +141,31 @@ pub(super) enum Before {
 pub(super) struct Origin {
     /// The lease, when this instance holds it.
     guard: Option<Box<crate::tier::LeaseGuard>>,
-    /// Whether Redis answered: what the origin sends that may be stored is written.
-    reachable: bool,
+    /// What Redis held of the URI's invalidations when the flight read it, `None` when
+    /// Redis did not answer: what the origin sends that may be stored is written only
+    /// with it, and only if it is unchanged.
+    generation: Option<Generation>,
     /// Whether Redis held no variants for the URI: a response that cannot be stored may
     /// then mark it (no other request's variant is lost to the mark).
     may_mark: bool,
 }
 
 impl Origin {
-    /// Redis unreachable, or not read: nothing to tell it.
-    pub(super) fn unread(reachable: bool) -> Self {
+    /// The variants were not read, only what a write must find unchanged.
+    pub(super) fn unread(generation: Option<Generation>) -> Self {
         Origin {
             guard: None,
-            reachable,
+            generation,
             may_mark: false,
         }
     }
 
     /// The URI was found marked (so Redis held no variants of it): a response that may be
     /// stored is written, one that may not renews the mark.
-    pub(super) fn marked() -> Self {
+    pub(super) fn marked(generation: Option<Generation>) -> Self {
         Origin {
             guard: None,
-            reachable: true,
+            generation,
             may_mark: true,
         }
     }
@@ -179,14 +199,8 @@ impl Core {
             })?;
             Some(found(Arc::new(chosen), request, extra))
         };
-        let origin = |guard, may_mark| {
-            Before::Origin(Origin {
-                guard,
-                reachable: true,
-                may_mark,
-            })
-        };
-        let may_mark = match tier.read(primary, true).await {
+        let (read, generation) = tier.read(primary, true).await;
+        let may_mark = match read {
             Ok(Seen::Value(list)) => match pick(list) {
                 Some(fetched) => return Before::Found(fetched),
                 None => false,
@@ -197,10 +211,17 @@ impl Core {
                 self.remember_uncacheable(primary);
                 return Before::Marked;
             }
-            Err(()) => return Before::Origin(Origin::unread(false)),
+            Err(()) => return Before::Origin(Origin::unread(None)),
+        };
+        let origin = |guard, may_mark| {
+            Before::Origin(Origin {
+                guard,
+                generation,
+                may_mark,
+            })
         };
         let read = || async {
-            match tier.read(primary, false).await {
+            match tier.read(primary, false).await.0 {
                 Ok(Seen::Value(list)) => pick(list).map_or(Seen::Nothing, Seen::Value),
                 Ok(Seen::Unstored) => Seen::Unstored,
                 Ok(Seen::Nothing) | Err(()) => Seen::Nothing,
@@ -227,13 +248,19 @@ impl Core {
         primary: &str,
         outcome: &Result<Arc<Fetched>, Error>,
         origin: Origin,
+        gate: &Gate,
     ) {
         let mut written = false;
         let mut mark = None;
-        if let (true, Ok(fetched)) = (origin.reachable, outcome) {
-            if let Some(stored) = &fetched.store {
+        if let (Some(generation), Ok(fetched)) = (&origin.generation, outcome) {
+            if let Some(stored) = fetched.store.as_ref().filter(|_| !gate.is_closed()) {
                 let list = self.with_variant(primary, stored.clone());
-                written = tier.write(primary, &list).await;
+                match tier.write(primary, &list, generation).await {
+                    Write::Written => written = true,
+                    // Invalidated since the flight began: kept out of this store too.
+                    Write::Refused => gate.close(),
+                    Write::NotWritten => {}
+                }
             } else if let Some(ttl) = self.uncacheable_ttl() {
                 if origin.may_mark && self.cannot_store(fetched) && !self.holds(primary) {
                     mark = Some(ttl);
