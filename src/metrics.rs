@@ -129,7 +129,7 @@ pub const TIER_METRICS: &[MetricInfo] = &[
         kind: MetricType::Counter,
         labels: &["result"],
         unit: "operations",
-        help: "second-tier operations by result: hit, miss, write, error, skipped, too_large, unstored, refused",
+        help: "second-tier operations by result: hit, miss, write, error, skipped, too_large, unstored, refused, corrupt",
     },
     MetricInfo {
         name: TIER_DURATION,

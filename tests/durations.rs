@@ -1,7 +1,11 @@
 //! Every duration setting accepts any `Duration`, zero and `Duration::MAX` included, and
-//! `Retry-After` values up to `u64::MAX` seconds: nothing panics when built or called.
+//! `Retry-After` values up to `u64::MAX` seconds: nothing panics when built or called, and
+//! no panic is caught on the way (a value with any lifetime is stored). The second tier's
+//! settings at `Duration::MAX` are in `tests/tier_edges.rs`, over a real Redis.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
 use tower::{service_fn, Layer, ServiceExt};
 use towerguard::budget::Budget;
-use towerguard::cache::CacheLayer;
+use towerguard::cache::{CacheLayer, Lifetime, Storable};
 use towerguard::hedge::HedgeLayer;
 use towerguard::http::cache_policy::HttpCachePolicy;
 use towerguard::http::{BufferedBody, ErrorResponseLayer, HttpCacheLayer, HttpPolicy};
@@ -102,6 +106,50 @@ proptest! {
                 .max_retry_after(a).build();
             let failing = service_fn(|_: u32| async { Err::<u32, _>(std::io::Error::other("down")) });
             settled(TimeoutLayer::new(b).layer(retry.layer(failing)).oneshot(1).await);
+        });
+    }
+
+    /// A value with any lifetime, as the layer's default or per value, is stored: a panic
+    /// caught while storing it would leave it unstored, and the second call would go
+    /// upstream again.
+    #[test]
+    fn cache_lifetimes_of_any_length_store_the_value(
+        a in any_duration(),
+        b in any_duration(),
+        c in any_duration(),
+    ) {
+        paused().block_on(async {
+            for per_value in [false, true] {
+                let calls = Arc::new(AtomicUsize::new(0));
+                let upstream = {
+                    let calls = calls.clone();
+                    service_fn(move |n: u32| {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        async move { Ok::<_, Infallible>(n) }
+                    })
+                };
+                let builder = CacheLayer::builder(|n: &u32| Some(*n));
+                let builder = match per_value {
+                    false => builder.ttl(a).stale_while_revalidate(b).stale_if_error(c),
+                    true => builder.storable(move |_: &u32| {
+                        Storable::For(
+                            Lifetime::fresh_for(a)
+                                .stale_while_revalidate(b)
+                                .stale_if_error(c),
+                        )
+                    }),
+                };
+                let svc = builder.build().layer(upstream);
+                settled(svc.clone().oneshot(1).await);
+                settled(svc.oneshot(1).await);
+                if !a.is_zero() {
+                    assert_eq!(
+                        calls.load(Ordering::SeqCst),
+                        1,
+                        "stored (ttl {a:?}, windows {b:?} {c:?}, per value: {per_value})"
+                    );
+                }
+            }
         });
     }
 

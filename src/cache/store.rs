@@ -115,7 +115,7 @@ impl Lifetime {
 
     pub(crate) fn usable_for(&self) -> Option<Duration> {
         let fresh = self.fresh?;
-        Some(fresh + self.stale_while_revalidate.max(self.stale_if_error))
+        Some(fresh.saturating_add(self.stale_while_revalidate.max(self.stale_if_error)))
     }
 }
 

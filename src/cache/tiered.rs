@@ -116,20 +116,33 @@ where
             }
         };
         let (bytes, generation) = bytes;
-        let found = Envelope::unwrap(&bytes).and_then(|(envelope, payload)| {
-            let now = wall_ms();
-            let life = match envelope.fresh_until_ms {
-                0 => Lifetime::forever(),
-                until if now < until => Lifetime::fresh_for(Duration::from_millis(until - now))
-                    .stale_while_revalidate(Duration::from_millis(
-                        envelope.stale_while_revalidate_ms,
-                    ))
-                    .stale_if_error(Duration::from_millis(envelope.stale_if_error_ms)),
-                // Stale there too: the upstream refreshes it.
-                _ => return None,
-            };
-            Some((self.codec.decode(payload)?, life))
-        });
+        let found = match Envelope::unwrap(&bytes) {
+            Some((envelope, payload)) => {
+                let now = wall_ms();
+                match envelope.fresh_until_ms {
+                    0 => Some(Lifetime::forever()),
+                    until if now < until => Some(
+                        Lifetime::fresh_for(Duration::from_millis(until - now))
+                            .stale_while_revalidate(Duration::from_millis(
+                                envelope.stale_while_revalidate_ms,
+                            ))
+                            .stale_if_error(Duration::from_millis(envelope.stale_if_error_ms)),
+                    ),
+                    // Stale there too: the upstream refreshes it.
+                    _ => None,
+                }
+                .map(|life| (self.codec.decode(payload), life))
+            }
+            None => Some((None, Lifetime::forever())),
+        };
+        let found = match found {
+            Some((None, _)) => {
+                self.tier.corrupt(name, &self.metrics);
+                None
+            }
+            Some((Some(value), life)) => Some((value, life)),
+            None => None,
+        };
         let Some((value, life)) = found else {
             if count_miss {
                 self.metrics.miss.increment(1);

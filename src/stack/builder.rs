@@ -113,7 +113,7 @@ enum Limit {
 #[must_use]
 pub struct StackBuilder {
     name: String,
-    total_timeout: Option<Duration>,
+    pub(super) total_timeout: Option<Duration>,
     attempt_timeout: AttemptTimeout,
     limit: Limit,
     queue: Option<(usize, Duration)>,

@@ -45,7 +45,11 @@ impl StackBuilder {
         self.validate()?;
         Ok(HttpStack {
             layers: Arc::new(self.layers(HttpPolicy, HttpExtensions)),
-            http_cache: self.http_cache.clone(),
+            // The total timeout sits inside the cache: it bounds the cache's waits too.
+            http_cache: self
+                .http_cache
+                .clone()
+                .map(|cache| cache.wait_bound(self.total_timeout)),
             buffer: BufferBodyLayer::new(self.max_body),
             errors: ErrorResponseLayer::new(),
             _body: PhantomData,

@@ -4,7 +4,8 @@
 //! From the caller inwards:
 //!
 //! 1. **cache** — a hit costs nothing downstream, so it comes first and is never limited,
-//!    timed out or retried.
+//!    timed out or retried. A miss's wait for its flight (and, through the flight, for
+//!    another instance's lease) is bounded by the total timeout all the same.
 //! 2. **total timeout** — bounds everything below it: the wait for a permit, every
 //!    attempt, every backoff. Its [`Deadline`](crate::timeout::Deadline) is what retry and
 //!    hedge check before starting another attempt.

@@ -86,7 +86,7 @@ impl RedisTier {
         }
         self.start_bus();
         let token = format!("{:x}", new_id());
-        let deadline = Instant::now() + shared.config.lease_wait;
+        let deadline = later(Instant::now(), shared.config.lease_wait);
         let notify = shared.bus.wait_on(name);
         let mut waited = false;
         let outcome = loop {
@@ -145,6 +145,11 @@ impl RedisTier {
                 Seen::Nothing => {}
             }
             let now = Instant::now();
+            // The flight's own deadline (the latest of its waiters') ends the wait too.
+            let deadline = match crate::timeout::Deadline::current() {
+                Some(flight) => deadline.min(flight.instant()),
+                None => deadline,
+            };
             if now >= deadline {
                 metrics.lease_timeout.increment(1);
                 tracing::debug!("second tier: lease wait ran out, calling the upstream");
@@ -181,6 +186,12 @@ impl RedisTier {
     }
 }
 
+/// `after` past `now`, or the far future when that is past what an `Instant` can hold.
+fn later(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after)
+        .unwrap_or_else(|| crate::timeout::deadline::far_future(now))
+}
+
 /// Keeps the lease at `key` ours while the flight holding it runs: every third of the
 /// lease's length its expiry is set back to the whole length. Ends when the guard
 /// aborts it, or when the lease is found no longer ours (it lapsed while Redis was out of
@@ -188,10 +199,8 @@ impl RedisTier {
 async fn renew(tier: RedisTier, key: String, token: String, metrics: TierMetrics) {
     let ms = tier.lease_ms();
     let every = (tier.shared.config.lease / 3).max(std::time::Duration::from_millis(1));
-    let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticks.tick().await;
+        tokio::time::sleep_until(later(Instant::now(), every)).await;
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(RENEW_SCRIPT).arg(1).arg(&key).arg(&token).arg(ms);
         match tier

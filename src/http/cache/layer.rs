@@ -68,6 +68,9 @@ use crate::metrics::CacheMetrics;
 #[must_use]
 pub struct HttpCacheLayer {
     core: Arc<Core>,
+    /// How long a request may wait for a flight (its own or one it joined), set by the
+    /// stack to its total timeout, which sits inside the cache.
+    wait: Option<Duration>,
 }
 
 impl fmt::Debug for HttpCacheLayer {
@@ -186,6 +189,17 @@ impl HttpCacheLayer {
             tier.remove_all().await;
         }
         self.core.invalidate_all_here();
+    }
+
+    /// This layer with every wait for a flight (an origin request this request started or
+    /// joined, and through it a second tier's lease held by another instance) bounded by
+    /// `wait`: past it the request ends with an error of kind timed out (504 through
+    /// [`ErrorResponseLayer`](crate::http::ErrorResponseLayer)), and the flight, shared,
+    /// goes on for whoever still waits. The stack sets it to its total timeout, which
+    /// sits inside the cache.
+    pub(crate) fn wait_bound(mut self, wait: Option<Duration>) -> Self {
+        self.wait = wait;
+        self
     }
 
     /// URIs with stored responses; exact after [`run_pending_tasks`](Self::run_pending_tasks).
@@ -405,7 +419,7 @@ impl HttpCacheBuilder {
         if let Some(tier) = &core.second {
             tier.register(&core);
         }
-        HttpCacheLayer { core }
+        HttpCacheLayer { core, wait: None }
     }
 }
 
@@ -416,6 +430,7 @@ impl<S> Layer<S> for HttpCacheLayer {
         HttpCache {
             inner,
             core: self.core.clone(),
+            wait: self.wait,
         }
     }
 }

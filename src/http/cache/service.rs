@@ -31,6 +31,7 @@ use crate::http::cache_policy::{
 };
 use crate::http::range::{has_range, several_ranges};
 use crate::http::tee::{Head, Tee, TeeBody};
+use crate::timeout::{Deadline, TimeoutContext};
 
 /// An RFC 9111 shared cache in front of `S`. Made by [`HttpCacheLayer`](super::HttpCacheLayer).
 ///
@@ -39,6 +40,8 @@ use crate::http::tee::{Head, Tee, TeeBody};
 pub struct HttpCache<S> {
     pub(super) inner: S,
     pub(super) core: Arc<Core>,
+    /// The bound on a wait for a flight (see `HttpCacheLayer::wait_bound`).
+    pub(super) wait: Option<std::time::Duration>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for HttpCache<S> {
@@ -75,9 +78,10 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let core = self.core.clone();
         let inner = self.inner.clone();
+        let wait = self.wait;
         Box::pin(async move {
             let keep_tags = core.keep_tag_headers;
-            let mut response = handle(core, inner, req).await?;
+            let mut response = handle(core, inner, req, wait).await?;
             if !keep_tags {
                 for name in TAG_FIELDS {
                     response.headers_mut().remove(name);
@@ -121,6 +125,7 @@ pub(super) async fn handle<S, B, RB>(
     core: Arc<Core>,
     inner: S,
     req: Request<B>,
+    wait: Option<std::time::Duration>,
 ) -> Result<Response<BufferedBody<RB>>, Error>
 where
     S: Service<Request<B>, Response = Response<RB>> + Clone + Send + Sync + 'static,
@@ -212,20 +217,28 @@ where
             metrics.miss.increment(1);
             return miss_alone(&core, inner, req, (key, extra), reason, false).await;
         }
-        return coalesced(&core, inner, req, (key, extra), None, reason).await;
+        return coalesced(&core, (inner, wait), req, (key, extra), None, reason).await;
     };
     if method == Method::HEAD {
         metrics.miss.increment(1);
         return head_through(&core, inner, req, &key, stored, reason).await;
     }
-    coalesced(&core, inner, req, (key, extra), Some(stored), reason).await
+    coalesced(
+        &core,
+        (inner, wait),
+        req,
+        (key, extra),
+        Some(stored),
+        reason,
+    )
+    .await
 }
 
 /// A GET that goes to the origin through a flight: one origin request per flight key, the
 /// stale entry `stored` (if any) revalidated with its validators.
 async fn coalesced<S, B, RB>(
     core: &Arc<Core>,
-    inner: S,
+    (inner, wait): (S, Option<std::time::Duration>),
     req: Request<B>,
     (key, extra): (String, Option<String>),
     stored: Option<Arc<Stored>>,
@@ -240,6 +253,7 @@ where
     RB::Error: Into<BoxError>,
 {
     let metrics = &core.metrics;
+    let deadline = wait.map(Deadline::after);
     // Past the hit path the request is handed to a flight: keep what answering needs.
     let request = (req.method().clone(), req.headers().clone());
     let revalidate = stored.clone().filter(|s| has_validator(&s.headers));
@@ -282,8 +296,17 @@ where
                 None => unreachable!("a flight starts once"),
             }
         };
-        core.flights
-            .join_or_start(&owner, flight_key, true, recheck, start)
+        let join = || {
+            core.flights
+                .join_or_start(&owner, flight_key, true, recheck, start)
+        };
+        // A bounded wait joins with its deadline, so the flight's (the latest of its
+        // waiters') bounds what the flight itself waits for, another instance's lease
+        // included.
+        match deadline {
+            Some(deadline) => TimeoutContext::nested(deadline).sync_scope(join),
+            None => join(),
+        }
     };
     let (waiter, originator): (Waiter<FlightKey, Arc<Fetched>>, bool) = match joined {
         Joined::Started(waiter) => {
@@ -315,13 +338,27 @@ where
     };
 
     let request_ref = (&request.0, &request.1);
-    let outcome = match started_tee.filter(|_| originator) {
-        Some(tee) => match head_or_outcome(waiter, &tee).await {
-            First::Outcome(outcome) => outcome,
-            // The flight goes on in a task of its own, its waiter there.
-            First::Head(head, waiter) => return Ok(as_it_arrives(head, tee, waiter, reason)),
+    let waited = async {
+        match started_tee.filter(|_| originator) {
+            Some(tee) => match head_or_outcome(waiter, &tee).await {
+                First::Outcome(outcome) => Ok(outcome),
+                // The flight goes on in a task of its own, its waiter there.
+                First::Head(head, waiter) => Err(as_it_arrives(head, tee, waiter, reason)),
+            },
+            None => Ok(waiter.await),
+        }
+    };
+    let waited = match deadline {
+        Some(deadline) => match tokio::time::timeout_at(deadline.instant(), waited).await {
+            Ok(waited) => waited,
+            // This request leaves; the flight goes on for its other waiters.
+            Err(_) => Ok(Err(Error::new(ErrorKind::TimedOut))),
         },
-        None => waiter.await,
+        None => waited.await,
+    };
+    let outcome = match waited {
+        Ok(outcome) => outcome,
+        Err(response) => return Ok(response),
     };
     let fetched = match outcome {
         Ok(fetched) => fetched,

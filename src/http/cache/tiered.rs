@@ -52,7 +52,10 @@ impl HttpTier {
         self.tier.start_bus();
         let (read, generation) = self.tier.get(primary, &self.metrics).await;
         let found = match read {
-            Read::Found(bytes) => decode(&bytes).unwrap_or_default(),
+            Read::Found(bytes) => decode(&bytes).unwrap_or_else(|| {
+                self.tier.corrupt(primary, &self.metrics);
+                Vec::new()
+            }),
             Read::Missing => Vec::new(),
             Read::Unstored => return (Ok(Seen::Unstored), generation),
             Read::Unavailable => {
