@@ -660,6 +660,21 @@ async fn only_if_cached_is_answered_from_the_cache_or_with_504() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_if_cached_with_several_ranges_never_reaches_the_origin() {
+    let h = harness(layer()).await;
+    let only = ("cache-control", "only-if-cached");
+    let ranges = ("range", "bytes=0-1, 3-4");
+    let (status, _, _) = h.get("/multi", &[only, ranges]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(h.origin.hits("/multi"), 0, "the origin is not asked");
+    // Stored: answered from the store, as the whole representation.
+    h.get("/multi", &[]).await;
+    let (status, _, body) = h.get("/multi", &[only, ranges]).await;
+    assert_eq!((status, body), (StatusCode::OK, Bytes::from("/multi #1")));
+    assert_eq!(h.origin.hits("/multi"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_set_cookie_on_a_304_goes_to_its_own_client_only() {
     let h = harness(layer()).await;
     assert_eq!(h.get("/rv-cookie", &[]).await.2, "/rv-cookie #1");
@@ -1444,5 +1459,52 @@ async fn a_server_error_or_a_zero_uncacheable_ttl_keeps_misses_behind_one_origin
             "{status} with {ttl:?}: misses went to the origin at once"
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2, "{status} with {ttl:?}");
+    }
+}
+
+/// A body shorter or longer than its `Content-Length` is passed on as read and never
+/// stored (RFC 9112 section 6.3, RFC 9111 section 3.3): the next request goes to the
+/// origin again. Without the header, the body's end frames it and it is stored.
+#[tokio::test]
+async fn a_body_that_does_not_match_its_content_length_is_not_stored() {
+    for (declared, body, stored) in [
+        (Some("10"), "12345", false),
+        (Some("5"), "123456789012", false),
+        (Some("x"), "12345", false),
+        (Some("5"), "12345", true),
+        (None, "12345", true),
+    ] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let origin = {
+            let calls = calls.clone();
+            tower::service_fn(move |_: Request<Full<Bytes>>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let mut response = Response::builder().header("cache-control", "max-age=60");
+                if let Some(declared) = declared {
+                    response = response.header("content-length", declared);
+                }
+                let response = response.body(Full::new(Bytes::from(body))).unwrap();
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            })
+        };
+        let svc = layer().layer(origin);
+        for _ in 0..2 {
+            let request = Request::get("http://origin.test/framed")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let response = svc.clone().oneshot(request).await.unwrap();
+            let status = cache_status(response.headers());
+            let read = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(read, body, "passed on as read ({declared:?})");
+            if !stored {
+                assert!(status.contains("incomplete"), "{declared:?}: {status}");
+            }
+        }
+        let expected = if stored { 1 } else { 2 };
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            expected,
+            "{declared:?} {body}"
+        );
     }
 }

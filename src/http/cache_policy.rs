@@ -38,6 +38,9 @@ pub enum NotStored {
     NoFreshness,
     /// The body is larger than the cache's limit.
     TooLarge,
+    /// The body did not match its `Content-Length` (shorter or longer): an incomplete or
+    /// mis-framed response is not stored (RFC 9112 section 6.3, RFC 9111 section 3.3).
+    Incomplete,
 }
 
 impl NotStored {
@@ -53,6 +56,7 @@ impl NotStored {
             NotStored::VaryStar => "vary-star",
             NotStored::NoFreshness => "no-freshness",
             NotStored::TooLarge => "too-large",
+            NotStored::Incomplete => "incomplete",
         }
     }
 }

@@ -226,6 +226,29 @@ where
     if let Some(TeeWriter(tee)) = published {
         tee.complete();
     }
+    if !matches_declared_length(&parts.headers, data.len()) {
+        // Shorter or longer than declared: passed on as read, for the client's HTTP stack
+        // to see as the origin framed it, and never stored.
+        tracing::debug!(
+            read = data.len(),
+            "http cache: body does not match its Content-Length, not stored"
+        );
+        if published.is_some() {
+            return Ok(Arc::new(Fetched {
+                status,
+                response: Fetch::Streaming(Mutex::new(None)),
+                request_headers,
+                extra,
+                store: None,
+                not_stored: Some(NotStored::Incomplete),
+                evict: None,
+                revalidated: false,
+                from_tier: false,
+            }));
+        }
+        let body = BufferedBody::streaming(frames, Some(body));
+        return Ok(streaming(body, parts, NotStored::Incomplete));
+    }
     let bytes = data.freeze();
     let response_vary = vary(&parts.headers);
     let store = {
@@ -269,6 +292,27 @@ where
         revalidated: false,
         from_tier: false,
     }))
+}
+
+/// Whether a body of `read` bytes is what `headers` declare: true without a
+/// `Content-Length` (the body's end frames it), false for one that differs or cannot be
+/// read (several values that disagree, or not a number).
+fn matches_declared_length(headers: &HeaderMap, read: usize) -> bool {
+    let mut declared = None;
+    for value in headers.get_all(http::header::CONTENT_LENGTH) {
+        let Some(length) = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        else {
+            return false;
+        };
+        if declared.is_some_and(|d| d != length) {
+            return false;
+        }
+        declared = Some(length);
+    }
+    declared.is_none_or(|length| length == read as u64)
 }
 
 /// What a flight sends its request to the origin with: [`fetch`] with the cache's own

@@ -141,10 +141,17 @@ where
     if method != Method::GET && method != Method::HEAD {
         return write_through(&core, inner, req).await;
     }
+    // only-if-cached (RFC 9111 section 5.2.1.7) comes before every decision to forward:
+    // such a request never reaches the origin.
+    let only_if_cached = req.headers().contains_key(http::header::CACHE_CONTROL)
+        && CacheControl::from_headers(req.headers()).only_if_cached;
     // Borrowed: a hit allocates only its key.
     let borrowed_host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
     let Some(key) = primary_key(&method, req.uri(), borrowed_host) else {
         metrics.bypass.increment(1);
+        if only_if_cached {
+            return Ok(only_if_cached_miss());
+        }
         return forward(inner, req, forwarded("bypass", None)).await;
     };
     let extra = match &core.key_extra {
@@ -152,6 +159,9 @@ where
             Some(extra) => Some(extra),
             None => {
                 metrics.bypass.increment(1);
+                if only_if_cached {
+                    return Ok(only_if_cached_miss());
+                }
                 return forward(inner, req, forwarded("bypass", None)).await;
             }
         },
@@ -159,7 +169,9 @@ where
     };
 
     let ranged = method == Method::GET && has_range(req.headers());
-    if ranged && several_ranges(req.headers()) {
+    // With only-if-cached, several ranges are answered from what is stored (as the whole
+    // representation) or with 504, below.
+    if ranged && !only_if_cached && several_ranges(req.headers()) {
         // The origin assembles several ranges (multipart/byteranges).
         metrics.bypass.increment(1);
         return forward(inner, req, forwarded("request", Some("multi-range"))).await;
@@ -193,7 +205,7 @@ where
         }
     }
     // only-if-cached (RFC 9111 section 5.2.1.7): nothing usable is stored, so 504.
-    if CacheControl::from_headers(req.headers()).only_if_cached {
+    if only_if_cached {
         metrics.bypass.increment(1);
         return Ok(only_if_cached_miss());
     }
