@@ -208,3 +208,76 @@ async fn foreign_bytes_under_a_tier_key_are_a_miss() {
         assert_eq!(answer, format!("{key} #{}", n + 2), "{key} is a miss");
     }
 }
+
+/// Instance A stores the `fr` variant of a URI, instance B the `en` one: both stay in
+/// Redis, and a third instance asking for either reads it there. Past `max_variants`,
+/// the oldest written goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variants_written_by_different_instances_all_survive_in_redis() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let instance = |i: usize| {
+        let calls = calls.clone();
+        let tier = RedisTier::builder(server.url())
+            .prefix("edge-vary:")
+            .timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        HttpCacheLayer::builder()
+            .name(format!("vary-{i}"))
+            .max_variants(2)
+            .second_tier(tier)
+            .build()
+            .layer(service_fn(move |req: Request<Full<Bytes>>| {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                let lang = req.headers()["accept-language"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                async move {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("cache-control", "max-age=60")
+                            .header("vary", "accept-language")
+                            .body(Full::new(Bytes::from(format!("{lang} #{n}"))))
+                            .unwrap(),
+                    )
+                }
+            }))
+    };
+    let (a, b, c, d) = (instance(0), instance(1), instance(2), instance(3));
+    let get = get_language;
+    assert_eq!(get(&a, "fr").await, "fr #1");
+    assert_eq!(get(&b, "en").await, "en #2");
+    // C has neither in memory: both from Redis, no origin request.
+    assert_eq!(get(&c, "fr").await, "fr #1");
+    assert_eq!(get(&c, "en").await, "en #2");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // A third language on D: two variants at most, the oldest (fr) goes.
+    assert_eq!(get(&d, "de").await, "de #3");
+    let fresh = instance(4);
+    assert_eq!(get(&fresh, "de").await, "de #3");
+    assert_eq!(get(&fresh, "en").await, "en #2");
+    assert_eq!(get(&fresh, "fr").await, "fr #4");
+}
+
+/// The body of a GET for `/page` in `lang`.
+async fn get_language<S>(svc: &S, lang: &str) -> String
+where
+    S: tower::Service<
+            Request<Full<Bytes>>,
+            Response = Response<BufferedBody<Full<Bytes>>>,
+            Error = towerguard::Error,
+        > + Clone,
+{
+    use http_body_util::BodyExt;
+    let request = Request::get("http://origin.test/page")
+        .header("accept-language", lang)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = svc.clone().oneshot(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}

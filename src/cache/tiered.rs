@@ -200,6 +200,7 @@ where
                 life.usable_for(),
                 tags,
                 generation,
+                None,
                 self.sender(),
             )
             .await

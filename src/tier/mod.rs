@@ -382,6 +382,13 @@ impl RedisTier {
     /// [`Write::Refused`] and Redis is left as it is. Bytes above the tier's bound are not
     /// written: `name` is marked unstored instead, nobody is told, and the answer is
     /// [`Write::NotWritten`] (a lease's release then wakes its waiters, who read the mark).
+    ///
+    /// With `merge`, `bytes` is one record, framed as [`frame_record`] frames it, and the
+    /// value is a list of such records after a version byte: the script puts this one
+    /// first and keeps the others already stored whose id differs, up to `max` in all, so
+    /// one instance's write never drops another's records (an HTTP URI's variants). The
+    /// list then lives as long as the longer of its old remaining life and `ttl`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn set(
         &self,
         name: &str,
@@ -389,6 +396,7 @@ impl RedisTier {
         ttl: Option<Duration>,
         tags: &[String],
         generation: &Generation,
+        merge: Option<(&str, usize)>,
         (from, metrics): (u64, &TierMetrics),
     ) -> Write {
         if bytes.len() > self.shared.config.max_value_bytes {
@@ -423,7 +431,10 @@ impl RedisTier {
             .arg(name)
             .arg(&self.shared.config.prefix)
             .arg(self.channel())
-            .arg(Message::Written(name).encode(from));
+            .arg(Message::Written(name).encode(from))
+            .arg(merge.map_or("", |(id, _)| id))
+            .arg(merge.map_or(0, |(_, max)| max.max(1)))
+            .arg(&[MERGED][..]);
         for tag in tags {
             cmd.arg(tag);
         }
@@ -707,10 +718,13 @@ return {value, tombstone, epoch, tonumber(tags)}
 ";
 
 /// Writes a value only if its generation is still the one its flight read: the same
-/// tombstone (`ARGV[3]`), the same epoch (`ARGV[4]`), and no tag of the value (`ARGV[9]`
-/// on) purged at a tag epoch above the one read (`ARGV[5]`). Then adds the name
+/// tombstone (`ARGV[3]`), the same epoch (`ARGV[4]`), and no tag of the value (`ARGV[13]`
+/// on) purged at a tag epoch above the one read (`ARGV[5]`). With a record id (`ARGV[10]`)
+/// the value (`ARGV[1]`) is one framed record merged into the list stored there: first,
+/// then the stored records with other ids, at most `ARGV[11]` in all, after the version
+/// byte `ARGV[12]` (anything else stored there is replaced). Then adds the name
 /// (`ARGV[6]`) to each tag's set, which lives as long as its longest-lived member, and
-/// publishes `ARGV[8]` on `ARGV[7]`. `ARGV[2]` is the value's expiry in ms (0: none).
+/// publishes `ARGV[9]` on `ARGV[8]`. `ARGV[2]` is the value's expiry in ms (0: none).
 /// 1 when written, 0 when refused.
 const WRITE_SCRIPT: &str = r"
 if (redis.call('GET', KEYS[2]) or '') ~= ARGV[3] then return 0 end
@@ -718,18 +732,44 @@ if (redis.call('GET', KEYS[3]) or '') ~= ARGV[4] then return 0 end
 local seen = tonumber(ARGV[5])
 local prefix = ARGV[7]
 if tonumber(redis.call('GET', KEYS[4]) or '0') > seen then
-  for i = 10, #ARGV do
+  for i = 13, #ARGV do
     local purged = redis.call('GET', prefix .. 'gt:' .. ARGV[i])
     if purged and tonumber(purged) > seen then return 0 end
   end
 end
 local ms = tonumber(ARGV[2])
-if ms > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ms)
-else
-  redis.call('SET', KEYS[1], ARGV[1])
+local value = ARGV[1]
+if ARGV[10] ~= '' then
+  local out = {ARGV[12], ARGV[1]}
+  local kept = 1
+  local max = tonumber(ARGV[11])
+  local old = redis.call('GET', KEYS[1])
+  if old and string.sub(old, 1, 1) == ARGV[12] then
+    local pos = 2
+    while pos <= #old and kept < max do
+      local idlen, at = struct.unpack('>I4', old, pos)
+      local id = string.sub(old, at, at + idlen - 1)
+      local len, body = struct.unpack('>I4', old, at + idlen)
+      local stop = body + len - 1
+      if stop > #old then break end
+      if id ~= ARGV[10] then
+        out[#out + 1] = string.sub(old, pos, stop)
+        kept = kept + 1
+      end
+      pos = stop + 1
+    end
+    local left = redis.call('PTTL', KEYS[1])
+    if ms > 0 and left > ms then ms = left end
+    if left == -1 then ms = 0 end
+  end
+  value = table.concat(out)
 end
-for i = 10, #ARGV do
+if ms > 0 then
+  redis.call('SET', KEYS[1], value, 'PX', ms)
+else
+  redis.call('SET', KEYS[1], value)
+end
+for i = 13, #ARGV do
   local tag = prefix .. 't:' .. ARGV[i]
   local existed = redis.call('EXISTS', tag)
   redis.call('SADD', tag, ARGV[6])
@@ -745,6 +785,25 @@ end
 redis.call('PUBLISH', ARGV[8], ARGV[9])
 return 1
 ";
+
+/// The version byte of a list of records merged by [`WRITE_SCRIPT`].
+#[cfg(feature = "http")]
+pub(crate) const MERGED_VERSION: &[u8] = &[MERGED];
+
+/// The byte [`MERGED_VERSION`] holds.
+const MERGED: u8 = 2;
+
+/// One record of a merged list: its id and its bytes, each after its length (u32,
+/// big-endian), as [`WRITE_SCRIPT`] reads them.
+#[cfg(feature = "http")]
+pub(crate) fn frame_record(id: &str, record: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + id.len() + record.len());
+    out.extend_from_slice(&(id.len() as u32).to_be_bytes());
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(&(record.len() as u32).to_be_bytes());
+    out.extend_from_slice(record);
+    out
+}
 
 /// Purges a tag: a new tag epoch (`KEYS[2]`) kept as the tag's tombstone (`KEYS[3]`, for
 /// `ARGV[2]` ms), so the writes of flights that read an older epoch are refused for values

@@ -197,6 +197,7 @@ impl HttpCacheLayer {
     /// [`ErrorResponseLayer`](crate::http::ErrorResponseLayer)), and the flight, shared,
     /// goes on for whoever still waits. The stack sets it to its total timeout, which
     /// sits inside the cache.
+    #[cfg(feature = "stack")]
     pub(crate) fn wait_bound(mut self, wait: Option<Duration>) -> Self {
         self.wait = wait;
         self

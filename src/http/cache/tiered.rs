@@ -10,12 +10,13 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
 use super::core::Core;
-use super::stored::{list_tags, Fetch, Fetched, Stored};
+use super::stored::{tags, Fetch, Fetched, Stored};
 use crate::cache::flight::Gate;
 use crate::error::Error;
-use crate::http::cache_policy::{vary, vary_matches, AgeInputs, Reuse};
+use crate::http::cache_policy::{normalised, vary, vary_matches, AgeInputs, Reuse, Vary};
 use crate::tier::{
-    wall_ms, Generation, Lease, Listener, Message, Read, RedisTier, Seen, TierMetrics, Write,
+    frame_record, wall_ms, Generation, Lease, Listener, Message, Read, RedisTier, Seen,
+    TierMetrics, Write, MERGED_VERSION,
 };
 
 pub(super) struct HttpTier {
@@ -82,32 +83,36 @@ impl HttpTier {
         self.tier.get(primary, &self.metrics).await.1
     }
 
-    /// Writes `list` as the variants of `primary`, expiring when the last is no longer
-    /// usable, unless `primary` was invalidated since `generation` was read; the other
-    /// instances drop their copies.
-    async fn write(&self, primary: &str, list: &[Arc<Stored>], generation: &Generation) -> Write {
+    /// Writes `stored` as a variant of `primary`, merged in Redis with the variants other
+    /// instances wrote (it replaces the one it matches; at most `max_variants` in all),
+    /// unless `primary` was invalidated since `generation` was read; the other instances
+    /// drop their copies.
+    async fn write(
+        &self,
+        primary: &str,
+        stored: &Stored,
+        max_variants: usize,
+        generation: &Generation,
+    ) -> Write {
         let now = Instant::now();
-        let usable = list
-            .iter()
-            .map(|s| {
-                let window = s.stale_while_revalidate.max(s.stale_if_error);
-                s.freshness
-                    .saturating_add(window)
-                    .saturating_sub(s.current_age(now))
-            })
-            .max()
-            .unwrap_or_default();
+        let window = stored.stale_while_revalidate.max(stored.stale_if_error);
+        let usable = stored
+            .freshness
+            .saturating_add(window)
+            .saturating_sub(stored.current_age(now));
         if usable.is_zero() {
             return Write::NotWritten;
         }
-        let tags = list_tags(list);
+        let id = variant_id(stored);
+        let record = frame_record(&id, &encode_variant(stored, now, wall_ms()));
         self.tier
             .set(
                 primary,
-                encode(list, now),
+                record,
                 Some(usable),
-                &tags,
+                &tags(&stored.headers),
                 generation,
+                Some((&id, max_variants)),
                 self.sender(),
             )
             .await
@@ -257,8 +262,10 @@ impl Core {
         let mut mark = None;
         if let (Some(generation), Ok(fetched)) = (&origin.generation, outcome) {
             if let Some(stored) = fetched.store.as_ref().filter(|_| !gate.is_closed()) {
-                let list = self.with_variant(primary, stored.clone());
-                match tier.write(primary, &list, generation).await {
+                match tier
+                    .write(primary, stored, self.max_variants, generation)
+                    .await
+                {
                     Write::Written => written = true,
                     // Invalidated since the flight began: kept out of this store too.
                     Write::Refused => gate.close(),
@@ -351,40 +358,72 @@ impl Listener for Core {
     }
 }
 
-// The wire format: a version byte, the number of variants (u16), then for each variant
-// its status (u16), the wall-clock time it was written and its age then (ms, u64), its
-// freshness and stale windows (ms, u64 each), the key function's part, its headers, the
-// nominated request headers, and its body. Lengths are u32, integers big-endian.
-const VERSION: u8 = 1;
+// The wire format: a version byte (2), then one record per variant, most recent first,
+// each framed by `frame_record` (its id, then its bytes, each after a u32 length) so the
+// write script can merge one instance's variant into what the others wrote. A variant's
+// bytes: its status (u16), the wall-clock time it was written and its age then (ms, u64),
+// its freshness and stale windows (ms, u64 each), the key function's part, its headers,
+// the nominated request headers, and its body. Lengths are u32, integers big-endian.
 
-fn encode(list: &[Arc<Stored>], now: Instant) -> Vec<u8> {
+/// What makes a variant the same one as another for the merge: the key function's part,
+/// the `Vary` field names and the nominated request values (as the first tier's
+/// `with_variant` decides it).
+fn variant_id(stored: &Stored) -> String {
+    let mut id = String::new();
+    if let Some(extra) = &stored.extra {
+        id.push_str(&extra.len().to_string());
+        id.push(':');
+        id.push_str(extra);
+    }
+    id.push('|');
+    if let Vary::Fields(names) = &stored.vary {
+        for name in names {
+            id.push_str(name.as_str());
+            id.push('=');
+            id.push_str(&normalised(&stored.request_headers, name).unwrap_or_default());
+            id.push('\n');
+        }
+    }
+    id
+}
+
+/// One variant's bytes, as written at `written` (wall-clock ms).
+fn encode_variant(s: &Stored, now: Instant, written: u64) -> Vec<u8> {
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let size: usize = list.iter().map(|s| s.weight() as usize + 64).sum();
-    let mut out = Vec::with_capacity(size + 3);
-    out.push(VERSION);
-    out.extend_from_slice(&(list.len().min(u16::MAX as usize) as u16).to_be_bytes());
+    let mut out = Vec::with_capacity(s.weight() as usize + 64);
+    out.extend_from_slice(&s.status.as_u16().to_be_bytes());
+    for n in [
+        written,
+        ms(s.current_age(now)),
+        ms(s.freshness),
+        ms(s.stale_while_revalidate),
+        ms(s.stale_if_error),
+    ] {
+        out.extend_from_slice(&n.to_be_bytes());
+    }
+    match &s.extra {
+        Some(extra) => {
+            out.push(1);
+            put_bytes(&mut out, extra.as_bytes());
+        }
+        None => out.push(0),
+    }
+    put_headers(&mut out, &s.headers);
+    put_headers(&mut out, &s.request_headers);
+    put_bytes(&mut out, &s.body);
+    out
+}
+
+/// A whole list as the write script leaves it (for tests).
+#[cfg(test)]
+fn encode(list: &[Arc<Stored>], now: Instant) -> Vec<u8> {
     let written = wall_ms();
-    for s in list.iter().take(u16::MAX as usize) {
-        out.extend_from_slice(&s.status.as_u16().to_be_bytes());
-        for n in [
-            written,
-            ms(s.current_age(now)),
-            ms(s.freshness),
-            ms(s.stale_while_revalidate),
-            ms(s.stale_if_error),
-        ] {
-            out.extend_from_slice(&n.to_be_bytes());
-        }
-        match &s.extra {
-            Some(extra) => {
-                out.push(1);
-                put_bytes(&mut out, extra.as_bytes());
-            }
-            None => out.push(0),
-        }
-        put_headers(&mut out, &s.headers);
-        put_headers(&mut out, &s.request_headers);
-        put_bytes(&mut out, &s.body);
+    let mut out = MERGED_VERSION.to_vec();
+    for s in list {
+        out.extend(frame_record(
+            &variant_id(s),
+            &encode_variant(s, now, written),
+        ));
     }
     out
 }
@@ -402,54 +441,23 @@ fn put_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
     }
 }
 
-/// Reads what [`encode`] wrote; `None` for anything else (counted as a miss).
+/// Reads a list the write script left; `None` for anything else (counted as a miss).
 fn decode(bytes: &[u8]) -> Option<Vec<Stored>> {
     let mut r = Reader(bytes);
-    if r.take(1)?[0] != VERSION {
+    if r.take(1)? != MERGED_VERSION {
         return None;
     }
-    let count = u16::from_be_bytes(r.array()?);
     let now_wall = wall_ms();
-    let mut list = Vec::with_capacity(usize::from(count));
-    for _ in 0..count {
-        let status = StatusCode::from_u16(u16::from_be_bytes(r.array()?)).ok()?;
-        let mut n = [0u64; 5];
-        for slot in &mut n {
-            *slot = u64::from_be_bytes(r.array()?);
+    let mut list = Vec::new();
+    while !r.0.is_empty() {
+        let _id = r.bytes()?;
+        let mut v = Reader(r.bytes()?);
+        list.push(v.variant(now_wall)?);
+        if !v.0.is_empty() {
+            return None;
         }
-        let [written, age_then, freshness, swr, sie] = n;
-        let extra = match r.take(1)?[0] {
-            0 => None,
-            _ => Some(String::from_utf8(r.bytes()?.to_vec()).ok()?),
-        };
-        let headers = r.headers()?;
-        let request_headers = r.headers()?;
-        let body = Bytes::copy_from_slice(r.bytes()?);
-        // Its age now: its age when written, plus the time since (by the wall clock,
-        // which every instance shares).
-        let age = Duration::from_millis(age_then.saturating_add(now_wall.saturating_sub(written)));
-        let response_time = SystemTime::now();
-        let request_time = response_time.checked_sub(age).unwrap_or(response_time);
-        list.push(Stored {
-            status,
-            vary: vary(&headers),
-            headers,
-            body,
-            request_headers,
-            extra,
-            age: AgeInputs {
-                age_header: None,
-                date: None,
-                request_time,
-                response_time,
-            },
-            stored_at: Instant::now(),
-            freshness: Duration::from_millis(freshness),
-            stale_while_revalidate: Duration::from_millis(swr),
-            stale_if_error: Duration::from_millis(sie),
-        });
     }
-    r.0.is_empty().then_some(list)
+    Some(list)
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -473,6 +481,46 @@ impl<'a> Reader<'a> {
         self.take(len)
     }
 
+    /// One variant's bytes, its age carried on from `now_wall` (wall-clock ms).
+    fn variant(&mut self, now_wall: u64) -> Option<Stored> {
+        let status = StatusCode::from_u16(u16::from_be_bytes(self.array()?)).ok()?;
+        let mut n = [0u64; 5];
+        for slot in &mut n {
+            *slot = u64::from_be_bytes(self.array()?);
+        }
+        let [written, age_then, freshness, swr, sie] = n;
+        let extra = match self.take(1)?[0] {
+            0 => None,
+            _ => Some(String::from_utf8(self.bytes()?.to_vec()).ok()?),
+        };
+        let headers = self.headers()?;
+        let request_headers = self.headers()?;
+        let body = Bytes::copy_from_slice(self.bytes()?);
+        // Its age now: its age when written, plus the time since (by the wall clock,
+        // which every instance shares).
+        let age = Duration::from_millis(age_then.saturating_add(now_wall.saturating_sub(written)));
+        let response_time = SystemTime::now();
+        let request_time = response_time.checked_sub(age).unwrap_or(response_time);
+        Some(Stored {
+            status,
+            vary: vary(&headers),
+            headers,
+            body,
+            request_headers,
+            extra,
+            age: AgeInputs {
+                age_header: None,
+                date: None,
+                request_time,
+                response_time,
+            },
+            stored_at: Instant::now(),
+            freshness: Duration::from_millis(freshness),
+            stale_while_revalidate: Duration::from_millis(swr),
+            stale_if_error: Duration::from_millis(sie),
+        })
+    }
+
     fn headers(&mut self) -> Option<HeaderMap> {
         let count = u32::from_be_bytes(self.array()?) as usize;
         let mut headers = HeaderMap::with_capacity(count.min(1024));
@@ -487,7 +535,6 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::stored::tags;
     use super::*;
 
     fn stored(body: &'static str, extra: Option<&str>) -> Stored {
@@ -548,7 +595,9 @@ mod tests {
     fn anything_else_reads_as_nothing() {
         let bytes = encode(&[Arc::new(stored("x", None))], Instant::now());
         for cut in 0..bytes.len() {
-            assert!(decode(&bytes[..cut]).is_none(), "cut at {cut}");
+            // Cut at the record's start, it is a list of none: a miss all the same.
+            let read = decode(&bytes[..cut]);
+            assert!(read.is_none_or(|list| list.is_empty()), "cut at {cut}");
         }
         let mut longer = bytes.clone();
         longer.push(0);
