@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The proxy example's requests, tried as clients send them: the cache keys on the Host
 # the client used, so two sites an origin tells apart by X-Forwarded-Host stay apart;
-# the upstream's redirects come back in the client's URL space, with and without a path
+# targeted cache-control fields (CDN-Cache-Control, Surrogate-Control) decide for the
+# proxy; the upstream's redirects come back in the client's URL space, with and without a path
 # prefix (`--upstream http://ORIGIN/base`); and a body sent without a length (chunked)
 # up to --max-body-kb reaches an origin that reads only Content-Length whole; a body
 # that stalls reaches the client as it arrives and is stored; a WebSocket goes through;
@@ -52,6 +53,25 @@ count=$(curl -s "http://$origin/count/named")
 echo "one URL twice: origin requests $stored; '${purged%$'\n'}'; after it $count"
 [ "$stored" = 1 ] || fail "two requests for one URL reached the origin $stored times"
 [ "$count" = 2 ] || fail "after the PURGE the origin saw $count requests, not 2"
+
+# Targeted cache-control fields: `CDN-Cache-Control: max-age=600` (and
+# `Surrogate-Control: max-age=600`) beside `Cache-Control: max-age=0` is stored for
+# 600 s; Surrogate-Control is removed before the response goes on, CDN-Cache-Control
+# passed on; the origin is told the proxy's Surrogate-Capability.
+for field in cdn surrogate; do
+  headers=$(curl -s -D - -o "$work/targeted.body" "http://127.0.0.1:$plain/targeted/$field?$field=1")
+  curl -s -o /dev/null "http://127.0.0.1:$plain/targeted/$field?$field=1"
+  count=$(curl -s "http://$origin/count/$field")
+  body=$(cat "$work/targeted.body")
+  echo "targeted $field: origin requests $count; origin saw '$body'"
+  [ "$count" = 1 ] || fail "$field: max-age=600 for this cache, but the origin saw $count requests"
+  case "$body" in *Surrogate/1.0*) ;; *) fail "$field: the origin was not told Surrogate-Capability" ;; esac
+  if [ "$field" = surrogate ]; then
+    ! grep -qi '^surrogate-control' <<<"$headers" || fail "Surrogate-Control reached the client"
+  else
+    grep -qi '^cdn-cache-control: max-age=600' <<<"$headers" || fail "CDN-Cache-Control was not passed on"
+  fi
+done
 
 # Redirects: the upstream's URLs (absolute or path-absolute, under the prefix) come back
 # as the client's paths; a path the proxy cannot map is passed on unchanged.

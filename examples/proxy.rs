@@ -130,6 +130,12 @@ struct Args {
     #[arg(long)]
     cdn_mode: bool,
 
+    /// Ignore the upstream's `CDN-Cache-Control` (RFC 9213) and `Surrogate-Control`: by
+    /// default the proxy reads them instead of `Cache-Control`, removes
+    /// `Surrogate-Control` from responses, and sends `Surrogate-Capability` upstream.
+    #[arg(long)]
+    ignore_targeted_fields: bool,
+
     /// Pass the upstream's `Cache-Tag` and `Surrogate-Key` on to clients (by default they
     /// are kept for invalidation and removed from responses).
     #[arg(long)]
@@ -1227,6 +1233,7 @@ fn build_proxy(args: &Args) -> Result<(Proxy, Option<Purger>, Tunnel), String> {
     if !args.no_cache {
         let policy = HttpCachePolicy::default()
             .ignore_client_directives(args.cdn_mode)
+            .targeted_fields(!args.ignore_targeted_fields)
             .stale_on_error(Duration::from_secs(args.stale_on_error_secs));
         let cache = HttpCacheLayer::builder()
             .name("proxy")

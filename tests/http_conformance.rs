@@ -2028,3 +2028,104 @@ fn a_head_response_updates_only_the_same_representation_section_4_3_5() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Targeted cache-control fields: RFC 9213 (CDN-Cache-Control) and the Edge Architecture
+// specification 1.0 (Surrogate-Control), with `HttpCachePolicy::targeted_fields` on.
+
+#[test]
+fn targeted_fields_rfc_9213_and_edge_architecture() {
+    let on = HttpCachePolicy::default().targeted_fields(true);
+    let off = HttpCachePolicy::default();
+    let get = headers(&[]);
+    // (rule, response, stored with the switch on, freshness on, stale-if-error on,
+    //  freshness off)
+    let rows: &[(&str, &[(&str, &str)], bool, u64, u64, u64)] = &[
+        (
+            "RFC 9213 2.2 (cache behavior): CDN-Cache-Control is read instead of Cache-Control",
+            &[("cache-control", "max-age=0"), ("cdn-cache-control", "max-age=600")],
+            true, 600, 0, 0,
+        ),
+        (
+            "RFC 9213 2.2 (cache behavior): Cache-Control's no-store does not apply when CDN-Cache-Control is present",
+            &[("cache-control", "no-store"), ("cdn-cache-control", "max-age=60")],
+            true, 60, 0, 0,
+        ),
+        (
+            "RFC 9213 2.2 (cache behavior): CDN-Cache-Control's no-store keeps it out",
+            &[("cache-control", "max-age=600"), ("cdn-cache-control", "no-store")],
+            false, 0, 0, 600,
+        ),
+        (
+            "RFC 9213 2.2 (cache behavior): CDN-Cache-Control private keeps it out of this cache",
+            &[("cache-control", "public, max-age=60"), ("cdn-cache-control", "private")],
+            false, 0, 0, 60,
+        ),
+        (
+            "RFC 9213 2.2 (cache behavior): CDN-Cache-Control comes before Surrogate-Control",
+            &[("cdn-cache-control", "max-age=30"), ("surrogate-control", "max-age=900")],
+            true, 30, 0, 0,
+        ),
+        (
+            "Edge Architecture (Surrogate-Control): Surrogate-Control max-age is read instead of Cache-Control",
+            &[("cache-control", "max-age=0"), ("surrogate-control", "max-age=600")],
+            true, 600, 0, 0,
+        ),
+        (
+            "Edge Architecture (Surrogate-Control): max-age=N+M gives M seconds of stale-if-error",
+            &[("surrogate-control", "max-age=60+300")],
+            true, 60, 300, 0,
+        ),
+        (
+            "Edge Architecture (Surrogate-Control): no-store",
+            &[("cache-control", "max-age=60"), ("surrogate-control", "no-store")],
+            false, 0, 0, 60,
+        ),
+        (
+            "Edge Architecture (Surrogate-Control): no-store-remote (this cache is remote)",
+            &[("cache-control", "max-age=60"), ("surrogate-control", "no-store-remote")],
+            false, 0, 0, 60,
+        ),
+        (
+            "Edge Architecture (Surrogate-Control): content is read, not acted on",
+            &[("surrogate-control", "content=\"ESI/1.0\", max-age=120")],
+            true, 120, 0, 0,
+        ),
+        (
+            "Edge Architecture (Surrogate-Control): a directive targeted at a device applies here too",
+            &[("surrogate-control", "max-age=90;edge")],
+            true, 90, 0, 0,
+        ),
+        (
+            "without a targeted field, Cache-Control as before",
+            &[("cache-control", "max-age=45")],
+            true, 45, 0, 45,
+        ),
+    ];
+    for (rule, response, stored, fresh, stale_if_error, fresh_off) in rows {
+        let response = headers(response);
+        let decided = on.storable(&Method::GET, &get, StatusCode::OK, &response);
+        assert_eq!(decided.is_ok(), *stored, "{rule}: stored {decided:?}");
+        if *stored {
+            assert_eq!(
+                on.freshness(StatusCode::OK, &response),
+                Duration::from_secs(*fresh),
+                "{rule}: freshness"
+            );
+            assert_eq!(
+                on.stale_windows(&response).1,
+                Duration::from_secs(*stale_if_error),
+                "{rule}: stale-if-error"
+            );
+        }
+        // Switched off, the targeted fields change nothing.
+        let plain = off.storable(&Method::GET, &get, StatusCode::OK, &response);
+        if plain.is_ok() {
+            assert_eq!(
+                off.freshness(StatusCode::OK, &response),
+                Duration::from_secs(*fresh_off),
+                "{rule}: freshness with the switch off"
+            );
+        }
+    }
+}

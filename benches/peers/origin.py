@@ -48,13 +48,15 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def answer(self, body, cache_control="public, max-age=3600", head=False, tag=None):
+    def answer(self, body, cache_control="public, max-age=3600", head=False, tag=None, extra=()):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", cache_control)
         if tag:
             self.send_header("Cache-Tag", tag)
+        for name, value in extra:
+            self.send_header(name, value)
         self.end_headers()
         if not head:
             self.wfile.write(body)
@@ -68,6 +70,18 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 n = COUNTS.get(name, 0)
             self.answer(str(n).encode(), cache_control="no-store", head=head)
+            return
+        if kind == "targeted":
+            # `/targeted/NAME?cdn=1` or `?surrogate=1`: `Cache-Control: max-age=0` beside
+            # `CDN-Cache-Control` or `Surrogate-Control: max-age=600`; counted, and the
+            # body says which Surrogate-Capability the request carried.
+            with LOCK:
+                COUNTS[name] = COUNTS.get(name, 0) + 1
+            query = parse_qs(url.query)
+            field = "CDN-Cache-Control" if "cdn" in query else "Surrogate-Control"
+            capability = self.headers.get("Surrogate-Capability", "none")
+            self.answer(f"capability {capability}".encode(), cache_control="max-age=0",
+                        head=head, extra=[(field, "max-age=600")])
             return
         if kind == "site":
             host = self.headers.get("X-Forwarded-Host", "none")

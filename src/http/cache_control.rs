@@ -72,6 +72,14 @@ pub struct CacheControl {
     pub immutable: bool,
 }
 
+impl Seconds {
+    /// Delta-seconds as RFC 9111 section 1.2.2 reads them: digits only, capped at 2^31;
+    /// anything else is invalid.
+    pub(crate) fn parse(value: &str) -> Seconds {
+        parse_seconds(Some(value))
+    }
+}
+
 fn parse_seconds(value: Option<&str>) -> Seconds {
     let Some(value) = value else {
         return Seconds::Invalid;

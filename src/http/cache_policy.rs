@@ -70,7 +70,16 @@ pub struct HttpCachePolicy {
     max_heuristic: Duration,
     default_ttl: Option<Duration>,
     stale_on_error: Duration,
+    targeted: bool,
 }
+
+/// `CDN-Cache-Control` (RFC 9213): `Cache-Control` for CDNs alone.
+pub const CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
+/// `Surrogate-Control` (the Edge Architecture specification): `Cache-Control` for
+/// surrogates (reverse proxies) alone, removed before the response goes on.
+pub const SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
+/// `Surrogate-Capability`: what a surrogate tells the origin it can do.
+pub const SURROGATE_CAPABILITY: HeaderName = HeaderName::from_static("surrogate-capability");
 
 impl Default for HttpCachePolicy {
     fn default() -> Self {
@@ -81,6 +90,7 @@ impl Default for HttpCachePolicy {
             max_heuristic: Duration::from_secs(24 * 3600),
             default_ttl: None,
             stale_on_error: Duration::ZERO,
+            targeted: false,
         }
     }
 }
@@ -141,6 +151,59 @@ impl HttpCachePolicy {
         self
     }
 
+    /// Targeted cache-control fields, for a cache run as a CDN node or a reverse proxy
+    /// (off by default):
+    ///
+    /// | field | effect |
+    /// |---|---|
+    /// | `CDN-Cache-Control` (RFC 9213) | when present, this cache reads its directives *instead of* `Cache-Control` (which still goes on to clients); the field itself is passed on, for CDNs further down |
+    /// | `Surrogate-Control` (Edge Architecture 1.0) | when present (and no `CDN-Cache-Control`), read instead of `Cache-Control`: `max-age=N` (and `N+M`: `M` more seconds of stale-if-error), `no-store`, `no-store-remote` (this cache is remote: not stored), `content` (read, not acted on: no ESI here); removed before the response goes on |
+    /// | `Surrogate-Capability` | sent to the origin on every request: `towerguard="Surrogate/1.0"` |
+    ///
+    /// A stored response keeps both fields, so every later decision reads them too.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use http::{HeaderMap, HeaderValue, StatusCode};
+    /// use towerguard::http::cache_policy::HttpCachePolicy;
+    ///
+    /// let policy = HttpCachePolicy::default().targeted_fields(true);
+    /// let mut response = HeaderMap::new();
+    /// response.insert("cache-control", HeaderValue::from_static("max-age=0"));
+    /// response.insert("cdn-cache-control", HeaderValue::from_static("max-age=600"));
+    /// assert_eq!(policy.freshness(StatusCode::OK, &response), Duration::from_secs(600));
+    /// ```
+    pub fn targeted_fields(mut self, on: bool) -> Self {
+        self.targeted = on;
+        self
+    }
+
+    /// True when `CDN-Cache-Control` and `Surrogate-Control` are read (see
+    /// [`targeted_fields`](Self::targeted_fields)).
+    pub fn honours_targeted_fields(&self) -> bool {
+        self.targeted
+    }
+
+    /// The response's cache directives for this cache: from its targeted field when
+    /// [`targeted_fields`](Self::targeted_fields) is on and it has one, else from
+    /// `Cache-Control`.
+    pub fn response_directives(&self, response: &HeaderMap) -> CacheControl {
+        if self.targeted {
+            if response.contains_key(&CDN_CACHE_CONTROL) {
+                return CacheControl::parse(
+                    response
+                        .get_all(&CDN_CACHE_CONTROL)
+                        .iter()
+                        .map(|v| v.as_bytes()),
+                );
+            }
+            if response.contains_key(&SURROGATE_CONTROL) {
+                return surrogate_control(response);
+            }
+        }
+        CacheControl::from_headers(response)
+    }
+
     /// True when the request's own `Cache-Control` is honoured (the default).
     pub fn honours_client_directives(&self) -> bool {
         self.client_directives
@@ -193,7 +256,7 @@ impl HttpCachePolicy {
             return Err(NotStored::Status);
         }
         let req_cc = CacheControl::from_headers(request);
-        let res_cc = CacheControl::from_headers(response);
+        let res_cc = self.response_directives(response);
         if self.request_no_store(&req_cc) || res_cc.no_store {
             return Err(NotStored::NoStore);
         }
@@ -233,7 +296,7 @@ impl HttpCachePolicy {
     /// response) has none: it may be stored, but every use needs a successful validation
     /// first (section 5.2.2.4), and without a validator it is not worth storing.
     pub fn freshness(&self, status: StatusCode, response: &HeaderMap) -> Duration {
-        let cc = CacheControl::from_headers(response);
+        let cc = self.response_directives(response);
         if cc.no_cache {
             return Duration::ZERO;
         }
@@ -276,7 +339,7 @@ impl HttpCachePolicy {
     /// [`stale_on_error`](Self::stale_on_error)); both zero when RFC 9111 forbids serving
     /// it stale (sections 4.2.4, 5.2.2.2, 5.2.2.4, 5.2.2.8, 5.2.2.10; RFC 5861).
     pub fn stale_windows(&self, response: &HeaderMap) -> (Duration, Duration) {
-        let cc = CacheControl::from_headers(response);
+        let cc = self.response_directives(response);
         if cc.forbids_stale() {
             return (Duration::ZERO, Duration::ZERO);
         }
@@ -311,7 +374,7 @@ impl HttpCachePolicy {
             return if fresh { Reuse::Fresh } else { Reuse::Stale };
         }
         let req = CacheControl::from_headers(request);
-        let res = CacheControl::from_headers(response);
+        let res = self.response_directives(response);
         if req.no_cache {
             return Reuse::Validate;
         }
@@ -345,6 +408,39 @@ impl HttpCachePolicy {
     fn request_no_store(&self, request: &CacheControl) -> bool {
         self.client_directives && request.no_store
     }
+}
+
+/// `Surrogate-Control`'s directives as this cache reads them (see
+/// [`HttpCachePolicy::targeted_fields`]): a directive targeted at a device (`;name`) is
+/// read as if it were for every surrogate.
+fn surrogate_control(response: &HeaderMap) -> CacheControl {
+    let mut cc = CacheControl::default();
+    for line in response.get_all(&SURROGATE_CONTROL) {
+        let line = String::from_utf8_lossy(line.as_bytes());
+        for directive in line.split(',') {
+            let directive = directive.split(';').next().unwrap_or("").trim();
+            let (name, value) = match directive.split_once('=') {
+                Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
+                None => (directive, None),
+            };
+            match name.to_ascii_lowercase().as_str() {
+                "no-store" | "no-store-remote" => cc.no_store = true,
+                "max-age" => {
+                    let value = value.unwrap_or("");
+                    let (fresh, stale) = match value.split_once('+') {
+                        Some((fresh, stale)) => (fresh, Some(stale)),
+                        None => (value, None),
+                    };
+                    cc.max_age = Some(Seconds::parse(fresh));
+                    if let Some(stale) = stale {
+                        cc.stale_if_error = Some(Seconds::parse(stale));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    cc
 }
 
 /// How a stored response may answer a request: [`HttpCachePolicy::reuse`].

@@ -27,7 +27,8 @@ use crate::http::body::BufferedBody;
 use crate::http::cache_control::CacheControl;
 use crate::http::cache_policy::{
     has_validator, head_matches, invalidates, invalidation_targets, is_stale_on_error_status,
-    primary_key, vary_matches, CacheStatus, NotStored, Reuse,
+    primary_key, vary_matches, CacheStatus, NotStored, Reuse, SURROGATE_CAPABILITY,
+    SURROGATE_CONTROL,
 };
 use crate::http::range::{has_range, several_ranges};
 use crate::http::tee::{Head, Tee, TeeBody};
@@ -75,10 +76,17 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let core = self.core.clone();
         let inner = self.inner.clone();
         let wait = self.wait;
+        let targeted = core.policy.honours_targeted_fields();
+        if targeted {
+            req.headers_mut().insert(
+                SURROGATE_CAPABILITY,
+                http::HeaderValue::from_static("towerguard=\"Surrogate/1.0\""),
+            );
+        }
         Box::pin(async move {
             let keep_tags = core.keep_tag_headers;
             let mut response = handle(core, inner, req, wait).await?;
@@ -86,6 +94,10 @@ where
                 for name in TAG_FIELDS {
                     response.headers_mut().remove(name);
                 }
+            }
+            if targeted {
+                // For surrogates alone; kept in the store for later decisions.
+                response.headers_mut().remove(SURROGATE_CONTROL);
             }
             Ok(response)
         })
