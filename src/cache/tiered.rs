@@ -405,7 +405,7 @@ where
                 self.flights.detach_all();
                 self.store.invalidate_all();
             }
-            Message::Released(_) => {}
+            Message::Released(_) | Message::Ack(_) => {}
         }
     }
 
@@ -414,6 +414,8 @@ where
             tier.metrics.resyncs.increment(1);
             tier.forget_all();
         }
+        // Flights under way may have missed an invalidation too.
+        self.flights.detach_all();
         self.store.invalidate_all();
     }
 }

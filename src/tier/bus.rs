@@ -41,35 +41,58 @@ pub(crate) enum Message<'a> {
     All,
     /// A lease on this name ended without a value written.
     Released(&'a str),
+    /// An instance applied the invalidation that asked for acknowledgements with this
+    /// nonce.
+    Ack(u64),
 }
 
 impl<'a> Message<'a> {
     /// `{sender} {kind} {argument}`, the sender in hex.
     pub(crate) fn encode(&self, from: u64) -> String {
+        self.encode_acked(from, None)
+    }
+
+    /// As [`encode`](Self::encode), asking every instance that applies it to acknowledge
+    /// it with `ack` (`{sender} {kind}!{ack} {argument}`, both in hex).
+    pub(crate) fn encode_acked(&self, from: u64, ack: Option<u64>) -> String {
+        let nonce;
         let (kind, arg) = match self {
             Message::Written(name) => ("w", *name),
             Message::Invalidated(name) => ("i", *name),
             Message::Tag(tag) => ("t", *tag),
             Message::All => ("a", ""),
             Message::Released(name) => ("r", *name),
+            Message::Ack(n) => {
+                nonce = format!("{n:x}");
+                ("k", nonce.as_str())
+            }
         };
-        format!("{from:x} {kind} {arg}")
+        match ack {
+            Some(ack) => format!("{from:x} {kind}!{ack:x} {arg}"),
+            None => format!("{from:x} {kind} {arg}"),
+        }
     }
 
-    pub(crate) fn decode(text: &'a str) -> Option<(u64, Message<'a>)> {
+    /// The sender, the message, and the nonce to acknowledge it with, if it asks for one.
+    pub(crate) fn decode(text: &'a str) -> Option<(u64, Message<'a>, Option<u64>)> {
         let mut parts = text.splitn(3, ' ');
         let from = u64::from_str_radix(parts.next()?, 16).ok()?;
         let kind = parts.next()?;
         let arg = parts.next()?;
+        let (kind, ack) = match kind.split_once('!') {
+            Some((kind, ack)) => (kind, Some(u64::from_str_radix(ack, 16).ok()?)),
+            None => (kind, None),
+        };
         let message = match kind {
             "w" => Message::Written(arg),
             "i" => Message::Invalidated(arg),
             "t" => Message::Tag(arg),
             "a" => Message::All,
             "r" => Message::Released(arg),
+            "k" => Message::Ack(u64::from_str_radix(arg, 16).ok()?),
             _ => return None,
         };
-        Some((from, message))
+        Some((from, message, ack))
     }
 
     /// The name a lease waiter may be waiting on.
@@ -78,7 +101,7 @@ impl<'a> Message<'a> {
             Message::Written(name) | Message::Invalidated(name) | Message::Released(name) => {
                 Some(name)
             }
-            Message::Tag(_) | Message::All => None,
+            Message::Tag(_) | Message::All | Message::Ack(_) => None,
         }
     }
 }
@@ -96,6 +119,8 @@ pub(super) struct Bus {
     listeners: Mutex<Vec<(u64, Weak<dyn Listener>)>>,
     /// Flights waiting for another instance's lease, by name.
     waits: DashMap<String, Arc<Notify>>,
+    /// Invalidations this process sent that wait for acknowledgements, by nonce.
+    acks: DashMap<u64, Arc<Acks>>,
     started: AtomicBool,
     state: watch::Sender<Backplane>,
     stop: CancellationToken,
@@ -126,6 +151,7 @@ impl Bus {
         Bus {
             listeners: Mutex::new(Vec::new()),
             waits: DashMap::new(),
+            acks: DashMap::new(),
             started: AtomicBool::new(false),
             state: watch::Sender::new(Backplane::default()),
             stop: CancellationToken::new(),
@@ -182,14 +208,55 @@ impl Bus {
         true
     }
 
+    /// Starts counting the acknowledgements of an invalidation about to be sent with
+    /// `nonce`; [`acked`](Self::acked) waits for them.
+    pub(super) fn expect_acks(&self, nonce: u64) -> Arc<Acks> {
+        let acks = Arc::new(Acks::default());
+        self.acks.insert(nonce, acks.clone());
+        acks
+    }
+
+    /// Waits until `expected` instances acknowledged `nonce`, or `bound` passed; true
+    /// when they all did.
+    pub(super) async fn acked(
+        &self,
+        nonce: u64,
+        acks: &Acks,
+        expected: usize,
+        bound: std::time::Duration,
+    ) -> bool {
+        let all = async {
+            loop {
+                let notified = acks.notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if acks.count.load(Ordering::Acquire) >= expected {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let done = tokio::time::timeout(bound, all).await.is_ok();
+        self.acks.remove(&nonce);
+        done
+    }
+
     /// Hands a message to the caches of `tier` that did not send it.
     fn dispatch(tier: &Arc<Shared>, payload: &[u8]) {
         let bus = &tier.bus;
-        let Some((from, message)) = std::str::from_utf8(payload).ok().and_then(Message::decode)
+        let Some((from, message, ack)) =
+            std::str::from_utf8(payload).ok().and_then(Message::decode)
         else {
             tracing::debug!("second tier: unreadable backplane message ignored");
             return;
         };
+        if let Message::Ack(nonce) = message {
+            if let Some(acks) = bus.acks.get(&nonce) {
+                acks.count.fetch_add(1, Ordering::AcqRel);
+                acks.notify.notify_waiters();
+            }
+            return;
+        }
         let listeners: Vec<_> = lock(&bus.listeners)
             .iter()
             .filter(|(id, _)| *id != from)
@@ -197,6 +264,7 @@ impl Bus {
             .collect();
         if let Message::Tag(tag) = message {
             if listeners.is_empty() {
+                acknowledge(tier, ack);
                 return;
             }
             // The single-flight cache purges a tag by scanning its whole store (about a
@@ -210,6 +278,7 @@ impl Bus {
                     listener.apply(&Message::Tag(&tag));
                 }
                 tier.bus.applied(&listeners);
+                acknowledge(&tier, ack);
             });
             return;
         }
@@ -220,6 +289,7 @@ impl Bus {
             notify.notify_waiters();
         }
         bus.applied(&listeners);
+        acknowledge(tier, ack);
     }
 
     /// Counts a message applied, if any cache took it.
@@ -239,6 +309,39 @@ impl Bus {
         }
         self.state.send_modify(|s| s.resyncs += 1);
     }
+}
+
+/// The acknowledgements of one invalidation, counted as they arrive.
+#[derive(Default)]
+pub(super) struct Acks {
+    count: std::sync::atomic::AtomicUsize,
+    notify: Notify,
+}
+
+/// Tells the sender of an invalidation that this instance applied it, when it asked
+/// (`ack`), in the background on the tier's command connection.
+fn acknowledge(tier: &Arc<Shared>, ack: Option<u64>) {
+    let Some(nonce) = ack else {
+        return;
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let tier = tier.clone();
+    runtime.spawn(async move {
+        let send = async {
+            let mut connection = tier.connection().await?;
+            redis::cmd("PUBLISH")
+                .arg(format!("{}bus", tier.config.prefix))
+                .arg(Message::Ack(nonce).encode(0))
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(|e| crate::Error::with_source(crate::ErrorKind::Inner, e))
+        };
+        if let Ok(Err(error)) = tokio::time::timeout(tier.config.timeout, send).await {
+            tracing::debug!(error = %crate::error::chain(&error), "second tier: acknowledgement not sent");
+        }
+    });
 }
 
 /// The next message of `stream`, `None` when the connection is gone.
@@ -330,9 +433,12 @@ mod tests {
             Message::Tag("t 1"),
             Message::All,
             Message::Released(""),
+            Message::Ack(0x1234),
         ] {
             let text = message.encode(0xabc);
-            assert_eq!(Message::decode(&text), Some((0xabc, message)));
+            assert_eq!(Message::decode(&text), Some((0xabc, message, None)));
+            let text = message.encode_acked(0xabc, Some(0x5d));
+            assert_eq!(Message::decode(&text), Some((0xabc, message, Some(0x5d))));
         }
         assert_eq!(Message::decode("zz w a"), None);
         assert_eq!(Message::decode("1 q a"), None);

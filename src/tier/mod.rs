@@ -40,7 +40,9 @@
 //!   everything (or a restarted Redis) gives the prefix a new epoch `{prefix}gen`. A write
 //!   that finds any of them changed is refused, counted as `result="refused"`, and the
 //!   flight's value is kept out of its own first tier as well; its waiters still get it.
-//!   A flight that read Redis more than five minutes before its write writes nothing. See
+//!   A flight that read Redis more than five minutes before its write writes nothing.
+//!   Invalidation messages ask every instance to acknowledge them once applied, and a
+//!   purge returns when all have. See
 //!   [the cache's guarantee](crate::cache#invalidation-is-never-undone).
 //!
 //! Keys in Redis: `{prefix}v:{name}` holds a value (or the mark `towerguard:unstored`),
@@ -489,11 +491,9 @@ impl RedisTier {
             .arg(px(TOMBSTONE_TTL))
             .ignore();
         pipe.cmd("DEL").arg(self.value_key(name)).ignore();
-        self.publish_in(&mut pipe, &Message::Invalidated(name), from);
-        let done = self.sent(
-            self.run::<()>(Request::Pipe(pipe), metrics, Op::Del).await,
-            metrics,
-        );
+        let done = self
+            .publish_acked(pipe, &Message::Invalidated(name), (from, metrics), Op::Del)
+            .await;
         if !done {
             self.later(|p| &mut p.names, name);
         }
@@ -553,12 +553,9 @@ impl RedisTier {
             .arg(self.value_key(""))
             .arg(px(TOMBSTONE_TTL))
             .ignore();
-        self.publish_in(&mut pipe, &Message::Tag(tag), from);
-        let done = self.sent(
-            self.run::<()>(Request::Pipe(pipe), metrics, Op::Purge)
-                .await,
-            metrics,
-        );
+        let done = self
+            .publish_acked(pipe, &Message::Tag(tag), (from, metrics), Op::Purge)
+            .await;
         if !done {
             self.later(|p| &mut p.tags, tag);
         }
@@ -622,36 +619,43 @@ impl RedisTier {
                 cursor = next;
             }
         }
-        self.publish(&Message::All, (from, metrics)).await
+        self.publish_acked(redis::pipe(), &Message::All, (from, metrics), Op::Publish)
+            .await
     }
 
-    /// Publishes `message` on the backplane.
-    pub(crate) async fn publish(
+    /// Sends `pipe` (whose commands' answers are ignored) with `message` published last,
+    /// asking every subscribed instance to acknowledge it once applied, and waits for
+    /// every acknowledgement (this instance's own subscriber's included), for at most the
+    /// larger of the timeout and one second. True when Redis took it; an instance that
+    /// does not acknowledge in time is logged, not waited for.
+    async fn publish_acked(
         &self,
+        mut pipe: redis::Pipeline,
         message: &Message<'_>,
         (from, metrics): (u64, &TierMetrics),
+        op: Op,
     ) -> bool {
-        let mut pipe = redis::pipe();
-        self.publish_in(&mut pipe, message, from);
-        self.sent(
-            self.run::<()>(Request::Pipe(pipe), metrics, Op::Publish)
-                .await,
-            metrics,
-        )
-    }
-
-    fn publish_in(&self, pipe: &mut redis::Pipeline, message: &Message<'_>, from: u64) {
+        self.start_bus();
+        let nonce = new_id();
+        let bus = &self.shared.bus;
+        let acks = bus.expect_acks(nonce);
         pipe.cmd("PUBLISH")
             .arg(self.channel())
-            .arg(message.encode(from))
-            .ignore();
-    }
-
-    fn sent(&self, done: Option<()>, metrics: &TierMetrics) -> bool {
-        if done.is_some() {
-            metrics.sent.increment(1);
+            .arg(message.encode_acked(from, Some(nonce)));
+        let Some((receivers,)) = self.run::<(usize,)>(Request::Pipe(pipe), metrics, op).await
+        else {
+            bus.acked(nonce, &acks, 0, Duration::ZERO).await;
+            return false;
+        };
+        metrics.sent.increment(1);
+        let bound = self.shared.config.timeout.max(Duration::from_secs(1));
+        if !bus.acked(nonce, &acks, receivers, bound).await {
+            tracing::warn!(
+                receivers,
+                "second tier: not every instance acknowledged an invalidation in time"
+            );
         }
-        done.is_some()
+        true
     }
 
     /// Runs `request` within the timeout; `None` when Redis is unavailable, slow or

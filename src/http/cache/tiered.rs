@@ -345,7 +345,7 @@ impl Listener for Core {
             Message::Invalidated(primary) => self.invalidate_here(primary),
             Message::Tag(tag) => self.invalidate_tag_here(tag),
             Message::All => self.invalidate_all_here(),
-            Message::Released(_) => {}
+            Message::Released(_) | Message::Ack(_) => {}
         }
     }
 
@@ -353,8 +353,8 @@ impl Listener for Core {
         if let Some(tier) = &self.second {
             tier.metrics.resyncs.increment(1);
         }
-        self.store.invalidate_all();
-        self.sample();
+        // Everything here may have missed an invalidation: flights and solos included.
+        self.invalidate_all_here();
     }
 }
 
