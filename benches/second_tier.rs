@@ -2,7 +2,8 @@
 //!
 //! - a first-tier hit with no second tier and (feature `redis`) with one configured;
 //! - (feature `redis`) a second-tier hit (first tier empty) beside a bare `GET` of the
-//!   same bytes with redis-rs, and the backplane's delay: from `purge` on one instance to
+//!   same bytes with redis-rs, a miss in both tiers (the read, the lease, the upstream,
+//!   the write, the release), and the backplane's delay: from `purge` on one instance to
 //!   the message applied on another.
 //!
 //! ```text
@@ -172,6 +173,20 @@ mod with_redis {
         println!(
             "bare redis-rs GET of the same entry:    {}",
             percentiles(&bare)
+        );
+
+        // Misses in both tiers: a read, the lease, the upstream, a write, the release.
+        let mut miss = Histogram::<u64>::new(3).unwrap();
+        for key in 1_000_000..1_020_000u64 {
+            let start = Instant::now();
+            reader.clone().oneshot(key).await.unwrap();
+            if key >= 1_002_000 {
+                miss.record(start.elapsed().as_nanos() as u64).unwrap();
+            }
+        }
+        println!(
+            "miss in both tiers, read to write (18,000 after 2,000 warm-up): {}",
+            percentiles(&miss)
         );
 
         // Backplane delay: purge on the writer, applied on the reader.
