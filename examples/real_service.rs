@@ -15,8 +15,11 @@
 //!
 //! ```text
 //! cargo run --release --example real_service -- --rounds 5 --secs 6 [--variants bare,stack]
+//! TRACE_LIMIT=1 cargo run --release --example real_service -- --variants stack
 //! ```
-//! Needs `wrk` (Debian: `apt-get install wrk`).
+//!
+//! With `TRACE_LIMIT` set, the stack's limit, in flight and queued are printed every
+//! 250 ms. Needs `wrk` (Debian: `apt-get install wrk`).
 
 use std::net::SocketAddr;
 use std::process::Command;
