@@ -94,7 +94,10 @@ struct Run {
     limit: Option<usize>,
 }
 
-fn serve(variant: &str, runtime: &tokio::runtime::Runtime) -> (SocketAddr, Option<towerguard::limit::LimitHandle>) {
+fn serve(
+    variant: &str,
+    runtime: &tokio::runtime::Runtime,
+) -> (SocketAddr, Option<towerguard::limit::LimitHandle>) {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
@@ -159,7 +162,11 @@ fn run(variant: &str, args: &Args) -> Run {
         });
     }
     let output = Command::new("wrk")
-        .args(["-t1", &format!("-c{}", args.connections), &format!("-d{}s", args.secs)])
+        .args([
+            "-t1",
+            &format!("-c{}", args.connections),
+            &format!("-d{}s", args.secs),
+        ])
         .args(["--latency", &url])
         .output()
         .expect("wrk (Debian: apt-get install wrk)");
@@ -195,7 +202,9 @@ fn run(variant: &str, args: &Args) -> Run {
 
 /// wrk's `1.23ms`, `456.00us`, `1.20s` in milliseconds.
 fn parse_ms(text: &str) -> f64 {
-    let split = text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: f64 = number.parse().unwrap_or(f64::NAN);
     match unit {
@@ -209,7 +218,8 @@ fn parse_ms(text: &str) -> f64 {
 fn main() {
     let args = Args::parse();
     let variants: Vec<String> = args.variants.split(',').map(str::to_owned).collect();
-    let mut table: Vec<(String, Vec<f64>)> = variants.iter().map(|v| (v.clone(), Vec::new())).collect();
+    let mut table: Vec<(String, Vec<f64>)> =
+        variants.iter().map(|v| (v.clone(), Vec::new())).collect();
     for round in 1..=args.rounds {
         for (variant, rates) in table.iter_mut() {
             let run = run(variant, &args);
@@ -230,11 +240,17 @@ fn main() {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let bare = table.iter().find(|(v, _)| v == "bare").map(|(_, r)| median(r));
+    let bare = table
+        .iter()
+        .find(|(v, _)| v == "bare")
+        .map(|(_, r)| median(r));
     for (variant, rates) in &table {
         let m = median(rates);
         match bare {
-            Some(bare) => println!("{variant:>14}: median {m:.0} requests per CPU second, {:.2} of bare", m / bare),
+            Some(bare) => println!(
+                "{variant:>14}: median {m:.0} requests per CPU second, {:.2} of bare",
+                m / bare
+            ),
             None => println!("{variant:>14}: median {m:.0} requests per CPU second"),
         }
     }

@@ -1249,7 +1249,7 @@ async fn main() {
     bar.finish_and_clear();
 
     let descriptions = [
-        ("stampede", "stampede: 10,000 concurrent requests for one cold key, upstream 50 ms (disc_: the first requester leaves 10 ms in)"),
+        ("stampede", "stampede: 10,000 concurrent requests for one cold key, upstream 50 ms (first disconnects: the first requester leaves 10 ms in)"),
         ("tail", "tail: upstream 2 ms, 2% of calls 100 ms, 32 clients (medians of the rounds)"),
         ("faults", "faults: 10% transient failures, then a total outage, 32 clients"),
         ("overload", "overload: open loop at 2x measured capacity (16 slots x 20 ms), 250 ms client deadline"),

@@ -88,6 +88,25 @@ impl World {
         *floor = (*floor).max(version);
     }
 
+    /// Bumps every key whose name starts with `tag` (every key for ""), named with
+    /// `prefix`; the versions to raise the floors to once the purge returns.
+    fn bump_tag(&self, tag: &str, prefix: &str) -> Vec<(String, u64)> {
+        KEYS.iter()
+            .filter(|k| k.starts_with(tag))
+            .map(|k| {
+                let name = format!("{prefix}{k}");
+                let version = self.bump(&name);
+                (name, version)
+            })
+            .collect()
+    }
+
+    fn raise_all(&self, bumped: Vec<(String, u64)>) {
+        for (key, version) in bumped {
+            self.raise(&key, version);
+        }
+    }
+
     fn count(&self, what: &'static str) {
         *self.counts.lock().unwrap().entry(what).or_default() += 1;
     }
@@ -280,24 +299,16 @@ async fn worker(fleet: Arc<Fleet>, world: Arc<World>, gate: Arc<RwLock<()>>, see
                 world.count("purge_tag");
                 let _open = gate.read().await;
                 let tag = &key[..1];
-                let bumped: Vec<_> = KEYS
-                    .iter()
-                    .filter(|k| k.starts_with(tag))
-                    .map(|k| (*k, world.bump(k)))
-                    .collect();
+                let bumped = world.bump_tag(tag, "");
                 fleet.generic[i].0.purge_tag(tag).await;
-                for (k, version) in bumped {
-                    world.raise(k, version);
-                }
+                world.raise_all(bumped);
             }
             85 => {
                 world.count("purge_all");
                 let _open = gate.read().await;
-                let bumped: Vec<_> = KEYS.iter().map(|k| (*k, world.bump(k))).collect();
+                let bumped = world.bump_tag("", "");
                 fleet.generic[i].0.purge_all().await;
-                for (k, version) in bumped {
-                    world.raise(k, version);
-                }
+                world.raise_all(bumped);
             }
             86..=91 => {
                 world.count("post");
@@ -314,15 +325,9 @@ async fn worker(fleet: Arc<Fleet>, world: Arc<World>, gate: Arc<RwLock<()>>, see
                 world.count("http purge_tag");
                 let _open = gate.read().await;
                 let tag = &key[..1];
-                let bumped: Vec<_> = KEYS
-                    .iter()
-                    .filter(|k| k.starts_with(tag))
-                    .map(|k| (format!("/{k}"), world.bump(&format!("/{k}"))))
-                    .collect();
+                let bumped = world.bump_tag(tag, "/");
                 fleet.http[i].0.purge_tag(tag).await;
-                for (k, version) in bumped {
-                    world.raise(&k, version);
-                }
+                world.raise_all(bumped);
             }
             _ => {
                 // The upstream changes with nobody told: no guarantee, only more versions.

@@ -58,18 +58,42 @@ pub(crate) type Upstream<V> = Pin<Box<dyn Future<Output = Result<V, Error>> + Se
 /// Whether a flight's outcome may still be stored: closed by an invalidation of its key
 /// (a detach) or by the second tier refusing its write, before the outcome is stored. The
 /// flight's upstream holds it too, so the second tier's write can see it and close it.
-#[derive(Debug, Default)]
-pub(crate) struct Gate(std::sync::atomic::AtomicBool);
+#[derive(Default)]
+pub(crate) struct Gate {
+    closed: std::sync::atomic::AtomicBool,
+    /// What the upstream keeps alive until the outcome is stored (see [`hold`](Self::hold)).
+    held: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
 
 impl Gate {
+    /// Keeps `guard` alive until the flight's outcome has been stored (or not), then
+    /// drops it: a registration that an invalidation must find until then.
+    pub(crate) fn hold(&self, guard: Box<dyn std::any::Any + Send>) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+    }
+
+    /// Drops what [`hold`](Self::hold) kept.
+    fn release(&self) {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(held);
+    }
+
     /// Keeps the outcome out of every store.
     pub(crate) fn close(&self) {
-        self.0.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::Release);
     }
 
     /// Whether the outcome must not be stored.
     pub(crate) fn is_closed(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -587,6 +611,8 @@ where
             state.wakers.take_all()
         };
         self.owner.flights().remove(self);
+        // Stored (or not): what the upstream kept registered until now may go.
+        self.gate.release();
         wakers.into_iter().for_each(Waker::wake);
         result
     }

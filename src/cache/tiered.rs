@@ -207,13 +207,13 @@ where
     }
 
     /// Counts a flight for `key` under way through the tier, until the guard drops.
-    fn flying(&self, key: &K, name: &str) -> Flying<'_, K, V> {
+    fn flying(self: &Arc<Self>, key: &K, name: &str) -> Flying<K, V> {
         self.flying
             .entry(name.to_owned())
             .or_insert_with(|| (key.clone(), 0))
             .1 += 1;
         Flying {
-            tier: self,
+            tier: self.clone(),
             name: name.to_owned(),
         }
     }
@@ -268,12 +268,14 @@ where
 }
 
 /// One flight under way through the tier, counted in [`SecondTier::flying`].
-struct Flying<'a, K: Hash + Eq, V> {
-    tier: &'a SecondTier<K, V>,
+/// Kept until the flight's outcome is stored (see [`Gate::hold`]), so a message that
+/// arrives between the upstream's end and the store still finds the flight.
+struct Flying<K: Hash + Eq, V> {
+    tier: Arc<SecondTier<K, V>>,
     name: String,
 }
 
-impl<K: Hash + Eq, V> Drop for Flying<'_, K, V> {
+impl<K: Hash + Eq, V> Drop for Flying<K, V> {
     fn drop(&mut self) {
         if let dashmap::mapref::entry::Entry::Occupied(mut entry) =
             self.tier.flying.entry(std::mem::take(&mut self.name))
@@ -306,9 +308,26 @@ where
         let core = self.clone();
         Box::pin(async move {
             let name = tier.name(&key);
-            // Registered before Redis is read: an invalidation message from here on
-            // detaches this flight, whether or not the first tier holds the key.
-            let _flying = tier.flying(&key, &name);
+            // Registered before Redis is read, and kept until the outcome is stored: an
+            // invalidation message from here on detaches this flight, whether or not the
+            // first tier holds the key.
+            let flying = tier.flying(&key, &name);
+            let outcome = core.through_tier(&tier, key, &name, &gate, upstream).await;
+            gate.hold(Box::new(flying));
+            outcome
+        })
+    }
+
+    async fn through_tier(
+        &self,
+        tier: &Arc<SecondTier<K, V>>,
+        key: K,
+        name: &str,
+        gate: &Gate,
+        upstream: Upstream<V>,
+    ) -> Result<V, crate::error::Error> {
+        let (core, name) = (self, name.to_owned());
+        {
             let (generation, lease) = match tier.read_or_unavailable(&key, &name, true).await {
                 Ok((Seen::Value(value), _)) => return Ok(value),
                 Ok((Seen::Nothing, generation)) => (Some(generation), true),
@@ -367,7 +386,7 @@ where
                 (None, _, None) => {}
             }
             Ok(value)
-        })
+        }
     }
 }
 

@@ -142,6 +142,20 @@ where
             from_tier: false,
         })
     };
+    // A response whose client already has it through the tee: nothing left to hand out.
+    let handed_over = |reason| {
+        Arc::new(Fetched {
+            status,
+            response: Fetch::Streaming(Mutex::new(None)),
+            request_headers: request_headers.clone(),
+            extra: extra.clone(),
+            store: None,
+            not_stored: Some(reason),
+            evict: None,
+            revalidated: false,
+            from_tier: false,
+        })
+    };
     let freshness = policy.freshness(status, &parts.headers);
     let (swr, sie) = policy.stale_windows(&parts.headers);
     // Worth storing when it can answer a later request; an error that is stale at once
@@ -211,17 +225,7 @@ where
         };
         // Its client has the frames so far and reads the rest itself.
         tee.rest(body);
-        return Ok(Arc::new(Fetched {
-            status,
-            response: Fetch::Streaming(Mutex::new(None)),
-            request_headers,
-            extra,
-            store: None,
-            not_stored: Some(NotStored::TooLarge),
-            evict: None,
-            revalidated: false,
-            from_tier: false,
-        }));
+        return Ok(handed_over(NotStored::TooLarge));
     }
     if let Some(TeeWriter(tee)) = published {
         tee.complete();
@@ -234,17 +238,7 @@ where
             "http cache: body does not match its Content-Length, not stored"
         );
         if published.is_some() {
-            return Ok(Arc::new(Fetched {
-                status,
-                response: Fetch::Streaming(Mutex::new(None)),
-                request_headers,
-                extra,
-                store: None,
-                not_stored: Some(NotStored::Incomplete),
-                evict: None,
-                revalidated: false,
-                from_tier: false,
-            }));
+            return Ok(handed_over(NotStored::Incomplete));
         }
         let body = BufferedBody::streaming(frames, Some(body));
         return Ok(streaming(body, parts, NotStored::Incomplete));
