@@ -112,14 +112,14 @@ impl World {
     }
 
     /// A value `key@v` seen by a caller that started when the floor was `floor`.
-    fn seen(&self, what: &str, key: &str, floor: u64, value: &str) {
+    fn seen(&self, what: &str, key: &str, floor: u64, value: &str, instance: usize) {
         let version: u64 = value
             .rsplit_once('@')
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or_else(|| panic!("unreadable value {value:?}"));
         if version < floor {
             self.violations.lock().unwrap().push(format!(
-                "{what} {key}: got version {version} after a purge published {floor}"
+                "{what} {key} on instance {instance}: got version {version} after a purge published {floor}"
             ));
         }
     }
@@ -267,7 +267,7 @@ async fn worker(fleet: Arc<Fleet>, world: Arc<World>, gate: Arc<RwLock<()>>, see
                     call.await
                 };
                 match result {
-                    Ok(value) => world.seen("get", key, floor, &value),
+                    Ok(value) => world.seen("get", key, floor, &value, i),
                     Err(_) => world.count("get failed"),
                 }
             }
@@ -278,7 +278,7 @@ async fn worker(fleet: Arc<Fleet>, world: Arc<World>, gate: Arc<RwLock<()>>, see
                     Ok(response) if response.status() == StatusCode::OK => {
                         let body = response.into_body().collect().await.unwrap().to_bytes();
                         let body = std::str::from_utf8(&body).unwrap();
-                        world.seen("http get", &path, floor, body);
+                        world.seen("http get", &path, floor, body, i);
                     }
                     _ => world.count("http get failed"),
                 }
@@ -351,6 +351,12 @@ async fn no_caller_after_a_purge_gets_an_older_version_anywhere_in_the_fleet() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    // Warnings (an invalidation some instance did not acknowledge in time) show with a
+    // failure.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("towerguard::tier=warn")
+        .with_test_writer()
+        .try_init();
     let world = Arc::new(World::default());
     world.seed.store(seed << 32, Ordering::Relaxed);
     let fleet = Arc::new(fleet(&server, &world).await);

@@ -226,9 +226,9 @@ where
     /// Deletes `key` from the second tier and tells the other instances.
     pub(crate) async fn remove(&self, key: &K) {
         self.lives.remove(key);
-        let name = self.name(key);
-        self.names.remove(&name);
-        self.tier.del(&name, self.sender()).await;
+        // The key stays in `names` until the first tier drops it: a message from another
+        // instance's purge of it, arriving meanwhile, must still find it here.
+        self.tier.del(&self.name(key), self.sender()).await;
     }
 
     /// Deletes every value tagged `tag` and tells the other instances.
@@ -238,7 +238,7 @@ where
 
     /// Deletes every value under the tier's prefix and tells the other instances.
     pub(crate) async fn remove_all(&self) {
-        self.names.clear();
+        // `names` is kept, as in `remove`: the caller empties the first tier after.
         self.tier.del_all(self.sender()).await;
     }
 
