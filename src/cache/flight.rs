@@ -76,6 +76,7 @@ impl std::fmt::Debug for Gate {
 impl Gate {
     /// Keeps `guard` alive until the flight's outcome has been stored (or not), then
     /// drops it: a registration that an invalidation must find until then.
+    #[cfg(feature = "redis")]
     pub(crate) fn hold(&self, guard: Box<dyn std::any::Any + Send>) {
         *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
     }
