@@ -128,34 +128,25 @@ where
     let status = response.status();
     let decision = policy.storable(&Method::GET, &request_headers, status, response.headers());
     let (parts, body) = response.into_parts();
+    // A response that is not stored: passed on in `slot`, or `None` when its client already
+    // has it through the tee.
+    let unstored = |slot: Option<Box<dyn Any + Send>>, reason| {
+        Arc::new(Fetched {
+            status,
+            response: Fetch::Streaming(Mutex::new(slot)),
+            request_headers: request_headers.clone(),
+            extra: extra.clone(),
+            store: None,
+            not_stored: Some(reason),
+            evict: None,
+            revalidated: false,
+            from_tier: false,
+        })
+    };
     let streaming = |body: BufferedBody<RB>, parts: http::response::Parts, reason| {
-        let response: Box<dyn Any + Send> = Box::new(Response::from_parts(parts, body));
-        Arc::new(Fetched {
-            status,
-            response: Fetch::Streaming(Mutex::new(Some(response))),
-            request_headers: request_headers.clone(),
-            extra: extra.clone(),
-            store: None,
-            not_stored: Some(reason),
-            evict: None,
-            revalidated: false,
-            from_tier: false,
-        })
+        unstored(Some(Box::new(Response::from_parts(parts, body))), reason)
     };
-    // A response whose client already has it through the tee: nothing left to hand out.
-    let handed_over = |reason| {
-        Arc::new(Fetched {
-            status,
-            response: Fetch::Streaming(Mutex::new(None)),
-            request_headers: request_headers.clone(),
-            extra: extra.clone(),
-            store: None,
-            not_stored: Some(reason),
-            evict: None,
-            revalidated: false,
-            from_tier: false,
-        })
-    };
+    let handed_over = |reason| unstored(None, reason);
     let freshness = policy.freshness(status, &parts.headers);
     let (swr, sie) = policy.stale_windows(&parts.headers);
     // Worth storing when it can answer a later request; an error that is stale at once
