@@ -172,23 +172,19 @@ fn run(variant: &str, args: &Args) -> Run {
         .expect("wrk (Debian: apt-get install wrk)");
     let cpu = cpu_seconds() - cpu;
     let text = String::from_utf8_lossy(&output.stdout);
-    let total = text
-        .lines()
-        .find(|l| l.contains("requests in"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or(0);
-    let other = text
-        .lines()
-        .find(|l| l.contains("Non-2xx"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or(0);
-    let p99_ms = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("99%"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .map_or(f64::NAN, parse_ms);
+    // The words of the first line of wrk's report that `is` picks.
+    let words = |is: &dyn Fn(&str) -> bool| -> Vec<String> {
+        text.lines()
+            .find(|l| is(l))
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    let count = |word: Option<&String>| word.and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    let total = count(words(&|l| l.contains("requests in")).first());
+    let other = count(words(&|l| l.contains("Non-2xx")).last());
+    let p99_ms = words(&|l| l.trim_start().starts_with("99%"))
+        .get(1)
+        .map_or(f64::NAN, |v| parse_ms(v));
     let limit = handle.map(|h| h.limit());
     runtime.shutdown_timeout(Duration::from_secs(1));
     Run {

@@ -41,6 +41,20 @@ pub(crate) struct SecondTier<K, V> {
     id: OnceLock<u64>,
 }
 
+/// The remaining life of a value read from Redis, `None` once its fresh life is over.
+fn life_of(envelope: &Envelope) -> Option<Lifetime> {
+    let now = wall_ms();
+    match envelope.fresh_until_ms {
+        0 => Some(Lifetime::forever()),
+        until if now < until => Some(
+            Lifetime::fresh_for(Duration::from_millis(until - now))
+                .stale_while_revalidate(Duration::from_millis(envelope.stale_while_revalidate_ms))
+                .stale_if_error(Duration::from_millis(envelope.stale_if_error_ms)),
+        ),
+        _ => None,
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -102,46 +116,39 @@ where
         // A life left by a flight that was dropped after its read must not outlive it.
         self.lives.remove(key);
         let (read, generation) = self.tier.get(name, &self.metrics).await;
-        let bytes = match (read, generation) {
-            (Read::Found(bytes), Some(generation)) => (bytes, generation),
-            (Read::Unstored, Some(generation)) => return Ok((Seen::Unstored, generation)),
-            (missing, generation) => {
+        let Some(generation) = generation else {
+            if count_miss {
+                self.metrics.miss.increment(1);
+            }
+            return Err(());
+        };
+        let bytes = match read {
+            Read::Found(bytes) => bytes,
+            Read::Unstored => return Ok((Seen::Unstored, generation)),
+            Read::Missing | Read::Unavailable => {
                 if count_miss {
                     self.metrics.miss.increment(1);
                 }
-                return match (missing, generation) {
-                    (Read::Missing, Some(generation)) => Ok((Seen::Nothing, generation)),
-                    _ => Err(()),
-                };
+                return Ok((Seen::Nothing, generation));
             }
         };
-        let (bytes, generation) = bytes;
         let found = match Envelope::unwrap(&bytes) {
-            Some((envelope, payload)) => {
-                let now = wall_ms();
-                match envelope.fresh_until_ms {
-                    0 => Some(Lifetime::forever()),
-                    until if now < until => Some(
-                        Lifetime::fresh_for(Duration::from_millis(until - now))
-                            .stale_while_revalidate(Duration::from_millis(
-                                envelope.stale_while_revalidate_ms,
-                            ))
-                            .stale_if_error(Duration::from_millis(envelope.stale_if_error_ms)),
-                    ),
-                    // Stale there too: the upstream refreshes it.
-                    _ => None,
-                }
-                .map(|life| (self.codec.decode(payload), life))
-            }
-            None => Some((None, Lifetime::forever())),
-        };
-        let found = match found {
-            Some((None, _)) => {
+            // Another program's bytes, or a truncated or altered envelope.
+            None => {
                 self.tier.corrupt(name, &self.metrics);
                 None
             }
-            Some((Some(value), life)) => Some((value, life)),
-            None => None,
+            Some((envelope, payload)) => match life_of(&envelope) {
+                // Stale there too: the upstream refreshes it.
+                None => None,
+                Some(life) => match self.codec.decode(payload) {
+                    Some(value) => Some((value, life)),
+                    None => {
+                        self.tier.corrupt(name, &self.metrics);
+                        None
+                    }
+                },
+            },
         };
         let Some((value, life)) = found else {
             if count_miss {
@@ -326,67 +333,64 @@ where
         gate: &Gate,
         upstream: Upstream<V>,
     ) -> Result<V, crate::error::Error> {
-        let (core, name) = (self, name.to_owned());
-        {
-            let (generation, lease) = match tier.read_or_unavailable(&key, &name, true).await {
-                Ok((Seen::Value(value), _)) => return Ok(value),
-                Ok((Seen::Nothing, generation)) => (Some(generation), true),
-                // Marked: another instance's result for it was not stored, so nobody's
-                // lease would bring one; go straight to the upstream.
-                Ok((Seen::Unstored, generation)) => (Some(generation), false),
-                // Redis did not answer: the flight goes on without it, so a request waits
-                // out at most one timeout.
-                Err(()) => (None, false),
-            };
-            let guard = match lease {
-                true => match tier.lease(&key, &name).await {
-                    Lease::Found(value) => return Ok(value),
-                    Lease::Held(guard) => Some(guard),
-                    Lease::Alone | Lease::Unstored => None,
-                },
-                false => None,
-            };
-            // On an error the guard is dropped: the lease is released for the others, and
-            // one of them calls its upstream next (one at a time, sparing a failing one).
-            let value = upstream.await?;
-            let life = match (core.storable)(&value) {
-                Storable::No => None,
-                Storable::Default => Some(core.store.default_life()),
-                Storable::For(life) => Some(life),
-            };
-            match (generation, life, guard) {
-                // Invalidated here since the flight began: nothing to write.
-                (Some(_), Some(_), guard) if gate.is_closed() => {
-                    if let Some(guard) = guard {
-                        guard.release(false).await;
-                    }
+        let (generation, lease) = match tier.read_or_unavailable(&key, name, true).await {
+            Ok((Seen::Value(value), _)) => return Ok(value),
+            Ok((Seen::Nothing, generation)) => (Some(generation), true),
+            // Marked: another instance's result for it was not stored, so nobody's
+            // lease would bring one; go straight to the upstream.
+            Ok((Seen::Unstored, generation)) => (Some(generation), false),
+            // Redis did not answer: the flight goes on without it, so a request waits
+            // out at most one timeout.
+            Err(()) => (None, false),
+        };
+        let guard = match lease {
+            true => match tier.lease(&key, name).await {
+                Lease::Found(value) => return Ok(value),
+                Lease::Held(guard) => Some(guard),
+                Lease::Alone | Lease::Unstored => None,
+            },
+            false => None,
+        };
+        // On an error the guard is dropped: the lease is released for the others, and
+        // one of them calls its upstream next (one at a time, sparing a failing one).
+        let value = upstream.await?;
+        let life = match (self.storable)(&value) {
+            Storable::No => None,
+            Storable::Default => Some(self.store.default_life()),
+            Storable::For(life) => Some(life),
+        };
+        match (generation, life, guard) {
+            // Invalidated here since the flight began: nothing to write.
+            (Some(_), Some(_), guard) if gate.is_closed() => {
+                if let Some(guard) = guard {
+                    guard.release(false).await;
                 }
-                (Some(generation), Some(life), guard) => {
-                    let tags = core
-                        .tags
-                        .as_ref()
-                        .map(|f| f(&key, &value))
-                        .unwrap_or_default();
-                    let written = tier.write(&name, &value, (life, &tags), &generation).await;
-                    if written == Write::Refused {
-                        // Invalidated on some instance since the flight read Redis: kept
-                        // out of this instance's store too.
-                        gate.close();
-                    }
-                    if let Some(guard) = guard {
-                        guard.release(written == Write::Written).await;
-                    }
-                }
-                // Not to be stored: mark it, so the instances waiting on the lease (woken
-                // by its release, sent in the same round trip) and the next misses
-                // anywhere call their upstreams at once instead of one after another.
-                (Some(_), None, Some(guard)) => guard.release_marked(UNSTORED_TTL).await,
-                (Some(_), None, None) => tier.mark_unstored(&name).await,
-                (None, _, Some(guard)) => guard.release(false).await,
-                (None, _, None) => {}
             }
-            Ok(value)
+            (Some(generation), Some(life), guard) => {
+                let tags = self
+                    .tags
+                    .as_ref()
+                    .map(|f| f(&key, &value))
+                    .unwrap_or_default();
+                let written = tier.write(name, &value, (life, &tags), &generation).await;
+                if written == Write::Refused {
+                    // Invalidated on some instance since the flight read Redis: kept
+                    // out of this instance's store too.
+                    gate.close();
+                }
+                if let Some(guard) = guard {
+                    guard.release(written == Write::Written).await;
+                }
+            }
+            // Not to be stored: mark it, so the instances waiting on the lease (woken
+            // by its release, sent in the same round trip) and the next misses
+            // anywhere call their upstreams at once instead of one after another.
+            (Some(_), None, Some(guard)) => guard.release_marked(UNSTORED_TTL).await,
+            (Some(_), None, None) => tier.mark_unstored(name).await,
+            (None, _, Some(guard)) => guard.release(false).await,
+            (None, _, None) => {}
         }
+        Ok(value)
     }
 }
 

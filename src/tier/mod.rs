@@ -332,6 +332,23 @@ impl RedisTier {
         name: &str,
         metrics: &TierMetrics,
     ) -> (Read, Option<Generation>) {
+        self.read_generation(name, true, metrics).await
+    }
+
+    /// The key's [`Generation`] alone, without its value (`None` when Redis did not
+    /// answer): what a write must find unchanged, for a flight that does not read the
+    /// value first.
+    #[cfg(feature = "http")]
+    pub(crate) async fn generation(&self, name: &str, metrics: &TierMetrics) -> Option<Generation> {
+        self.read_generation(name, false, metrics).await.1
+    }
+
+    async fn read_generation(
+        &self,
+        name: &str,
+        with_value: bool,
+        metrics: &TierMetrics,
+    ) -> (Read, Option<Generation>) {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(READ_SCRIPT)
             .arg(4)
@@ -339,7 +356,8 @@ impl RedisTier {
             .arg(self.tombstone_key(name))
             .arg(self.epoch_key())
             .arg(self.tag_epoch_key())
-            .arg(format!("{:x}", new_id()));
+            .arg(format!("{:x}", new_id()))
+            .arg(u8::from(with_value));
         type Answer = (Option<Vec<u8>>, Vec<u8>, Vec<u8>, u64);
         let Some((value, tombstone, epoch, tag_epoch)) = self
             .run::<Answer>(Request::Cmd(cmd), metrics, Op::Get)
@@ -706,16 +724,19 @@ impl RedisTier {
     }
 }
 
-/// Reads a value (`KEYS[1]`) with its key's generation: its tombstone (`KEYS[2]`), the
-/// prefix's epoch (`KEYS[3]`, set to `ARGV[1]` when Redis has none, as after a restart)
-/// and its tag epoch (`KEYS[4]`).
+/// Reads a value (`KEYS[1]`; only when `ARGV[2]` is 1) with its key's generation: its
+/// tombstone (`KEYS[2]`), the prefix's epoch (`KEYS[3]`, set to `ARGV[1]` when Redis has
+/// none, as after a restart) and its tag epoch (`KEYS[4]`).
 const READ_SCRIPT: &str = r"
 local epoch = redis.call('GET', KEYS[3])
 if not epoch then
   redis.call('SET', KEYS[3], ARGV[1])
   epoch = ARGV[1]
 end
-local value = redis.call('GET', KEYS[1])
+local value = false
+if ARGV[2] == '1' then
+  value = redis.call('GET', KEYS[1])
+end
 local tombstone = redis.call('GET', KEYS[2]) or ''
 local tags = redis.call('GET', KEYS[4]) or '0'
 return {value, tombstone, epoch, tonumber(tags)}

@@ -240,6 +240,11 @@ impl Core {
     pub(super) fn invalidate_here(&self, key: &str) {
         self.flights.detach_where(|flight| flight.primary == key);
         self.solos.close_where(|solo| solo == key);
+        self.drop_stored(key);
+    }
+
+    /// Removes `key`'s variants (and its uncacheable mark) from this instance's store.
+    fn drop_stored(&self, key: &str) {
         self.store.invalidate(key);
         self.forget_uncacheable(key);
         self.sample();
@@ -266,7 +271,8 @@ impl Core {
         for key in self.tags.keys(tag) {
             // The index may still list a list replaced a moment ago by one without the tag.
             if self.store.get(&key).is_some_and(|v| carries(&v, tag)) {
-                self.invalidate_here(&key);
+                // Its flights and solos were detached above.
+                self.drop_stored(&key);
             }
         }
     }

@@ -80,7 +80,7 @@ impl HttpTier {
     /// answer.
     pub(super) async fn generation(&self, primary: &str) -> Option<Generation> {
         self.tier.start_bus();
-        self.tier.get(primary, &self.metrics).await.1
+        self.tier.generation(primary, &self.metrics).await
     }
 
     /// Writes `stored` as a variant of `primary`, merged in Redis with the variants other
